@@ -1,0 +1,29 @@
+# Two commands do all set-up: `make train` and `make test` each create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup train test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml requirements-ci.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-ci.txt
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+train: setup
+	$(BIN)/python train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests/unit $(ARGS)
+
+bench: setup
+	$(BIN)/macfleet benchmark --type allreduce --nodes 2
+
+clean:
+	rm -rf $(VENV) outputs/* multirun

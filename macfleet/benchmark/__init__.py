@@ -1,0 +1,13 @@
+"""`macfleet benchmark`: each figure beside its reference, measured in the same run."""
+
+from __future__ import annotations
+
+
+def benchmark_main(args) -> int:
+    if args.type in ("bandwidth", "allreduce"):
+        from macfleet.benchmark.comm import run_comm_benchmark
+
+        return run_comm_benchmark(args)
+    from macfleet.benchmark.compression import run_compression_benchmark
+
+    return run_compression_benchmark(args)

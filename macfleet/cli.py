@@ -1,0 +1,106 @@
+"""The `macfleet` command: launch, status, benchmark, info.
+
+Training options come from conf/ (Hydra); this parser only covers the CLI's own commands.
+Each subcommand lives in the module that owns it and is imported lazily, so `macfleet info`
+does not pay for torch.distributed set-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from macfleet.errors import MacFleetError
+
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="start a long-lived agent (master or worker)")
+    p.add_argument("--role", choices=["master", "worker"], required=True)
+    p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
+    p.add_argument("--master-port", type=int, default=50051)
+    p.add_argument("--tensor-port", type=int, default=50052)
+    p.add_argument("--name", default="macfleet", help="cluster name")
+    p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
+    p.add_argument("--weight", default="auto", help="compute weight, or 'auto' to calibrate")
+    p.add_argument("--no-discovery", action="store_true", help="do not advertise/discover with zeroconf")
+    p.add_argument("--host", default="0.0.0.0", help="interface the master binds to")
+
+
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="show the nodes of a running cluster")
+    p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
+    p.add_argument("--master-port", type=int, default=50051)
+    p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="measure bandwidth, all_reduce or compression against references")
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression"], required=True)
+    p.add_argument("--nodes", type=int, default=2, help="local ranks to start (default 2)")
+    p.add_argument("--sizes", default="1MB,10MB,100MB", help="comma list of payload sizes")
+    p.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported, >= 5)")
+    p.add_argument("--json", default=None, help="write JSON rows to this file")
+    p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
+    p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
+    p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
+    p.add_argument("--codecs", default="none,fp16,topk,topk_fp16", help="compression: codecs to measure")
+    p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
+    p.add_argument("--device", default="cpu", help="compression: device for codec timing (cpu, cuda, mps)")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe this machine: chip, cores, memory, torch, interfaces")
+    p.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="macfleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print version and exit")
+    sub = parser.add_subparsers(dest="command")
+    _add_launch(sub)
+    _add_status(sub)
+    _add_benchmark(sub)
+    _add_info(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from macfleet import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "launch":
+            from macfleet.cluster.agent import launch_main
+
+            return launch_main(args) or 0
+        if args.command == "status":
+            from macfleet.cluster.agent import status_main
+
+            return status_main(args) or 0
+        if args.command == "benchmark":
+            from macfleet.benchmark import benchmark_main
+
+            return benchmark_main(args) or 0
+        if args.command == "info":
+            from macfleet.cluster.info import info_main
+
+            return info_main(args) or 0
+    except MacFleetError as exc:
+        print(f"macfleet {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

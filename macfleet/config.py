@@ -1,0 +1,275 @@
+"""Typed configs. Each component owns its dataclass; values live in YAML under conf/.
+
+The dataclasses double as the Python API (`TrainingConfig`, `ClusterConfig`) and as Hydra
+structured-config schemas (registered in `register_configs`), so a typo or a wrong type in a
+command-line override fails before anything starts.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from macfleet.errors import ConfigError
+
+PROTOCOL_VERSION = 1
+"""Bumped on any incompatible change to the wire or control protocol."""
+
+COMPRESSION_NAMES = ("none", "fp16", "topk", "topk_fp16")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
+
+
+class NodeRole(str, enum.Enum):
+    """What a node does in the cluster."""
+
+    MASTER = "master"
+    WORKER = "worker"
+
+
+@dataclass
+class CompressionConfig:
+    """Gradient compression applied per bucket inside the comm hook."""
+
+    name: str = "none"
+    """Codec: none | fp16 | topk | topk_fp16."""
+    ratio: float = 0.1
+    """Fraction of gradient elements kept by the top-k codecs (0 < ratio <= 1)."""
+    granularity: str = "block"
+    """Top-k selection unit: block (64-element blocks by norm, fastest), element (sampled
+    threshold), exact (torch.topk)."""
+    block_size: int = 64
+    """Elements per block when granularity=block."""
+    sample_fraction: float = 0.01
+    """Fraction of elements (or blocks) sampled to estimate the top-k threshold."""
+    error_feedback: bool = True
+    """Carry what was not sent into the next step's gradient (lossy codecs only)."""
+    momentum_correction: bool = False
+    """Deep Gradient Compression's momentum correction (accumulate velocity, not gradient)."""
+    momentum: float = 0.9
+    """Momentum used by momentum correction."""
+    warmup_steps: int = 0
+    """Sparsity warm-up: ratio ramps exponentially from 1.0 to `ratio` over this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.name not in COMPRESSION_NAMES:
+            raise ConfigError(
+                f"compression.name={self.name!r} is unknown; choose one of {', '.join(COMPRESSION_NAMES)}"
+            )
+        if not 0.0 < float(self.ratio) <= 1.0:
+            raise ConfigError(f"compression.ratio={self.ratio} must be in (0, 1], e.g. 0.1 keeps 10%")
+        if self.granularity not in ("block", "element", "exact"):
+            raise ConfigError(
+                f"compression.granularity={self.granularity!r}: choose block, element or exact"
+            )
+        if self.block_size < 1:
+            raise ConfigError("compression.block_size must be >= 1")
+        if not 0.0 < float(self.sample_fraction) <= 1.0:
+            raise ConfigError("compression.sample_fraction must be in (0, 1]")
+        if self.warmup_steps < 0:
+            raise ConfigError("compression.warmup_steps must be >= 0")
+
+    @property
+    def lossy(self) -> bool:
+        return self.name in ("topk", "topk_fp16")
+
+
+@dataclass
+class ClusterConfig:
+    """Who trains together and how they find each other."""
+
+    role: NodeRole = NodeRole.MASTER
+    """master runs the coordinator and is rank 0; worker joins a master."""
+    master_addr: str = "127.0.0.1"
+    """Address of the master (the Thunderbolt bridge IP on Macs, e.g. 10.0.0.1)."""
+    master_port: int = 50051
+    """Control-plane port (coordinator)."""
+    tensor_port: int = 50052
+    """Data-plane port (gradients)."""
+    discovery_enabled: bool = False
+    """Advertise / find the master with zeroconf (Bonjour) instead of master_addr."""
+    mode: str = "single"
+    """single: one process; local: a fleet of `nodes` processes on this machine; direct: this
+    process joins a master over the network; agent: the job is sent to running agents."""
+    nodes: int = 1
+    """How many nodes the master waits for (itself included)."""
+    weight: Any = 1.0
+    """This node's compute weight (share of the global batch), or 'auto' to calibrate."""
+    weights: Optional[list] = None
+    """Per-rank weights for a local fleet (overrides `weight`), e.g. [0.62, 0.38]."""
+    name: str = "macfleet"
+    """Cluster name, advertised by discovery; nodes only join a cluster of their name."""
+    token: Optional[str] = None
+    """Join token; default from the MACFLEET_TOKEN environment variable."""
+    wait_timeout: float = 120.0
+    """Seconds the master waits for all nodes, and a worker for its master."""
+    heartbeat_interval: float = 1.0
+    """Seconds between heartbeats; a node silent for 2x this is declared lost."""
+    comm_timeout: float = 60.0
+    """Deadline for one collective before the peer is declared lost."""
+    host: str = "0.0.0.0"
+    """Interface the master binds to."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.role, str):
+            try:
+                self.role = NodeRole(self.role.lower())
+            except ValueError:
+                raise ConfigError(f"cluster.role={self.role!r}: choose master or worker") from None
+        if self.mode not in ("single", "local", "direct", "agent"):
+            raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct or agent")
+        if self.nodes < 1:
+            raise ConfigError("cluster.nodes must be >= 1")
+        for port_name in ("master_port", "tensor_port"):
+            port = getattr(self, port_name)
+            if not 0 <= int(port) < 65536:
+                raise ConfigError(f"cluster.{port_name}={port} is not a TCP port")
+        if self.weight != "auto" and float(self.weight) <= 0:
+            raise ConfigError(f"cluster.weight={self.weight} must be > 0 or 'auto'")
+        if self.weights is not None and any(float(w) <= 0 for w in self.weights):
+            raise ConfigError(f"cluster.weights={list(self.weights)} must all be > 0")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError("cluster.heartbeat_interval must be > 0")
+        if self.token is None:
+            self.token = os.environ.get("MACFLEET_TOKEN") or None
+
+
+@dataclass
+class TrainingConfig:
+    """How one training run goes. Field names follow the seed's Python API."""
+
+    epochs: int = 10
+    """Passes over the training set."""
+    batch_size: int = 64
+    """Global batch size: the sum over all nodes of their per-step samples."""
+    learning_rate: float = 0.05
+    """Peak learning rate."""
+    compression: str = "none"
+    """Gradient codec: none | fp16 | topk | topk_fp16."""
+    topk_ratio: float = 0.1
+    """Fraction kept by the top-k codecs."""
+    checkpoint_every: int = 1
+    """Write a checkpoint every N epochs (0 disables epoch checkpoints)."""
+    device: str = "auto"
+    """auto picks mps, then cuda, then cpu."""
+    checkpoint_every_steps: int = 0
+    """Also write a checkpoint every N optimizer steps (0 disables)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    resume: str = "none"
+    """none | auto (newest complete checkpoint in checkpoint_dir) | a checkpoint path."""
+    checkpoint_dir: Optional[str] = None
+    """Where checkpoints go; default <output_dir>/checkpoints."""
+    output_dir: Optional[str] = None
+    """Run directory for metrics.json and checkpoints; default outputs/<run id>."""
+    seed: int = 0
+    """Seeds model init, data order and dropout: same seed, same run."""
+    eval_batch_size: int = 256
+    """Batch size for evaluation."""
+    lr_schedule: str = "cosine"
+    """constant | cosine | step (x0.1 at 50% and 75%)."""
+    warmup_steps: int = 0
+    """Linear LR warm-up steps."""
+    weight_decay: float = 0.0
+    """Optimizer weight decay."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    optimizer: str = "sgd"
+    """sgd | adamw (used when no optimizer factory is passed)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs). Smoke tests use it."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this (0 disables)."""
+    log_every: int = 10
+    """Log metrics every N steps."""
+    progress: bool = True
+    """Show a progress bar."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError("trainer.epochs must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError("trainer.batch_size must be >= 1")
+        if self.learning_rate <= 0:
+            raise ConfigError("trainer.learning_rate must be > 0")
+        if self.compression not in COMPRESSION_NAMES:
+            raise ConfigError(
+                f"trainer.compression={self.compression!r}: choose one of {', '.join(COMPRESSION_NAMES)}"
+            )
+        if self.device not in DEVICE_NAMES:
+            raise ConfigError(f"trainer.device={self.device!r}: choose one of {', '.join(DEVICE_NAMES)}")
+        if self.lr_schedule not in ("constant", "cosine", "step"):
+            raise ConfigError("trainer.lr_schedule: choose constant, cosine or step")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError("trainer.optimizer: choose sgd or adamw")
+        if self.keep_checkpoints < 1:
+            raise ConfigError("trainer.keep_checkpoints must be >= 1")
+        if self.checkpoint_every < 0 or self.checkpoint_every_steps < 0:
+            raise ConfigError("trainer.checkpoint_every and checkpoint_every_steps must be >= 0")
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking."""
+
+    name: str = "none"
+    """none | wandb."""
+    project: str = "macfleet"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user)."""
+    mode: str = "auto"
+    """auto (online when WANDB_API_KEY is set, else offline) | online | offline | disabled."""
+    tags: list = field(default_factory=list)
+    """W&B tags."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("none", "wandb"):
+            raise ConfigError(f"logger.name={self.name!r}: choose none or wandb")
+        if self.mode not in ("auto", "online", "offline", "disabled"):
+            raise ConfigError("logger.mode: choose auto, online, offline or disabled")
+
+
+@dataclass
+class Config:
+    """The whole tree composed by Hydra from conf/."""
+
+    trainer: TrainingConfig = field(default_factory=TrainingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    model: Any = None
+    """A `_target_` node that builds an nn.Module."""
+    dataset: Any = None
+    """A `_target_` node that builds a `macfleet.data.DatasetBundle`."""
+    optimizer: Any = None
+    """A `_target_` node with `_partial_: true` that builds a torch optimizer from params."""
+    run_id: Optional[str] = None
+    """Shared by every process of a run; chosen by the master before Hydra makes the run dir."""
+
+
+def register_configs() -> None:
+    """Register schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    cs.store(group="trainer", name="base_trainer", node=TrainingConfig)
+    cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
+    cs.store(group="compression", name="base_compression", node=CompressionConfig)
+    cs.store(group="logger", name="base_logger", node=LoggerConfig)
+
+
+def to_dataclass(cls, node) -> Any:
+    """Turn a DictConfig/dict sub-tree into its dataclass, running its checks."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, cls):
+        return node
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    node = {k: v for k, v in dict(node).items() if not str(k).startswith("_")}
+    return cls(**node)
