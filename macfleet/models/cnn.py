@@ -1,0 +1,43 @@
+"""A small CNN for the 8x8 digits job: trains to >= 95% test accuracy in seconds on a CPU."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from macfleet.models import log_built
+
+
+class DigitsCNN(nn.Module):
+    """conv-conv-pool-conv, then a two-layer head; any input size (adaptive pooling to 4x4)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(2 * width * 16, 4 * width),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(4 * width, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build(
+    num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: int = 32, dropout: float = 0.1
+) -> DigitsCNN:
+    """DigitsCNN; num_classes defaults to 10 and in_channels to 1 (the digits dataset)."""
+    return log_built("digits_cnn", DigitsCNN(in_channels or 1, num_classes or 10, int(width), float(dropout)))
