@@ -1,0 +1,390 @@
+"""The master's coordinator: admits nodes, assigns ranks, weights and membership generations.
+
+Contract the trainer codes against::
+
+    coord = Coordinator(cfg: ClusterConfig, fingerprint: dict, facts: dict, run: dict)
+    coord.start()        # ROUTER on cfg.host:cfg.master_port, heartbeat ROUTER, zeroconf advert
+    membership = coord.wait_for_nodes(tensor_addr, on_wait=None)   # rank 0's Membership
+    membership.close()   # also stops the coordinator
+
+One service thread owns the control ROUTER for the coordinator's whole life: it answers the
+token challenge (protocol.py), checks protocol version and config fingerprint (a refusal names
+every key that differs, with both values), queues admitted nodes, forms the membership when
+``cfg.nodes`` are in (WELCOME carries rank, world size, generation, data addresses, weights,
+run facts and the heartbeat port), prints workers' log lines as ``[rank N host] line`` and
+answers `macfleet status`. Heartbeats run in their own thread and socket (heartbeat.py); a lost
+peer reaches the master's Membership callbacks and, through heartbeat answers, every worker.
+
+Generations: each formed membership gets the next generation number and heartbeat ids carry
+it, so a later release can form generation g+1 from the survivors and admit a rejoining node at
+a step boundary. Today a join after the run started is refused with a message saying so.
+
+Ranks: the master is 0; a node that asks for a rank (``facts["rank"]``, local fleets) gets it
+when free; the others follow in (host, data address) order, so ranks do not depend on who was
+quicker. Weights: ``cfg.weights`` per rank if set, else each node's ``cluster.weight``; when
+every node says 'auto' the weights follow ``facts["samples_per_s"]``; normalised to sum 1.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import zmq
+
+from macfleet.cluster.heartbeat import HeartbeatServer
+from macfleet.cluster.membership import Membership, WaitCallback, say
+from macfleet.cluster.protocol import Handshake, decode, encode, make_socket, tcp
+from macfleet.config import PROTOCOL_VERSION, ClusterConfig
+from macfleet.errors import FrameError, MacFleetError, PeerLostError
+
+
+def fingerprint_diff(master: dict, node: dict) -> list[str]:
+    """Keys whose values differ, each as "key: master 'a', this node 'b'"."""
+    out = []
+    for key in sorted(set(master) | set(node)):
+        a, b = master.get(key), node.get(key)
+        if a != b:
+            out.append(f"{key}: master {a!r}, this node {b!r}")
+    return out
+
+
+def compute_weights(cfg: ClusterConfig, weights: list, speeds: list) -> list[float]:
+    """Normalised per-rank weights from cfg.weights, per-node weights or measured speeds."""
+    if cfg.weights is not None:
+        if len(cfg.weights) != len(weights):
+            raise MacFleetError(
+                f"cluster.weights has {len(cfg.weights)} entries for {len(weights)} nodes; give one "
+                f"weight per rank or drop cluster.weights")
+        raw = [float(w) for w in cfg.weights]
+    elif all(str(w) == "auto" for w in weights) and all(s and float(s) > 0 for s in speeds):
+        raw = [float(s) for s in speeds]
+    else:
+        # A lone 'auto' among fixed weights has nothing to compare with; it counts as 1.0.
+        raw = [1.0 if str(w) == "auto" else float(w) for w in weights]
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
+class Coordinator:
+    """The master's control plane; see the module docstring."""
+
+    def __init__(self, cfg: ClusterConfig, fingerprint: dict, facts: dict, run: dict,
+                 log_sink: Optional[Callable[[str], None]] = None):
+        self.cfg = cfg
+        self.fingerprint = {str(k): str(v) for k, v in dict(fingerprint).items()}
+        self.facts = dict(facts)
+        self.run = dict(run)
+        self.log_sink = log_sink or (lambda line: print(line, flush=True))
+        self.generation = 0
+        self.port = cfg.master_port
+        self._ctx: Optional[zmq.Context] = None
+        self._hb: Optional[HeartbeatServer] = None
+        self._advert = None
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, dict] = {}      # ident -> admitted node, before formation
+        self._members: list[dict] = []             # rank order, after formation
+        self._peer_rank: dict[str, int] = {}
+        self._master_state: dict = {"state": "waiting", "step": None, "samples_per_s": None}
+        self._commands: queue.Queue = queue.Queue()
+        self._formed = threading.Event()
+        self._form_error: Optional[Exception] = None
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._bound = threading.Event()
+        self._bind_error: Optional[Exception] = None
+        self._membership: Optional[Membership] = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    def start(self) -> "Coordinator":
+        self._ctx = zmq.Context()
+        self._hb = HeartbeatServer(self._ctx, self.cfg.host, self.cfg.heartbeat_interval, self._on_peer_lost)
+        self._hb.start()
+        self._thread = threading.Thread(target=self._serve, name="macfleet-coordinator", daemon=True)
+        self._thread.start()
+        self._bound.wait()
+        if self._bind_error is not None:
+            self.stop()
+            raise MacFleetError(
+                f"cannot listen on {self.cfg.host}:{self.cfg.master_port} ({self._bind_error}); another "
+                f"master or agent may be running there: stop it or set cluster.master_port") from None
+        if self.cfg.discovery_enabled:
+            from macfleet.cluster.discovery import advertise
+
+            self._advert = advertise(self.cfg, port=self.port, kind="coordinator")
+            self._advert.__enter__()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: heartbeat peers get a goodbye; sockets and the advert are closed."""
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._hb is not None:
+            self._hb.stop()
+        if self._advert is not None:
+            self._advert.__exit__(None, None, None)
+            self._advert = None
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+
+    # -- the trainer's side -------------------------------------------------------------------
+    def wait_for_nodes(self, tensor_addr: str, on_wait: Optional[WaitCallback] = None) -> Membership:
+        """Block until cfg.nodes nodes (this one included) joined; rank 0's Membership."""
+        host, _, port = tensor_addr.rpartition(":")
+        if host in ("", "0.0.0.0", "*"):
+            host = self.cfg.master_addr if self.cfg.master_addr not in ("", "auto", "0.0.0.0") else "127.0.0.1"
+        me = {"facts": self.facts, "tensor_addr": f"{host}:{port}", "weight": self.cfg.weight}
+        self._commands.put(("master", me))
+        start = time.monotonic()
+        deadline = start + self.cfg.wait_timeout
+        last_said = -10.0
+        last_count = -1
+        while not self._formed.wait(timeout=0.2):
+            elapsed = time.monotonic() - start
+            count = self.joined()
+            if on_wait is not None:
+                on_wait(count, self.cfg.nodes, elapsed)
+            elif count != last_count or elapsed - last_said >= 5.0:
+                say(f"waiting for nodes: {count} of {self.cfg.nodes} joined ({elapsed:.0f} s of "
+                    f"cluster.wait_timeout={self.cfg.wait_timeout:g} s); workers join at "
+                    f"{self.cfg.master_addr}:{self.port}")
+                last_said, last_count = elapsed, count
+            if time.monotonic() >= deadline:
+                self._commands.put(("give_up", None))
+                hosts = ", ".join(n["facts"].get("host", "?") for n in self._pending_nodes()) or "none"
+                raise MacFleetError(
+                    f"only {count} of cluster.nodes={self.cfg.nodes} nodes joined within "
+                    f"cluster.wait_timeout={self.cfg.wait_timeout:g} s (workers in: {hosts}); start "
+                    f"`macfleet launch --role worker` or the worker command on the missing Macs, check "
+                    f"they reach {self.cfg.master_addr}:{self.port} with the same token, or lower cluster.nodes")
+        if self._form_error is not None:
+            raise self._form_error
+        assert self._membership is not None
+        return self._membership
+
+    def joined(self) -> int:
+        """Nodes in so far, the master included."""
+        with self._lock:
+            return (len(self._members) if self._formed.is_set() else len(self._pending)) + 1
+
+    def status(self) -> list[dict]:
+        """The node table `macfleet status` prints (one row per rank, or per waiting node)."""
+        hb = self._hb.snapshot() if self._hb is not None else {}
+        with self._lock:
+            rows = []
+            if self._members:
+                for rank, node in enumerate(self._members):
+                    rows.append(self._row(rank, node, hb.get(node.get("peer_id", ""))))
+            else:
+                rows.append(self._row(0, {"facts": self.facts, "weight": self.cfg.weight}, None))
+                for node in self._pending.values():
+                    rows.append(self._row(None, node, None, state="joined"))
+            return rows
+
+    # -- internals ----------------------------------------------------------------------------
+    def _row(self, rank, node: dict, hb: Optional[dict], state: Optional[str] = None) -> dict:
+        f = node.get("facts", {})
+        if rank == 0:
+            live = dict(self._master_state, age=0.0)
+        else:
+            live = hb or {"state": state or "joined", "age": None, "step": None, "samples_per_s": None}
+        return {"rank": rank, "host": f.get("host", "?"), "chip": f.get("chip", "?"),
+                "device": f.get("device", "?"), "weight": node.get("norm_weight", node.get("weight")),
+                "state": live.get("state"), "last_heartbeat_s": live.get("age"), "step": live.get("step"),
+                "samples_per_s": live.get("samples_per_s"), "generation": self.generation,
+                "addr": node.get("tensor_addr")}
+
+    def _pending_nodes(self) -> list[dict]:
+        with self._lock:
+            return list(self._pending.values())
+
+    def _serve(self) -> None:
+        sock = make_socket(self._ctx, zmq.ROUTER, self.cfg.heartbeat_interval)
+        try:
+            if self.cfg.master_port:
+                sock.bind(tcp(self.cfg.host, self.cfg.master_port))
+            else:
+                self.port = sock.bind_to_random_port(f"tcp://{self.cfg.host}")
+        except zmq.ZMQError as exc:
+            self._bind_error = exc
+            self._bound.set()
+            sock.close(0)
+            return
+        self._bound.set()
+        shake = Handshake(self.cfg.token, self.cfg.name)
+        master: Optional[dict] = None
+        gave_up = False
+        try:
+            while not self._stop.is_set():
+                while True:
+                    try:
+                        cmd, arg = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    if cmd == "master":
+                        master = arg
+                    elif cmd == "give_up":
+                        gave_up = True
+                        for ident in list(self._pending):
+                            self._send(sock, ident, encode("refuse", reason=(
+                                "the master stopped waiting for nodes (cluster.wait_timeout); restart "
+                                "the run with every node up")))
+                if master is not None and not gave_up and not self._formed.is_set() \
+                        and len(self._pending) + 1 >= self.cfg.nodes:
+                    self._form(sock, master)
+                if not sock.poll(100, zmq.POLLIN):
+                    continue
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    continue
+                if len(frames) != 2:
+                    continue
+                ident, frame = frames
+                try:
+                    msg = decode(frame)
+                except FrameError:
+                    continue
+                self._handle(sock, shake, ident, msg, gave_up)
+        finally:
+            sock.close(0)
+
+    def _send(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:
+        try:
+            sock.send_multipart([ident, frame], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # that peer is gone or not reading; the heartbeat deadline handles members
+
+    def _handle(self, sock, shake: Handshake, ident: bytes, msg: dict, gave_up: bool) -> None:
+        t = msg["t"]
+        if t == "hello":
+            self._send(sock, ident, shake.on_hello(ident, msg))
+            return
+        if t == "log":
+            rank = msg.get("rank")
+            with self._lock:
+                known = [n for n in self._members if n.get("ident") == ident]
+            if known:
+                host = known[0]["facts"].get("host", "?")
+                self.log_sink(f"[rank {rank} {host}] {msg.get('line', '')}")
+            return
+        if t != "auth":
+            return
+        reason = shake.check_auth(ident, msg)
+        if reason is not None:
+            self._send(sock, ident, encode("refuse", reason=reason))
+            return
+        purpose = msg.get("purpose")
+        if purpose == "status":
+            self._send(sock, ident, encode("status", nodes=self.status(), kind="coordinator",
+                                           generation=self.generation, run=self.run))
+            return
+        if purpose != "join":
+            self._send(sock, ident, encode("refuse", reason=f"this master runs a training job, not an agent; "
+                                                             f"{purpose!r} requests go to `macfleet launch --role master`"))
+            return
+        diff = fingerprint_diff(self.fingerprint, {str(k): str(v) for k, v in dict(msg.get("fingerprint", {})).items()})
+        if diff:
+            self._send(sock, ident, encode("refuse", reason=(
+                "this node's config differs from the master's in what must match: " + "; ".join(diff)
+                + ". Use the same conf/ and overrides on every node")))
+            return
+        if gave_up:
+            self._send(sock, ident, encode("refuse", reason="the master stopped waiting for nodes; restart the run"))
+            return
+        if self._formed.is_set():
+            self._send(sock, ident, encode("refuse", reason=(
+                f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
+                f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")))
+            return
+        node = {"ident": ident, "facts": dict(msg.get("facts", {})), "tensor_addr": str(msg.get("tensor_addr", "")),
+                "weight": msg.get("weight", 1.0)}
+        with self._lock:
+            # A restarted worker (same data address) replaces its earlier self.
+            for other in [i for i, n in self._pending.items() if n["tensor_addr"] == node["tensor_addr"]]:
+                del self._pending[other]
+            if len(self._pending) + 1 >= self.cfg.nodes:
+                full = True
+            else:
+                self._pending[ident] = node
+                full = False
+        if full:
+            self._send(sock, ident, encode("refuse", reason=(
+                f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")))
+            return
+        self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes))
+
+    def _form(self, sock, master: dict) -> None:
+        """Assign ranks and weights, send WELCOME to every worker, build rank 0's Membership."""
+        with self._lock:
+            workers = list(self._pending.values())
+            self._pending.clear()
+        size = len(workers) + 1
+        ranks: list[Optional[dict]] = [master] + [None] * (size - 1)
+        unplaced = []
+        for node in sorted(workers, key=lambda n: (str(n["facts"].get("host", "")), n["tensor_addr"])):
+            want = node["facts"].get("rank")
+            if isinstance(want, int) and 0 < want < size and ranks[want] is None:
+                ranks[want] = node
+            else:
+                unplaced.append(node)
+        for i in range(1, size):
+            if ranks[i] is None:
+                ranks[i] = unplaced.pop(0)
+        members: list[dict] = ranks  # type: ignore[assignment]
+        try:
+            weights = compute_weights(self.cfg, [n["weight"] for n in members],
+                                      [n["facts"].get("samples_per_s") for n in members])
+        except MacFleetError as exc:
+            self._form_error = exc
+            for node in members[1:]:
+                self._send(sock, node["ident"], encode("refuse", reason=str(exc)))
+            self._formed.set()
+            return
+        self.generation += 1
+        addrs = [n["tensor_addr"] for n in members]
+        nodes = [n["facts"] for n in members]
+        for rank, node in enumerate(members):
+            node["norm_weight"] = weights[rank]
+            node["peer_id"] = f"g{self.generation}-r{rank}"
+        with self._lock:
+            self._members = members
+        for rank, node in enumerate(members[1:], start=1):
+            label = f"node rank {rank} ({node['facts'].get('host', '?')}, {node['tensor_addr']})"
+            self._peer_rank[node["peer_id"]] = rank
+            self._hb.expect(node["peer_id"], label)
+            self._send(sock, node["ident"], encode(
+                "welcome", rank=rank, world_size=size, generation=self.generation, addrs=addrs,
+                weights=weights, run=self.run, nodes=nodes, hb_port=self._hb.port, peer_id=node["peer_id"],
+                proto=PROTOCOL_VERSION))
+        self._membership = Membership(rank=0, world_size=size, generation=self.generation, addrs=addrs,
+                                      weights=weights, run=dict(self.run), nodes=nodes, _link=_MasterLink(self))
+        self._master_state["state"] = "running"
+        self._formed.set()
+
+    def _on_peer_lost(self, peer_id: str, message: str) -> None:
+        rank = self._peer_rank.get(peer_id)
+        addr = self._members[rank]["tensor_addr"] if rank is not None and rank < len(self._members) else None
+        if self._membership is not None:
+            self._membership._peer_lost(PeerLostError(message, rank=rank, address=addr))
+
+
+class _MasterLink:
+    """Rank 0's Membership talks to its coordinator in-process."""
+
+    def __init__(self, coord: Coordinator):
+        self._coord = coord
+
+    def report(self, **fields: Any) -> None:
+        self._coord._master_state.update(fields)
+
+    def log(self, rank: int, line: str) -> None:
+        host = self._coord.facts.get("host", "?")
+        self._coord.log_sink(f"[rank {rank} {host}] {line}")
+
+    def close(self) -> None:
+        self._coord.stop()

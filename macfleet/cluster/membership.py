@@ -1,0 +1,271 @@
+"""Who is in the run: the `Membership` a node trains with, and `join` (the worker's way in).
+
+Contract the trainer codes against::
+
+    membership = join(cfg: ClusterConfig, fingerprint: dict, facts: dict, tensor_addr: str,
+                      on_wait=None)          # worker; the master gets one from Coordinator
+    membership.rank, .world_size, .generation, .addrs ("host:port" per rank), .weights (sum 1),
+    membership.run (run_id, seed, ... chosen by the master), membership.nodes (facts per rank)
+    membership.on_lost(callback)   # callback(PeerLostError), from the heartbeat thread
+    membership.check()             # raises the PeerLostError if one was seen
+    membership.report(step, samples_per_s, state="training")   # rides on heartbeats
+    membership.log(line)           # forwarded to the master, printed as "[rank N host] line"
+    membership.close()             # clean leave: not reported as a loss
+
+`join` finds the master (``cfg.master_addr``, or zeroconf when ``cfg.discovery_enabled`` and
+``master_addr`` is "" or "auto"), retries with a message until ``cfg.wait_timeout``, runs the
+token challenge (protocol.py), sends its protocol version, config fingerprint, facts and data
+address, and waits for the master's WELCOME. ``facts["rank"]`` (optional) asks for a rank, so a
+local fleet's ``cluster.weights`` line up with its processes. A ``tensor_addr`` whose host is ""
+or 0.0.0.0 is filled with this node's address on the route to the master, so addresses work
+across machines and namespaces.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import zmq
+
+from macfleet.cluster.heartbeat import HeartbeatClient
+from macfleet.cluster.protocol import (client_handshake, decode, encode, make_socket,
+                                       route_address, tcp)
+from macfleet.config import PROTOCOL_VERSION, ClusterConfig
+from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, PeerLostError
+
+WaitCallback = Callable[[int, int, float], None]
+
+
+def say(line: str) -> None:
+    """Progress for a person watching a node wait (stderr, so stdout stays the job's)."""
+    print(f"macfleet: {line}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Membership:
+    """One generation of the run as seen by one node (see the module docstring)."""
+
+    rank: int
+    world_size: int
+    generation: int
+    addrs: list
+    weights: list
+    run: dict
+    nodes: list
+    _link: Any = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lost_exc: Optional[PeerLostError] = field(default=None, repr=False)
+    _callbacks: list = field(default_factory=list, repr=False)
+
+    def on_lost(self, callback: Callable[[PeerLostError], None]) -> None:
+        """Call `callback(exc)` from the heartbeat thread when a peer is lost (at once if already)."""
+        with self._lock:
+            self._callbacks.append(callback)
+            exc = self._lost_exc
+        if exc is not None:
+            callback(exc)
+
+    def check(self) -> None:
+        """Raise the PeerLostError seen by the heartbeat thread, if any (non-blocking)."""
+        if self._lost_exc is not None:
+            raise self._lost_exc
+
+    def report(self, step: int, samples_per_s: float, state: str = "training") -> None:
+        """Progress shown by `macfleet status`; sent with the next heartbeat."""
+        if self._link is not None:
+            self._link.report(step=int(step), samples_per_s=float(samples_per_s), state=str(state))
+
+    def log(self, line: str) -> None:
+        """Forward a log or progress line to the master (rank 0 prints its own)."""
+        if self._link is not None:
+            self._link.log(self.rank, str(line))
+
+    def close(self) -> None:
+        """Leave cleanly: the others see a goodbye, not a loss. Idempotent."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+    def _peer_lost(self, exc: PeerLostError) -> None:
+        with self._lock:
+            if self._lost_exc is not None:
+                return
+            self._lost_exc = exc
+            callbacks = list(self._callbacks)
+        for cb in callbacks:
+            try:
+                cb(exc)
+            except Exception as cb_exc:  # a broken callback must not kill the heartbeat thread
+                say(f"on_lost callback failed: {cb_exc!r}")
+
+
+class _WorkerLink:
+    """A worker's threads after WELCOME: heartbeats, and a log sender owning the control socket."""
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, hb: HeartbeatClient):
+        self._ctx = ctx
+        self._hb = hb
+        self._lines: queue.Queue = queue.Queue(maxsize=10000)
+        # The join socket moves to this thread; a Thread start is the memory barrier zmq asks for.
+        self._thread = threading.Thread(target=self._send_logs, args=(sock,), name="macfleet-log", daemon=True)
+        self._thread.start()
+
+    def report(self, **fields) -> None:
+        self._hb.report(**fields)
+
+    def log(self, rank: int, line: str) -> None:
+        try:
+            self._lines.put_nowait((rank, line))
+        except queue.Full:
+            pass  # the master is not keeping up; dropping a log line beats blocking training
+
+    def close(self) -> None:
+        self._lines.put(None)
+        self._thread.join(timeout=5)
+        self._hb.stop()
+        self._ctx.term()
+
+    def _send_logs(self, sock: zmq.Socket) -> None:
+        try:
+            while True:
+                item = self._lines.get()
+                if item is None:
+                    # Give queued lines a moment to leave; a dead master cannot hold close() longer.
+                    sock.setsockopt(zmq.LINGER, 500)
+                    return
+                rank, line = item
+                try:
+                    sock.send(encode("log", rank=rank, line=line), zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close()
+
+
+def _discover(cfg: ClusterConfig, timeout: float) -> list[tuple[str, int]]:
+    from macfleet.cluster.discovery import browse
+
+    found = []
+    for svc in browse(cfg.name, timeout=timeout):
+        for addr in svc.get("addresses", []):
+            found.append((addr, int(svc["port"])))
+    return found
+
+
+def uses_discovery(cfg: ClusterConfig) -> bool:
+    return bool(cfg.discovery_enabled) and str(cfg.master_addr or "").lower() in ("", "auto")
+
+
+def _fill_host(addr: str, host: str) -> str:
+    h, _, port = str(addr).rpartition(":")
+    return f"{host}:{port}" if h in ("", "0.0.0.0", "*") else addr
+
+
+def join(cfg: ClusterConfig, fingerprint: dict, facts: dict, tensor_addr: str,
+         on_wait: Optional[WaitCallback] = None) -> Membership:
+    """Join the master's run; see the module docstring. Raises JoinRefusedError or MacFleetError."""
+    start = time.monotonic()
+    deadline = start + cfg.wait_timeout
+    attempt_timeout = max(1.0, min(3.0, 2 * cfg.heartbeat_interval))
+    last_said = 0.0
+    ctx = zmq.Context()
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                where = "by zeroconf" if uses_discovery(cfg) else f"at {cfg.master_addr}:{cfg.master_port}"
+                raise MacFleetError(
+                    f"found no MacFleet master {where} within cluster.wait_timeout={cfg.wait_timeout:g} s; "
+                    f"start the master first (or check cluster.master_addr, the Thunderbolt link and "
+                    f"the firewall), or raise cluster.wait_timeout")
+            if uses_discovery(cfg):
+                candidates = _discover(cfg, timeout=min(remaining, attempt_timeout))
+            else:
+                candidates = [(cfg.master_addr, cfg.master_port)]
+            for host, port in candidates:
+                result = _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port,
+                                   min(attempt_timeout, max(0.1, deadline - time.monotonic())), deadline,
+                                   on_wait, start)
+                if result is not None:
+                    return result
+            elapsed = time.monotonic() - start
+            if on_wait is not None:
+                on_wait(0, cfg.nodes, elapsed)
+            elif time.monotonic() - last_said > 5.0 or last_said == 0.0:
+                where = "by zeroconf" if uses_discovery(cfg) else f"at {cfg.master_addr}:{cfg.master_port}"
+                say(f"no master {where} yet; retrying for {max(0.0, deadline - time.monotonic()):.0f} s more "
+                    f"(cluster.wait_timeout={cfg.wait_timeout:g})")
+                last_said = time.monotonic()
+            time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+    except BaseException:
+        ctx.term()
+        raise
+
+
+def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, deadline, on_wait, start):
+    """One attempt at one master; None when it did not answer (the caller retries)."""
+    sock = make_socket(ctx, zmq.DEALER, cfg.heartbeat_interval)
+    sock.connect(tcp(host, port))
+    handed_over = False
+    try:
+        my_addr = _fill_host(tensor_addr, route_address(host))
+        payload = {"fingerprint": dict(fingerprint), "facts": dict(facts), "tensor_addr": my_addr,
+                   "weight": cfg.weight, "proto": PROTOCOL_VERSION}
+        try:
+            answer = client_handshake(sock, cfg.token, cfg.name, "join", payload, timeout)
+        except TimeoutError:
+            return None
+        if answer["t"] != "accepted":
+            raise JoinRefusedError(f"unexpected answer {answer['t']!r} from the master")
+        last_said = 0.0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MacFleetError(
+                    f"joined the master at {host}:{port} but the run did not start within "
+                    f"cluster.wait_timeout={cfg.wait_timeout:g} s; start the missing nodes or lower "
+                    f"the master's cluster.nodes")
+            if sock.poll(int(min(remaining, 1.0) * 1000), zmq.POLLIN):
+                try:
+                    msg = decode(sock.recv(), ("welcome", "refuse", "accepted"))
+                except FrameError:
+                    continue
+                if msg["t"] == "refuse":
+                    raise JoinRefusedError(msg.get("reason", "refused"))
+                if msg["t"] == "accepted":
+                    answer = msg
+                    continue
+                membership = _welcome(ctx, sock, cfg, host, msg)
+                handed_over = True
+                return membership
+            joined, expected = int(answer.get("joined", 0)), int(answer.get("expected", cfg.nodes))
+            if on_wait is not None:
+                on_wait(joined, expected, time.monotonic() - start)
+            elif time.monotonic() - last_said > 5.0:
+                say(f"joined the master at {host}:{port}; waiting for the run to start "
+                    f"({joined} of {expected} nodes so far)")
+                last_said = time.monotonic()
+    finally:
+        if not handed_over:
+            sock.close(0)
+
+
+def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict) -> Membership:
+    rank = int(msg["rank"])
+    addrs = [_fill_host(a, host) for a in msg["addrs"]]
+    membership = Membership(rank=rank, world_size=int(msg["world_size"]), generation=int(msg["generation"]),
+                            addrs=addrs, weights=[float(w) for w in msg["weights"]], run=dict(msg["run"]),
+                            nodes=list(msg["nodes"]))
+
+    def lost(text: str) -> None:
+        membership._peer_lost(PeerLostError(text, rank=0, address=f"{host}:{cfg.master_port}"))
+
+    hb = HeartbeatClient(ctx, host, int(msg["hb_port"]), str(msg["peer_id"]), cfg.heartbeat_interval, lost)
+    hb.start()
+    membership._link = _WorkerLink(ctx, sock, hb)
+    return membership
