@@ -26,6 +26,9 @@ class NodeRole(str, enum.Enum):
 
     MASTER = "master"
     WORKER = "worker"
+    # Lower-case aliases, so `cluster.role=master` works in Hydra overrides (OmegaConf matches names).
+    master = "master"
+    worker = "worker"
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""Device choice: `auto` picks mps, then cuda, then cpu."""
+
+from __future__ import annotations
+
+import torch
+
+from macfleet.errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Return the torch device for `name` (auto | mps | cuda | cpu), checking it exists."""
+    mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+    if name == "auto":
+        if mps_ok:
+            return torch.device("mps")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "mps" and not mps_ok:
+        raise ConfigError("trainer.device=mps but MPS is not available here (needs Apple Silicon and macOS 12.3+); use device=auto")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use device=auto or cpu")
+    if name not in ("mps", "cuda", "cpu"):
+        raise ConfigError(f"unknown device {name!r}; choose auto, mps, cuda or cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so timings and host copies see finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

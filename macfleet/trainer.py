@@ -1,0 +1,372 @@
+"""The training loop: `Trainer(model, dataset, training_config, cluster_config).fit()`.
+
+`train.py` (Hydra) and the Python API share this one code path. One step:
+
+    sampler gives this rank its b_i of the global batch B  ->  forward/backward on b_i
+    -> MacFleetDDP's comm hook scales by b_i/B, compresses, all_reduces (overlapping backward)
+    -> every rank holds the global-batch mean gradient  ->  identical optimizer.step()
+
+Only rank 0 writes: logs, metrics.json, W&B and checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from macfleet import checkpoint as ckpt
+from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, TrainingConfig
+from macfleet.device import pick_device
+from macfleet.errors import ConfigError, MacFleetError
+from macfleet.sampler import WeightedBatchSampler, shard_range
+from macfleet.tracking import build_tracker
+
+log = logging.getLogger("macfleet")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
+
+
+def build_scheduler(optimizer, tc: TrainingConfig, total_steps: int):
+    """LR multiplier per step: linear warm-up, then constant, cosine or step decay."""
+    total = max(1, total_steps)
+    warm = tc.warmup_steps
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        if tc.lr_schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * frac))
+        if tc.lr_schedule == "step":
+            return 0.01 if frac >= 0.75 else 0.1 if frac >= 0.5 else 1.0
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def default_optimizer(params, tc: TrainingConfig) -> torch.optim.Optimizer:
+    if tc.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    return torch.optim.SGD(params, lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay)
+
+
+def _as_bundle(dataset):
+    from macfleet.data import DatasetBundle
+
+    if isinstance(dataset, DatasetBundle):
+        return dataset
+    if isinstance(dataset, torch.utils.data.Dataset):
+        return DatasetBundle(name=type(dataset).__name__, train=dataset, test=None, task="classification")
+    raise ConfigError(f"dataset must be a macfleet DatasetBundle or a torch Dataset, not {type(dataset).__name__}")
+
+
+def _fetch(ds, idx: list[int]):
+    """Batch of items `idx`: direct tensor indexing where the data is in memory, else collate."""
+    tensors = getattr(ds, "tensors", None)
+    if tensors is None and hasattr(ds, "inputs") and getattr(ds, "transform", None) is None:
+        tensors = (ds.inputs, ds.targets)
+    if tensors is not None:
+        ix = torch.as_tensor(idx, dtype=torch.long)
+        return tuple(t[ix] for t in tensors)
+    return torch.utils.data.default_collate([ds[i] for i in idx])
+
+
+class Trainer:
+    """Data-parallel trainer; on one machine with `cluster_config=None`."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        dataset,
+        training_config: TrainingConfig | None = None,
+        cluster_config: ClusterConfig | None = None,
+        *,
+        compression_config: CompressionConfig | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        logger_config: LoggerConfig | None = None,
+        config_dict: dict | None = None,
+        fingerprint: dict | None = None,
+    ):
+        self.model = model
+        self.data = _as_bundle(dataset)
+        self.tc = training_config or TrainingConfig()
+        self.cc = cluster_config or ClusterConfig()
+        self.comp = compression_config or CompressionConfig(name=self.tc.compression, ratio=self.tc.topk_ratio)
+        self.optimizer_factory = optimizer
+        self.logger_cfg = logger_config
+        self.config_dict = config_dict or {
+            "trainer": vars(self.tc).copy(),
+            "compression": vars(self.comp).copy(),
+            "cluster": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self.cc).items() if k != "token"},
+        }
+        self.fingerprint = fingerprint or {
+            "model": type(model).__name__,
+            "params": str(sum(p.numel() for p in model.parameters())),
+            "dataset": self.data.name,
+            "compression": f"{self.comp.name}:{self.comp.ratio}",
+            "global_batch": str(self.tc.batch_size),
+        }
+        self.metrics: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- set-up
+    def _output_dir(self, run_id: str) -> Path:
+        if self.tc.output_dir:
+            return Path(self.tc.output_dir)
+        return Path("outputs") / run_id
+
+    def _connect(self):
+        from macfleet.cluster.fleet import connect
+
+        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict)
+
+    # ----------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+        t_start = time.perf_counter()
+        tc = self.tc
+        device = pick_device(tc.device)
+        world = self._connect()
+        try:
+            return self._fit(world, device, t_start)
+        finally:
+            world.close()
+
+    def _fit(self, world, device, t_start) -> dict[str, Any]:
+        from macfleet.ddp import MacFleetDDP
+
+        tc, data = self.tc, self.data
+        rank, is_master = world.rank, world.rank == 0
+        run_id = world.run.get("run_id") or new_run_id()
+        out_dir = self._output_dir(run_id)
+        ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out_dir / "checkpoints"
+        if is_master:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("device %s | rank %d of %d | weights %s | run %s", device, rank, world.world_size,
+                 [round(w, 3) for w in world.weights], run_id)
+
+        torch.manual_seed(tc.seed)
+        sampler = WeightedBatchSampler(len(data.train), tc.batch_size, world.weights, rank=rank, seed=tc.seed)
+        steps_per_epoch = sampler.steps_per_epoch()
+        total_steps = steps_per_epoch * tc.epochs
+        if tc.max_steps:
+            total_steps = min(total_steps, tc.max_steps)
+
+        model = self.model.to(device)
+        ddp = MacFleetDDP(model, world.group, share=sampler.share, compression=self.comp, device=device)
+        params = model.parameters()
+        opt = self.optimizer_factory(params) if self.optimizer_factory else default_optimizer(params, tc)
+        sched = build_scheduler(opt, tc, steps_per_epoch * tc.epochs)
+        log.info("model %s: %.2fM params | optimizer %s | compression %s | local batch %d of %d",
+                 type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+                 type(opt).__name__, self.comp.name, sampler.local_batch, tc.batch_size)
+
+        step, epoch, step_in_epoch = 0, 0, 0
+        resume_path = ckpt.resolve_resume(tc.resume, ckpt_dir) if is_master else None
+        resume = world.broadcast_object({"path": str(resume_path) if resume_path else None})
+        if resume["path"]:
+            step, epoch, step_in_epoch = self._restore(world, resume["path"], model, opt, sched, ddp)
+            log.info("resumed from %s at epoch %d step %d", resume["path"], epoch, step)
+
+        tracker = build_tracker(self.logger_cfg, self.config_dict, str(out_dir), run_id) if is_master else build_tracker(None, {}, "", None)
+        progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=step)
+        samples_seen, t_loop, history = 0, time.perf_counter(), []
+        last_eval: dict[str, float] = {}
+        stop = False
+        try:
+            while epoch < tc.epochs and not stop:
+                sampler.set_epoch(epoch, step_in_epoch)
+                model.train()
+                for idx in sampler:
+                    world.check()
+                    x, y = (t.to(device, non_blocking=True) for t in _fetch(data.train, idx))
+                    ddp.set_step(step)
+                    opt.zero_grad(set_to_none=True)
+                    loss = self._loss(ddp(x), y)
+                    loss.backward()
+                    ddp.finish_gradients()
+                    if tc.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    step_in_epoch += 1
+                    samples_seen += tc.batch_size
+                    if step % tc.log_every == 0 or step == total_steps:
+                        sps = samples_seen / max(1e-9, time.perf_counter() - t_loop)
+                        gl = world.weighted_mean(float(loss.detach()), sampler.share)
+                        row = {"train/loss": gl, "lr": sched.get_last_lr()[0], "samples_per_s": sps, "epoch": epoch}
+                        row.update(ddp.wire_stats())
+                        history.append({"step": step, **row})
+                        tracker.log(row, step)
+                        world.report(step, sps)
+                        progress.update(step, f"epoch {epoch + 1}/{tc.epochs} loss {gl:.4f}")
+                    if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
+                        self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp)
+                    if tc.max_steps and step >= tc.max_steps:
+                        stop = True
+                        break
+                if not stop:
+                    epoch += 1
+                    step_in_epoch = 0
+                last_eval = self.evaluate(model, world, device)
+                if last_eval:
+                    tracker.log({f"test/{k}": v for k, v in last_eval.items()}, step)
+                    log.info("epoch %d: %s", epoch, " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                epoch_done = not stop
+                if (epoch_done and tc.checkpoint_every and epoch % tc.checkpoint_every == 0) or stop or epoch >= tc.epochs:
+                    self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp)
+        finally:
+            progress.close()
+
+        wall = time.perf_counter() - t_start
+        train_s = time.perf_counter() - t_loop
+        metrics = {
+            **{f"test_{k}": v for k, v in last_eval.items()},
+            "steps": step,
+            "epochs": epoch,
+            "samples_per_s": samples_seen / max(1e-9, train_s),
+            "wall_s": wall,
+            "world_size": world.world_size,
+            "compression": self.comp.name,
+            "device": str(device),
+            "run_id": run_id,
+            **{k.replace("comm/", ""): v for k, v in ddp.wire_stats().items()},
+        }
+        self.metrics = metrics
+        if is_master:
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (out_dir / "history.json").write_text(json.dumps(history))
+            tracker.summary(metrics)
+            tracker.finish()
+            if tc.progress:
+                _print_summary(metrics, out_dir)
+        return metrics
+
+    # ----------------------------------------------------------------- pieces
+    def _loss(self, out, y):
+        if self.data.task == "lm":
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        return F.cross_entropy(out, y)
+
+    @torch.no_grad()
+    def evaluate(self, model, world, device) -> dict[str, float]:
+        """Test metrics, the test set split across ranks and the sums all-reduced."""
+        test = self.data.test
+        if test is None or len(test) == 0:
+            return {}
+        model.eval()
+        lo, hi = shard_range(len(test), world.weights, world.rank)
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        bs = self.tc.eval_batch_size
+        for start in range(lo, hi, bs):
+            x, y = (t.to(device) for t in _fetch(test, list(range(start, min(hi, start + bs)))))
+            out = model(x)
+            if self.data.task == "lm":
+                out = out.reshape(-1, out.shape[-1])
+                y = y.reshape(-1)
+            sums[0] += float(F.cross_entropy(out, y, reduction="sum"))
+            sums[1] += float((out.argmax(-1) == y).sum())
+            sums[2] += y.numel()
+        sums = world.all_reduce_sum(sums)
+        model.train()
+        n = max(1.0, float(sums[2]))
+        res = {"loss": float(sums[0]) / n}
+        if self.data.task == "lm":
+            res["perplexity"] = math.exp(min(50.0, res["loss"]))
+        else:
+            res["accuracy"] = float(sums[1]) / n
+        return res
+
+    def _save(self, world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp) -> None:
+        per_rank = world.gather_object({"rng": ckpt.rng_state(), "compression": ddp.state_dict()})
+        if world.rank != 0:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "per_rank": per_rank,
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+        }
+        meta = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "world_size": world.world_size,
+            "generation": world.generation,
+            "run_id": world.run.get("run_id"),
+            "config": self.config_dict,
+        }
+        path = ckpt.save(ckpt_dir, step, state, meta, keep=self.tc.keep_checkpoints)
+        log.info("checkpoint %s", path)
+
+    def _restore(self, world, path, model, opt, sched, ddp) -> tuple[int, int, int]:
+        state = None
+        if world.rank == 0:
+            state, _ = ckpt.load(path)
+            saved_ws = len(state["per_rank"])
+            if saved_ws != world.world_size:
+                log.warning("checkpoint was written by %d nodes, now %d: error-feedback residuals and RNG of "
+                            "missing ranks are reset", saved_ws, world.world_size)
+        state = world.broadcast_object(state)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        mine = state["per_rank"][world.rank] if world.rank < len(state["per_rank"]) else None
+        if mine is not None:
+            ckpt.set_rng_state(mine["rng"])
+            ddp.load_state_dict(mine["compression"])
+        return int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class _Progress:
+    """A rich progress bar on rank 0; nothing elsewhere or when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int = 0):
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("", total=total, completed=start)
+
+    def update(self, step: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _print_summary(metrics: dict, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"MacFleet run {metrics.get('run_id')}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    table.add_row("output dir", str(out_dir))
+    Console().print(table)
+
+
+__all__ = ["Trainer", "MacFleetError"]

@@ -1,0 +1,33 @@
+"""Train with MacFleet. Hydra composes conf/; `macfleet.run` does the rest.
+
+    python train.py                                   # digits, offline, one process
+    python train.py model=resnet50 dataset=cifar10 compression=topk_fp16 cluster=single
+    python train.py -m compression=none,fp16          # a sweep; each job returns its metric
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from macfleet.config import register_configs
+from macfleet.errors import MacFleetError
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    from macfleet.run import run
+
+    try:
+        return run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+    except MacFleetError as exc:
+        print(f"macfleet: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
