@@ -75,11 +75,12 @@ def best_device() -> str:
 
 def node_facts(device: Optional[str] = None) -> dict:
     """This node's facts for the coordinator (fast; see the module docstring)."""
-    try:
-        import torch
+    # Read the version from package metadata: importing torch here would cost seconds.
+    from importlib import metadata
 
-        torch_version = torch.__version__
-    except ImportError:
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
         torch_version = None
     from macfleet import __version__
 
