@@ -1,0 +1,236 @@
+"""Group: a process group of N ranks and its public collective API (sync and async).
+
+A Group owns one comm worker thread, which owns the Transport (all sockets) and runs
+collectives one at a time in the order they were issued, so async calls from one rank complete
+in issue order and every rank's n-th collective meets the peers' n-th. Sync calls are the async
+ones plus a wait. Tensors on cuda/mps, or not contiguous, are staged through a contiguous CPU
+copy and copied back. `abort(exc)` (from any thread, e.g. a heartbeat monitor) makes the running
+and every later collective raise `exc` within about POLL_SLICE_S.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import torch
+
+from macfleet.comm import collectives
+from macfleet.comm.framing import dtype_code
+from macfleet.comm.transport import Transport
+from macfleet.errors import MacFleetError, PeerLostError
+
+log = logging.getLogger(__name__)
+
+_OPS = ("sum", "avg")
+
+
+class Group:
+    """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
+
+    def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int = 0, timeout: float = 60.0,
+                 chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise MacFleetError(f"rank {rank} is not in a group of {world_size}; ranks run 0..world_size-1")
+        if len(addrs) != world_size:
+            raise MacFleetError(f"{len(addrs)} addresses for {world_size} ranks: give one host:port per rank")
+        if timeout <= 0:
+            raise MacFleetError(f"timeout={timeout} must be > 0 seconds")
+        self.rank = rank
+        self.world_size = world_size
+        self.addrs = list(addrs)
+        self.generation = generation
+        self.timeout = float(timeout)
+        self.chunk_bytes = int(chunk_bytes)
+        self._step = 0
+        self._seq = 0
+        self._abort_exc: BaseException | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._transport: Transport | None = None
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
+                                        name=f"macfleet-comm-r{rank}")
+        self._thread.start()
+        error = ready.get()
+        if error is not None:
+            self._thread.join()
+            self._closed = True
+            raise error
+
+    # -- public API -------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def set_step(self, step: int) -> None:
+        """Frames carry this step; a peer at another step is a FrameError, not a silent mix."""
+        # Queued, so collectives already issued keep the step they were issued with.
+        self._jobs.put((self._do_set_step, (int(step),), None, None))
+        self._step = int(step)
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return self.all_reduce_async(t, op).wait()
+
+    def all_reduce_async(self, t: torch.Tensor, op: str = "sum") -> torch.futures.Future:
+        if op not in _OPS:
+            raise MacFleetError(f"all_reduce op={op!r} is not supported; use 'sum' or 'avg'")
+        return self._submit("all_reduce", collectives.all_reduce, t, op, staged=True)
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        return self.broadcast_async(t, src).wait()
+
+    def broadcast_async(self, t: torch.Tensor, src: int = 0) -> torch.futures.Future:
+        self._check_rank(src, "src")
+        return self._submit("broadcast", collectives.broadcast, t, src, staged=True)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return self.all_gather_async(t).wait()
+
+    def all_gather_async(self, t: torch.Tensor) -> torch.futures.Future:
+        return self._submit("all_gather", collectives.all_gather, self._cpu(t))
+
+    def gather(self, t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        self._check_rank(dst, "dst")
+        return self._submit("gather", collectives.gather, self._cpu(t), dst).wait()
+
+    def scatter(self, tensors: list[torch.Tensor] | None, src: int = 0) -> torch.Tensor:
+        self._check_rank(src, "src")
+        if self.rank == src:
+            if tensors is None or len(tensors) != self.world_size:
+                raise MacFleetError(f"scatter: rank {src} must pass a list of {self.world_size} tensors, one per rank")
+            tensors = [self._cpu(x) for x in tensors]
+        return self._submit("scatter", collectives.scatter, tensors, src).wait()
+
+    def barrier(self, timeout: float | None = None) -> None:
+        token = torch.zeros(1, dtype=torch.int32)
+        self._submit("barrier", collectives.all_reduce, token, "sum", timeout=timeout).wait()
+
+    def abort(self, exc: BaseException) -> None:
+        """Make the running and every later collective raise `exc` (callable from any thread)."""
+        if self._abort_exc is None:
+            self._abort_exc = exc
+
+    def close(self) -> None:
+        """Finish queued collectives, close every socket and stop the worker (idempotent)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._jobs.put(None)
+        self._thread.join(self.timeout + 10)
+        if self._thread.is_alive():
+            self.abort(MacFleetError("the group was closed while a collective was still running"))
+            self._thread.join(10)
+
+    @property
+    def rejected(self) -> list:
+        """Recent malformed frames this rank rejected (FrameError instances), newest last."""
+        return list(self._transport.rejected) if self._transport else []
+
+    def __enter__(self) -> "Group":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Group(rank={self.rank}, world_size={self.world_size}, generation={self.generation})"
+
+    # -- internals --------------------------------------------------------------------------
+    def _check_rank(self, r: int, name: str) -> None:
+        if not 0 <= r < self.world_size:
+            raise MacFleetError(f"{name}={r} is not a rank of this group of {self.world_size}")
+
+    @staticmethod
+    def _check_tensor(t: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise MacFleetError(f"expected a torch.Tensor, got {type(t).__name__}")
+        dtype_code(t.dtype)  # raises a clear error for unsupported dtypes
+
+    def _cpu(self, t: torch.Tensor) -> torch.Tensor:
+        self._check_tensor(t)
+        return t.detach().to("cpu").contiguous()
+
+    def _submit(self, name: str, fn, t, *args, staged: bool = False, timeout: float | None = None):
+        if self._closed:
+            raise MacFleetError(f"{name} on a closed group; create a new Group")
+        fut: torch.futures.Future = torch.futures.Future()
+        if staged:
+            self._check_tensor(t)
+            # In-place collectives: run on a contiguous CPU tensor, then copy back if it was staged.
+            work = t if (t.device.type == "cpu" and t.is_contiguous()) else t.detach().to("cpu").contiguous()
+            inner = torch.futures.Future()
+            self._jobs.put((name, (fn, work, *args), inner, timeout))
+
+            def finish(f):
+                try:
+                    f.value()
+                    if work is not t:
+                        t.copy_(work)
+                    fut.set_result(t)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+                    fut.set_exception(exc)
+
+            inner.add_done_callback(finish)
+            return fut
+        self._jobs.put((name, (fn, t, *args), fut, timeout))
+        return fut
+
+    def _do_set_step(self, step: int) -> None:
+        if self._transport is not None:
+            self._transport.step = step
+
+    def _abort_check(self) -> None:
+        if self._abort_exc is not None:
+            raise self._abort_exc
+
+    def _run(self, ready: queue.SimpleQueue) -> None:
+        try:
+            tp = Transport(self.rank, self.world_size, self.addrs, generation=self.generation,
+                           timeout=self.timeout, abort_check=self._abort_check)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
+            ready.put(exc)
+            return
+        try:
+            if self.world_size > 1:
+                tp.handshake(time.monotonic() + self.timeout)
+        except BaseException as exc:  # noqa: BLE001
+            tp.close(linger=False)
+            ready.put(exc)
+            return
+        self._transport = tp
+        ready.put(None)
+        broken = False
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                break
+            name, args, fut, timeout = job
+            if fut is None:  # a queued set_step
+                name(*args)
+                continue
+            if self._abort_exc is not None:
+                fut.set_exception(self._abort_exc)
+                continue
+            self._seq += 1
+            tp.seq, tp.op = self._seq, name
+            limit = self.timeout if timeout is None else float(timeout)
+            tp.op_timeout = limit
+            fn, *rest = args
+            try:
+                result = fn(tp, *rest, time.monotonic() + limit, self.chunk_bytes)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+                broken = broken or isinstance(exc, PeerLostError)
+                if isinstance(exc, PeerLostError) and self._abort_exc is None:
+                    # Peers may be mid-collective with us; later calls must fail, not desync.
+                    self._abort_exc = exc
+                fut.set_exception(exc)
+                continue
+            fut.set_result(result)
+        tp.close(linger=not broken and self._abort_exc is None)
+        self._transport = None
+

@@ -1,0 +1,245 @@
+"""Data-plane sockets of one rank: one PULL socket bound on its tensor port, one PUSH per peer.
+
+The Transport is owned by a single thread (the Group's comm worker): ZeroMQ sockets are not
+thread-safe, so every socket here is created, used and closed on that thread. It owns
+- `make_socket`, the one place where socket options (linger, HWM, buffers, timeouts) are set;
+- the connection check (HELLO from every peer, with a deadline);
+- `send`, which frames a chunk and hands it to libzmq (zero-copy above COPY_THRESHOLD);
+- `recv`, which returns the next valid chunk from one peer for the current collective: frames
+  from other peers are parked per sender (PULL fair-queues all senders on one socket), frames of
+  another generation or of an older collective are dropped, malformed frames are rejected (kept
+  in `rejected`, logged) while the receiver keeps waiting, and a deadline turns silence into
+  `PeerLostError` naming the peer's rank and address.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import socket as pysocket
+import time
+
+import zmq
+
+from macfleet.comm import framing
+from macfleet.comm.framing import KIND_DATA, KIND_HELLO, Header
+from macfleet.errors import FrameError, PeerLostError
+
+log = logging.getLogger(__name__)
+
+COPY_THRESHOLD = 64 * 1024
+"""Bodies smaller than this are copied into the zmq message: cheaper than zero-copy bookkeeping."""
+POLL_SLICE_S = 0.05
+"""Longest a receive waits before looking at the abort flag again (abort answers within this)."""
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+REJECTED_KEPT = 32
+
+
+def make_socket(ctx: zmq.Context, kind: int, *, timeout: float) -> zmq.Socket:
+    """Every data-plane socket is made here, so its options live in one place."""
+    sock = ctx.socket(kind)
+    # Zero-copy sends hold references, not copies, so a high HWM costs no memory; it only has to
+    # exceed the chunks of one collective so that sends never block the worker between receives.
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.setsockopt(zmq.SNDBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(zmq.RCVBUF, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(zmq.SNDTIMEO, max(1, int(timeout * 1000)))
+    # Graceful close flushes the last chunks a peer still needs; abort sets linger 0 (see close).
+    sock.setsockopt(zmq.LINGER, max(1, int(min(timeout, 5.0) * 1000)))
+    # ZMTP heartbeats let libzmq drop a dead TCP connection; liveness itself is our deadline.
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+    return sock
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise PeerLostError(f"address {addr!r} is not host:port; give every rank's tensor address as host:port")
+    return host.strip("[]"), int(port)
+
+
+def _bind_host(host: str) -> str:
+    # Bind the rank's own address when it is an interface of this machine (keeps test traffic on
+    # 127.0.0.1); a name or NAT'd address falls back to every interface.
+    try:
+        ip = pysocket.gethostbyname(host)
+        probe = pysocket.socket(pysocket.AF_INET, pysocket.SOCK_STREAM)
+        try:
+            probe.bind((ip, 0))
+        finally:
+            probe.close()
+        return ip
+    except OSError:
+        return "0.0.0.0"
+
+
+class Transport:
+    """Sockets and framing of one rank; used only from the thread that created it."""
+
+    def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
+                 abort_check=lambda: None):
+        self.rank = rank
+        self.world_size = world_size
+        self.addrs = list(addrs)
+        self.generation = generation
+        self.timeout = timeout
+        self.step = 0
+        self.seq = 0
+        self.op = "setup"
+        self.op_timeout = timeout
+        self.rejected: collections.deque[FrameError] = collections.deque(maxlen=REJECTED_KEPT)
+        self.rejected_count = 0
+        self.dropped_count = 0
+        self._abort_check = abort_check
+        self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
+        self._hello: set[int] = set()
+        self.ctx = zmq.Context(io_threads=2)
+        self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
+        self.push: dict[int, zmq.Socket] = {}
+        try:
+            host, port = split_addr(addrs[rank])
+            try:
+                self.pull.bind(f"tcp://{_bind_host(host)}:{port}")
+            except zmq.ZMQError as exc:
+                raise PeerLostError(
+                    f"rank {rank} cannot listen on {addrs[rank]}: {exc}; pick a free tensor port",
+                    rank=rank, address=addrs[rank],
+                ) from None
+            for peer in range(world_size):
+                if peer != rank:
+                    phost, pport = split_addr(addrs[peer])
+                    sock = make_socket(self.ctx, zmq.PUSH, timeout=timeout)
+                    sock.connect(f"tcp://{phost}:{pport}")
+                    self.push[peer] = sock
+        except BaseException:
+            self.close(linger=False)
+            raise
+
+    # -- connection check -------------------------------------------------------------------
+    def handshake(self, deadline: float) -> None:
+        """Send HELLO to every peer and wait for theirs, so a peer that is not up fails here."""
+        hello = Header(KIND_HELLO, framing.SUPPORTED_DTYPES[0], (0,), self.rank, self.generation, 0, 0, 0, 0, 0)
+        for peer in self.push:
+            self.send(peer, hello, b"")
+        while len(self._hello) < self.world_size - 1:
+            missing = [r for r in range(self.world_size) if r != self.rank and r not in self._hello]
+            if not self._poll(deadline):
+                names = ", ".join(f"rank {r} at {self.addrs[r]}" for r in missing)
+                raise PeerLostError(
+                    f"rank {self.rank} waited {self.timeout:.1f} s for {names} to come up (generation "
+                    f"{self.generation}); start every rank with the same addresses, or raise the timeout",
+                    rank=missing[0], address=self.addrs[missing[0]],
+                )
+            self._take()
+
+    # -- sending ----------------------------------------------------------------------------
+    def send(self, dst: int, header: Header, body, *, track: bool = False):
+        """Queue one message for `dst`; returns a MessageTracker when zero-copy and tracked.
+
+        Zero-copy rule: a body sent with copy=False is read by libzmq's I/O thread later, so its
+        memory must not change until the tracker is done, or until causality proves the peer got it
+        (the peer answered with data that depended on it).
+        """
+        sock = self.push[dst]
+        copy = len(body) < COPY_THRESHOLD
+        try:
+            sock.send(framing.encode_header(header), zmq.SNDMORE)
+            result = sock.send(body, copy=copy, track=track and not copy)
+        except zmq.Again:
+            raise self._lost(dst, "did not take data") from None
+        return result if track and not copy else None
+
+    def wait_sent(self, dst: int, tracker, deadline: float) -> None:
+        """Block until libzmq no longer needs a zero-copy body (it is in the kernel's hands)."""
+        if tracker is None:
+            return
+        while not tracker.done:
+            self._abort_check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._lost(dst, "did not take data")
+            try:
+                tracker.wait(min(remaining, POLL_SLICE_S))
+            except zmq.NotDone:
+                pass
+
+    # -- receiving --------------------------------------------------------------------------
+    def recv(self, src: int, deadline: float) -> tuple[Header, memoryview]:
+        """The next chunk from `src` for the current collective (self.seq)."""
+        parked = self._stash[src]
+        while True:
+            while parked:
+                header, body = parked.popleft()
+                if header.seq < self.seq:
+                    self.dropped_count += 1  # left over from a collective that failed here
+                    continue
+                return self._check_current(header), body
+            if not self._poll(deadline):
+                raise self._lost(src, "sent nothing")
+            self._take()
+
+    def _check_current(self, header: Header) -> Header:
+        if header.seq > self.seq:
+            raise FrameError(
+                f"rank {header.sender} is at collective #{header.seq} while rank {self.rank} waits for its data of "
+                f"#{self.seq} ({self.op}): every rank must call the same collectives in the same order"
+            )
+        if header.step != self.step:
+            raise FrameError(
+                f"rank {header.sender} sent step {header.step} for {self.op} #{self.seq}, rank {self.rank} is at step "
+                f"{self.step}: call set_step with the same step on every rank"
+            )
+        return header
+
+    def _poll(self, deadline: float) -> bool:
+        while True:
+            self._abort_check()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self.pull.poll(int(min(remaining, POLL_SLICE_S) * 1000) + 1, zmq.POLLIN):
+                return True
+
+    def _take(self) -> None:
+        """Receive one message and file it: park, drop or reject."""
+        frames = self.pull.recv_multipart(copy=False)
+        try:
+            header, body = framing.decode(frames, world_size=self.world_size)
+        except FrameError as exc:
+            self.rejected_count += 1
+            self.rejected.append(exc)
+            log.warning("rank %d rejected a frame: %s", self.rank, exc)
+            return
+        if header.generation != self.generation:
+            self.dropped_count += 1  # a frame of another membership is never summed
+            return
+        if header.kind == KIND_HELLO:
+            self._hello.add(header.sender)
+            return
+        if header.kind == KIND_DATA and header.sender != self.rank:
+            if header.seq < self.seq:
+                self.dropped_count += 1
+                return
+            self._stash[header.sender].append((header, body))
+
+    def _lost(self, peer: int, what: str) -> PeerLostError:
+        note = ""
+        if self.rejected:
+            note = f" ({self.rejected_count} malformed frames were rejected meanwhile; last: {self.rejected[-1]})"
+        return PeerLostError(
+            f"rank {peer} at {self.addrs[peer]} {what} for {self.op_timeout:.1f} s during {self.op} #{self.seq} "
+            f"(step {self.step}, generation {self.generation}) on rank {self.rank}: it died, hung or lost its link; "
+            f"restart it or resume from the last checkpoint{note}",
+            rank=peer, address=self.addrs[peer],
+        )
+
+    def close(self, *, linger: bool = True) -> None:
+        for sock in [self.pull, *self.push.values()]:
+            if not sock.closed:
+                sock.close(linger=None if linger else 0)
+        self.push.clear()
+        self._stash.clear()
+        self.ctx.term()
