@@ -1,0 +1,163 @@
+"""`GradientCompressor`: what MacFleetDDP's comm hook calls for each bucket.
+
+    comp = GradientCompressor(cfg, group)              # group: macfleet.comm.Group, or None
+    fut = comp.reduce(flat, segments, step)            # -> Future[Tensor]: the global-mean bucket
+
+`flat` is the bucket's buffer, already scaled by this node's sample share b_i / B, and
+`segments` lists (parameter name, offset, numel) covering it. The future's value is `flat`
+itself, overwritten with the sum over ranks of what each rank sent (like PyTorch's allreduce
+hook, which reduces bucket.buffer() in place): keep a copy first if you need the input.
+
+Per codec:
+- none: dense all_reduce(sum) of flat.
+- fp16: flat cast to fp16 (saturating at +-65504), all_reduce(sum) in fp16 on the wire, cast
+  back. Precision: each value is rounded to fp16 once, and the engine's sum is rounded in fp16,
+  so the result matches the fp32 mean to about world_size * 2^-11 relative.
+- topk / topk_fp16: error feedback (add the residual) -> select per parameter segment ->
+  one uint8 payload (codecs.py) -> all_gather -> every node decodes and sums the payloads in
+  rank order (so all nodes get the same bits) -> the residual keeps what was not sent.
+  While the warm-up ratio (or the configured ratio) is 1.0 the top-k codecs send densely through
+  the none / fp16 path, so topk at ratio 1.0 is exactly none and topk_fp16 exactly fp16.
+With world_size 1 (group None) the same encode/decode runs locally, so one process computes
+exactly what a node contributes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from macfleet.compression.codecs import Codec, TopKCodec, build_codec, to_half
+from macfleet.compression.feedback import ErrorFeedback, warmup_ratio
+from macfleet.compression.select import sample_seed
+from macfleet.config import CompressionConfig
+
+
+def _done(value: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+class GradientCompressor:
+    """One node's codec, error-feedback state and wire statistics."""
+
+    def __init__(self, cfg: CompressionConfig, group=None):
+        self.cfg = cfg
+        self.group = group
+        self.codec: Codec = build_codec(cfg)
+        self.feedback: Optional[ErrorFeedback] = (
+            ErrorFeedback(cfg) if cfg.lossy and cfg.error_feedback else None
+        )
+        self.stats = {"calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compress_s": 0.0, "decompress_s": 0.0}
+        """Totals since construction: payload bytes this node sent, the dense fp32 bytes they
+        stand for, and seconds spent encoding / decoding. wire_ratio = bytes_sent / dense_bytes."""
+
+    @property
+    def world_size(self) -> int:
+        return 1 if self.group is None else int(self.group.world_size)
+
+    @property
+    def wire_ratio(self) -> float:
+        return self.stats["bytes_sent"] / max(1, self.stats["dense_bytes"])
+
+    def ratio_at(self, step: int) -> float:
+        """The top-k ratio used at `step` (sparsity warm-up included)."""
+        return warmup_ratio(self.cfg, step)
+
+    def reduce(self, flat: torch.Tensor, segments: list[tuple[str, int, int]], step: int) -> torch.futures.Future:
+        """Compress, exchange and sum one bucket; see the module docstring."""
+        start = time.perf_counter()
+        flat = flat.view(-1)
+        views = _segment_views(flat, segments)
+        codec = self.codec
+        if isinstance(codec, TopKCodec) and self.ratio_at(step) >= 1.0:
+            self._fold_dense(flat, views)
+            dense = "none" if codec.name == "topk" else "fp16"
+            return self._dense(flat, dense, start)
+        if not codec.sparse:
+            return self._dense(flat, codec.name, start)
+        ratio = self.ratio_at(step)
+        sels = []
+        for name, view in views:
+            src = self.feedback.accumulate(name, view) if self.feedback else view
+            sel = codec.select(src, ratio, sample_seed(step, name))
+            if self.feedback:
+                self.feedback.commit(
+                    name,
+                    lambda r, s=sel: codec.add_selection(r, s, alpha=-1.0),
+                    lambda u, s=sel: codec.fill_selection(u, s, 0.0),
+                )
+            sels.append(sel)
+        payload = codec.pack(sels)
+        self._count(flat, payload, start)
+        if self.world_size == 1:
+            return _done(self._sum(flat, views, [sels]))
+        numels = [v.numel() for _, v in views]
+        fut = self.group.all_gather_async(payload)
+        return fut.then(lambda f: self._sum(
+            flat, views, [codec.unpack(p.to(flat.device), numels) for p in f.value()]))
+
+    def _fold_dense(self, flat: torch.Tensor, views) -> None:
+        # ratio 1.0: everything is sent, so flat becomes residual + gradient and the residual
+        # keeps only fp16's rounding (or nothing).
+        if self.feedback is None:
+            return
+        for name, view in views:
+            acc = self.feedback.accumulate(name, view)
+            view.copy_(acc if self.codec.name == "topk" else to_half(acc))
+            self.feedback.commit(name, lambda r, v=view: r.sub_(v), lambda u: u.zero_())
+
+    def _dense(self, flat: torch.Tensor, name: str, start: float) -> torch.futures.Future:
+        payload = flat if name == "none" else to_half(flat)
+        self._count(flat, payload, start)
+        if self.world_size == 1:
+            return _done(flat if payload is flat else flat.copy_(payload))
+        fut = self.group.all_reduce_async(payload, "sum")
+        return fut.then(lambda f: _into(flat, f.value()))
+
+    def _sum(self, flat: torch.Tensor, views, per_rank: list) -> torch.Tensor:
+        start = time.perf_counter()
+        flat.zero_()
+        for sels in per_rank:
+            for (_, view), sel in zip(views, sels):
+                self.codec.add_selection(view, sel)
+        self.stats["decompress_s"] += time.perf_counter() - start
+        return flat
+
+    def _count(self, flat: torch.Tensor, payload: torch.Tensor, start: float) -> None:
+        self.stats["calls"] += 1
+        self.stats["bytes_sent"] += payload.numel() * payload.element_size()
+        self.stats["dense_bytes"] += flat.numel() * 4
+        self.stats["compress_s"] += time.perf_counter() - start
+
+    def state_dict(self) -> dict:
+        """Residuals (and DGC velocities) per parameter name, as tensor copies, for checkpoints."""
+        return {"codec": self.codec.name, "feedback": self.feedback.state_dict() if self.feedback else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.feedback is not None and state.get("feedback"):
+            self.feedback.load_state_dict(state["feedback"])
+
+
+def _into(flat: torch.Tensor, result) -> torch.Tensor:
+    if isinstance(result, (list, tuple)):
+        result = result[0]
+    if result.data_ptr() != flat.data_ptr():
+        flat.copy_(result.reshape(-1))
+    return flat
+
+
+def _segment_views(flat: torch.Tensor, segments) -> list[tuple[str, torch.Tensor]]:
+    views, at = [], 0
+    for name, offset, numel in sorted(segments, key=lambda s: s[1]):
+        if offset != at:
+            raise ValueError(f"segments must cover the bucket without gaps or overlaps: {name!r} starts at "
+                             f"{offset}, expected {at}")
+        views.append((name, flat[offset : offset + numel]))
+        at += numel
+    if at != flat.numel():
+        raise ValueError(f"segments cover {at} of the bucket's {flat.numel()} elements")
+    return views

@@ -1,0 +1,93 @@
+"""Error feedback for the lossy codecs: what a node does not send this step is added to its
+next gradient, so nothing is lost, only delayed (invariant: sent + residual == input).
+
+State is kept per parameter NAME, never per bucket: PyTorch's reducer rebuilds its buckets
+after the first step and a resumed process starts with the initial layout again, so per-name
+state is what keeps a resumed run bit-exact.
+
+Options from Deep Gradient Compression (Lin et al., 2018), off by default:
+- momentum correction: accumulate the velocity u = m*u + g instead of g (v += u), and zero u
+  where v was sent ("momentum factor masking"). With it on, run the optimizer WITHOUT momentum
+  (SGD momentum=0): the momentum is already applied here, before compression.
+- sparsity warm-up (`warmup_ratio`): the kept ratio falls exponentially from 1.0 at step 0 to
+  the target at `warmup_steps`, so early, fast-changing gradients are sent (almost) densely.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from macfleet.config import CompressionConfig
+from macfleet.errors import CheckpointError, ConfigError
+
+STATE_VERSION = 1
+
+
+def warmup_ratio(cfg: CompressionConfig, step: int) -> float:
+    """The kept ratio at `step`: ratio ** (step / warmup_steps) during warm-up, then ratio."""
+    if cfg.warmup_steps <= 0 or step >= cfg.warmup_steps:
+        return float(cfg.ratio)
+    return float(cfg.ratio) ** (max(step, 0) / cfg.warmup_steps)
+
+
+class ErrorFeedback:
+    """Per-parameter residuals (and DGC velocities) of one node."""
+
+    def __init__(self, cfg: CompressionConfig):
+        if cfg.momentum_correction and not cfg.error_feedback:
+            raise ConfigError("compression.momentum_correction needs compression.error_feedback=true "
+                              "(the velocity is accumulated in the residual)")
+        self.momentum = float(cfg.momentum) if cfg.momentum_correction else 0.0
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.velocities: dict[str, torch.Tensor] = {}
+        """DGC's u (momentum-corrected gradient) per parameter; empty without momentum correction."""
+
+    def accumulate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Fold this step's `grad` into the residual of `name` and return it (select from it)."""
+        grad = grad.reshape(-1)
+        if self.momentum:
+            u = self._buffer(self.velocities, name, grad)
+            u.mul_(self.momentum).add_(grad)
+            grad = u
+        r = self.residuals.get(name)
+        if r is None or r.shape != grad.shape:
+            r = self.residuals[name] = grad.detach().clone()
+            return r
+        if r.device != grad.device or r.dtype != grad.dtype:
+            r = self.residuals[name] = r.to(grad.device, grad.dtype)
+        return r.add_(grad)
+
+    def commit(self, name: str, subtract_sent: Callable[[torch.Tensor], None],
+               mask_sent: Callable[[torch.Tensor], None]) -> None:
+        """Take what was sent out of the residual (`subtract_sent(residual)` does r -= sent in
+        place, exactly); with momentum correction also zero the velocity where it was sent."""
+        subtract_sent(self.residuals[name])
+        if self.momentum:
+            mask_sent(self.velocities[name])
+
+    @staticmethod
+    def _buffer(store: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+        buf = store.get(name)
+        if buf is None or buf.shape != like.shape:
+            buf = store[name] = torch.zeros_like(like)
+        elif buf.device != like.device or buf.dtype != like.dtype:
+            buf = store[name] = buf.to(like.device, like.dtype)
+        return buf
+
+    def state_dict(self) -> dict:
+        # copies: the live buffers change in place next step, maybe while a checkpoint is written.
+        return {
+            "version": STATE_VERSION,
+            "residuals": {k: v.detach().clone() for k, v in self.residuals.items()},
+            "velocities": {k: v.detach().clone() for k, v in self.velocities.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"error-feedback state has version {state.get('version') if isinstance(state, dict) else None}, "
+                                  f"expected {STATE_VERSION}: resume with the MacFleet version that wrote the checkpoint")
+        # buffers move to the gradient's device/dtype on first use (accumulate).
+        self.residuals = {k: v.detach().clone() for k, v in state.get("residuals", {}).items()}
+        self.velocities = {k: v.detach().clone() for k, v in state.get("velocities", {}).items()}
