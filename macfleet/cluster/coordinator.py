@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
-from macfleet.cluster.membership import Membership, WaitCallback, say
+from macfleet.cluster.membership import Membership, WaitCallback, fill_host, say
 from macfleet.cluster.protocol import Handshake, decode, encode, make_socket, tcp
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLostError
@@ -134,10 +134,9 @@ class Coordinator:
     # -- the trainer's side -------------------------------------------------------------------
     def wait_for_nodes(self, tensor_addr: str, on_wait: Optional[WaitCallback] = None) -> Membership:
         """Block until cfg.nodes nodes (this one included) joined; rank 0's Membership."""
-        host, _, port = tensor_addr.rpartition(":")
-        if host in ("", "0.0.0.0", "*"):
-            host = self.cfg.master_addr if self.cfg.master_addr not in ("", "auto", "0.0.0.0") else "127.0.0.1"
-        me = {"facts": self.facts, "tensor_addr": f"{host}:{port}", "weight": self.cfg.weight}
+        # A host-less address stays host-less on the wire: each worker fills in the address it
+        # reached the master at, which is right across machines, namespaces and discovery.
+        me = {"facts": self.facts, "tensor_addr": fill_host(tensor_addr, ""), "weight": self.cfg.weight}
         self._commands.put(("master", me))
         start = time.monotonic()
         deadline = start + self.cfg.wait_timeout
@@ -361,7 +360,9 @@ class Coordinator:
                 "welcome", rank=rank, world_size=size, generation=self.generation, addrs=addrs,
                 weights=weights, run=self.run, nodes=nodes, hb_port=self._hb.port, peer_id=node["peer_id"],
                 proto=PROTOCOL_VERSION))
-        self._membership = Membership(rank=0, world_size=size, generation=self.generation, addrs=addrs,
+        here = self.cfg.master_addr if self.cfg.master_addr not in ("", "auto") else "127.0.0.1"
+        self._membership = Membership(rank=0, world_size=size, generation=self.generation,
+                                      addrs=[fill_host(a, here) for a in addrs],
                                       weights=weights, run=dict(self.run), nodes=nodes, _link=_MasterLink(self))
         self._master_state["state"] = "running"
         self._formed.set()

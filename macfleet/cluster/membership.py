@@ -161,7 +161,8 @@ def uses_discovery(cfg: ClusterConfig) -> bool:
     return bool(cfg.discovery_enabled) and str(cfg.master_addr or "").lower() in ("", "auto")
 
 
-def _fill_host(addr: str, host: str) -> str:
+def fill_host(addr: str, host: str) -> str:
+    """Put `host` into a "host:port" whose host is empty or a wildcard."""
     h, _, port = str(addr).rpartition(":")
     return f"{host}:{port}" if h in ("", "0.0.0.0", "*") else addr
 
@@ -213,7 +214,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
     sock.connect(tcp(host, port))
     handed_over = False
     try:
-        my_addr = _fill_host(tensor_addr, route_address(host))
+        my_addr = fill_host(tensor_addr, route_address(host))
         payload = {"fingerprint": dict(fingerprint), "facts": dict(facts), "tensor_addr": my_addr,
                    "weight": cfg.weight, "proto": PROTOCOL_VERSION}
         try:
@@ -257,7 +258,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
 
 def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict) -> Membership:
     rank = int(msg["rank"])
-    addrs = [_fill_host(a, host) for a in msg["addrs"]]
+    addrs = [fill_host(a, host) for a in msg["addrs"]]
     membership = Membership(rank=rank, world_size=int(msg["world_size"]), generation=int(msg["generation"]),
                             addrs=addrs, weights=[float(w) for w in msg["weights"]], run=dict(msg["run"]),
                             nodes=list(msg["nodes"]))

@@ -33,8 +33,9 @@ def _node_main(role: str, master_addr: str, nodes: int) -> None:
     def emit(**event):
         print(json.dumps(event), flush=True)
 
+    # master_addr "auto": the master advertises with zeroconf and the worker browses for it.
     cfg = ClusterConfig(role=role, master_addr=master_addr, master_port=PORT, nodes=nodes, token="tok",
-                        heartbeat_interval=INTERVAL, wait_timeout=60)
+                        heartbeat_interval=INTERVAL, wait_timeout=60, discovery_enabled=master_addr == "auto")
     facts = node_facts(device="cpu")
     facts["host"] = f"{role}-{os.getpid()}"
     fingerprint = {"model": "digits_cnn", "global_batch": "64"}
