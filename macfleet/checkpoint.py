@@ -70,10 +70,16 @@ def save(directory: str | os.PathLike, step: int, state: dict[str, Any], meta: d
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except OSError as exc:
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer turns a full disk into a RuntimeError; find the OSError under it.
+        cause = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
         shutil.rmtree(tmp, ignore_errors=True)
+        if cause is None:
+            raise
         raise CheckpointError(
-            f"could not write checkpoint {final}: {exc.strerror or exc}. Older checkpoints in {root} are intact; "
+            f"could not write checkpoint {final}: {cause.strerror or cause}. Older checkpoints in {root} are intact; "
             "free disk space or set trainer.checkpoint_dir to a writable place, then resume with trainer.resume=auto"
         ) from exc
     prune(root, keep)

@@ -46,17 +46,30 @@ def fingerprint(cfg: DictConfig) -> dict[str, str]:
     }
 
 
-def build_model(model_cfg, bundle):
-    """Instantiate the model, filling null num_classes / vocab_size / in_channels from the data."""
+def build(node, **kwargs):
+    """hydra.utils.instantiate, but a MacFleetError inside a builder surfaces as itself, so the
+    user sees our message (what to do) rather than Hydra's wrapper."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, MacFleetError):
+            raise cause from None
+        raise
+
+
+def build_model(model_cfg, bundle):
+    """Instantiate the model, filling null num_classes / vocab_size / in_channels from the data."""
     fill: dict[str, Any] = {}
     facts = {"num_classes": bundle.num_classes, "vocab_size": bundle.vocab_size,
              "in_channels": getattr(bundle, "in_channels", None)}
     for key, value in facts.items():
         if key in model_cfg and model_cfg[key] is None and value is not None:
             fill[key] = value
-    model = instantiate(model_cfg, **fill)
+    model = build(model_cfg, **fill)
     log.info("built model %s %s", model_cfg.get("_target_"), fill or "")
     return model
 
@@ -64,17 +77,16 @@ def build_model(model_cfg, bundle):
 def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Build data, model and optimizer from `cfg`, train, and return the sweep metric."""
     import torch
-    from hydra.utils import instantiate
 
     from macfleet.trainer import Trainer
 
     tc = to_dataclass(TrainingConfig, cfg.trainer)
     torch.manual_seed(tc.seed)  # model init is part of the run's seed
-    bundle = instantiate(cfg.dataset)
+    bundle = build(cfg.dataset)
     log.info("built dataset %s: %d train / %d test items", bundle.name, len(bundle.train),
              len(bundle.test) if bundle.test is not None else 0)
     model = build_model(cfg.model, bundle)
-    optimizer = instantiate(cfg.optimizer) if cfg.get("optimizer") else None
+    optimizer = build(cfg.optimizer) if cfg.get("optimizer") else None
     if output_dir and not tc.output_dir:
         tc.output_dir = output_dir
     trainer = Trainer(
