@@ -33,6 +33,7 @@ from macfleet.compression.codecs import Codec, TopKCodec, build_codec, to_half
 from macfleet.compression.feedback import ErrorFeedback, warmup_ratio
 from macfleet.compression.select import sample_seed
 from macfleet.config import CompressionConfig
+from macfleet.errors import ConfigError
 
 
 def _done(value: torch.Tensor) -> torch.futures.Future:
@@ -48,6 +49,9 @@ class GradientCompressor:
         self.cfg = cfg
         self.group = group
         self.codec: Codec = build_codec(cfg)
+        if cfg.momentum_correction and not (cfg.lossy and cfg.error_feedback):
+            raise ConfigError("compression.momentum_correction needs a top-k codec and "
+                              "compression.error_feedback=true (the velocity is accumulated in the residual)")
         self.feedback: Optional[ErrorFeedback] = (
             ErrorFeedback(cfg) if cfg.lossy and cfg.error_feedback else None
         )

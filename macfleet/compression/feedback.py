@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from macfleet.config import CompressionConfig
-from macfleet.errors import CheckpointError, ConfigError
+from macfleet.errors import CheckpointError
 
 STATE_VERSION = 1
 
@@ -36,9 +36,6 @@ class ErrorFeedback:
     """Per-parameter residuals (and DGC velocities) of one node."""
 
     def __init__(self, cfg: CompressionConfig):
-        if cfg.momentum_correction and not cfg.error_feedback:
-            raise ConfigError("compression.momentum_correction needs compression.error_feedback=true "
-                              "(the velocity is accumulated in the residual)")
         self.momentum = float(cfg.momentum) if cfg.momentum_correction else 0.0
         self.residuals: dict[str, torch.Tensor] = {}
         self.velocities: dict[str, torch.Tensor] = {}
