@@ -7,6 +7,7 @@ the coordinator's membership (ranks, weights, generation, peers) and the engine'
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -54,6 +55,173 @@ def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: d
     """Join (or form) the cluster `cfg` describes; returns the world the trainer runs in."""
     if cfg.mode == "single" or (cfg.nodes == 1 and cfg.role.value == "master" and cfg.mode != "agent"):
         return SoloWorld(run={"run_id": (config_dict or {}).get("run_id"), "seed": seed})
-    from macfleet.cluster.world import ClusterWorld
-
     return ClusterWorld.connect(cfg, fingerprint, seed=seed, config_dict=config_dict)
+
+
+class ClusterWorld:
+    """A node of a multi-node run: its Membership (control plane) and Group (data plane).
+
+    A peer lost by the heartbeats aborts the Group, so a step blocked in a collective raises
+    PeerLostError at once instead of waiting out the collective's timeout.
+    """
+
+    def __init__(self, membership, group, coordinator=None, fleet=None):
+        self.membership = membership
+        self.group = group
+        self.coordinator = coordinator
+        self.fleet = fleet
+        self.rank = membership.rank
+        self.world_size = membership.world_size
+        self.generation = membership.generation
+        self.weights = [float(w) for w in membership.weights]
+        self.run = dict(membership.run)
+        membership.on_lost(self._lost)
+        self._closed = False
+
+    def _lost(self, exc) -> None:
+        self.group.abort(exc)
+
+    @classmethod
+    def connect(cls, cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None):
+        from macfleet.cluster.facts import node_facts
+        from macfleet.comm.group import Group
+        from macfleet.comm.launch import free_ports
+
+        facts = node_facts()
+        if cfg.weights is None and cfg.weight == "auto":
+            facts["samples_per_s"] = float(os.environ.get("MACFLEET_SAMPLES_PER_S", "0")) or None
+        rank_hint = os.environ.get("MACFLEET_RANK")
+        if rank_hint is not None:
+            facts["rank"] = int(rank_hint)
+        tensor_port = cfg.tensor_port or free_ports(1)[0]
+        tensor_addr = f":{tensor_port}"
+        coordinator, fleet = None, None
+        if cfg.role.value == "master":
+            from macfleet.cluster.coordinator import Coordinator
+
+            if cfg.mode == "local" and not cfg.master_port:
+                cfg.master_port = free_ports(1)[0]
+            run = {"run_id": (config_dict or {}).get("run_id"), "seed": seed}
+            coordinator = Coordinator(cfg, fingerprint, facts, run).start()
+            if cfg.mode == "local":
+                fleet = LocalFleet(cfg, config_dict or {})
+                fleet.start()
+            try:
+                membership = coordinator.wait_for_nodes(tensor_addr)
+            except BaseException:
+                if fleet is not None:
+                    fleet.stop()
+                coordinator.stop()
+                raise
+        else:
+            from macfleet.cluster.membership import join
+
+            membership = join(cfg, fingerprint, facts, tensor_addr)
+        try:
+            group = Group(membership.rank, membership.world_size, membership.addrs,
+                          generation=membership.generation, timeout=cfg.comm_timeout)
+        except BaseException:
+            membership.close()
+            if coordinator is not None:
+                coordinator.stop()
+            raise
+        return cls(membership, group, coordinator, fleet)
+
+    # -- what the trainer uses
+    def check(self) -> None:
+        self.membership.check()
+
+    def report(self, step: int, samples_per_s: float) -> None:
+        self.membership.report(step, samples_per_s)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        buf = t.to(torch.float32) if t.dtype == torch.float64 else t
+        self.group.all_reduce(buf, op="sum")
+        return buf.to(t.dtype)
+
+    def weighted_mean(self, value: float, share: float) -> float:
+        t = torch.tensor([value * share], dtype=torch.float32)
+        return float(self.group.all_reduce(t, op="sum")[0])
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (packed without pickle, see statepack)."""
+        blob = statepack.pack(obj) if self.rank == 0 else None
+        n = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
+        self.group.broadcast(n, src=0)
+        if blob is None:
+            blob = torch.empty(int(n[0]), dtype=torch.uint8)
+        self.group.broadcast(blob, src=0)
+        return obj if self.rank == 0 else statepack.unpack(blob)
+
+    def gather_object(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        parts = self.group.gather(statepack.pack(obj), dst=0)
+        return [statepack.unpack(p) for p in parts] if parts is not None else None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.membership.close()
+        self.group.close()
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.coordinator is not None:
+            self.coordinator.stop()
+
+
+class LocalFleet:
+    """The worker processes of `cluster=local`: ranks 1..N-1 of the master's own run, on this
+    machine, started from the resolved config (`python -m macfleet.run`), their output prefixed."""
+
+    def __init__(self, cfg: ClusterConfig, config_dict: dict):
+        self.cfg = cfg
+        self.config_dict = config_dict
+        self.procs: list = []
+        self._tmp = None
+
+    def start(self) -> None:
+        import subprocess
+        import sys
+        import tempfile
+        import threading
+
+        from omegaconf import OmegaConf
+
+        from macfleet.comm.launch import free_ports
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="macfleet-fleet-")
+        path = os.path.join(self._tmp.name, "config.yaml")
+        OmegaConf.save(OmegaConf.create(self.config_dict), path)
+        ports = free_ports(self.cfg.nodes - 1)
+        for rank in range(1, self.cfg.nodes):
+            overrides = ["cluster.role=worker", "cluster.master_addr=127.0.0.1",
+                         f"cluster.master_port={self.cfg.master_port}", f"cluster.tensor_port={ports[rank - 1]}",
+                         "trainer.progress=false", "logger.name=none"]
+            env = dict(os.environ, MACFLEET_RANK=str(rank), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            proc = subprocess.Popen([sys.executable, "-m", "macfleet.run", "--config", path, "--log-level", "WARNING",
+                                     *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            threading.Thread(target=self._relay, args=(rank, proc), daemon=True).start()
+            self.procs.append(proc)
+        log.info("local fleet: started %d worker process(es) on 127.0.0.1", len(self.procs))
+
+    @staticmethod
+    def _relay(rank: int, proc) -> None:
+        for line in proc.stdout:
+            print(f"[rank {rank}] {line.rstrip()}", flush=True)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        import subprocess
+
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        bad = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.returncode not in (0, None)]
+        if bad:
+            log.warning("local fleet: worker(s) exited with %s", bad)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

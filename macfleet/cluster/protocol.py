@@ -176,7 +176,11 @@ def client_handshake(sock: zmq.Socket, token: Optional[str], name: str, purpose:
     """
     cnonce = new_nonce()
     sock.send(encode("hello", purpose=purpose, name=name, cnonce=cnonce))
-    challenge = _recv(sock, timeout, ("challenge", "refuse"))
+    challenge = _recv(sock, timeout, ("challenge", "refuse", "hello"))
+    if challenge["t"] == "hello":
+        # TCP simultaneous open: dialing our own address while nothing listens there can
+        # connect the socket to itself (the port lies in the ephemeral range). No master yet.
+        raise TimeoutError("connected to itself")
     if challenge["t"] == "refuse":
         raise JoinRefusedError(challenge.get("reason", "refused"))
     snonce = str(challenge.get("snonce", ""))

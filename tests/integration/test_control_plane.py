@@ -21,7 +21,7 @@ import time
 import pytest
 
 INTERVAL = 0.5
-PORT = 47100
+PORT = 29100
 
 
 def _node_main(role: str, master_addr: str, nodes: int) -> None:
@@ -42,10 +42,10 @@ def _node_main(role: str, master_addr: str, nodes: int) -> None:
     if role == "master":
         coord = Coordinator(cfg, fingerprint, facts, {"run_id": "r1", "seed": 7}, log_sink=lambda l: emit(event="log", line=l))
         coord.start()
-        m = coord.wait_for_nodes(":47200")
+        m = coord.wait_for_nodes(":29200")
     else:
         coord = None
-        m = join(cfg, fingerprint, facts, ":47201")
+        m = join(cfg, fingerprint, facts, ":29201")
     m.on_lost(lambda exc: emit(event="lost", t=time.time(), rank=exc.rank, msg=str(exc)))
     emit(event="formed", rank=m.rank, world_size=m.world_size, generation=m.generation, addrs=m.addrs,
          weights=m.weights, run=m.run, hosts=[n["host"] for n in m.nodes])
@@ -141,7 +141,7 @@ def test_direct_mode_across_namespaces(netns):
         assert (m["rank"], w["rank"], m["world_size"], w["world_size"]) == (0, 1, 2, 2)
         assert m["generation"] == w["generation"] == 1
         # Data-plane addresses are the ones each side is reached at across the namespaces.
-        assert m["addrs"] == w["addrs"] == ["10.0.0.1:47200", "10.0.0.2:47201"]
+        assert m["addrs"] == w["addrs"] == ["10.0.0.1:29200", "10.0.0.2:29201"]
         assert m["weights"] == w["weights"] == [0.5, 0.5]
         assert w["run"] == {"run_id": "r1", "seed": 7}
         log = master.wait_for("log")

@@ -35,8 +35,8 @@ def test_worker_finds_master_by_zeroconf_across_namespaces(netns):  # noqa: F811
         worker = Node(netns.prefix(1), "worker", "auto")
         w = worker.wait_for("formed", timeout=40)
         m = master.wait_for("formed", timeout=10)
-        assert w["addrs"] == ["10.0.0.1:47200", "10.0.0.2:47201"]
-        assert m["addrs"][1] == "10.0.0.2:47201" and m["world_size"] == 2
+        assert w["addrs"] == ["10.0.0.1:29200", "10.0.0.2:29201"]
+        assert m["addrs"][1] == "10.0.0.2:29201" and m["world_size"] == 2
     finally:
         master.kill()
         if worker is not None:
