@@ -113,6 +113,9 @@ class ClusterConfig:
     """Deadline for one collective before the peer is declared lost."""
     host: str = "0.0.0.0"
     """Interface the master binds to."""
+    ddp: str = "auto"
+    """Gradient path: torch (PyTorch DDP's reducer + MacFleet comm hook), flat (all gradients
+    through the same hook after backward), auto (torch on cpu/cuda, flat on mps)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.role, str):
@@ -124,6 +127,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct or agent")
         if self.nodes < 1:
             raise ConfigError("cluster.nodes must be >= 1")
+        if self.ddp not in ("auto", "torch", "flat"):
+            raise ConfigError(f"cluster.ddp={self.ddp!r}: choose auto, torch or flat")
         for port_name in ("master_port", "tensor_port"):
             port = getattr(self, port_name)
             if not 0 <= int(port) < 65536:

@@ -75,7 +75,7 @@ class MacFleetDDP(torch.nn.Module):
             if use_torch_ddp:
                 self._wrap_torch_ddp(device, bucket_cap_mb)
             else:
-                log.info("MacFleetDDP: torch DDP is not used on %s; flattened gradients go through the same hook after backward", device.type)
+                log.info("MacFleetDDP: flat path on %s (PyTorch DDP not used): all gradients go through the comm hook after backward", device.type)
                 self._broadcast_state()
         self.needs_fallback = self.ddp is None and (self.world_size > 1 or compression.name != "none")
 

@@ -109,9 +109,11 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a resolved MacFleet config (workers, agents, local fleets).")
     parser.add_argument("--config", required=True, help="resolved config YAML written by the master")
+    parser.add_argument("--log-level", default="INFO", help="logging level (local fleet workers use WARNING)")
     parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. cluster.role=worker")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
+    logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
+                        format="[%(asctime)s][%(name)s] %(message)s")
     cfg = OmegaConf.load(args.config)
     if args.overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(args.overrides))

@@ -164,7 +164,8 @@ class Trainer:
             total_steps = min(total_steps, tc.max_steps)
 
         model = self.model.to(device)
-        ddp = MacFleetDDP(model, world.group, share=sampler.share, compression=self.comp, device=device)
+        ddp = MacFleetDDP(model, world.group, share=sampler.share, compression=self.comp, device=device,
+                          use_torch_ddp={"auto": None, "torch": True, "flat": False}[self.cc.ddp])
         params = model.parameters()
         opt = self.optimizer_factory(params) if self.optimizer_factory else default_optimizer(params, tc)
         sched = build_scheduler(opt, tc, steps_per_epoch * tc.epochs)
