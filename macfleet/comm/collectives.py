@@ -54,6 +54,17 @@ def _expect(tp: Transport, h: Header, flat: torch.Tensor, lo: int, hi: int) -> N
         )
 
 
+def _lander(tp: Transport, flat: torch.Tensor, mv: memoryview, a: int, b: int):
+    """A landing callback: check the chunk is [a, b) of flat, then give its bytes to recv_into."""
+    isz = flat.element_size()
+
+    def land(h: Header) -> memoryview:
+        _expect(tp, h, flat, a, b)
+        return mv[a * isz:b * isz]
+
+    return land
+
+
 def all_reduce(tp: Transport, t: torch.Tensor, op: str, deadline: float, chunk_bytes: int) -> torch.Tensor:
     n = tp.world_size
     flat = t.view(-1)
@@ -113,9 +124,7 @@ def _ring(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None
     # All-gather: final segments travel around the ring; the one that completes its lap stops.
     for s in range(n - 1):
         for a, b in seg_chunks[(rank - s) % n]:
-            h, body = tp.recv(left, deadline)
-            _expect(tp, h, flat, a, b)
-            flat[a:b].copy_(as_tensor(body, flat.dtype))
+            tp.recv(left, deadline, _lander(tp, flat, mv, a, b))
             if s < n - 2:
                 last = send(a, b)
     # The caller may reuse t as soon as we return: our last bytes must have left.
@@ -133,9 +142,7 @@ def broadcast(tp: Transport, t: torch.Tensor, src: int, deadline: float, chunk_b
     last = None
     for a, b in _ranges(0, flat.numel(), max(1, chunk_bytes // isz)):
         if rank != src:
-            h, body = tp.recv(left, deadline)
-            _expect(tp, h, flat, a, b)
-            flat[a:b].copy_(as_tensor(body, flat.dtype))
+            tp.recv(left, deadline, _lander(tp, flat, mv, a, b))
         if right != src:
             last = tp.send(right, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True)
     tp.wait_sent(right, last, deadline)
@@ -154,26 +161,29 @@ def send_tensor(tp: Transport, dst: int, t: torch.Tensor, chunk_bytes: int):
 
 
 def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Receive a whole tensor of a shape announced by its first header."""
-    h, body = tp.recv(src, deadline)
-    if dtype is not None and h.dtype != dtype:
-        raise FrameError(
-            f"{tp.op} #{tp.seq}: rank {src} sent {h.dtype}, rank {tp.rank} has {dtype}: every rank must use the same dtype"
-        )
-    out = torch.empty(h.shape, dtype=h.dtype)
-    out_bytes = out.view(-1).view(torch.uint8) if out.numel() else torch.empty(0, dtype=torch.uint8)
-    got = 0
-    while True:
+    """Receive a whole tensor of a shape announced by its first header, chunks landing in place."""
+    state: dict = {"got": 0}
+
+    def land(h: Header) -> memoryview:
+        if "out" not in state:
+            if dtype is not None and h.dtype != dtype:
+                raise FrameError(f"{tp.op} #{tp.seq}: rank {src} sent {h.dtype}, rank {tp.rank} has {dtype}: "
+                                 "every rank must use the same dtype")
+            state["out"] = torch.empty(h.shape, dtype=h.dtype)
+            state["mv"] = byte_view(state["out"])
+        out, got = state["out"], state["got"]
         if h.offset != got or h.shape != tuple(out.shape) or h.dtype != out.dtype:
             raise FrameError(
                 f"{tp.op} #{tp.seq}: rank {src} sent chunk at byte {h.offset} of shape {h.shape} {h.dtype}, expected "
                 f"byte {got} of {tuple(out.shape)} {out.dtype}: the stream from rank {src} is inconsistent"
             )
-        out_bytes[got:got + h.nbytes].copy_(as_tensor(body, torch.uint8))
-        got += h.nbytes
-        if got >= h.total:
-            return out
-        h, body = tp.recv(src, deadline)
+        return state["mv"][got:got + h.nbytes]
+
+    while True:
+        h, _ = tp.recv(src, deadline, land)
+        state["got"] += h.nbytes
+        if state["got"] >= h.total:
+            return state["out"]
 
 
 def all_gather(tp: Transport, t: torch.Tensor, deadline: float, chunk_bytes: int) -> list[torch.Tensor]:

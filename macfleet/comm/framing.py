@@ -28,11 +28,15 @@ No pickle anywhere: a frame is decoded with `struct` and checked before a single
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from macfleet.errors import FrameError
+
+# zmq frames are read-only buffers; tensors over them are only read (sums, copies), never written.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 WIRE_VERSION = 1
 MAGIC = b"MF"
@@ -52,6 +56,7 @@ DTYPE_CODES: dict[torch.dtype, int] = {
     torch.uint8: 6,
 }
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+ITEMSIZE = {dtype: torch.empty((), dtype=dtype).element_size() for dtype in DTYPE_CODES}
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 
 
@@ -83,7 +88,7 @@ def tensor_nbytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     numel = 1
     for dim in shape:
         numel *= dim
-    return numel * torch.empty((), dtype=dtype).element_size()
+    return numel * ITEMSIZE[dtype]
 
 
 def encode_header(h: Header) -> bytes:
@@ -167,7 +172,7 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor without a copy; the view keeps the tensor alive."""
     flat = t.reshape(-1)
     if flat.numel() == 0:
-        return memoryview(b"")
+        return memoryview(bytearray(0))
     return memoryview(flat.view(torch.uint8).numpy())
 
 
@@ -175,9 +180,4 @@ def as_tensor(body: memoryview, dtype: torch.dtype) -> torch.Tensor:
     """A 1-D tensor over received bytes without a copy (read-only use: sums and copies)."""
     if len(body) == 0:
         return torch.empty(0, dtype=dtype)
-    import warnings
-
-    with warnings.catch_warnings():
-        # zmq frames are read-only buffers; we only read from them, never write.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(body, dtype=dtype)
+    return torch.frombuffer(body, dtype=dtype)

@@ -167,8 +167,14 @@ class Transport:
                 pass
 
     # -- receiving --------------------------------------------------------------------------
-    def recv(self, src: int, deadline: float) -> tuple[Header, memoryview]:
-        """The next chunk from `src` for the current collective (self.seq)."""
+    def recv(self, src: int, deadline: float, land=None) -> tuple[Header, memoryview | None]:
+        """The next chunk from `src` for the current collective (self.seq).
+
+        Without `land`, returns (header, body) with body a read-only view of the received frame.
+        With `land`, a callable header -> writable memoryview of header.nbytes bytes (it may raise
+        FrameError after checking the header), the body is received straight into that buffer
+        (recv_into: no allocation per chunk) and (header, None) is returned.
+        """
         parked = self._stash[src]
         while True:
             while parked:
@@ -176,10 +182,16 @@ class Transport:
                 if header.seq < self.seq:
                     self.dropped_count += 1  # left over from a collective that failed here
                     continue
-                return self._check_current(header), body
+                self._check_current(header)
+                if land is None:
+                    return header, body
+                land(header)[:] = body
+                return header, None
             if not self._poll(deadline):
                 raise self._lost(src, "sent nothing")
-            self._take()
+            landed = self._take(src, land)
+            if landed is not None:
+                return landed, None
 
     def _check_current(self, header: Header) -> Header:
         if header.seq > self.seq:
@@ -203,27 +215,57 @@ class Transport:
             if self.pull.poll(int(min(remaining, POLL_SLICE_S) * 1000) + 1, zmq.POLLIN):
                 return True
 
-    def _take(self) -> None:
-        """Receive one message and file it: park, drop or reject."""
-        frames = self.pull.recv_multipart(copy=False)
+    def _reject(self, exc: FrameError) -> None:
+        # Whatever is left of the message is drained, so the next message starts clean.
+        while self.pull.getsockopt(zmq.RCVMORE):
+            self.pull.recv(copy=False)
+        self.rejected_count += 1
+        self.rejected.append(exc)
+        log.warning("rank %d rejected a frame: %s", self.rank, exc)
+
+    def _take(self, want: int = -1, land=None) -> Header | None:
+        """Receive one message and file it: land it (returned), park, drop or reject it."""
+        pull = self.pull
+        head = pull.recv()
         try:
-            header, body = framing.decode(frames, world_size=self.world_size)
+            if not pull.getsockopt(zmq.RCVMORE):
+                raise FrameError("message has 1 frame, a MacFleet data message has exactly 2 (header, body)")
+            header = framing.decode_header(head, world_size=self.world_size)
         except FrameError as exc:
-            self.rejected_count += 1
-            self.rejected.append(exc)
-            log.warning("rank %d rejected a frame: %s", self.rank, exc)
-            return
+            self._reject(exc)
+            return None
+        current = (header.kind == KIND_DATA and header.generation == self.generation
+                   and header.sender == want and header.seq == self.seq and not self._stash[want])
+        if current and land is not None:
+            try:
+                self._check_current(header)
+                buf = land(header)
+            except FrameError:
+                pull.recv(copy=False)  # drop the body; the caller gets the error
+                raise
+            nbytes = pull.recv_into(buf)
+            if nbytes != header.nbytes or pull.getsockopt(zmq.RCVMORE):
+                # The landing buffer was written, but a well-formed chunk for the same place follows.
+                self._reject(FrameError(
+                    f"body from rank {header.sender} is {nbytes} bytes but the header says {header.nbytes}: "
+                    "truncated or wrong-size frame"))
+                return None
+            return header
+        body = pull.recv(copy=False)
+        if len(body) != header.nbytes or pull.getsockopt(zmq.RCVMORE):
+            self._reject(FrameError(
+                f"body from rank {header.sender} is {len(body)} bytes but the header says {header.nbytes}: "
+                "truncated or wrong-size frame"))
+            return None
         if header.generation != self.generation:
             self.dropped_count += 1  # a frame of another membership is never summed
-            return
-        if header.kind == KIND_HELLO:
+        elif header.kind == KIND_HELLO:
             self._hello.add(header.sender)
-            return
-        if header.kind == KIND_DATA and header.sender != self.rank:
-            if header.seq < self.seq:
-                self.dropped_count += 1
-                return
-            self._stash[header.sender].append((header, body))
+        elif header.sender != self.rank and header.seq >= self.seq:
+            self._stash[header.sender].append((header, memoryview(body.buffer)))
+        else:
+            self.dropped_count += 1
+        return None
 
     def _lost(self, peer: int, what: str) -> PeerLostError:
         note = ""

@@ -1,0 +1,199 @@
+"""`macfleet benchmark --type bandwidth|allreduce`: the engine beside references from the same run.
+
+With no cluster given it starts `--nodes` local ranks itself (or, with --netns as root, ranks in
+network namespaces joined by veth/bridge, optionally shaped with --rate). Every figure is a
+median of `--repeats` (>= 5) timed runs after a warm-up, measured on rank 0:
+- bandwidth (2 ranks): MacFleet one-way transfer (broadcast from rank 0) vs a plain TCP socket
+  sending the same bytes; both end with a 1-element ack back, so each time covers full delivery.
+- allreduce: MacFleet all_reduce(sum) of float32 vs torch.distributed gloo all_reduce on the same
+  ranks; for 2 ranks also the floor: plain sockets exchanging the bytes both ways at once, then
+  adding.
+JSON rows, one per reference: {"type", "nodes", "size_bytes", "macfleet_s", "reference",
+"reference_s", "ratio"} with ratio = macfleet_s / reference_s.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import statistics
+import threading
+import time
+
+import torch
+
+from macfleet.errors import ConfigError
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'1MB,10MB,100MB' -> bytes (decimal units; KiB/MiB/GiB binary)."""
+    sizes = []
+    for item in text.split(","):
+        m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", item)
+        if not m or m.group(2).upper() not in _UNITS:
+            raise ConfigError(f"--sizes item {item!r} is not a size like 1MB, 512KB or 1GiB")
+        sizes.append(int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
+    return sizes
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError("benchmark peer closed its socket")
+        got += n
+
+
+def _timed(fn, repeats: int, sync) -> float:
+    fn()  # warm-up: connections, allocator, page faults
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _socket_pair(rank: int, host: str, port: int) -> socket.socket:
+    """Rank 0 listens, rank 1 connects: a plain TCP connection for the reference figures."""
+    if rank == 0:
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, port))
+        srv.listen(1)
+        conn, _ = srv.accept()
+        srv.close()
+    else:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = socket.create_connection((host, port), timeout=30)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    conn.settimeout(None)
+    return conn
+
+
+def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: list[int], repeats: int,
+               extra_ports: list[int]) -> dict | None:
+    import torch.distributed as dist
+
+    from macfleet.comm import Group
+
+    hosts = [a.rpartition(":")[0] for a in addrs]
+    g = Group(rank, world_size, addrs, timeout=120)
+    sync = g.barrier
+    results: dict[int, dict[str, float]] = {}
+    try:
+        if kind == "bandwidth":
+            conn = _socket_pair(rank, hosts[0], extra_ports[0])
+            ack = torch.zeros(1)
+            for size in sizes:
+                buf = torch.ones(size // 4, dtype=torch.float32)
+                view = memoryview(buf.numpy()).cast("B")
+                ack_byte = bytearray(1)
+
+                def zmq_once():
+                    g.broadcast(buf, src=0)
+                    g.broadcast(ack, src=1)
+
+                def socket_once():
+                    if rank == 0:
+                        conn.sendall(view)
+                        _recv_exact(conn, memoryview(ack_byte))
+                    else:
+                        _recv_exact(conn, view)
+                        conn.sendall(b"k")
+
+                results[size] = {"macfleet": _timed(zmq_once, repeats, sync),
+                                 "socket": _timed(socket_once, repeats, sync)}
+            conn.close()
+        else:
+            dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{extra_ports[1]}", rank=rank,
+                                    world_size=world_size)
+            conn = _socket_pair(rank, hosts[0], extra_ports[0]) if world_size == 2 else None
+            for size in sizes:
+                numel = size // 4
+                data = torch.ones(numel, dtype=torch.float32)
+                work = data.clone()
+                row = {"macfleet": _timed(lambda: g.all_reduce(work), repeats, sync),
+                       "gloo": _timed(lambda: dist.all_reduce(work), repeats, sync)}
+                if conn is not None:
+                    peer_buf = torch.empty(numel, dtype=torch.float32)
+
+                    def exchange_once():
+                        sender = threading.Thread(target=conn.sendall, args=(memoryview(work.numpy()).cast("B"),))
+                        sender.start()
+                        _recv_exact(conn, memoryview(peer_buf.numpy()).cast("B"))
+                        sender.join()
+                        work.add_(peer_buf)
+
+                    row["socket_exchange"] = _timed(exchange_once, repeats, sync)
+                results[size] = row
+            if conn is not None:
+                conn.close()
+            dist.destroy_process_group()
+    finally:
+        g.close()
+    return results if rank == 0 else None
+
+
+def run_comm_benchmark(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from macfleet.comm.launch import Netns, free_ports, spawn_local
+
+    kind = args.type
+    nodes = 2 if kind == "bandwidth" else int(args.nodes)
+    if nodes < 2:
+        raise ConfigError("--nodes must be >= 2 for a communication benchmark")
+    repeats = max(5, int(args.repeats))
+    sizes = parse_sizes(args.sizes)
+    console = Console()
+    where = "network namespaces" + (f" shaped to {args.rate}" if args.rate else "") if args.netns else "127.0.0.1"
+    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}, median of {repeats} runs")
+    fn_args = (kind, sizes, repeats)
+    if args.netns:
+        with Netns(nodes, rate=args.rate) as ns:
+            per_rank = spawn_local(_rank_main, nodes, fn_args + ([29600, 29601],), timeout=3600, netns=ns, port=29500)
+    else:
+        per_rank = spawn_local(_rank_main, nodes, fn_args + (free_ports(2),), timeout=3600)
+    results = per_rank[0]
+
+    rows = []
+    for size in sizes:
+        fig = results[size]
+        for ref in ("socket", "gloo", "socket_exchange"):
+            if ref in fig:
+                rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "macfleet_s": fig["macfleet"],
+                             "reference": ref, "reference_s": fig[ref], "ratio": fig["macfleet"] / fig[ref]})
+    table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
+    for col in ("size", "macfleet", "GB/s", "reference", "reference time", "ratio"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(_human(row["size_bytes"]), f"{row['macfleet_s'] * 1e3:.2f} ms",
+                      f"{row['size_bytes'] / row['macfleet_s'] / 1e9:.2f}", row["reference"],
+                      f"{row['reference_s'] * 1e3:.2f} ms", f"{row['ratio']:.2f}x")
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+        console.print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
