@@ -1,6 +1,6 @@
-"""What every recipe shares: the cluster flags (role, master address, ports) and the result line.
-
-Kept apart so a forked recipe stays about its model and data; copy this file along with it.
+"""What every recipe shares: the common flags (training, cluster), the TrainingConfig they
+fill, and the run-and-report step. A forked recipe keeps only its model, data and
+hyperparameters; copy this file along with it.
 """
 
 from __future__ import annotations
@@ -9,12 +9,24 @@ import argparse
 import json
 import sys
 
-from macfleet import ClusterConfig, NodeRole
+from macfleet import ClusterConfig, MacFleetError, NodeRole, Trainer, TrainingConfig
 
 
-def add_cluster_args(parser: argparse.ArgumentParser) -> None:
-    """--role/--master-addr/--nodes...: one process alone, or one node of a fleet of Macs."""
-    group = parser.add_argument_group("cluster (omit all for one process on this machine)")
+def add_common_args(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int, lr: float,
+                    compression: str) -> None:
+    """--epochs/--batch-size/--lr/... with this recipe's defaults, plus the cluster flags."""
+    p = parser
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=batch_size, help="global batch, split across nodes by weight")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (warm-up, then cosine decay)")
+    p.add_argument("--compression", default=compression, choices=["none", "fp16", "topk", "topk_fp16"])
+    p.add_argument("--topk-ratio", type=float, default=0.1, help="fraction of the gradient kept by top-k")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "mps", "cuda"])
+    p.add_argument("--output-dir", default=None, help="run dir for metrics.json and checkpoints")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N steps (0: all epochs)")
+    p.add_argument("--smoke", action="store_true", help="tiny offline data and model, a few steps")
+
+    group = p.add_argument_group("cluster (omit all for one process on this machine)")
     group.add_argument("--role", choices=["master", "worker"], default="master",
                        help="master runs the coordinator and is rank 0; worker joins it")
     group.add_argument("--master-addr", default="127.0.0.1",
@@ -38,13 +50,35 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
         mode="single" if alone else "direct",
         nodes=args.nodes,
         weight=args.weight if args.weight == "auto" else float(args.weight),
-        # A worker listens on all interfaces only if it is the master.
-        host="0.0.0.0",
     )
 
 
-def report(metrics: dict) -> None:
-    """The last stdout line: `RESULT {json}` (what scripts and the recipe test read)."""
+def training_config(args: argparse.Namespace, **recipe) -> TrainingConfig:
+    """The flags' fields plus the recipe's own (optimizer, schedule, ...)."""
+    return TrainingConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        compression=args.compression,
+        topk_ratio=args.topk_ratio,
+        device=args.device,
+        max_steps=args.max_steps,
+        output_dir=args.output_dir,
+        progress=not args.smoke,  # smoke output is read by scripts; keep it to log lines
+        **recipe,
+    )
+
+
+def fit_and_report(model, data, config: TrainingConfig, args: argparse.Namespace) -> int:
+    """Train; print `RESULT {json}` as the last stdout line (scripts and tests read it).
+
+    Returns the exit status: 1 with a one-line message for errors the user can fix.
+    """
+    try:
+        metrics = Trainer(model, data, config, cluster_config(args)).fit()
+    except MacFleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     keep = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
-    print("RESULT " + json.dumps(keep, sort_keys=True))
-    sys.stdout.flush()
+    print("RESULT " + json.dumps(keep, sort_keys=True), flush=True)
+    return 0
