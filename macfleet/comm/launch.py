@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import subprocess
@@ -74,7 +75,9 @@ def _child(fn, rank, world_size, addrs, args, results, netns_name):
         # Ranks share the machine's cores; one intra-op thread each keeps them from thrashing.
         torch.set_num_threads(1)
         value = fn(rank, world_size, addrs, *args)
-        results.put((rank, True, value))
+        # Plain pickle (local IPC only, never the wire) copies tensors by value: torch's
+        # shared-memory reducers would hand the parent fds that die with this process.
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent with its traceback
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
 
@@ -103,7 +106,7 @@ def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *
         while len(got) + len(failures) < world_size:
             try:
                 rank, ok, value = results.get(timeout=0.2)
-                (got if ok else failures)[rank] = value
+                (got if ok else failures)[rank] = pickle.loads(value) if ok else value
                 continue
             except queue.Empty:
                 pass
@@ -113,7 +116,7 @@ def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *
                     with contextlib.suppress(queue.Empty):
                         while True:
                             rank, ok, value = results.get(timeout=0.2)
-                            (got if ok else failures)[rank] = value
+                            (got if ok else failures)[rank] = pickle.loads(value) if ok else value
                     if r not in got and r not in failures:
                         failures[r] = f"exited with code {p.exitcode} without reporting"
             if time.monotonic() > deadline:
