@@ -1,0 +1,57 @@
+"""`macfleet info`: macOS parsers on recorded command outputs, and the live command on this host."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from macfleet.cluster.info import (describe_macos, parse_hardware_ports, parse_ioreg_gpu_cores, parse_sysctl,
+                                   render)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "macos"
+
+
+def _mac(name: str) -> dict:
+    d = FIXTURES / name
+    return describe_macos(*(d.joinpath(f).read_text() for f in (
+        "sysctl.txt", "sw_vers.txt", "system_profiler_displays.txt", "ifconfig.txt", "networksetup.txt")))
+
+
+@pytest.mark.parametrize("name, chip, perf, eff, gpu, mem_gib, bridge_ip, os_name", [
+    ("m2pro", "Apple M2 Pro", 8, 4, 19, 32, "10.0.0.1", "macOS 14.4.1 (23E224)"),
+    ("m1air", "Apple M1", 4, 4, 7, 8, "10.0.0.2", "macOS 13.6.3 (22G436)"),
+])
+def test_recorded_macs(name, chip, perf, eff, gpu, mem_gib, bridge_ip, os_name):
+    info = _mac(name)
+    assert (info["chip"], info["performance_cores"], info["efficiency_cores"], info["gpu_cores"]) == (chip, perf, eff, gpu)
+    assert info["memory_bytes"] == mem_gib * 2**30 and info["os"] == os_name
+    bridges = [i for i in info["interfaces"] if i["thunderbolt_bridge"]]
+    assert [(b["name"], b["ipv4"], b["members"][:1]) for b in bridges] == [("bridge0", [bridge_ip], ["en1"])]
+    wifi = next(i for i in info["interfaces"] if i["name"] == "en0")
+    assert wifi["port"] == "Wi-Fi" and not wifi["thunderbolt_bridge"] and wifi["ipv4"]
+    text = render(dict(info, host="mac", torch="2.3.0", devices=["mps", "cpu"]))
+    bridge_line = next(line for line in text.splitlines() if "bridge0" in line)
+    assert bridge_ip in bridge_line and "<- Thunderbolt Bridge" in bridge_line
+    assert f"{perf} performance + {eff} efficiency" in text and f"gpu cores: {gpu}" in text
+    assert sum("<- Thunderbolt Bridge" in line for line in text.splitlines()) == 1
+
+
+def test_parsers_edge_cases():
+    assert parse_ioreg_gpu_cores((FIXTURES / "m2pro" / "ioreg_agx.txt").read_text()) == 19
+    assert parse_ioreg_gpu_cores("") is None
+    ports = parse_hardware_ports((FIXTURES / "m2pro" / "networksetup.txt").read_text())
+    assert ports["bridge0"] == "Thunderbolt Bridge" and ports["en1"] == "Thunderbolt 1" and len(ports) == 6
+    assert parse_sysctl("hw.ncpu: 12\nnot a pair\n") == {"hw.ncpu": 12}
+
+
+def test_info_command_on_this_machine():
+    out = subprocess.run([sys.executable, "-m", "macfleet.cli", "info", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["cpu_cores"] >= 1 and info["memory_bytes"] > 0 and info["torch"]
+    assert "cpu" in info["devices"] and any(i["name"] == "lo" or i["name"] == "lo0" for i in info["interfaces"])
