@@ -27,7 +27,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import zmq
 
@@ -223,12 +223,3 @@ def request(ctx: zmq.Context, host: str, port: int, token: Optional[str], name: 
     finally:
         sock.close(0)
 
-
-def wait_loop(deadline: float, step: float, on_tick: Callable[[float], None]) -> None:
-    """Call on_tick(remaining) until the deadline, sleeping `step` between calls."""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        on_tick(remaining)
-        time.sleep(min(step, max(0.0, remaining)))
