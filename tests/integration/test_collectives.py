@@ -1,0 +1,131 @@
+"""Collectives in real processes on 127.0.0.1: results equal torch's, a killed rank is reported.
+
+One spawn of 4 processes checks groups of 2, 3 and 4 ranks (ranks 0..N-1 of the 4 processes
+form each group, on fresh ports), so every algorithm (exchange, ring, chain, direct) runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from macfleet.comm.launch import RankFailedError, free_ports, spawn_local
+from macfleet.errors import PeerLostError
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8)
+NUMELS = (0, 1, 5, 13, 1031, 70_001)  # empty, tiny, not divisible by N, several 1 KiB chunks
+
+
+def _data(rank: int, numel: int, dtype: torch.dtype, case: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 * case + rank)
+    if dtype.is_floating_point:
+        return torch.randn(numel, generator=g).to(dtype)
+    return torch.randint(0, 20, (numel,), generator=g).to(dtype)
+
+
+def _check_all(rank, world_size, addrs, ports_by_n):
+    from macfleet.comm import Group
+
+    report = {}
+    for n, ports in ports_by_n.items():
+        if rank >= n:
+            continue
+        # A small chunk size makes the 70k-element tensors travel as many pipelined chunks.
+        with Group(rank, n, [f"127.0.0.1:{p}" for p in ports], timeout=60, chunk_bytes=4096) as g:
+            sums = {}
+            case = 0
+            for dtype in DTYPES:
+                for numel in NUMELS:
+                    case += 1
+                    t = _data(rank, numel, dtype, case).reshape(-1, 1) if numel % 2 else _data(rank, numel, dtype, case)
+                    sums[(str(dtype), numel)] = g.all_reduce(t.clone()).reshape(-1)
+            avg = g.all_reduce(torch.full((7,), float(rank + 1)), op="avg")
+            fut = g.all_reduce_async(torch.ones(3, 5))
+            bcast = g.broadcast(torch.full((3, 4), float(rank)), src=n - 1)
+            gathered_all = g.all_gather(torch.arange(rank * 3, dtype=torch.int64).reshape(rank, 3))
+            gathered = g.gather(torch.tensor([rank, rank * 10]), dst=n - 1)
+            scattered = g.scatter([torch.full((i + 1,), float(i)) for i in range(n)] if rank == 0 else None, src=0)
+            g.barrier()
+            report[n] = dict(sums=sums, avg=avg, fut=fut.wait(), bcast=bcast, all_gather=gathered_all,
+                             gather=gathered, scatter=scattered)
+    return report
+
+
+def test_collectives_match_torch_for_2_3_4_ranks():
+    ports_by_n = {n: free_ports(n) for n in (2, 3, 4)}
+    results = spawn_local(_check_all, 4, (ports_by_n,), timeout=150)
+    for n in (2, 3, 4):
+        case = 0
+        for dtype in DTYPES:
+            for numel in NUMELS:
+                case += 1
+                stacked = torch.stack([_data(r, numel, dtype, case).double() for r in range(n)])
+                want = stacked.sum(0)
+                for r in range(n):
+                    got = results[r][n]["sums"][(str(dtype), numel)]
+                    assert got.dtype == dtype and got.shape == (numel,)
+                    if dtype.is_floating_point:
+                        tol = 1e-5 if dtype == torch.float32 else 0.1
+                        assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (n, dtype, numel)
+                    else:
+                        assert torch.equal(got, want.to(dtype)), (n, dtype, numel)
+                    # Every rank holds bit-identical results (replicas must not drift).
+                    assert torch.equal(got, results[0][n]["sums"][(str(dtype), numel)])
+        for r in range(n):
+            out = results[r][n]
+            assert torch.allclose(out["avg"], torch.full((7,), (n + 1) / 2))
+            assert torch.equal(out["fut"], torch.full((3, 5), float(n)))
+            assert torch.equal(out["bcast"], torch.full((3, 4), float(n - 1)))
+            assert [x.shape for x in out["all_gather"]] == [(i, 3) for i in range(n)]
+            assert all(torch.equal(x.reshape(-1), torch.arange(i * 3)) for i, x in enumerate(out["all_gather"]))
+            assert torch.equal(out["scatter"], torch.full((r + 1,), float(r)))
+            if r == n - 1:
+                assert [x.tolist() for x in out["gather"]] == [[i, i * 10] for i in range(n)]
+            else:
+                assert out["gather"] is None
+
+
+def _die_mid_collective(rank, world_size, addrs, timeout):
+    from macfleet.comm import Group
+
+    g = Group(rank, world_size, addrs, timeout=timeout, chunk_bytes=64 * 1024)
+    g.all_reduce(torch.ones(10))
+    if rank == 2:
+        g.all_reduce_async(torch.ones(2_000_000))
+        time.sleep(0.02)  # let some chunks leave, then die without a word
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    try:
+        g.all_reduce(torch.ones(2_000_000))
+    except PeerLostError as exc:
+        elapsed = time.monotonic() - t0
+        # The group stays failed: a later call raises instead of desynchronising.
+        try:
+            g.all_reduce(torch.ones(1))
+            again = None
+        except PeerLostError as exc2:
+            again = str(exc2)
+        g.close()
+        return {"elapsed": elapsed, "rank": exc.rank, "address": exc.address, "message": str(exc), "again": again}
+    return {"elapsed": time.monotonic() - t0, "rank": None}
+
+
+def test_killed_rank_raises_peer_lost_within_timeout():
+    timeout = 3.0
+    with pytest.raises(RankFailedError) as info:
+        spawn_local(_die_mid_collective, 3, (timeout,), timeout=90)
+    err = info.value
+    assert set(err.failures) == {2}, err.failures
+    for r in (0, 1):
+        out = err.results[r]
+        assert out["rank"] is not None, f"rank {r} never noticed the loss"
+        assert out["elapsed"] < timeout + 2.0
+        assert out["again"] is not None
+    # Rank 0 receives from rank 2 in the ring: it names the dead rank and its address.
+    assert err.results[0]["rank"] == 2
+    assert err.results[0]["address"].startswith("127.0.0.1:")
+    assert "rank 2 at 127.0.0.1:" in err.results[0]["message"]

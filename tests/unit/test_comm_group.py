@@ -1,0 +1,205 @@
+"""Group behaviour within one process (ranks as threads, real sockets on 127.0.0.1).
+
+Cheap checks that need no process start-up: one rank, timeouts at connect, abort from another
+thread, malformed and foreign frames on the tensor port, step mismatch, memory over 1,000
+all_reduces. Multi-process correctness lives in tests/integration/test_collectives.py.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+import zmq
+
+from macfleet.comm import Group, framing
+from macfleet.comm.framing import KIND_DATA, Header
+from macfleet.comm.launch import free_ports
+from macfleet.errors import FrameError, MacFleetError, PeerLostError
+
+
+def _addrs(n: int) -> list[str]:
+    return [f"127.0.0.1:{p}" for p in free_ports(n)]
+
+
+def _groups(n: int, **kw) -> list[Group]:
+    addrs = _addrs(n)
+    out: list = [None] * n
+    errors: list = []
+
+    def make(r):
+        try:
+            out[r] = Group(r, n, addrs, **kw)
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def _each(groups, fn):
+    """Run fn(group) on one thread per rank; return results by rank, re-raise the first error."""
+    out: list = [None] * len(groups)
+
+    def run(r):
+        try:
+            out[r] = fn(groups[r])
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            out[r] = exc
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(groups))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def test_single_rank_group_is_identity():
+    with Group(0, 1, _addrs(1)) as g:
+        t = torch.arange(5.0)
+        assert g.all_reduce(t) is t and torch.equal(t, torch.arange(5.0))
+        assert torch.equal(g.all_reduce(torch.full((3,), 4.0), op="avg"), torch.full((3,), 4.0))
+        assert torch.equal(g.all_reduce_async(torch.ones(2)).wait(), torch.ones(2))
+        assert torch.equal(g.broadcast(torch.ones(2)), torch.ones(2))
+        assert [x.tolist() for x in g.all_gather(torch.tensor([1, 2]))] == [[1, 2]]
+        assert [x.tolist() for x in g.gather(torch.tensor([3]))] == [[3]]
+        assert g.scatter([torch.tensor([9])]).tolist() == [9]
+        g.barrier()
+    g.close()  # idempotent
+    with pytest.raises(MacFleetError, match="closed"):
+        g.all_reduce(torch.ones(1))
+
+
+def test_missing_peer_fails_construction_naming_it():
+    addrs = _addrs(2)
+    t0 = time.monotonic()
+    with pytest.raises(PeerLostError, match=f"rank 1 at {addrs[1]}") as info:
+        Group(0, 2, addrs, timeout=0.5)
+    assert info.value.rank == 1 and info.value.address == addrs[1]
+    assert time.monotonic() - t0 < 5
+
+
+def test_async_calls_complete_in_issue_order_and_non_contiguous_inputs_work():
+    groups = _groups(2, timeout=20)
+    try:
+        def work(g):
+            futs = [g.all_reduce_async(torch.full((1000,), float(i + g.rank))) for i in range(20)]
+            order = []
+            for i, f in enumerate(futs):
+                f.then(lambda _f, i=i: order.append(i))
+            vals = [f.wait()[0].item() for f in futs]
+            strided = torch.arange(12.0).reshape(3, 4).t()  # not contiguous
+            g.all_reduce(strided)
+            return vals, order, strided
+        for vals, order, strided in _each(groups, work):
+            assert vals == [2 * i + 1 for i in range(20)]
+            assert order == list(range(20))
+            assert torch.equal(strided, 2 * torch.arange(12.0).reshape(3, 4).t())
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_abort_stops_a_blocked_collective_promptly():
+    groups = _groups(2, timeout=30)
+    try:
+        g0 = groups[0]
+        fut = g0.all_reduce_async(torch.ones(10))  # rank 1 never joins: this blocks
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        g0.abort(PeerLostError("heartbeat: rank 1 lost", rank=1, address=g0.addrs[1]))
+        with pytest.raises(PeerLostError, match="heartbeat"):
+            fut.wait()
+        assert time.monotonic() - t0 < 0.5
+        with pytest.raises(PeerLostError, match="heartbeat"):
+            g0.all_reduce(torch.ones(1))  # later calls fail the same way
+    finally:
+        for g in groups:
+            g.close()
+
+
+def _rogue(addr: str):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.connect(f"tcp://{addr}")
+    return sock
+
+
+def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_working():
+    groups = _groups(2, timeout=20)
+    try:
+        g0 = groups[0]
+        good = Header(KIND_DATA, torch.float32, (4,), 1, 0, 0, 2, 0, 16, 16)  # claims to be rank 1, collective #2
+        head = framing.encode_header(good)
+        rogue = _rogue(g0.addrs[0])
+        rogue.send_multipart([head[:2] + bytes([framing.WIRE_VERSION + 5]) + head[3:], b"\0" * 16])  # version
+        rogue.send_multipart([head[:30], b"\0" * 16])  # truncated header
+        rogue.send_multipart([head, b"\0" * 12])  # wrong size
+        rogue.send_multipart([head[:4] + bytes([77]) + head[5:], b"\0" * 16])  # unknown dtype
+        rogue.send(b"just one frame")
+        # Well formed but of another generation: dropped, never summed.
+        other_gen = Header(KIND_DATA, torch.float32, (4,), 1, 5, 0, 2, 0, 16, 16)
+        rogue.send_multipart([framing.encode_header(other_gen), torch.full((4,), 1e6).numpy().tobytes()])
+        time.sleep(0.3)
+        results = _each(groups, lambda g: (g.all_reduce(torch.zeros(1)), g.all_reduce(torch.full((4,), 1.0 + g.rank))))
+        for res in results:
+            assert torch.equal(res[1], torch.full((4,), 3.0))
+        messages = " | ".join(str(e) for e in g0.rejected)
+        assert len(g0.rejected) == 5, messages
+        assert all(isinstance(e, FrameError) for e in g0.rejected)
+        for words in ("wire version", "truncated header", "wrong-size", "unknown dtype", "exactly 2"):
+            assert words in messages
+        rogue.close()
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_mismatched_step_or_shape_is_a_frame_error():
+    groups = _groups(2, timeout=5)
+    try:
+        groups[1].set_step(7)
+        out = _each(groups, lambda g: g.all_reduce(torch.ones(3)))
+        assert any(isinstance(r, FrameError) and "set_step" in str(r) for r in out), out
+    finally:
+        for g in groups:
+            g.close()
+    groups = _groups(2, timeout=5)
+    try:
+        out = _each(groups, lambda g: g.all_reduce(torch.ones(3 + g.rank)))
+        assert any(isinstance(r, FrameError) and "same shape and dtype" in str(r) for r in out), out
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_thousand_all_reduces_do_not_grow_memory():
+    groups = _groups(2, timeout=30)
+    proc = psutil.Process()
+    try:
+        def loop(g, n):
+            t = torch.ones(64 * 1024)  # 256 KB: zero-copy path, several chunks with small chunk size
+            for _ in range(n):
+                t.fill_(1.0)
+                g.all_reduce(t)
+            return t[0].item()
+        _each(groups, lambda g: loop(g, 100))  # warm-up: allocator and socket buffers settle
+        before = proc.memory_info().rss
+        out = _each(groups, lambda g: loop(g, 1000))
+        grown = proc.memory_info().rss - before
+        assert out == [2.0, 2.0]
+        assert grown < 20 * 2**20, f"RSS grew by {grown / 2**20:.1f} MiB over 1,000 all_reduces"
+    finally:
+        for g in groups:
+            g.close()
