@@ -29,5 +29,13 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
 
 
+def _worker_writes_nothing(argv: list[str]) -> list[str]:
+    """Only rank 0 writes logs and .hydra/: a worker's Hydra gets no run dir of its own."""
+    if "cluster.role=worker" in argv and not any(a.startswith("hydra.run.dir=") for a in argv):
+        argv = argv + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return argv
+
+
 if __name__ == "__main__":
+    sys.argv = _worker_writes_nothing(sys.argv)
     main()

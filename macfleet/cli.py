@@ -31,6 +31,7 @@ def _add_status(sub) -> None:
     p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
     p.add_argument("--master-port", type=int, default=50051)
     p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
+    p.add_argument("--name", default="macfleet", help="cluster name (for discovery)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0)
 

@@ -85,7 +85,8 @@ class ClusterConfig:
     role: NodeRole = NodeRole.MASTER
     """master runs the coordinator and is rank 0; worker joins a master."""
     master_addr: str = "127.0.0.1"
-    """Address of the master (the Thunderbolt bridge IP on Macs, e.g. 10.0.0.1)."""
+    """Address of the master (the Thunderbolt bridge IP on Macs, e.g. 10.0.0.1); "auto" finds it
+    with zeroconf when discovery_enabled."""
     master_port: int = 50051
     """Control-plane port (coordinator)."""
     tensor_port: int = 50052
@@ -108,7 +109,7 @@ class ClusterConfig:
     wait_timeout: float = 120.0
     """Seconds the master waits for all nodes, and a worker for its master."""
     heartbeat_interval: float = 1.0
-    """Seconds between heartbeats; a node silent for 2x this is declared lost."""
+    """Seconds between heartbeats; a node silent for 1.75x this is declared lost (reported within 2x)."""
     comm_timeout: float = 60.0
     """Deadline for one collective before the peer is declared lost."""
     host: str = "0.0.0.0"

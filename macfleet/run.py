@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -74,9 +75,46 @@ def build_model(model_cfg, bundle):
     return model
 
 
+def _agent_listening(cfg: DictConfig) -> bool:
+    """A direct-mode master whose control port is already taken on this machine: a master agent
+    (`macfleet launch --role master`) is running, so the job goes to the agents."""
+    import socket
+
+    if cfg.cluster.mode != "direct" or str(cfg.cluster.role).lower().endswith("worker") or not cfg.cluster.master_port:
+        return False
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((cfg.cluster.host, int(cfg.cluster.master_port)))
+        except OSError:
+            return True
+    return False
+
+
+def submit_to_agents(cfg: DictConfig) -> float:
+    """Send the resolved config to the master agent, which runs it on every agent; their output
+    streams back here. The job's rank 0 (on this machine) writes the run dir."""
+    from macfleet.cluster.agent import submit_job
+
+    cluster = cfg.cluster
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["cluster"]["mode"] = "direct"
+    # Detected by its port on this machine: talk to it over loopback; an explicit mode=agent may name another host.
+    addr = cluster.master_addr if cluster.mode == "agent" and cluster.master_addr not in ("", "auto") else "127.0.0.1"
+    log.info("a master agent is running on port %s: submitting the job to the agents", cluster.master_port)
+    result = submit_job(addr, int(cluster.master_port), cluster.token or os.environ.get("MACFLEET_TOKEN"),
+                        OmegaConf.to_yaml(OmegaConf.create(resolved)), timeout=float(cluster.wait_timeout) + 24 * 3600,
+                        name=cluster.name)
+    log.info("job %s finished on %d node(s)", result["job_id"], len(result["exit_codes"]))
+    return float("nan")
+
+
 def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Build data, model and optimizer from `cfg`, train, and return the sweep metric."""
     import torch
+
+    if cfg.cluster.mode == "agent" or _agent_listening(cfg):
+        return submit_to_agents(cfg)
 
     from macfleet.trainer import Trainer
 
