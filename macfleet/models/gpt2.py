@@ -49,19 +49,58 @@ class GPT2(nn.Module):
         return ids
 
 
-def _load_pretrained(model_name: str, attn_implementation: str, local_files_only: bool) -> nn.Module:
-    from transformers import GPT2LMHeadModel
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Can we open a TCP connection to the Hugging Face endpoint? (DNS + connect, no request)"""
+    import socket
+    from urllib.parse import urlparse
 
     try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+        if constants.HF_HUB_OFFLINE:
+            return False
+    except ImportError:
+        endpoint = urlparse("https://huggingface.co")
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_pretrained(model_name: str, attn_implementation: str, local_files_only: bool) -> nn.Module:
+    """Weights from the local cache first; then from the Hub if it answers within seconds.
+
+    Without the probe, an offline machine spends ~30 s in huggingface_hub's retries before
+    the same error.
+    """
+    from transformers import GPT2LMHeadModel
+
+    def load(local_only: bool):
         return GPT2LMHeadModel.from_pretrained(
-            model_name, attn_implementation=attn_implementation, local_files_only=bool(local_files_only)
+            model_name, attn_implementation=attn_implementation, local_files_only=local_only
         )
-    except (OSError, ValueError) as exc:  # offline, not cached, bad name
-        raise MacFleetError(
-            f"could not load pretrained weights {model_name!r}: {exc}. Run once on a machine with internet "
-            f"to fill the Hugging Face cache (or copy ~/.cache/huggingface, or set HF_HOME to a cache that "
-            f"has it), or pass model.pretrained=false to train from scratch."
-        ) from exc
+
+    reason = "not in the local Hugging Face cache"
+    try:
+        return load(True)
+    except (OSError, ValueError) as exc:
+        log.debug("%s not cached: %s", model_name, exc)
+    if not local_files_only:
+        if _hub_reachable():
+            try:
+                return load(False)
+            except (OSError, ValueError) as exc:  # bad name, interrupted download
+                reason = str(exc).rstrip(". ")
+        else:
+            reason += " and the Hugging Face Hub is unreachable"
+    raise MacFleetError(
+        f"could not load pretrained weights {model_name!r}: {reason}. Run once on a machine with internet "
+        f"to fill the cache (or copy ~/.cache/huggingface, or set HF_HOME to a cache that has it), or "
+        f"pass model.pretrained=false to train from scratch."
+    )
 
 
 def build(

@@ -112,3 +112,19 @@ def test_gpt2_pretrained_offline_says_how_to_get_weights():
         assert "pretrained=false" in str(exc) and "cache" in str(exc)
     else:  # a machine whose Hugging Face cache holds GPT-2
         assert model.vocab_size == 50257
+
+
+def test_hub_probe_sees_a_listening_endpoint_and_a_closed_one(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+        assert gpt2._hub_reachable(timeout=5.0)
+    # Closed now: refused at once, so offline machines fail in seconds, not after retries.
+    assert not gpt2._hub_reachable(timeout=5.0)
