@@ -162,9 +162,13 @@ def _read_hf(source: str, split: str, text_field: str, hf_config: Optional[str])
 
 def read_corpus(
     path: Optional[str], text_field: str = "text", hf_dataset: Optional[str] = None,
-    hf_config: Optional[str] = None, split: str = "train",
+    hf_config: Optional[str] = None, split: str = "train", root: Optional[str] = None,
 ) -> list[str]:
-    """The corpus as a list of documents (one for a plain text file)."""
+    """The corpus as a list of documents (one for a plain text file).
+
+    A relative `path` that is not found from the working directory is looked up under `root`
+    (the data folder, MACFLEET_DATA), so configs can name corpora by their place in it.
+    """
     if hf_dataset:
         return _read_hf(hf_dataset, split, text_field, hf_config)
     if path is None:
@@ -172,6 +176,8 @@ def read_corpus(
 
         return [SAMPLE_TEXT]
     p = Path(os.path.expanduser(str(path)))
+    if not p.exists() and not p.is_absolute() and root:
+        p = Path(os.path.expanduser(str(root))) / p
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists():
             return _read_hf(str(p), split, text_field, hf_config)
@@ -181,7 +187,7 @@ def read_corpus(
         return [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if not p.is_file():
         raise DatasetMissingError(
-            f"text corpus {p} does not exist. Set dataset.path to a .txt/.jsonl file or a folder of .txt "
+            f"text corpus {path} does not exist (looked in {Path.cwd()}{f' and {root}' if root else ''}). Set dataset.path to a .txt/.jsonl file or a folder of .txt "
             f"files, or leave dataset.path=null to use the built-in sample text."
         )
     if p.suffix in (".jsonl", ".json"):
@@ -206,13 +212,13 @@ def build(
     """Tokenize a corpus and cut it into next-token blocks (train = head, test = tail).
 
     `stride` < block_size makes overlapping training blocks (more items from a small text);
-    `max_tokens` caps the corpus. `root` is accepted only so every dataset node looks alike.
+    `max_tokens` caps the corpus. A relative `path` is also looked up under `root`.
     """
     if int(block_size) < 1:
         raise ConfigError(f"dataset.block_size={block_size} must be >= 1")
     if not 0.0 <= float(test_fraction) < 1.0:
         raise ConfigError(f"dataset.test_fraction={test_fraction} must be in [0, 1)")
-    docs = read_corpus(path, text_field, hf_dataset, hf_config, split)
+    docs = read_corpus(path, text_field, hf_dataset, hf_config, split, root)
     tok = make_tokenizer(tokenizer, tokenizer_name)
     ids: list[int] = []
     sep = getattr(tok, "eos_id", None)

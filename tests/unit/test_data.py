@@ -134,9 +134,17 @@ def test_text_reads_txt_folder_and_jsonl(tmp_path):
         text.build(path=str(records), text_field="text", block_size=8, tokenizer="byte")
 
 
+def test_text_relative_path_is_found_under_root(tmp_path):
+    (tmp_path / "corpora").mkdir()
+    (tmp_path / "corpora" / "tiny.txt").write_text("0123456789" * 10)
+    bundle = text.build(path="corpora/tiny.txt", root=str(tmp_path), block_size=9, tokenizer="byte", test_fraction=0)
+    assert text.ByteTokenizer().decode(bundle.train[1][0]) == "901234567"
+
+
 def test_text_errors_say_what_to_do(tmp_path):
-    with pytest.raises(DatasetMissingError, match="dataset.path"):
-        text.build(path=str(tmp_path / "missing.txt"))
+    with pytest.raises(DatasetMissingError, match="dataset.path") as err:
+        text.build(path="missing.txt", root=str(tmp_path))
+    assert str(tmp_path) in str(err.value)
     with pytest.raises(ConfigError, match="block_size"):
         text.build(block_size=100_000, tokenizer="byte")
     with pytest.raises(ConfigError, match="tokenizer"):
