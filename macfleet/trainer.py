@@ -125,10 +125,40 @@ class Trainer:
             return Path(self.tc.output_dir)
         return Path("outputs") / run_id
 
-    def _connect(self):
+    def _connect(self, device):
         from macfleet.cluster.fleet import connect
 
-        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict)
+        speed = None
+        if self.cc.mode != "single" and self.cc.weights is None and self.cc.weight == "auto":
+            speed = self.calibrate(device)
+        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict, samples_per_s=speed)
+
+    def calibrate(self, device, steps: int = 10, budget_s: float = 2.0) -> float:
+        """Measured training samples/s of this node (forward + backward on a copy of the model),
+        for `cluster.weight: auto`. RNG and the model are left as they were."""
+        import copy
+
+        rng = ckpt.rng_state()
+        model = copy.deepcopy(self.model).to(device).train()
+        n = min(len(self.data.train), max(2, self.tc.batch_size // max(1, self.cc.nodes)))
+        batch = [t.to(device) for t in _fetch(self.data.train, list(range(n)))]
+        from macfleet.device import synchronize
+
+        timings: list[float] = []
+        t_end = time.perf_counter() + budget_s
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            self._loss(model(batch[0]), batch[1]).backward()
+            synchronize(device)
+            if i >= 2:  # the first steps warm up allocators and kernels
+                timings.append(time.perf_counter() - t0)
+            if timings and time.perf_counter() > t_end:
+                break
+        ckpt.set_rng_state(rng)
+        speed = n / sorted(timings)[len(timings) // 2]
+        log.info("calibration: %.0f samples/s on %s (batch %d)", speed, device, n)
+        return speed
 
     # ----------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
@@ -137,7 +167,7 @@ class Trainer:
         t_start = time.perf_counter()
         tc = self.tc
         device = pick_device(tc.device)
-        world = self._connect()
+        world = self._connect(device)
         try:
             return self._fit(world, device, t_start)
         finally:

@@ -51,11 +51,12 @@ class SoloWorld:
         pass
 
 
-def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None):
+def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None,
+            samples_per_s: float | None = None):
     """Join (or form) the cluster `cfg` describes; returns the world the trainer runs in."""
     if cfg.mode == "single" or (cfg.nodes == 1 and cfg.role.value == "master" and cfg.mode != "agent"):
         return SoloWorld(run={"run_id": (config_dict or {}).get("run_id"), "seed": seed})
-    return ClusterWorld.connect(cfg, fingerprint, seed=seed, config_dict=config_dict)
+    return ClusterWorld.connect(cfg, fingerprint, seed=seed, config_dict=config_dict, samples_per_s=samples_per_s)
 
 
 class ClusterWorld:
@@ -82,14 +83,15 @@ class ClusterWorld:
         self.group.abort(exc)
 
     @classmethod
-    def connect(cls, cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None):
+    def connect(cls, cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None,
+                samples_per_s: float | None = None):
         from macfleet.cluster.facts import node_facts
         from macfleet.comm.group import Group
         from macfleet.comm.launch import free_ports
 
         facts = node_facts()
-        if cfg.weights is None and cfg.weight == "auto":
-            facts["samples_per_s"] = float(os.environ.get("MACFLEET_SAMPLES_PER_S", "0")) or None
+        if samples_per_s:
+            facts["samples_per_s"] = float(samples_per_s)
         rank_hint = os.environ.get("MACFLEET_RANK")
         if rank_hint is not None:
             facts["rank"] = int(rank_hint)
