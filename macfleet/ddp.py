@@ -83,15 +83,25 @@ class MacFleetDDP(torch.nn.Module):
     def _wrap_torch_ddp(self, device, bucket_cap_mb) -> None:
         from torch.nn.parallel import DistributedDataParallel
 
-        from macfleet.comm.backend import ensure_default_group
+        import torch.distributed as dist
 
-        pg = ensure_default_group(self.group)
-        self.ddp = DistributedDataParallel(self.module, process_group=pg, broadcast_buffers=True,
-                                           bucket_cap_mb=bucket_cap_mb, gradient_as_bucket_view=True)
+        from macfleet.comm.backend import init_process_group_from_group
+
+        if not dist.is_initialized():
+            init_process_group_from_group(self.group)
+        pg = dist.group.WORLD
+        import inspect
+
+        # Rank 0's buffers (BatchNorm statistics) win every forward; newer torch renamed the option.
+        sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                else "broadcast_buffers")
+        self.ddp = DistributedDataParallel(self.module, process_group=pg, bucket_cap_mb=bucket_cap_mb,
+                                           gradient_as_bucket_view=True, **{sync: True})
         self.ddp.register_comm_hook(self, MacFleetDDP._hook)
 
     @staticmethod
-    def _hook(state: "MacFleetDDP", bucket) -> torch.futures.Future:
+    def _hook(state: "MacFleetDDP", bucket):  # no return annotation: DDP checks it literally
+        # The reducer's `buf` is reduced in place: the future's value is `buf` holding the sum.
         buf = bucket.buffer()
         buf.mul_(state.share)
         return state.reducer.reduce(buf, state._segments(bucket.parameters()), state.step)

@@ -164,6 +164,10 @@ class ClusterWorld:
         if self._closed:
             return
         self._closed = True
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
         self.membership.close()
         self.group.close()
         if self.fleet is not None:
