@@ -13,14 +13,18 @@ from macfleet.models import log_built
 class DigitsCNN(nn.Module):
     """conv-conv-pool-conv, then a two-layer head; any input size (adaptive pooling to 4x4)."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.1,
+                 batchnorm: bool = True):
         super().__init__()
+        # batchnorm=false (with dropout=0) makes a model whose N-node gradient equals one process's
+        # exactly: BatchNorm computes per-node statistics, as under PyTorch DDP.
+        norm = nn.BatchNorm2d if batchnorm else (lambda c: nn.Identity())
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1),
-            nn.BatchNorm2d(width),
+            norm(width),
             nn.ReLU(inplace=True),
             nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.BatchNorm2d(2 * width),
+            norm(2 * width),
             nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(4),
         )
@@ -37,7 +41,8 @@ class DigitsCNN(nn.Module):
 
 
 def build(
-    num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: int = 32, dropout: float = 0.1
+    num_classes: Optional[int] = None, in_channels: Optional[int] = None, width: int = 32, dropout: float = 0.1,
+    batchnorm: bool = True,
 ) -> DigitsCNN:
     """DigitsCNN; num_classes defaults to 10 and in_channels to 1 (the digits dataset)."""
-    return log_built("digits_cnn", DigitsCNN(in_channels or 1, num_classes or 10, int(width), float(dropout)))
+    return log_built("digits_cnn", DigitsCNN(in_channels or 1, num_classes or 10, int(width), float(dropout), bool(batchnorm)))
