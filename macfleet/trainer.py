@@ -198,6 +198,11 @@ class Trainer:
                           use_torch_ddp={"auto": None, "torch": True, "flat": False}[self.cc.ddp])
         params = model.parameters()
         opt = self.optimizer_factory(params) if self.optimizer_factory else default_optimizer(params, tc)
+        if self.comp.momentum_correction and isinstance(opt, torch.optim.SGD):
+            # DGC: the compressor already applies momentum before selecting; SGD must not add it again.
+            for g in opt.param_groups:
+                g["momentum"] = 0.0
+            log.info("compression.momentum_correction: SGD momentum set to 0 (applied inside the compressor)")
         sched = build_scheduler(opt, tc, steps_per_epoch * tc.epochs)
         log.info("model %s: %.2fM params | optimizer %s | compression %s | local batch %d of %d",
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
