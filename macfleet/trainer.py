@@ -217,7 +217,9 @@ class Trainer:
 
         tracker = build_tracker(self.logger_cfg, self.config_dict, str(out_dir), run_id) if is_master else build_tracker(None, {}, "", None)
         progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=step)
-        samples_seen, t_loop, history = 0, time.perf_counter(), []
+        # Throughput counts time inside training steps only (not evaluation or checkpoints).
+        samples_seen, train_s, history = 0, 0.0, []
+        window_samples, window_s = 0, 0.0
         last_eval: dict[str, float] = {}
         stop = False
         try:
@@ -225,6 +227,7 @@ class Trainer:
                 sampler.set_epoch(epoch, step_in_epoch)
                 model.train()
                 for idx in sampler:
+                    t_step = time.perf_counter()
                     world.check()
                     x, y = (t.to(device, non_blocking=True) for t in _fetch(data.train, idx))
                     ddp.set_step(step)
@@ -239,8 +242,13 @@ class Trainer:
                     step += 1
                     step_in_epoch += 1
                     samples_seen += tc.batch_size
+                    window_samples += tc.batch_size
+                    dt = time.perf_counter() - t_step
+                    train_s += dt
+                    window_s += dt
                     if step % tc.log_every == 0 or step == total_steps:
-                        sps = samples_seen / max(1e-9, time.perf_counter() - t_loop)
+                        sps = window_samples / max(1e-9, window_s)
+                        window_samples, window_s = 0, 0.0
                         gl = world.weighted_mean(float(loss.detach()), sampler.share)
                         row = {"train/loss": gl, "lr": sched.get_last_lr()[0], "samples_per_s": sps, "epoch": epoch}
                         row.update(ddp.wire_stats())
@@ -259,6 +267,7 @@ class Trainer:
                 last_eval = self.evaluate(model, world, device)
                 if last_eval:
                     tracker.log({f"test/{k}": v for k, v in last_eval.items()}, step)
+                    history.append({"step": step, **{f"test/{k}": v for k, v in last_eval.items()}})
                     log.info("epoch %d: %s", epoch, " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
                 epoch_done = not stop
                 if (epoch_done and tc.checkpoint_every and epoch % tc.checkpoint_every == 0) or stop or epoch >= tc.epochs:
@@ -267,7 +276,6 @@ class Trainer:
             progress.close()
 
         wall = time.perf_counter() - t_start
-        train_s = time.perf_counter() - t_loop
         metrics = {
             **{f"test_{k}": v for k, v in last_eval.items()},
             "steps": step,
@@ -284,6 +292,10 @@ class Trainer:
         if is_master:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
             (out_dir / "history.json").write_text(json.dumps(history))
+            from macfleet.plots import plot_history
+
+            plot_history(history, out_dir / "curves.png",
+                         title=f"{type(model).__name__} on {data.name}, {world.world_size} node(s), {self.comp.name}")
             tracker.summary(metrics)
             tracker.finish()
             if tc.progress:
