@@ -34,8 +34,12 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = BYTE_VOCAB
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+    def encode(self, text: str) -> torch.Tensor:
+        data = text.encode("utf-8")
+        if not data:  # frombuffer refuses an empty buffer
+            return torch.zeros(0, dtype=torch.uint8)
+        # One byte per token straight from the buffer: no Python int per character.
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     def decode(self, ids: Sequence[int]) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
@@ -51,8 +55,8 @@ class GPT2Tokenizer:
         self.vocab_size = len(hf_tokenizer)
         self.eos_id = hf_tokenizer.eos_token_id
 
-    def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text)
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.hf.encode(text), dtype=torch.int32)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode([int(i) for i in ids])
@@ -98,7 +102,8 @@ def make_tokenizer(kind: str = "auto", name: str = "gpt2"):
 
 
 class TokenBlocks(Dataset):
-    """Next-token blocks over one 1-D id tensor; items are views, so memory stays one copy."""
+    """Next-token blocks over one 1-D id tensor, stored compact (uint8/int32) and widened to
+    int64 per item, so a large corpus costs 1-4 bytes per token in memory, not 8."""
 
     def __init__(self, ids: torch.Tensor, block_size: int, stride: Optional[int] = None):
         self.ids = ids
@@ -114,7 +119,7 @@ class TokenBlocks(Dataset):
         if not 0 <= index < self.count:
             raise IndexError(index)
         start = index * self.stride
-        chunk = self.ids[start : start + self.block_size + 1]
+        chunk = self.ids[start : start + self.block_size + 1].long()
         return chunk[:-1], chunk[1:]
 
 
@@ -220,15 +225,21 @@ def build(
         raise ConfigError(f"dataset.test_fraction={test_fraction} must be in [0, 1)")
     docs = read_corpus(path, text_field, hf_dataset, hf_config, split, root)
     tok = make_tokenizer(tokenizer, tokenizer_name)
-    ids: list[int] = []
+    pieces: list[torch.Tensor] = []
     sep = getattr(tok, "eos_id", None)
+    total = 0
     for doc in docs:
-        ids.extend(tok.encode(doc))
+        ids = tok.encode(doc)
         if sep is not None and len(docs) > 1:
-            ids.append(sep)  # GPT-2's <|endoftext|> between documents, as in its pre-training
+            # GPT-2's <|endoftext|> between documents, as in its pre-training.
+            ids = torch.cat([ids, torch.tensor([sep], dtype=ids.dtype)])
+        pieces.append(ids)
+        total += len(ids)
+        if max_tokens and total >= int(max_tokens):
+            break
+    all_ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.uint8)
     if max_tokens:
-        ids = ids[: int(max_tokens)]
-    all_ids = torch.tensor(ids, dtype=torch.int64)
+        all_ids = all_ids[: int(max_tokens)]
     need = int(block_size) + 1
     n_test = int(len(all_ids) * float(test_fraction))
     if float(test_fraction) > 0 and len(all_ids) >= 2 * need:

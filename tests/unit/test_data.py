@@ -127,9 +127,11 @@ def test_text_reads_txt_folder_and_jsonl(tmp_path):
     folder = text.build(path=str(tmp_path / "docs"), block_size=8, tokenizer="byte", test_fraction=0.0)
     assert len(folder.train) == (300 + 250 - 1 - 8) // 8 + 1
     records = tmp_path / "corpus.jsonl"
-    records.write_text("\n".join(json.dumps({"body": f"record number {i} " * 5}) for i in range(20)))
+    lines = [json.dumps({"body": f"record number {i} " * 5}) for i in range(20)] + [json.dumps({"body": ""})]
+    records.write_text("\n".join(lines))
     bundle = text.build(path=str(records), text_field="body", block_size=8, tokenizer="byte", test_fraction=0.25)
     assert text.ByteTokenizer().decode(bundle.train[0][0]) == "record n"
+    assert bundle.train[0][0].dtype == torch.int64 and bundle.train.ids.dtype == torch.uint8  # compact store
     with pytest.raises(ConfigError, match="text_field"):
         text.build(path=str(records), text_field="text", block_size=8, tokenizer="byte")
 
