@@ -15,6 +15,9 @@ def test_default_job_learns_digits(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["test_accuracy"] >= 0.95
+    assert metrics["world_size"] == 2 and metrics["compression"] == "topk_fp16"  # the default fleet
+    assert metrics["wire_ratio"] <= 0.15
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert metrics["steps"] > 0 and metrics["samples_per_s"] > 0 and metrics["wall_s"] > 0
     assert "test_accuracy" in res.stdout and "MacFleet run" in res.stdout  # the summary table
     assert (tmp_path / ".hydra" / "config.yaml").is_file()
@@ -80,7 +83,7 @@ def read_wandb_records(path: Path) -> list:
 
 
 def test_wandb_offline_holds_logged_metrics(tmp_path):
-    res = run_train([f"hydra.run.dir={tmp_path}", "logger=wandb", "trainer.epochs=2", "trainer.log_every=5"])
+    res = run_train([f"hydra.run.dir={tmp_path}", "logger=wandb", "trainer.epochs=2", "trainer.log_every=5", "cluster=single"])
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
@@ -102,14 +105,15 @@ def test_wandb_offline_holds_logged_metrics(tmp_path):
 
 
 def test_multirun_writes_a_dir_per_job(tmp_path):
-    res = run_train(["-m", "trainer.learning_rate=0.05,0.1", "trainer.epochs=1", f"hydra.sweep.dir={tmp_path}"])
+    res = run_train(["-m", "compression=none,fp16", "trainer.epochs=1", "cluster=single", f"hydra.sweep.dir={tmp_path}"])
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert [p.name for p in jobs] == ["0", "1"]
     from omegaconf import OmegaConf
 
-    lrs = [OmegaConf.load(p / ".hydra" / "config.yaml").trainer.learning_rate for p in jobs]
-    assert lrs == [0.05, 0.1]
+    codecs = [OmegaConf.load(p / ".hydra" / "config.yaml").compression.name for p in jobs]
+    assert codecs == ["none", "fp16"]
+    assert all(json.loads((p / "metrics.json").read_text())["test_accuracy"] > 0.5 for p in jobs)
 
 
 @pytest.mark.parametrize("args,needle", [

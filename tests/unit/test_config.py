@@ -107,3 +107,19 @@ def test_every_yaml_is_valid_and_resolves():
     cfg = compose(["cluster=pro_air"])
     assert cfg.cluster.master_addr == "10.0.0.1" and cfg.cluster.master_port == 50051 and cfg.cluster.tensor_port == 50052
     assert list(cfg.cluster.weights) == [0.62, 0.38]
+
+
+def test_experiments_compose_and_say_how_to_run():
+    names = _options("experiment")
+    assert {"resnet50_cifar10", "gpt2_text", "gpt2_tiny_smoke"} <= set(names)
+    for name in names:
+        text = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
+        assert text[0] == "# @package _global_" and text[1].startswith("# python train.py")
+        cfg = compose([f"experiment={name}"])
+        assert cfg.model._target_ and cfg.dataset._target_
+
+
+def test_default_job_is_a_two_node_compressed_fleet():
+    cfg = compose([])
+    assert (cfg.cluster.mode, cfg.cluster.nodes, cfg.compression.name) == ("local", 2, "topk_fp16")
+    assert cfg.dataset._target_ == "macfleet.data.digits.build"
