@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,10 +30,6 @@ from macfleet.sampler import WeightedBatchSampler, shard_range
 from macfleet.tracking import build_tracker
 
 log = logging.getLogger("macfleet")
-
-
-def new_run_id() -> str:
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
 
 
 def build_scheduler(optimizer, tc: TrainingConfig, total_steps: int):
@@ -178,6 +173,8 @@ class Trainer:
 
         tc, data = self.tc, self.data
         rank, is_master = world.rank, world.rank == 0
+        from macfleet.cluster.fleet import new_run_id
+
         run_id = world.run.get("run_id") or new_run_id()
         out_dir = self._output_dir(run_id)
         ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out_dir / "checkpoints"

@@ -17,6 +17,13 @@ from macfleet.config import ClusterConfig
 log = logging.getLogger("macfleet")
 
 
+def new_run_id() -> str:
+    import time
+    import uuid
+
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
+
+
 class SoloWorld:
     """One process: rank 0 of 1."""
 
@@ -103,7 +110,8 @@ class ClusterWorld:
 
             if cfg.mode == "local" and not cfg.master_port:
                 cfg.master_port = free_ports(1)[0]
-            run = {"run_id": (config_dict or {}).get("run_id"), "seed": seed}
+            # The master names the run; every worker takes this id from the WELCOME.
+            run = {"run_id": (config_dict or {}).get("run_id") or new_run_id(), "seed": seed}
             coordinator = Coordinator(cfg, fingerprint, facts, run).start()
             if cfg.mode == "local":
                 fleet = LocalFleet(cfg, config_dict or {})
