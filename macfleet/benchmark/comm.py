@@ -15,6 +15,7 @@ JSON rows, one per reference: {"type", "nodes", "size_bytes", "macfleet_s", "ref
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import statistics
@@ -97,6 +98,10 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
     from macfleet.comm import Group
 
     hosts = [a.rpartition(":")[0] for a in addrs]
+    links = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if not hosts[0].startswith("127.") and len(links) == 1:
+        # In a namespace gloo would resolve the hostname to 127.0.0.1; point it at the veth.
+        os.environ["GLOO_SOCKET_IFNAME"] = links[0]
     g = Group(rank, world_size, addrs, timeout=120)
     sync = g.barrier
     results: dict[int, dict[str, float]] = {}

@@ -83,8 +83,12 @@ def _child(fn, rank, world_size, addrs, args, results, netns_name):
 
 
 def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *, netns: "Netns | None" = None,
-                port: int | None = None) -> list:
-    """Run fn(rank, world_size, addrs, *args) in world_size processes; return values by rank."""
+                port: int | None = None, grace: float = 15.0) -> list:
+    """Run fn(rank, world_size, addrs, *args) in world_size processes; return values by rank.
+
+    Once a rank fails, the others get `grace` seconds to finish or report (they may be blocked
+    on the lost rank), then they are killed.
+    """
     if netns is not None:
         if netns.n < world_size:
             raise MacFleetError(f"{world_size} ranks need {world_size} namespaces, the Netns has {netns.n}")
@@ -102,6 +106,7 @@ def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *
     got: dict[int, object] = {}
     failures: dict[int, str] = {}
     deadline = time.monotonic() + timeout
+    first_failure = None
     try:
         while len(got) + len(failures) < world_size:
             try:
@@ -119,10 +124,14 @@ def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *
                             (got if ok else failures)[rank] = pickle.loads(value) if ok else value
                     if r not in got and r not in failures:
                         failures[r] = f"exited with code {p.exitcode} without reporting"
-            if time.monotonic() > deadline:
+            if failures and first_failure is None:
+                first_failure = time.monotonic()
+            late = first_failure is not None and time.monotonic() > first_failure + grace
+            if time.monotonic() > deadline or late:
+                why = f"still running {grace:.0f} s after another rank failed" if late else f"still running after {timeout:.0f} s"
                 for r in range(world_size):
                     if r not in got and r not in failures:
-                        failures[r] = f"still running after {timeout:.0f} s: killed"
+                        failures[r] = f"{why}: killed"
                 break
     finally:
         for p in procs:
