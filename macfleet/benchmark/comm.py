@@ -56,15 +56,20 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _timed(fn, repeats: int, sync) -> float:
-    fn()  # warm-up: connections, allocator, page faults
-    times = []
-    for _ in range(repeats):
+def _timed(candidates: dict, repeats: int, sync) -> dict[str, float]:
+    """Median seconds per candidate. Runs are interleaved (one of each per round), so load from
+    other processes that comes and goes weighs on every candidate alike."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
         sync()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        fn()  # warm-up: connections, allocator, page faults
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _socket_pair(rank: int, host: str, port: int) -> socket.socket:
@@ -126,8 +131,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                         _recv_exact(conn, view)
                         conn.sendall(b"k")
 
-                results[size] = {"macfleet": _timed(zmq_once, repeats, sync),
-                                 "socket": _timed(socket_once, repeats, sync)}
+                results[size] = _timed({"macfleet": zmq_once, "socket": socket_once}, repeats, sync)
             conn.close()
         else:
             dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{extra_ports[1]}", rank=rank,
@@ -137,8 +141,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 numel = size // 4
                 data = torch.ones(numel, dtype=torch.float32)
                 work = data.clone()
-                row = {"macfleet": _timed(lambda: g.all_reduce(work), repeats, sync),
-                       "gloo": _timed(lambda: dist.all_reduce(work), repeats, sync)}
+                candidates = {"macfleet": lambda: g.all_reduce(work), "gloo": lambda: dist.all_reduce(work)}
                 if conn is not None:
                     peer_buf = torch.empty(numel, dtype=torch.float32)
 
@@ -149,8 +152,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                         sender.join()
                         work.add_(peer_buf)
 
-                    row["socket_exchange"] = _timed(exchange_once, repeats, sync)
-                results[size] = row
+                    candidates["socket_exchange"] = exchange_once
+                results[size] = _timed(candidates, repeats, sync)
             if conn is not None:
                 conn.close()
             dist.destroy_process_group()

@@ -54,13 +54,15 @@ def _expect(tp: Transport, h: Header, flat: torch.Tensor, lo: int, hi: int) -> N
         )
 
 
-def _lander(tp: Transport, flat: torch.Tensor, mv: memoryview, a: int, b: int):
-    """A landing callback: check the chunk is [a, b) of flat, then give its bytes to recv_into."""
+def _lander(tp: Transport, flat: torch.Tensor, buf, a: int, b: int, base: int = 0):
+    """A landing callback: check the chunk is [a, b) of flat, then give recv_into the bytes of
+    buf (a memoryview, or a uint8 scratch tensor) for elements [a - base, b - base)."""
     isz = flat.element_size()
+    view = buf if isinstance(buf, memoryview) else byte_view(buf)
 
     def land(h: Header) -> memoryview:
         _expect(tp, h, flat, a, b)
-        return mv[a * isz:b * isz]
+        return view[(a - base) * isz:(b - base) * isz]
 
     return land
 
@@ -71,7 +73,7 @@ def all_reduce(tp: Transport, t: torch.Tensor, op: str, deadline: float, chunk_b
     if n > 1:
         step = max(1, chunk_bytes // flat.element_size())
         if n == 2:
-            _exchange_add(tp, flat, deadline, step)
+            _exchange_halves(tp, flat, deadline, step)
         else:
             _ring(tp, flat, deadline, step)
     if op == "avg":
@@ -82,18 +84,28 @@ def all_reduce(tp: Transport, t: torch.Tensor, op: str, deadline: float, chunk_b
     return t
 
 
-def _exchange_add(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None:
+def _exchange_halves(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None:
+    """2 ranks: each sums one half and sends it back; every byte crosses the link once each way."""
     peer = 1 - tp.rank
     mv = byte_view(flat)
     isz = flat.element_size()
-    chunks = _ranges(0, flat.numel(), step)
-    trackers = [tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True) for a, b in chunks]
-    for (a, b), tracker in zip(chunks, trackers):
-        h, body = tp.recv(peer, deadline)
-        _expect(tp, h, flat, a, b)
-        # Our own bytes of this chunk may still be queued in libzmq: sum into them only once sent.
-        tp.wait_sent(peer, tracker, deadline)
-        flat[a:b].add_(as_tensor(body, flat.dtype))
+    half = flat.numel() // 2
+    own, other = ((0, half), (half, flat.numel())) if tp.rank == 0 else ((half, flat.numel()), (0, half))
+    own_chunks, other_chunks = _ranges(*own, step), _ranges(*other, step)
+    scratch = tp.scratch(step * isz)
+    for a, b in other_chunks:
+        # Zero-copy without waiting: these bytes are overwritten only by the peer's sums of them,
+        # which cannot arrive before the peer has received them.
+        tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz])
+    last = None
+    for a, b in own_chunks:
+        tp.recv(peer, deadline, _lander(tp, flat, scratch, a, b, base=a))
+        flat[a:b].add_(scratch[:(b - a) * isz].view(flat.dtype))
+        last = tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True)
+    for a, b in other_chunks:
+        tp.recv(peer, deadline, _lander(tp, flat, mv, a, b))
+    # The caller may reuse t as soon as we return: our last bytes must have left.
+    tp.wait_sent(peer, last, deadline)
 
 
 def _ring(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None:

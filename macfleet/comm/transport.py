@@ -19,6 +19,7 @@ import logging
 import socket as pysocket
 import time
 
+import torch
 import zmq
 
 from macfleet.comm import framing
@@ -96,6 +97,7 @@ class Transport:
         self._abort_check = abort_check
         self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
         self._hello: set[int] = set()
+        self._scratch = torch.empty(0, dtype=torch.uint8)
         self.ctx = zmq.Context(io_threads=2)
         self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
         self.push: dict[int, zmq.Socket] = {}
@@ -117,6 +119,12 @@ class Transport:
         except BaseException:
             self.close(linger=False)
             raise
+
+    def scratch(self, nbytes: int) -> torch.Tensor:
+        """A reused uint8 buffer of at least nbytes (receives land here before being summed)."""
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        return self._scratch
 
     # -- connection check -------------------------------------------------------------------
     def handshake(self, deadline: float) -> None:

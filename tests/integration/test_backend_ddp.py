@@ -41,9 +41,32 @@ def _train(backend: str, rank: int, world_size: int, port: int, hook: bool) -> d
     return {"state": state, "gathered": gathered}
 
 
+def _from_group(rank: int, world_size: int, addrs: list[str]) -> dict:
+    import threading
+
+    import torch.distributed as dist
+
+    from macfleet.comm import Group
+    from macfleet.comm.backend import init_process_group_from_group
+
+    group = Group(rank, world_size, addrs, timeout=30)
+    init_process_group_from_group(group)
+    assert dist.get_backend() == "macfleet"
+    t = torch.full((3,), float(rank + 1))
+    dist.all_reduce(t)
+    b = torch.full((2,), float(rank))
+    dist.broadcast(b, src=1)
+    dist.destroy_process_group()
+    group.close()
+    comm_threads = [th.name for th in threading.enumerate() if th.name.startswith("macfleet-comm")]
+    return {"sum": t.tolist(), "bcast": b.tolist(), "threads_left": comm_threads}
+
+
 def _ranks(rank, world_size, addrs, ports):
-    return {name: _train(name.split("+")[0], rank, world_size, port, name.endswith("hook"))
-            for name, port in zip(("gloo", "macfleet", "macfleet+hook"), ports)}
+    out = {name: _train(name.split("+")[0], rank, world_size, port, name.endswith("hook"))
+           for name, port in zip(("gloo", "macfleet", "macfleet+hook"), ports)}
+    out["from_group"] = _from_group(rank, world_size, addrs)
+    return out
 
 
 def test_ddp_over_macfleet_matches_gloo():
@@ -55,6 +78,8 @@ def test_ddp_over_macfleet_matches_gloo():
             for key, value in ref.items():
                 assert torch.allclose(out["state"][key], value, atol=1e-6), (rank, name, key)
             assert [t.tolist() for t in out["gathered"]] == [[0.0, 7.0], [1.0, 7.0]]
+    for rank in range(2):
+        assert results[rank]["from_group"] == {"sum": [3.0] * 3, "bcast": [1.0, 1.0], "threads_left": []}
     # The replicas agree with each other exactly (both ranks hold the same all_reduce result).
     for key in ref:
         assert torch.equal(results[0]["macfleet"]["state"][key], results[1]["macfleet"]["state"][key])
