@@ -131,11 +131,18 @@ class MacFleetDDP(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if self.ddp is not None:
             return self.ddp(*args, **kwargs)
-        if self.world_size > 1 and self.module.training:
-            with torch.no_grad():  # DDP's broadcast_buffers: rank 0's BatchNorm statistics win
+        if self.module.training:
+            self.sync_buffers()  # DDP's broadcast_buffers: rank 0's BatchNorm statistics win
+        return self.module(*args, **kwargs)
+
+    def sync_buffers(self) -> None:
+        """Rank 0's buffers (BatchNorm statistics) on every rank. Both paths sync them before each
+        training forward, so after the last one every rank holds its own batch's update: call
+        this before evaluating or checkpointing, so all ranks evaluate and save the same model."""
+        if self.world_size > 1:
+            with torch.no_grad():
                 for b in self.module.buffers():
                     self._broadcast_tensor(b)
-        return self.module(*args, **kwargs)
 
     def finish_gradients(self) -> None:
         """Fallback: reduce all gradients at once through the hook's path (no-op under torch DDP)."""

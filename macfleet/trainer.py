@@ -261,6 +261,7 @@ class Trainer:
                 if not stop:
                     epoch += 1
                     step_in_epoch = 0
+                ddp.sync_buffers()  # every rank evaluates and checkpoints rank 0's BatchNorm statistics
                 last_eval = self.evaluate(model, world, device)
                 if last_eval:
                     tracker.log({f"test/{k}": v for k, v in last_eval.items()}, step)

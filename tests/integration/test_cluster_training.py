@@ -1,0 +1,264 @@
+"""Cluster training end to end through `python train.py` (issue #4): real processes, real
+sockets, real Hydra composition of conf/.
+
+- N nodes with unequal weights train exactly like one process on the global batch (local fleets,
+  torch DDP and the flat fallback).
+- BatchNorm: a 2-node run keeps the BN buffers identical on every node and converges.
+- Agent mode with the real job command: `macfleet launch` agents run train.py's job.
+- A worker with a wrong token or a config that differs is refused with a message naming why.
+
+Also the helpers the other cluster test files use: `TrainProc` (train.py as a live subprocess
+whose output lines carry their arrival time) and `direct_args` (a 2-node direct-mode run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from macfleet.comm.launch import free_ports, spawn_local
+from tests.conftest import PY, ROOT, run_train
+
+TOKEN = "cluster-test-token"
+# Equivalence needs a deterministic model and schedule: no BatchNorm, no dropout, constant LR.
+EXACT = ["compression=none", "model.batchnorm=false", "model.dropout=0", "trainer.lr_schedule=constant",
+         "trainer.progress=false", "trainer.max_steps=8", "trainer.seed=3"]
+# Generous where liveness is not the point: two shared cores can stall a process for a second.
+RELAXED = ["cluster.heartbeat_interval=3.0", "cluster.wait_timeout=120"]
+
+
+def final_model(run_dir: Path) -> dict:
+    """The "model" state of rank 0's newest checkpoint in `run_dir`."""
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert ckpts, f"no checkpoint in {run_dir}"
+    return torch.load(ckpts[-1] / "state.pt", map_location="cpu", weights_only=False)["model"]
+
+
+def assert_same_model(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
+
+
+def direct_args(role: str, port: int, extra: list[str] = (), addr: str = "127.0.0.1") -> list[str]:
+    """train.py arguments of one node of a 2-node direct-mode run (conf/cluster/pro_air.yaml)."""
+    return ["cluster=pro_air", f"cluster.role={role}", f"cluster.master_addr={addr}", f"cluster.master_port={port}",
+            "cluster.tensor_port=0", f"cluster.token={TOKEN}", "compression=none", "trainer.progress=false",
+            *extra]
+
+
+class TrainProc:
+    """`python train.py ARGS` running in the background; every output line is kept with the
+    monotonic time it arrived, so tests can wait for a line and time what follows it."""
+
+    def __init__(self, args: list[str], cwd: Path, prefix: list[str] = ()):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        env.pop("WANDB_API_KEY", None)
+        env.pop("MACFLEET_TOKEN", None)
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([*prefix, PY, str(ROOT / "train.py"), *args], cwd=str(cwd), env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[tuple[float, str, str]] = []  # (arrival, "out" | "err", line)
+        self._cond = threading.Condition()
+        self._readers = [threading.Thread(target=self._read, args=(s, n), daemon=True)
+                         for s, n in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, name: str) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append((time.monotonic(), name, line.rstrip("\n")))
+                self._cond.notify_all()
+
+    def wait_line(self, needle: str, timeout: float, stream: str | None = None) -> float:
+        """Arrival time of the first line containing `needle` (waits up to `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for t, name, line in self.lines:
+                    if needle in line and stream in (None, name):
+                        return t
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):
+                    raise AssertionError(f"no line with {needle!r} within {timeout:g} s; output:\n{self.text()[-4000:]}")
+                self._cond.wait(min(left, 0.2))
+
+    def wait(self, timeout: float) -> int:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"train.py still running after {timeout:g} s; output:\n{self.text()[-4000:]}")
+        for t in self._readers:
+            t.join(5)
+        return code
+
+    def text(self, stream: str | None = None) -> str:
+        with self._cond:
+            return "\n".join(line for _, name, line in self.lines if stream in (None, name))
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+# ------------------------------------------------------------------------------ equivalence
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The reference: one process on the global batch, same seed and steps."""
+    out = tmp_path_factory.mktemp("single")
+    res = run_train([*EXACT, "cluster=single", f"hydra.run.dir={out}"], timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return final_model(out)
+
+
+@pytest.mark.parametrize("nodes,weights,ddp", [
+    (2, "[0.62,0.38]", "torch"),
+    (2, "[0.62,0.38]", "flat"),
+    (3, "[0.5,0.3,0.2]", "torch"),
+])
+def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights, ddp):
+    res = run_train([*EXACT, *RELAXED, "cluster=local", f"cluster.nodes={nodes}", f"cluster.weights={weights}",
+                     f"cluster.ddp={ddp}", f"hydra.run.dir={tmp_path}"], timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["world_size"] == nodes and metrics["steps"] == 8
+    assert_same_model(final_model(tmp_path), one_process)
+
+
+# ------------------------------------------------------------------------------ BatchNorm
+def _bn_rank(rank: int, world_size: int, addrs: list[str], port: int, out: str) -> dict:
+    from macfleet import ClusterConfig, Trainer, TrainingConfig
+    from macfleet.data.digits import build as digits
+    from macfleet.models.cnn import build as cnn
+
+    torch.manual_seed(0)
+    model = cnn(num_classes=10, in_channels=1)  # the default digits_cnn: BatchNorm and dropout on
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    tc = TrainingConfig(epochs=4, batch_size=64, learning_rate=0.1, lr_schedule="cosine", progress=False,
+                        output_dir=out, device="cpu")
+    cc = ClusterConfig(role="master" if rank == 0 else "worker", mode="direct", nodes=2, master_addr="127.0.0.1",
+                       master_port=port, tensor_port=int(addrs[rank].rsplit(":", 1)[1]), weights=[0.62, 0.38],
+                       token=TOKEN, heartbeat_interval=3.0, wait_timeout=120, ddp="torch")
+    metrics = Trainer(model, digits(), tc, cc).fit()
+    return {"buffers": {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k},
+            "metrics": metrics}
+
+
+def test_batchnorm_buffers_agree_across_nodes_and_converge(tmp_path):
+    ranks = spawn_local(_bn_rank, 2, (free_ports(1)[0], str(tmp_path)), timeout=200)
+    b0, b1 = ranks[0]["buffers"], ranks[1]["buffers"]
+    assert b0 and b0.keys() == b1.keys()
+    for key in b0:
+        assert torch.equal(b0[key], b1[key]), f"BatchNorm buffer {key} differs between rank 0 and rank 1"
+    # What rank 0 checkpointed is what every node holds.
+    saved = final_model(tmp_path)
+    for key in b0:
+        assert torch.equal(saved[key], b0[key]), key
+    # Evaluation is split across the nodes: both report the same global accuracy.
+    acc = [r["metrics"]["test_accuracy"] for r in ranks]
+    assert acc[0] == acc[1] and acc[0] >= 0.93, acc
+    assert ranks[0]["metrics"]["world_size"] == 2
+
+
+# ------------------------------------------------------------------------------ agent mode
+def _agent(role: str, port: int, cwd: Path, *extra: str) -> subprocess.Popen:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("MACFLEET_JOB_COMMAND", None)  # the real job: python -m macfleet.run
+    return subprocess.Popen([PY, "-m", "macfleet.cli", "launch", "--role", role, "--token", TOKEN,
+                             "--master-port", str(port), "--no-discovery", *extra], cwd=str(cwd), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(proc: subprocess.Popen) -> str:
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
+    port = free_ports(1)[0]
+    master = _agent("master", port, tmp_path / "master-agent")
+    worker = _agent("worker", port, tmp_path / "worker-agent", "--master", "127.0.0.1", "--weight", "1.0")
+    run_dir = tmp_path / "run"
+    args = direct_args("master", port, ["trainer.max_steps=6", "trainer.epochs=1", *RELAXED,
+                                        f"hydra.run.dir={run_dir}"])
+    try:
+        # The worker agent needs a moment to register; until then the master agent says so.
+        deadline = time.monotonic() + 90
+        while True:
+            res = run_train(args, cwd=tmp_path / "submitter", timeout=240)
+            if res.returncode == 0 or "worker agent(s) are connected" not in res.stderr or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+    finally:
+        worker_out = _stop(worker)
+        master_out = _stop(master)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:] + master_out[-2000:] + worker_out[-2000:]
+    out = res.stdout + res.stderr
+    assert "submitting the job to the agents" in out
+    # Lines of both ranks came back to the submitter: rank 0 on the master agent, rank 1 on the worker's.
+    assert "rank 0 of 2" in out and "rank 1 of 2" in out, out[-4000:]
+    # Rank 0 wrote into the submitter's run dir (next to its .hydra), not into the agent's cwd.
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 6
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert not (tmp_path / "master-agent" / "outputs").exists()
+    assert not any((tmp_path / "worker-agent").iterdir())
+    assert "registered with the master agent at 127.0.0.1" in worker_out
+
+
+# ------------------------------------------------------------------------------ refusals
+def test_wrong_token_and_differing_config_are_refused(tmp_path):
+    port = free_ports(1)[0]
+    master = TrainProc(direct_args("master", port, ["trainer.max_steps=4", "trainer.epochs=1", *RELAXED,
+                                                    f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path / "m")
+    try:
+        master.wait_line("waiting for nodes: 1 of 2 joined", timeout=90, stream="err")
+        bad = {
+            "token": ["cluster.token=not-the-token"],
+            "compression": ["compression=fp16"],
+            "batch": ["trainer.batch_size=32"],
+        }
+        procs = {name: TrainProc([*direct_args("worker", port, RELAXED), *extra], tmp_path / name)
+                 for name, extra in bad.items()}
+        codes = {name: p.wait(120) for name, p in procs.items()}
+        for name, p in procs.items():
+            err = p.text("err")
+            assert codes[name] != 0, (name, p.text())
+            assert "Traceback" not in err, (name, err)
+            assert "macfleet: error:" in err, (name, err)
+        assert "token" in procs["token"].text("err")
+        assert "compression: master 'name=none" in procs["compression"].text("err")
+        assert "name=fp16" in procs["compression"].text("err")
+        assert "global_batch: master '64', this node '32'" in procs["batch"].text("err")
+        # The refusals did not disturb the master: a matching worker still joins and the run finishes.
+        good = TrainProc(direct_args("worker", port, RELAXED + ["trainer.max_steps=4", "trainer.epochs=1"]),
+                         tmp_path / "good")
+        assert good.wait(180) == 0, good.text()[-3000:]
+        assert master.wait(180) == 0, master.text()[-3000:]
+    finally:
+        master.kill()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+
