@@ -95,12 +95,14 @@ def _die_mid_collective(rank, world_size, addrs, timeout):
     g = Group(rank, world_size, addrs, timeout=timeout, chunk_bytes=64 * 1024)
     g.all_reduce(torch.ones(10))
     if rank == 2:
-        g.all_reduce_async(torch.ones(2_000_000))
-        time.sleep(0.02)  # let some chunks leave, then die without a word
+        g.all_reduce_async(torch.ones(4_000_000))
+        # Die without a word while the collective is under way: 16 MB in 64 KB chunks round a
+        # ring of 3 cannot be done in 5 ms, and the peers are already waiting on this rank.
+        time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     try:
-        g.all_reduce(torch.ones(2_000_000))
+        g.all_reduce(torch.ones(4_000_000))
     except PeerLostError as exc:
         elapsed = time.monotonic() - t0
         # The group stays failed: a later call raises instead of desynchronising.
