@@ -91,9 +91,21 @@ def _agent_listening(cfg: DictConfig) -> bool:
     return False
 
 
-def submit_to_agents(cfg: DictConfig) -> float:
+def _is_local(addr: str) -> bool:
+    """`addr` is an address of this machine (it can be bound here)."""
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((socket.gethostbyname(addr), 0))
+        except OSError:
+            return False
+    return True
+
+
+def submit_to_agents(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Send the resolved config to the master agent, which runs it on every agent; their output
-    streams back here. The job's rank 0 (on this machine) writes the run dir."""
+    streams back here. The job's rank 0 runs beside the master agent and writes the run dir."""
     from macfleet.cluster.agent import submit_job
 
     cluster = cfg.cluster
@@ -101,7 +113,13 @@ def submit_to_agents(cfg: DictConfig) -> float:
     resolved["cluster"]["mode"] = "direct"
     # Detected by its port on this machine: talk to it over loopback; an explicit mode=agent may name another host.
     addr = cluster.master_addr if cluster.mode == "agent" and cluster.master_addr not in ("", "auto") else "127.0.0.1"
+    if output_dir and not resolved["trainer"].get("output_dir") and _is_local(addr):
+        # Rank 0 shares this machine: it writes into this run's dir (beside .hydra/), not into
+        # outputs/ under whatever directory the master agent was started from.
+        resolved["trainer"]["output_dir"] = os.path.abspath(output_dir)
     log.info("a master agent is running on port %s: submitting the job to the agents", cluster.master_port)
+    if not resolved["trainer"].get("output_dir"):
+        log.info("rank 0 writes outputs/%s under the master agent's working directory on %s", cfg.run_id, addr)
     result = submit_job(addr, int(cluster.master_port), cluster.token or os.environ.get("MACFLEET_TOKEN"),
                         OmegaConf.to_yaml(OmegaConf.create(resolved)), timeout=float(cluster.wait_timeout) + 24 * 3600,
                         name=cluster.name)
@@ -114,7 +132,7 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     import torch
 
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
-        return submit_to_agents(cfg)
+        return submit_to_agents(cfg, output_dir)
 
     from macfleet.trainer import Trainer
 

@@ -28,6 +28,7 @@ every node says 'auto' the weights follow ``facts["samples_per_s"]``; normalised
 from __future__ import annotations
 
 import queue
+import re
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -41,12 +42,37 @@ from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
 
+# Splits "k=v,k=v" at the commas that start a new key, so "[1, 2]" values stay whole.
+_ITEM_SPLIT = re.compile(r",(?=[A-Za-z_]\w*=)")
+
+
+def _options(value: str) -> Optional[dict]:
+    items = _ITEM_SPLIT.split(value)
+    if not all("=" in item for item in items):
+        return None
+    return dict(item.split("=", 1) for item in items)
+
+
+def _narrow(a: str, b: str) -> tuple[str, str]:
+    """Of two "k=v,k=v" values only the options that differ, so the refusal names the one
+    option (e.g. name=fp16) instead of a whole model or codec config."""
+    oa, ob = _options(a), _options(b)
+    if oa is None or ob is None:
+        return a, b
+    keys = [k for k in dict.fromkeys([*oa, *ob]) if oa.get(k) != ob.get(k)]
+    return (",".join(f"{k}={oa.get(k, '(unset)')}" for k in keys),
+            ",".join(f"{k}={ob.get(k, '(unset)')}" for k in keys))
+
+
 def fingerprint_diff(master: dict, node: dict) -> list[str]:
-    """Keys whose values differ, each as "key: master 'a', this node 'b'"."""
+    """Keys whose values differ, each as "key: master 'a', this node 'b'" (for "k=v,..." values,
+    only the options that differ)."""
     out = []
     for key in sorted(set(master) | set(node)):
         a, b = master.get(key), node.get(key)
         if a != b:
+            if a is not None and b is not None:
+                a, b = _narrow(a, b)
             out.append(f"{key}: master {a!r}, this node {b!r}")
     return out
 
