@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from macfleet.comm.framing import KIND_DATA, Header, as_tensor, byte_view
+from macfleet.comm.framing import KIND_DATA, Header, byte_view
 from macfleet.comm.transport import Transport
 from macfleet.errors import FrameError
 
@@ -99,6 +99,8 @@ def _exchange_halves(tp: Transport, flat: torch.Tensor, deadline: float, step: i
         tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz])
     last = None
     for a, b in own_chunks:
+        # Landing in a reused scratch buffer beats summing from zmq's own per-message buffer,
+        # which libzmq mallocs (and the kernel page-faults) afresh for every chunk.
         tp.recv(peer, deadline, _lander(tp, flat, scratch, a, b, base=a))
         flat[a:b].add_(scratch[:(b - a) * isz].view(flat.dtype))
         last = tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True)
@@ -116,6 +118,7 @@ def _ring(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None
     numel = flat.numel()
     bounds = [numel * i // n for i in range(n + 1)]
     seg_chunks = [_ranges(bounds[i], bounds[i + 1], step) for i in range(n)]
+    scratch = tp.scratch(step * isz)
 
     def send(a: int, b: int):
         # Zero-copy is safe without waiting: a chunk sent here is only overwritten later by its
@@ -129,9 +132,8 @@ def _ring(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None
     # last step's result is final and its send is the all-gather's first step.
     for s in range(n - 1):
         for a, b in seg_chunks[(rank - s - 1) % n]:
-            h, body = tp.recv(left, deadline)
-            _expect(tp, h, flat, a, b)
-            flat[a:b].add_(as_tensor(body, flat.dtype))
+            tp.recv(left, deadline, _lander(tp, flat, scratch, a, b, base=a))
+            flat[a:b].add_(scratch[:(b - a) * isz].view(flat.dtype))
             last = send(a, b)
     # All-gather: final segments travel around the ring; the one that completes its lap stops.
     for s in range(n - 1):

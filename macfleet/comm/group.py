@@ -114,6 +114,10 @@ class Group:
         if self._abort_exc is None:
             self._abort_exc = exc
 
+    def check(self) -> None:
+        """Raise the error that broke this group (a lost peer, an abort), if any."""
+        self._abort_check()
+
     def close(self) -> None:
         """Finish queued collectives, close every socket and stop the worker (idempotent)."""
         with self._close_lock:

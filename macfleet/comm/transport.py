@@ -33,6 +33,7 @@ COPY_THRESHOLD = 64 * 1024
 POLL_SLICE_S = 0.05
 """Longest a receive waits before looking at the abort flag again (abort answers within this)."""
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+IO_THREADS = 2
 REJECTED_KEPT = 32
 
 
@@ -98,7 +99,7 @@ class Transport:
         self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
         self._hello: set[int] = set()
         self._scratch = torch.empty(0, dtype=torch.uint8)
-        self.ctx = zmq.Context(io_threads=2)
+        self.ctx = zmq.Context(io_threads=IO_THREADS)
         self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
         self.push: dict[int, zmq.Socket] = {}
         try:
