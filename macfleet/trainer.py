@@ -230,8 +230,14 @@ class Trainer:
                     ddp.set_step(step)
                     opt.zero_grad(set_to_none=True)
                     loss = self._loss(ddp(x), y)
-                    loss.backward()
-                    ddp.finish_gradients()
+                    try:
+                        loss.backward()
+                        ddp.finish_gradients()
+                    except RuntimeError:
+                        # DDP's C++ reducer turns a failed comm hook (a lost peer) into a bare
+                        # RuntimeError: raise the MacFleetError behind it, which says what to do.
+                        world.check()
+                        raise
                     if tc.grad_clip:
                         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
                     opt.step()

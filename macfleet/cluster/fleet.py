@@ -140,6 +140,7 @@ class ClusterWorld:
     # -- what the trainer uses
     def check(self) -> None:
         self.membership.check()
+        self.group.check()
 
     def report(self, step: int, samples_per_s: float) -> None:
         self.membership.report(step, samples_per_s)

@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 _OPS = ("sum", "avg")
 
 
+def _on_device(fut: torch.futures.Future, device: torch.device) -> torch.futures.Future:
+    """Results of collectives that allocate come back on the device the input lived on."""
+    if device.type == "cpu":
+        return fut
+    return fut.then(lambda f: None if f.value() is None else [x.to(device) for x in f.value()])
+
+
 class Group:
     """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
 
@@ -91,19 +98,22 @@ class Group:
         return self.all_gather_async(t).wait()
 
     def all_gather_async(self, t: torch.Tensor) -> torch.futures.Future:
-        return self._submit("all_gather", collectives.all_gather, self._cpu(t))
+        return _on_device(self._submit("all_gather", collectives.all_gather, self._cpu(t)), t.device)
 
     def gather(self, t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         self._check_rank(dst, "dst")
-        return self._submit("gather", collectives.gather, self._cpu(t), dst).wait()
+        return _on_device(self._submit("gather", collectives.gather, self._cpu(t), dst), t.device).wait()
 
     def scatter(self, tensors: list[torch.Tensor] | None, src: int = 0) -> torch.Tensor:
         self._check_rank(src, "src")
         if self.rank == src:
             if tensors is None or len(tensors) != self.world_size:
                 raise MacFleetError(f"scatter: rank {src} must pass a list of {self.world_size} tensors, one per rank")
+            device = tensors[src].device
             tensors = [self._cpu(x) for x in tensors]
-        return self._submit("scatter", collectives.scatter, tensors, src).wait()
+        else:
+            device = torch.device("cpu")
+        return self._submit("scatter", collectives.scatter, tensors, src).wait().to(device)
 
     def barrier(self, timeout: float | None = None) -> None:
         token = torch.zeros(1, dtype=torch.int32)
