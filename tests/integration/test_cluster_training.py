@@ -59,10 +59,9 @@ class TrainProc:
     """`python train.py ARGS` running in the background; every output line is kept with the
     monotonic time it arrived, so tests can wait for a line and time what follows it."""
 
-    def __init__(self, args: list[str], cwd: Path, prefix: list[str] = ()):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    def __init__(self, args: list[str], cwd: Path, prefix: list[str] = (), env: dict | None = None):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
         env.pop("WANDB_API_KEY", None)
-        env.pop("MACFLEET_TOKEN", None)
         cwd.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen([*prefix, PY, str(ROOT / "train.py"), *args], cwd=str(cwd), env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
