@@ -123,6 +123,9 @@ def test_abort_stops_a_blocked_collective_promptly():
         assert time.monotonic() - t0 < 0.5
         with pytest.raises(PeerLostError, match="heartbeat"):
             g0.all_reduce(torch.ones(1))  # later calls fail the same way
+        with pytest.raises(PeerLostError, match="heartbeat"):
+            g0.check()  # and the trainer can ask for the error without a collective
+        groups[1].check()  # the other rank saw nothing wrong
     finally:
         for g in groups:
             g.close()
