@@ -17,7 +17,8 @@ Per codec:
   one uint8 payload (codecs.py) -> all_gather -> every node decodes and sums the payloads in
   rank order (so all nodes get the same bits) -> the residual keeps what was not sent.
   While the warm-up ratio (or the configured ratio) is 1.0 the top-k codecs send densely through
-  the none / fp16 path, so topk at ratio 1.0 is exactly none and topk_fp16 exactly fp16.
+  the none / fp16 path: topk at ratio 1.0 is exactly none; topk_fp16 is fp16 whose rounding
+  error is carried by error feedback into the next step (exactly fp16 with error_feedback=false).
 With world_size 1 (group None) the same encode/decode runs locally, so one process computes
 exactly what a node contributes.
 """

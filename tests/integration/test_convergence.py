@@ -4,7 +4,7 @@ dense paths, weighted averaging, and the bytes on the wire.
 Every run is `python train.py cluster=local ...`: a 2-node fleet (two processes over loopback)
 training the digits CNN, as a user runs it. A fleet start-up costs ~10 s of the ~12 s a run
 takes on 2 cores, so each run is a module-scoped fixture shared by every assertion that needs it
-(8 runs, ~100 s). Every run names its cluster and codec: the defaults in conf/ may change.
+(9 runs, ~110 s). Every run names its cluster and codec: the defaults in conf/ may change.
 The figures each test compares are printed (`pytest -s` shows them).
 """
 
@@ -114,6 +114,15 @@ def fp16_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def topk_fp16_dense_run(tmp_path_factory) -> Path:
+    """topk_fp16 at ratio 1.0 without error feedback: fp16's path, K steps."""
+    out = tmp_path_factory.mktemp("topk_fp16_dense")
+    train_fleet(out, "compression=topk_fp16", "compression.ratio=1.0", "compression.error_feedback=false",
+                f"trainer.epochs={EPOCHS}", f"trainer.max_steps={K}")
+    return out
+
+
+@pytest.fixture(scope="module")
 def weighted_runs(tmp_path_factory) -> dict[str, Path]:
     """One process on the global batch of 64, and 2 nodes weighted [0.62, 0.38] (local batches
     40 + 24) without compression and with topk at ratio 1.0; one epoch (22 steps)."""
@@ -176,6 +185,12 @@ def test_fp16_all_reduce_matches_fp32_to_fp16_precision(none_run, fp16_run):
     assert float(moved) > 0.1, "the parameters hardly moved: the comparison would say nothing"
     assert rel <= 8 * FP16_UNIT
     assert rel > 0.0, "fp16 gave bit-identical parameters: the values were not rounded to fp16"
+
+
+def test_topk_fp16_at_ratio_1_without_feedback_is_exactly_fp16(fp16_run, topk_fp16_dense_run):
+    # (With error feedback on, fp16's rounding error is carried to the next step instead.)
+    assert_identical(model_at(topk_fp16_dense_run), model_at(fp16_run), "topk_fp16@1.0 vs fp16")
+    assert metrics(topk_fp16_dense_run)["wire_ratio"] == 0.5
 
 
 def test_topk_at_ratio_1_is_exactly_uncompressed(weighted_runs):
