@@ -28,7 +28,7 @@ TOTAL_STEPS = 300
 # Long enough that the kill lands mid-training, tiny batches so a step is a few milliseconds.
 LONG = ["trainer.epochs=100", f"trainer.max_steps={TOTAL_STEPS}", "trainer.checkpoint_every=0",
         "trainer.checkpoint_every_steps=10", "trainer.lr_schedule=constant", f"cluster.heartbeat_interval={INTERVAL}",
-        "cluster.wait_timeout=120", "trainer.log_every=50", "model.batchnorm=false"]
+        "cluster.wait_timeout=120", "trainer.log_every=50"]
 
 
 def _pair(tmp_path: Path, run_dir: Path, extra: list[str] = ()) -> tuple[TrainProc, TrainProc]:
