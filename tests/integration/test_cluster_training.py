@@ -249,7 +249,7 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
             assert codes[name] != 0, (name, p.text())
             assert "Traceback" not in err, (name, err)
             assert "macfleet: error:" in err, (name, err)
-        assert "token" in procs["token"].text("err")
+        assert "use the same cluster.token on every node" in procs["token"].text("err")
         # Only the option that differs is named, not the whole codec config.
         assert "compression: master 'name=none', this node 'name=fp16'" in procs["compression"].text("err")
         assert "global_batch: master '64', this node '32'" in procs["batch"].text("err")
