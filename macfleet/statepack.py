@@ -50,7 +50,7 @@ def pack(obj) -> torch.Tensor:
 
     skeleton = json.dumps(enc(obj)).encode()
     parts = [struct.pack("<Q", len(skeleton)), skeleton]
-    parts += [t.view(torch.uint8).reshape(-1).numpy().tobytes() if t.numel() else b"" for t in tensors]
+    parts += [t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"" for t in tensors]
     return torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
 
 

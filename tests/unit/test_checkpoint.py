@@ -66,13 +66,15 @@ def test_statepack_round_trip_without_pickle():
     from macfleet.statepack import pack, unpack
 
     obj = {"rng": ckpt.rng_state(), "res": {"layer.weight": torch.randn(5, 3)}, 3: [1, 2.5, None, ("a", True)],
-           "empty": torch.empty(0, dtype=torch.int64), "half": torch.ones(3, dtype=torch.bfloat16)}
+           "empty": torch.empty(0, dtype=torch.int64), "half": torch.ones(3, dtype=torch.bfloat16),
+           "scalar": torch.tensor(7), "scalar_bf16": torch.tensor(2.5, dtype=torch.bfloat16)}
     blob = pack(obj)
     assert blob.dtype == torch.uint8
     back = unpack(blob)
     assert torch.equal(back["res"]["layer.weight"], obj["res"]["layer.weight"])
     assert back[3] == [1, 2.5, None, ("a", True)]
     assert back["empty"].shape == (0,) and back["half"].dtype == torch.bfloat16
+    assert back["scalar"].shape == () and int(back["scalar"]) == 7 and float(back["scalar_bf16"]) == 2.5
     ckpt.set_rng_state(back["rng"])  # restores torch, numpy and python RNGs
     a = (torch.rand(1).item(), np.random.rand(), random.random())
     ckpt.set_rng_state(obj["rng"])
