@@ -2,8 +2,8 @@
 dense paths, weighted averaging, and the bytes on the wire.
 
 Every run is `python train.py cluster=local ...`: a 2-node fleet (two processes over loopback)
-training the digits CNN, as a user runs it. A fleet start-up costs ~10 s of the ~12 s a run
-takes on 2 cores, so each run is a module-scoped fixture shared by every assertion that needs it
+training the digits CNN, as a user runs it. A fleet's start-up is most of the ~12 s a run takes
+on 2 cores, so each run is a module-scoped fixture shared by every assertion that needs it
 (9 runs, ~110 s). Every run names its cluster and codec: the defaults in conf/ may change.
 The figures each test compares are printed (`pytest -s` shows them).
 """
@@ -34,6 +34,11 @@ def train_fleet(out: Path, *overrides: str, cluster: str = "local") -> dict:
     args = [f"hydra.run.dir={out}", f"cluster={cluster}", "logger=none", "trainer.progress=false", *overrides]
     res = run_train(args, timeout=300)
     assert res.returncode == 0, f"train.py {' '.join(args)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-4000:]}"
+    return metrics(out)
+
+
+def metrics(out: Path) -> dict:
+    """metrics.json of run `out` (its last run, when it was resumed)."""
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -135,10 +140,6 @@ def weighted_runs(tmp_path_factory) -> dict[str, Path]:
     return outs
 
 
-def metrics(out: Path) -> dict:
-    return json.loads((out / "metrics.json").read_text())
-
-
 # --------------------------------------------------------------------------- the tests
 def test_topk_fp16_at_10_percent_is_as_accurate_as_uncompressed(none_run, topk10_run):
     dense, topk = metrics(none_run), metrics(topk10_run)
@@ -177,13 +178,14 @@ def test_fp16_all_reduce_matches_fp32_to_fp16_precision(none_run, fp16_run):
     floats = [k for k in fp32 if fp32[k].is_floating_point()]
     # The error after K steps, measured against how far the parameters moved in them: each step's
     # gradient is off by about FP16_UNIT relative, and K steps of training amplify that a little.
+    # Measured: 0.3 units; bfloat16 (2^-8) would give ~8x that and fail.
     diff = torch.cat([(fp16[k] - fp32[k]).reshape(-1) for k in floats]).norm()
     moved = torch.cat([(fp32[k] - init[k]).reshape(-1) for k in floats]).norm()
     rel = float(diff / moved)
     print(f"\nfp16 vs fp32 after {K} steps: |diff| {float(diff):.3g} / |moved| {float(moved):.3g} = "
           f"{rel:.3g} ({rel / FP16_UNIT:.2f} fp16 units)")
     assert float(moved) > 0.1, "the parameters hardly moved: the comparison would say nothing"
-    assert rel <= 8 * FP16_UNIT
+    assert rel <= 2 * FP16_UNIT
     assert rel > 0.0, "fp16 gave bit-identical parameters: the values were not rounded to fp16"
 
 
