@@ -209,6 +209,8 @@ def test_weighted_nodes_with_compression_equal_one_process(weighted_runs):
     for name in ("none", "topk"):
         nodes = model_at(weighted_runs[name])
         assert checkpoint_state(weighted_runs[name])["step"] == 22
+        # rank 0's log: the weights were applied (equal shares would also match one process).
+        assert "local batch 40 of 64" in (weighted_runs[name] / "train.log").read_text()
         worst = max(float((nodes[k] - single[k]).abs().max()) for k in single)
         print(f"\nweighted [0.62, 0.38] 2 nodes ({name}) vs 1 process, 22 steps: max |diff| {worst:.3g}")
         for k in single:
