@@ -18,6 +18,8 @@ from macfleet.errors import PeerLostError
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.uint8)
 NUMELS = (0, 1, 5, 13, 1031, 70_001)  # empty, tiny, not divisible by N, several 1 KiB chunks
+# Float32 sums whose value depends on the order of the additions (1e8 + 1 == 1e8 in float32).
+ORDER_SENSITIVE = ([1e8, 1.0, 3.0], [1.0, 1e8, -3.0], [-1e8, -1e8, 0.5], [1.0, 1.0, 1e-8])
 
 
 def _data(rank: int, numel: int, dtype: torch.dtype, case: int) -> torch.Tensor:
@@ -44,13 +46,15 @@ def _check_all(rank, world_size, addrs, ports_by_n):
                     t = _data(rank, numel, dtype, case).reshape(-1, 1) if numel % 2 else _data(rank, numel, dtype, case)
                     sums[(str(dtype), numel)] = g.all_reduce(t.clone()).reshape(-1)
             avg = g.all_reduce(torch.full((7,), float(rank + 1)), op="avg")
+            # One chunk: the direct exchange, which must add in rank order on every rank.
+            ordered = g.all_reduce(torch.tensor(ORDER_SENSITIVE[rank]))
             fut = g.all_reduce_async(torch.ones(3, 5))
             bcast = g.broadcast(torch.full((3, 4), float(rank)), src=n - 1)
             gathered_all = g.all_gather(torch.arange(rank * 3, dtype=torch.int64).reshape(rank, 3))
             gathered = g.gather(torch.tensor([rank, rank * 10]), dst=n - 1)
             scattered = g.scatter([torch.full((i + 1,), float(i)) for i in range(n)] if rank == 0 else None, src=0)
             g.barrier()
-            report[n] = dict(sums=sums, avg=avg, fut=fut.wait(), bcast=bcast, all_gather=gathered_all,
+            report[n] = dict(sums=sums, avg=avg, ordered=ordered, fut=fut.wait(), bcast=bcast, all_gather=gathered_all,
                              gather=gathered, scatter=scattered)
     return report
 
@@ -75,9 +79,13 @@ def test_collectives_match_torch_for_2_3_4_ranks():
                         assert torch.equal(got, want.to(dtype)), (n, dtype, numel)
                     # Every rank holds bit-identical results (replicas must not drift).
                     assert torch.equal(got, results[0][n]["sums"][(str(dtype), numel)])
+        in_rank_order = torch.tensor(ORDER_SENSITIVE[0])
+        for r in range(1, n):
+            in_rank_order = in_rank_order + torch.tensor(ORDER_SENSITIVE[r])
         for r in range(n):
             out = results[r][n]
             assert torch.allclose(out["avg"], torch.full((7,), (n + 1) / 2))
+            assert torch.equal(out["ordered"], in_rank_order), (n, r, out["ordered"], in_rank_order)
             assert torch.equal(out["fut"], torch.full((3, 5), float(n)))
             assert torch.equal(out["bcast"], torch.full((3, 4), float(n - 1)))
             assert [x.shape for x in out["all_gather"]] == [(i, 3) for i in range(n)]

@@ -187,12 +187,14 @@ def test_mismatched_step_or_shape_is_a_frame_error():
             g.close()
 
 
-def test_thousand_all_reduces_do_not_grow_memory():
-    groups = _groups(2, timeout=30)
+@pytest.mark.parametrize("chunk_bytes", [64 * 1024, 1 << 20], ids=["halves", "direct"])
+def test_thousand_all_reduces_do_not_grow_memory(chunk_bytes):
+    groups = _groups(2, timeout=30, chunk_bytes=chunk_bytes)
     proc = psutil.Process()
     try:
         def loop(g, n):
-            t = torch.ones(64 * 1024)  # 256 KB: zero-copy path, several chunks with small chunk size
+            # 256 KB: zero-copy sends; 64 KiB chunks take the halves exchange, 1 MiB the direct one.
+            t = torch.ones(64 * 1024)
             for _ in range(n):
                 t.fill_(1.0)
                 g.all_reduce(t)
