@@ -3,8 +3,8 @@
 Each function runs on the Group's comm worker thread, takes CPU contiguous tensors and a
 deadline, and moves data as chunks of about `chunk_bytes` so receives overlap with sums and
 sends. Algorithms:
-- all_reduce of a tensor that fits one chunk (and DIRECT_MAX_BYTES): one round, every rank sends
-  its tensor to every other and sums all n in rank order (bit-identical everywhere).
+- all_reduce of a small tensor that fits one chunk (see DIRECT_MAX_BYTES): one round, every
+  rank sends its tensor to every other and sums all n in rank order (bit-identical everywhere).
 - all_reduce, larger, 2 ranks: each rank sums one half and sends it back; 3+ ranks: ring
   reduce-scatter then ring all-gather, each chunk forwarded as soon as it is summed, so the two
   phases and all ring steps pipeline. Sums read libzmq's receive buffer directly (no landing
@@ -28,8 +28,9 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 """Measured here, 4 MiB chunks cost a 4-rank 100 MB all_reduce about 8% less CPU than 1 MiB
 (per-message Python, framing and libzmq work); they still fit the 32 MiB L3 several times."""
 DIRECT_MAX_BYTES = 1 << 20
-"""all_reduce of a tensor that fits one chunk and at most this many bytes takes the one-round
-direct exchange (see _direct); larger ones the bandwidth-optimal halves exchange or ring."""
+"""all_reduce of a tensor that fits one chunk and at most DIRECT_MAX_BYTES * 2 / world_size bytes
+takes the one-round direct exchange (see _direct), larger ones the halves exchange or the ring.
+The direct exchange moves world_size / 2 times the bytes of a ring, hence the scaling."""
 
 
 def _ranges(lo: int, hi: int, step: int) -> list[tuple[int, int]]:
@@ -79,7 +80,8 @@ def all_reduce(tp: Transport, t: torch.Tensor, op: str, deadline: float, chunk_b
     flat = t.view(-1)
     if n > 1:
         step = max(1, chunk_bytes // flat.element_size())
-        if flat.numel() * flat.element_size() <= min(chunk_bytes, DIRECT_MAX_BYTES):
+        nbytes = flat.numel() * flat.element_size()
+        if nbytes <= min(chunk_bytes, DIRECT_MAX_BYTES * 2 // n):
             _direct(tp, flat, deadline)
         elif n == 2:
             _exchange_halves(tp, flat, deadline, step)
