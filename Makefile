@@ -23,7 +23,11 @@ test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)
 
 bench: setup
-	$(BIN)/macfleet benchmark --type allreduce --nodes 2
+	mkdir -p outputs/bench
+	$(BIN)/macfleet benchmark --type bandwidth --json outputs/bench/bandwidth.json
+	$(BIN)/macfleet benchmark --type allreduce --nodes 2 --json outputs/bench/allreduce2.json
+	$(BIN)/macfleet benchmark --type allreduce --nodes 4 --json outputs/bench/allreduce4.json
+	$(BIN)/macfleet benchmark --type compression --json outputs/bench/compression.json
 
 clean:
 	rm -rf $(VENV) outputs/* multirun
