@@ -93,7 +93,7 @@ class ClusterWorld:
     def connect(cls, cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None,
                 samples_per_s: float | None = None):
         from macfleet.cluster.facts import node_facts
-        from macfleet.comm.group import Group
+        from macfleet.comm import Group, session_id
         from macfleet.comm.launch import free_ports
 
         facts = node_facts()
@@ -128,8 +128,11 @@ class ClusterWorld:
 
             membership = join(cfg, fingerprint, facts, tensor_addr)
         try:
+            # Every rank of this run and generation derives the same session; another run's frames
+            # (a dead rank's socket still retrying a reused tensor port) carry another and are dropped.
+            session = session_id(membership.run.get("run_id"), membership.generation)
             group = Group(membership.rank, membership.world_size, membership.addrs,
-                          generation=membership.generation, timeout=cfg.comm_timeout)
+                          generation=membership.generation, timeout=cfg.comm_timeout, session=session)
         except BaseException:
             membership.close()
             if coordinator is not None:

@@ -5,6 +5,7 @@ transport.py the sockets, collectives.py the algorithms, launch.py local/netns r
 backend.py the "macfleet" torch.distributed backend.
 """
 
+from macfleet.comm.framing import random_session, session_id
 from macfleet.comm.group import Group
 
-__all__ = ["Group"]
+__all__ = ["Group", "random_session", "session_id"]

@@ -10,6 +10,8 @@ PyTorch code runs over MacFleet unchanged:
 Rendezvous: each rank publishes its data-plane address ("host:port") in the torch Store under
 `macfleet/addr/<rank>` and reads everyone else's. The host is the local address that routes to
 the store's host (or MACFLEET_TENSOR_HOST), the port a free one (or MACFLEET_TENSOR_PORT).
+Rank 0 draws a random 64-bit session and publishes it under `macfleet/session`; every rank
+stamps its frames with it, so a stale socket of another run aimed at a reused port is rejected.
 Cluster code that already knows every address calls `init_process_group_from_group(group)`
 instead: the default group then uses that Group, with no second rendezvous port.
 
@@ -38,10 +40,12 @@ from torch._C._distributed_c10d import (
     _create_work_from_future,
 )
 
+from macfleet.comm.framing import random_session
 from macfleet.comm.group import Group
 from macfleet.errors import MacFleetError
 
 BACKEND_NAME = "macfleet"
+SESSION_KEY = "macfleet/session"
 _lock = threading.Lock()
 _pending_group: Group | None = None
 
@@ -185,8 +189,12 @@ def _create(store, rank: int, world_size: int, timeout: datetime.timedelta) -> M
         host = _local_host_towards(_store_host(store))
         port = int(os.environ.get("MACFLEET_TENSOR_PORT", "0")) or _free_port(host)
         store.set(f"macfleet/addr/{rank}", f"{host}:{port}")
+        if rank == 0:
+            store.set(SESSION_KEY, str(random_session()))
+        # store.get blocks until rank 0 has published (within the store's timeout).
+        session = int(store.get(SESSION_KEY).decode())
         addrs = [store.get(f"macfleet/addr/{r}").decode() for r in range(world_size)]
-        group = Group(rank, world_size, addrs, timeout=timeout.total_seconds())
+        group = Group(rank, world_size, addrs, timeout=timeout.total_seconds(), session=session)
     elif (group.rank, group.world_size) != (rank, world_size):
         raise MacFleetError(
             f"init_process_group(rank={rank}, world_size={world_size}) does not match the Group "

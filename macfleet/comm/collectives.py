@@ -43,7 +43,7 @@ def _ranges(lo: int, hi: int, step: int) -> list[tuple[int, int]]:
 def _header(tp: Transport, t: torch.Tensor, lo: int, hi: int, shape=None) -> Header:
     isz = t.element_size()
     shape = tuple(t.shape) if shape is None else shape
-    return Header(KIND_DATA, t.dtype, shape, tp.rank, tp.generation, tp.step, tp.seq,
+    return Header(KIND_DATA, t.dtype, shape, tp.rank, tp.generation, tp.session, tp.step, tp.seq,
                   lo * isz, (hi - lo) * isz, t.numel() * isz)
 
 

@@ -2,7 +2,7 @@
 
 Every data-plane message is a ZeroMQ multipart message of exactly two frames:
 
-    frame 0  header, little-endian, fixed part of 52 bytes followed by the shape:
+    frame 0  header, little-endian, fixed part of 60 bytes followed by the shape:
                offset size field
                     0    2 magic        b"MF"
                     2    1 version      WIRE_VERSION (bumped on any incompatible change)
@@ -11,40 +11,48 @@ Every data-plane message is a ZeroMQ multipart message of exactly two frames:
                     5    1 ndim         number of dimensions of the whole tensor (<= MAX_NDIM)
                     6    2 sender       rank of the sender
                     8    4 generation   membership generation; other generations are dropped
-                   12    8 step         training step set by Group.set_step (signed)
-                   20    8 seq          per-Group collective counter: which collective this is
-                   28    8 offset       byte offset of this chunk inside the whole tensor
-                   36    8 nbytes       bytes in frame 1 (this chunk)
-                   44    8 total        bytes of the whole tensor = numel(shape) * itemsize
-                   52 8*ndim shape      int64 per dimension, each >= 0
+                   12    8 session      64-bit id of this Group's run and generation (unsigned);
+                                        frames of another session are rejected, never summed
+                   20    8 step         training step set by Group.set_step (signed)
+                   28    8 seq          per-Group collective counter: which collective this is
+                   36    8 offset       byte offset of this chunk inside the whole tensor
+                   44    8 nbytes       bytes in frame 1 (this chunk)
+                   52    8 total        bytes of the whole tensor = numel(shape) * itemsize
+                   60 8*ndim shape      int64 per dimension, each >= 0
     frame 1  the chunk's raw bytes (native little-endian element order), nbytes long.
 
 A tensor larger than the chunk size travels as several messages with increasing offsets and the
 same header otherwise, so the receiver can land each chunk where it belongs and reuse buffers.
+The session exists because a PUSH socket whose peer died keeps its queued frames and delivers
+them to whichever process binds that port next: sender, generation and seq of such a stale frame
+can all look right, the session (every rank of one Group shares it, two runs differ) does not.
 No pickle anywhere: a frame is decoded with `struct` and checked before a single byte is used.
 `decode` raises `FrameError` naming what was wrong (version, truncation, size, dtype, shape).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import struct
 import warnings
 from dataclasses import dataclass
 
 import torch
 
-from macfleet.errors import FrameError
+from macfleet.errors import FrameError, MacFleetError
 
 # zmq frames are read-only buffers; tensors over them are only read (sums, copies), never written.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAGIC = b"MF"
 MAX_NDIM = 16
 KIND_HELLO = 1
 KIND_DATA = 2
+SESSION_BITS = 64
 
-_FIXED = struct.Struct("<2sBBBBHIqQQQQ")
+_FIXED = struct.Struct("<2sBBBBHIQqQQQQ")
 HEADER_FIXED_BYTES = _FIXED.size
 
 DTYPE_CODES: dict[torch.dtype, int] = {
@@ -69,11 +77,32 @@ class Header:
     shape: tuple[int, ...]
     sender: int
     generation: int
+    session: int
     step: int
     seq: int
     offset: int
     nbytes: int
     total: int
+
+
+def session_id(*parts) -> int:
+    """A stable 64-bit session from values every rank of one run knows (e.g. run id, generation).
+
+    blake2b, not hash(): Python salts str hashes per process, and the ranks must agree.
+    """
+    text = "\x1f".join(str(p) for p in parts)  # a separator no run id contains, so ("a1", 2) != ("a", 12)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=SESSION_BITS // 8).digest(), "little")
+
+
+def random_session() -> int:
+    """A fresh random 64-bit session, for a rendezvous where one rank draws and publishes it."""
+    return int.from_bytes(os.urandom(SESSION_BITS // 8), "little")
+
+
+def check_session(session) -> int:
+    if isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 1 << SESSION_BITS:
+        raise MacFleetError(f"session={session!r} must be an int in [0, 2**{SESSION_BITS}); derive it with session_id()")
+    return session
 
 
 def dtype_code(dtype: torch.dtype) -> int:
@@ -96,7 +125,7 @@ def encode_header(h: Header) -> bytes:
         raise FrameError(f"tensor has {len(h.shape)} dimensions; at most {MAX_NDIM} can be sent, reshape it")
     fixed = _FIXED.pack(
         MAGIC, WIRE_VERSION, h.kind, dtype_code(h.dtype), len(h.shape), h.sender, h.generation,
-        h.step, h.seq, h.offset, h.nbytes, h.total,
+        h.session, h.step, h.seq, h.offset, h.nbytes, h.total,
     )
     return fixed + struct.pack(f"<{len(h.shape)}q", *h.shape)
 
@@ -114,7 +143,7 @@ def decode_header(buf, *, world_size: int | None = None) -> Header:
             f"truncated header: {len(buf)} bytes, need at least {HEADER_FIXED_BYTES}; "
             "the sender is not a MacFleet rank of this version, or the message was cut"
         )
-    magic, version, kind, code, ndim, sender, generation, step, seq, offset, nbytes, total = _FIXED.unpack_from(buf)
+    magic, version, kind, code, ndim, sender, generation, session, step, seq, offset, nbytes, total = _FIXED.unpack_from(buf)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: something other than a MacFleet rank is sending to the tensor port")
     if version != WIRE_VERSION:
@@ -146,7 +175,7 @@ def decode_header(buf, *, world_size: int | None = None) -> Header:
         )
     if offset + nbytes > total:
         raise FrameError(f"chunk [{offset}, {offset + nbytes}) from rank {sender} lies outside the {total}-byte tensor")
-    return Header(kind, dtype, tuple(shape), sender, generation, step, seq, offset, nbytes, total)
+    return Header(kind, dtype, tuple(shape), sender, generation, session, step, seq, offset, nbytes, total)
 
 
 def decode(frames, *, world_size: int | None = None) -> tuple[Header, memoryview]:

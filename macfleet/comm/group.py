@@ -6,6 +6,10 @@ in issue order and every rank's n-th collective meets the peers' n-th. Sync call
 ones plus a wait. Tensors on cuda/mps, or not contiguous, are staged through a contiguous CPU
 copy and copied back. `abort(exc)` (from any thread, e.g. a heartbeat monitor) makes the running
 and every later collective raise `exc` within about POLL_SLICE_S.
+
+`session` is a 64-bit id shared by every rank of one Group and different for any other run or
+generation (framing.session_id derives one, framing.random_session draws one); frames stamped
+with another session, e.g. from a dead run's socket still retrying this port, are rejected.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import time
 import torch
 
 from macfleet.comm import collectives
-from macfleet.comm.framing import dtype_code
+from macfleet.comm.framing import check_session, dtype_code
 from macfleet.comm.transport import Transport
 from macfleet.errors import MacFleetError, PeerLostError
 
@@ -38,7 +42,7 @@ class Group:
     """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int = 0, timeout: float = 60.0,
-                 chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES):
+                 session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES):
         if world_size < 1 or not 0 <= rank < world_size:
             raise MacFleetError(f"rank {rank} is not in a group of {world_size}; ranks run 0..world_size-1")
         if len(addrs) != world_size:
@@ -49,6 +53,7 @@ class Group:
         self.world_size = world_size
         self.addrs = list(addrs)
         self.generation = generation
+        self.session = check_session(session)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
         self._step = 0
@@ -152,7 +157,8 @@ class Group:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Group(rank={self.rank}, world_size={self.world_size}, generation={self.generation})"
+        return (f"Group(rank={self.rank}, world_size={self.world_size}, generation={self.generation}, "
+                f"session={self.session:#018x})")
 
     # -- internals --------------------------------------------------------------------------
     def _check_rank(self, r: int, name: str) -> None:
@@ -205,7 +211,7 @@ class Group:
     def _run(self, ready: queue.SimpleQueue) -> None:
         try:
             tp = Transport(self.rank, self.world_size, self.addrs, generation=self.generation,
-                           timeout=self.timeout, abort_check=self._abort_check)
+                           timeout=self.timeout, session=self.session, abort_check=self._abort_check)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
             ready.put(exc)
             return

@@ -9,8 +9,9 @@ thread-safe, so every socket here is created, used and closed on that thread. It
 - `recv`, which returns the next valid chunk from one peer for the current collective (landed in
   a given buffer, or as a zero-copy view of libzmq's receive buffer for sums): frames
   from other peers are parked per sender (PULL fair-queues all senders on one socket), frames of
-  another generation or of an older collective are dropped, malformed frames are rejected (kept
-  in `rejected`, logged) while the receiver keeps waiting, and a deadline turns silence into
+  another generation or of an older collective are dropped, malformed frames and frames of
+  another session (a stale socket of an earlier run still delivering to this port) are rejected
+  (kept in `rejected`, logged) while the receiver keeps waiting, and a deadline turns silence into
   `PeerLostError` naming the peer's rank and address.
 """
 
@@ -114,11 +115,12 @@ class Transport:
     """Sockets and framing of one rank; used only from the thread that created it."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
-                 abort_check=lambda: None):
+                 session: int = 0, abort_check=lambda: None):
         self.rank = rank
         self.world_size = world_size
         self.addrs = list(addrs)
         self.generation = generation
+        self.session = framing.check_session(session)
         self.timeout = timeout
         self.step = 0
         self.seq = 0
@@ -163,7 +165,8 @@ class Transport:
     # -- connection check -------------------------------------------------------------------
     def handshake(self, deadline: float) -> None:
         """Send HELLO to every peer and wait for theirs, so a peer that is not up fails here."""
-        hello = Header(KIND_HELLO, framing.SUPPORTED_DTYPES[0], (0,), self.rank, self.generation, 0, 0, 0, 0, 0)
+        hello = Header(KIND_HELLO, framing.SUPPORTED_DTYPES[0], (0,), self.rank, self.generation, self.session,
+                       0, 0, 0, 0, 0)
         for peer in self.push:
             self.send(peer, hello, b"")
         while len(self._hello) < self.world_size - 1:
@@ -172,7 +175,8 @@ class Transport:
                 names = ", ".join(f"rank {r} at {self.addrs[r]}" for r in missing)
                 raise PeerLostError(
                     f"rank {self.rank} waited {self.timeout:.1f} s for {names} to come up (generation "
-                    f"{self.generation}); start every rank with the same addresses, or raise the timeout",
+                    f"{self.generation}, session {self.session:#018x}); start every rank with the same addresses "
+                    f"and session, or raise the timeout{self._rejected_note()}",
                     rank=missing[0], address=self.addrs[missing[0]],
                 )
             self._take()
@@ -285,6 +289,13 @@ class Transport:
         except FrameError as exc:
             self._reject(exc)
             return None
+        if header.session != self.session:
+            # Checked first, so a stale frame is never parked, landed or counted as a HELLO.
+            self._reject(FrameError(
+                f"frame of session {header.session:#018x} (rank {header.sender}, generation {header.generation}, "
+                f"#{header.seq}) reached rank {self.rank} of session {self.session:#018x}: another run, or an "
+                "earlier group on this port, is still sending here; dropped, never summed"))
+            return None
         current = (header.kind == KIND_DATA and header.generation == self.generation
                    and header.sender == want and header.seq == self.seq and not self._stash[want])
         if current and land is not None:
@@ -322,10 +333,13 @@ class Transport:
             self.dropped_count += 1
         return None
 
+    def _rejected_note(self) -> str:
+        if not self.rejected:
+            return ""
+        return f" ({self.rejected_count} frames were rejected meanwhile; last: {self.rejected[-1]})"
+
     def _lost(self, peer: int, what: str) -> PeerLostError:
-        note = ""
-        if self.rejected:
-            note = f" ({self.rejected_count} malformed frames were rejected meanwhile; last: {self.rejected[-1]})"
+        note = self._rejected_note()
         return PeerLostError(
             f"rank {peer} at {self.addrs[peer]} {what} for {self.op_timeout:.1f} s during {self.op} #{self.seq} "
             f"(step {self.step}, generation {self.generation}) on rank {self.rank}: it died, hung or lost its link; "

@@ -14,6 +14,8 @@ def _train(backend: str, rank: int, world_size: int, port: int, hook: bool) -> d
     import macfleet.comm.backend  # noqa: F401 - registers "macfleet"
 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    # The data-plane session rank 0 drew and published in the store (the default group is ours).
+    session = dist.distributed_c10d._get_default_group().group.session if backend == "macfleet" else None
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     # Rank 1 starts different: DDP's initial broadcast must make the replicas equal.
@@ -38,7 +40,7 @@ def _train(backend: str, rank: int, world_size: int, port: int, hook: bool) -> d
     dist.barrier()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     dist.destroy_process_group()
-    return {"state": state, "gathered": gathered}
+    return {"state": state, "gathered": gathered, "session": session}
 
 
 def _from_group(rank: int, world_size: int, addrs: list[str]) -> dict:
@@ -49,9 +51,10 @@ def _from_group(rank: int, world_size: int, addrs: list[str]) -> dict:
     from macfleet.comm import Group
     from macfleet.comm.backend import init_process_group_from_group
 
-    group = Group(rank, world_size, addrs, timeout=30)
+    group = Group(rank, world_size, addrs, timeout=30, session=0x5E55_1011)
     init_process_group_from_group(group)
     assert dist.get_backend() == "macfleet"
+    assert dist.distributed_c10d._get_default_group().group.session == 0x5E55_1011
     t = torch.full((3,), float(rank + 1))
     dist.all_reduce(t)
     b = torch.full((2,), float(rank))
@@ -78,6 +81,10 @@ def test_ddp_over_macfleet_matches_gloo():
             for key, value in ref.items():
                 assert torch.allclose(out["state"][key], value, atol=1e-6), (rank, name, key)
             assert [t.tolist() for t in out["gathered"]] == [[0.0, 7.0], [1.0, 7.0]]
+    # Both ranks of one rendezvous share rank 0's random session; the next rendezvous draws another.
+    sessions = [[results[r][name]["session"] for r in range(2)] for name in ("macfleet", "macfleet+hook")]
+    assert sessions[0][0] == sessions[0][1] and sessions[1][0] == sessions[1][1], sessions
+    assert sessions[0][0] != sessions[1][0] and 0 not in sessions[0] + sessions[1], sessions
     for rank in range(2):
         assert results[rank]["from_group"] == {"sum": [3.0] * 3, "bcast": [1.0, 1.0], "threads_left": []}
     # The replicas agree with each other exactly (both ranks hold the same all_reduce result).

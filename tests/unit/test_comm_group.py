@@ -139,11 +139,19 @@ def _rogue(addr: str):
     return sock
 
 
+def _frame_header(**over) -> Header:
+    """A well-formed header of rank 1's 4-float chunk in group session 0, generation 0."""
+    fields = dict(kind=KIND_DATA, dtype=torch.float32, shape=(4,), sender=1, generation=0, session=0, step=0,
+                  seq=1, offset=0, nbytes=16, total=16)
+    fields.update(over)
+    return Header(**fields)
+
+
 def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_working():
     groups = _groups(2, timeout=20)
     try:
         g0 = groups[0]
-        good = Header(KIND_DATA, torch.float32, (4,), 1, 0, 0, 2, 0, 16, 16)  # claims to be rank 1, collective #2
+        good = _frame_header(seq=2)  # claims to be rank 1, collective #2
         head = framing.encode_header(good)
         rogue = _rogue(g0.addrs[0])
         rogue.send_multipart([head[:2] + bytes([framing.WIRE_VERSION + 5]) + head[3:], b"\0" * 16])  # version
@@ -152,7 +160,7 @@ def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_work
         rogue.send_multipart([head[:4] + bytes([77]) + head[5:], b"\0" * 16])  # unknown dtype
         rogue.send(b"just one frame")
         # Well formed but of another generation: dropped, never summed.
-        other_gen = Header(KIND_DATA, torch.float32, (4,), 1, 5, 0, 2, 0, 16, 16)
+        other_gen = _frame_header(seq=2, generation=5)
         rogue.send_multipart([framing.encode_header(other_gen), torch.full((4,), 1e6).numpy().tobytes()])
         time.sleep(0.3)
         results = _each(groups, lambda g: (g.all_reduce(torch.zeros(1)), g.all_reduce(torch.full((4,), 1.0 + g.rank))))
@@ -167,6 +175,53 @@ def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_work
     finally:
         for g in groups:
             g.close()
+
+
+def test_frame_of_another_session_is_rejected_never_summed():
+    # The hazard: a dead run's PUSH socket delivers its queue to whoever binds the port later. Its frame
+    # is right in every field but the session, so before sessions rank 0 summed it as rank 1's data.
+    mine, stale = framing.session_id("run-b", 0), framing.session_id("run-a", 0)
+    groups = _groups(2, timeout=20, session=mine)
+    try:
+        g0, g1 = groups
+        assert g0.session == g1.session == mine
+        fut = g0.all_reduce_async(torch.full((4,), 1.0))  # rank 0 waits for rank 1's chunk of collective #1
+        rogue = _rogue(g0.addrs[0])
+        rogue.send_multipart([framing.encode_header(_frame_header(session=stale)), torch.full((4,), 1e6).numpy()])
+        deadline = time.monotonic() + 20
+        while not g0.rejected and time.monotonic() < deadline:  # rank 0 reads it while it waits
+            time.sleep(0.01)
+        assert len(g0.rejected) == 1 and "session" in str(g0.rejected[0]), g0.rejected
+        assert f"{stale:#018x}" in str(g0.rejected[0]) and not fut.done()
+        g1.all_reduce(torch.full((4,), 2.0))
+        assert torch.equal(fut.wait(), torch.full((4,), 3.0))
+        out = _each(groups, lambda g: g.all_reduce(torch.full((4,), 1.0 + g.rank)))
+        assert all(torch.equal(r, torch.full((4,), 3.0)) for r in out), out
+        rogue.close()
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_ranks_of_different_sessions_never_connect():
+    # A stale HELLO is rejected like a stale data frame: the handshake waits for the right session.
+    addrs = _addrs(2)
+    made: list = [None, None]
+
+    def make(r):
+        try:
+            made[r] = Group(r, 2, addrs, timeout=1.0, session=100 + r)
+        except Exception as exc:  # noqa: BLE001 - checked below
+            made[r] = exc
+
+    threads = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r, err in enumerate(made):
+        assert isinstance(err, PeerLostError), made
+        assert "session" in str(err) and f"{100 + 1 - r:#018x}" in str(err), err
 
 
 def test_mismatched_step_or_shape_is_a_frame_error():
