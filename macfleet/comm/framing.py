@@ -101,7 +101,8 @@ def random_session() -> int:
 
 def check_session(session) -> int:
     if isinstance(session, bool) or not isinstance(session, int) or not 0 <= session < 1 << SESSION_BITS:
-        raise MacFleetError(f"session={session!r} must be an int in [0, 2**{SESSION_BITS}); derive it with session_id()")
+        raise MacFleetError(
+            f"session={session!r} must be an int in [0, 2**{SESSION_BITS}); derive it with session_id()")
     return session
 
 
@@ -143,7 +144,8 @@ def decode_header(buf, *, world_size: int | None = None) -> Header:
             f"truncated header: {len(buf)} bytes, need at least {HEADER_FIXED_BYTES}; "
             "the sender is not a MacFleet rank of this version, or the message was cut"
         )
-    magic, version, kind, code, ndim, sender, generation, session, step, seq, offset, nbytes, total = _FIXED.unpack_from(buf)
+    (magic, version, kind, code, ndim, sender, generation, session, step, seq, offset, nbytes,
+     total) = _FIXED.unpack_from(buf)
     if magic != MAGIC:
         raise FrameError(f"bad magic {bytes(magic)!r}: something other than a MacFleet rank is sending to the tensor port")
     if version != WIRE_VERSION:
