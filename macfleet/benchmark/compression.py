@@ -138,12 +138,17 @@ def _fleet_rank(rank: int, world_size: int, addrs: list[str], models: dict[str, 
     return rows
 
 
-def fleet_allreduce(models: dict[str, int], codecs: list, repeats: int, nodes: int) -> list[dict]:
-    """Table 2 rows (rank 0's timings)."""
-    from macfleet.comm.launch import spawn_local
+def fleet_allreduce(models: dict[str, int], codecs: list, repeats: int, nodes: int,
+                    netns: bool = False, rate: str | None = None) -> list[dict]:
+    """Table 2 rows (rank 0's timings); with netns, ranks sit in namespaces over veth (root),
+    optionally shaped to `rate` - the slow-link case compression is for."""
+    from macfleet.comm.launch import Netns, spawn_local
 
-    per_rank = spawn_local(_fleet_rank, nodes, (models, codecs, repeats), timeout=1800.0)
-    return per_rank[0]
+    fn_args = (models, codecs, repeats)
+    if netns:
+        with Netns(nodes, rate=rate) as ns:
+            return spawn_local(_fleet_rank, nodes, fn_args, timeout=1800.0, netns=ns, port=29700)[0]
+    return spawn_local(_fleet_rank, nodes, fn_args, timeout=1800.0)[0]
 
 
 def run_compression_benchmark(args) -> int:
@@ -173,9 +178,12 @@ def run_compression_benchmark(args) -> int:
     nodes = int(args.nodes)
     fleet = {}
     if nodes > 1:
-        console.print(f"all_reduce on a local fleet of {nodes} ranks (127.0.0.1, CPU, 1 thread each)...")
-        fleet = {(r["codec"], r["model"]): r for r in fleet_allreduce(models, codecs, repeats, nodes)}
-        t2 = Table(title=f"all_reduce of one whole-model bucket, {nodes} local ranks (rank 0, median)")
+        where = ("network namespaces over veth" + (f" shaped to {args.rate}" if args.rate else "")
+                 if args.netns else "127.0.0.1")
+        console.print(f"all_reduce on a local fleet of {nodes} ranks ({where}, CPU, 1 thread each)...")
+        rows2 = fleet_allreduce(models, codecs, repeats, nodes, netns=args.netns, rate=args.rate)
+        fleet = {(r["codec"], r["model"]): r for r in rows2}
+        t2 = Table(title=f"all_reduce of one whole-model bucket, {nodes} ranks on {where} (rank 0, median)")
         for col in ("model", "codec", "all_reduce ms", "vs none"):
             t2.add_column(col, justify="left" if col in ("model", "codec") else "right")
         for model in models:
@@ -189,7 +197,7 @@ def run_compression_benchmark(args) -> int:
         f = fleet.get((r["codec"], r["model"]), {})
         dense = fleet.get(("none", r["model"]), {})
         r.update({"allreduce_s": f.get("allreduce_s"), "dense_allreduce_s": dense.get("allreduce_s"),
-                  "nodes": nodes})
+                  "nodes": nodes, "link": (args.rate or "veth") if args.netns else "loopback"})
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
