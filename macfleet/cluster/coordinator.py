@@ -37,7 +37,7 @@ import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
 from macfleet.cluster.membership import Membership, WaitCallback, fill_host, say
-from macfleet.cluster.protocol import Handshake, decode, encode, make_socket, tcp
+from macfleet.cluster.protocol import Handshake, bind, decode, encode, make_socket
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
@@ -230,10 +230,7 @@ class Coordinator:
     def _serve(self) -> None:
         sock = make_socket(self._ctx, zmq.ROUTER, self.cfg.heartbeat_interval)
         try:
-            if self.cfg.master_port:
-                sock.bind(tcp(self.cfg.host, self.cfg.master_port))
-            else:
-                self.port = sock.bind_to_random_port(f"tcp://{self.cfg.host}")
+            self.port = bind(sock, self.cfg.host, self.cfg.master_port)
         except zmq.ZMQError as exc:
             self._bind_error = exc
             self._bound.set()

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import zmq
 
-from macfleet.cluster.protocol import decode, encode, make_socket, tcp
+from macfleet.cluster.protocol import bind, decode, encode, make_socket, tcp
 from macfleet.errors import FrameError
 
 LOST_AFTER = 1.75
@@ -97,11 +97,7 @@ class HeartbeatServer:
     def _run(self) -> None:
         sock = make_socket(self._ctx, zmq.ROUTER, self.interval)
         try:
-            if self._want_port:
-                sock.bind(tcp(self._host, self._want_port))
-                self.port = self._want_port
-            else:
-                self.port = sock.bind_to_random_port(f"tcp://{self._host}")
+            self.port = bind(sock, self._host, self._want_port)
         except zmq.ZMQError as exc:
             self._bind_error = exc
             self._bound.set()

@@ -96,6 +96,14 @@ def tcp(host: str, port: int) -> str:
     return f"tcp://{host}:{int(port)}"
 
 
+def bind(sock: zmq.Socket, host: str, port: int) -> int:
+    """Bind `sock` to host:port, or to a free port when port is 0; returns the port bound."""
+    if port:
+        sock.bind(tcp(host, port))
+        return int(port)
+    return sock.bind_to_random_port(f"tcp://{host}")
+
+
 def new_nonce() -> str:
     return os.urandom(NONCE_BYTES).hex()
 
