@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 COPY_THRESHOLD = 64 * 1024
 """Bodies smaller than this are copied into the zmq message: cheaper than zero-copy bookkeeping."""
 POLL_SLICE_S = 0.05
+HELLO_RESEND_S = 0.5
+"""An unacknowledged HELLO is sent again after this long (it may have reached a stale listener)."""
 """Longest a receive waits before looking at the abort flag again (abort answers within this)."""
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 IO_THREADS = 2
@@ -131,7 +133,9 @@ class Transport:
         self.dropped_count = 0
         self._abort_check = abort_check
         self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
-        self._hello: set[int] = set()
+        self._hello: set[int] = set()     # peers heard from
+        self._acked: set[int] = set()     # peers that have heard us
+        self._answered: set[int] = set()  # peers we sent an acknowledgement
         self._scratch = torch.empty(0, dtype=torch.uint8)
         tune_allocator()
         self.ctx = zmq.Context(io_threads=IO_THREADS)
@@ -163,15 +167,31 @@ class Transport:
         return self._scratch
 
     # -- connection check -------------------------------------------------------------------
+    def _hello_header(self, heard: bool) -> Header:
+        # A HELLO's step field is its acknowledgement: 1 once the sender has heard the receiver.
+        return Header(KIND_HELLO, framing.SUPPORTED_DTYPES[0], (0,), self.rank, self.generation, self.session,
+                      int(heard), 0, 0, 0, 0)
+
     def handshake(self, deadline: float) -> None:
-        """Send HELLO to every peer and wait for theirs, so a peer that is not up fails here."""
-        hello = Header(KIND_HELLO, framing.SUPPORTED_DTYPES[0], (0,), self.rank, self.generation, self.session,
-                       0, 0, 0, 0, 0)
+        """HELLO every peer until each one has been heard from and has acknowledged us, so a peer
+        that is not up fails here.
+
+        A HELLO can be lost: it may reach an earlier listener still bound to a reused port, which
+        rejects it as another session's. So unacknowledged HELLOs are sent again every
+        HELLO_RESEND_S, and a HELLO is answered (see `_on_hello`), also after the handshake.
+        """
         for peer in self.push:
-            self.send(peer, hello, b"")
-        while len(self._hello) < self.world_size - 1:
-            missing = [r for r in range(self.world_size) if r != self.rank and r not in self._hello]
-            if not self._poll(deadline):
+            self.send(peer, self._hello_header(False), b"")
+        resend_at = time.monotonic() + HELLO_RESEND_S
+        while True:
+            pending = [r for r in self.push if r not in self._hello or r not in self._acked]
+            if not pending:
+                return
+            if self._poll(min(deadline, resend_at)):
+                self._take()
+                continue
+            if time.monotonic() >= deadline:
+                missing = [r for r in pending if r not in self._hello] or pending
                 names = ", ".join(f"rank {r} at {self.addrs[r]}" for r in missing)
                 raise PeerLostError(
                     f"rank {self.rank} waited {self.timeout:.1f} s for {names} to come up (generation "
@@ -179,7 +199,20 @@ class Transport:
                     f"and session, or raise the timeout{self._rejected_note()}",
                     rank=missing[0], address=self.addrs[missing[0]],
                 )
-            self._take()
+            for r in pending:
+                self.send(r, self._hello_header(r in self._hello), b"")
+            resend_at = time.monotonic() + HELLO_RESEND_S
+
+    def _on_hello(self, header: Header) -> None:
+        peer = header.sender
+        self._hello.add(peer)
+        if header.step == 1:
+            self._acked.add(peer)
+        # Answer a HELLO that has not heard us yet, and the first one from each peer; never an
+        # acknowledgement that we already answered (two ranks would echo each other forever).
+        if header.step == 0 or peer not in self._answered:
+            self._answered.add(peer)
+            self.send(peer, self._hello_header(True), b"")
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, dst: int, header: Header, body, *, track: bool = False):
@@ -326,7 +359,7 @@ class Transport:
         if header.generation != self.generation:
             self.dropped_count += 1  # a frame of another membership is never summed
         elif header.kind == KIND_HELLO:
-            self._hello.add(header.sender)
+            self._on_hello(header)
         elif header.sender != self.rank and header.seq >= self.seq:
             self._stash[header.sender].append((header, memoryview(body.buffer)))
         else:

@@ -167,12 +167,8 @@ def _reused_port(rank, world_size, addrs, sessions, events):
             pass
         a_closed.set()
         stale_queued.wait(60)
-    else:
-        # Run B starts once run A's listener is gone: the hazard here is A's stale *sender*. (A new
-        # rank's HELLO reaching an old listener still bound to the port is another story: fixed
-        # ports cannot be rebound while it lives, and free ports are never handed out while bound.)
-        a_closed.wait(60)
-        time.sleep(0.5)
+    # Process 2 starts run B at once: its first HELLO may reach run A's rank 0, still bound to the
+    # port, which rejects it; the handshake sends unacknowledged HELLOs again, so B still forms.
     out = []
     b_rank = 0 if rank == 0 else 1
     with Group(b_rank, 2, run_b, timeout=60, session=sessions[1]) as g:

@@ -263,3 +263,30 @@ def test_thousand_all_reduces_do_not_grow_memory(chunk_bytes):
     finally:
         for g in groups:
             g.close()
+
+
+def test_a_hello_lost_to_a_stale_listener_is_sent_again():
+    """Rank 1's first HELLO is taken by an old listener still bound to rank 0's port; rank 0
+    comes up after it is gone and still hears rank 1, because unacknowledged HELLOs are re-sent."""
+    p0, p1 = free_ports(2)
+    addrs = [f"127.0.0.1:{p0}", f"127.0.0.1:{p1}"]
+    ctx = zmq.Context()
+    stale = ctx.socket(zmq.PULL)
+    stale.bind(f"tcp://127.0.0.1:{p0}")
+    made: dict = {}
+    t = threading.Thread(target=lambda: made.setdefault("g1", Group(1, 2, addrs, timeout=20)), daemon=True)
+    t.start()
+    assert stale.poll(10_000), "rank 1 sent no HELLO"
+    stale.recv_multipart()  # the first HELLO is gone for good
+    stale.close(linger=0)
+    ctx.term()
+    g0 = Group(0, 2, addrs, timeout=20)
+    t.join(20)
+    g1 = made["g1"]
+    try:
+        f0 = g0.all_reduce_async(torch.full((10,), 1.0))
+        f1 = g1.all_reduce_async(torch.full((10,), 2.0))
+        assert torch.equal(f0.wait(), torch.full((10,), 3.0)) and torch.equal(f1.wait(), torch.full((10,), 3.0))
+    finally:
+        g0.close()
+        g1.close()
