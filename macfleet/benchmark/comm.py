@@ -6,8 +6,10 @@ median of `--repeats` (>= 5) timed runs after a warm-up, measured on rank 0:
 - bandwidth (2 ranks): MacFleet one-way transfer (broadcast from rank 0) vs a plain TCP socket
   sending the same bytes; both end with a 1-element ack back, so each time covers full delivery.
 - allreduce: MacFleet all_reduce(sum) of float32 vs torch.distributed gloo all_reduce on the same
-  ranks; for 2 ranks also the floor: plain sockets exchanging the bytes both ways at once, then
-  adding.
+  ranks, and the floor that plain TCP sockets reach on this machine: for 2 ranks, sockets
+  exchanging the bytes both ways at once, then adding (socket_exchange); for 3+, a chunk-pipelined
+  ring over sockets that receives straight into the tensor (socket_ring), the same bytes as the
+  engine's ring with no framing, no queues and no extra copy.
 JSON rows, one per reference: {"type", "nodes", "size_bytes", "macfleet_s", "reference",
 "reference_s", "ratio"} with ratio = macfleet_s / reference_s.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import socket
 import statistics
@@ -96,6 +99,72 @@ def _socket_pair(rank: int, host: str, port: int) -> socket.socket:
     return conn
 
 
+RING_CHUNK_BYTES = 4 << 20
+
+
+class _SocketRing:
+    """The socket_ring floor: a ring all_reduce over plain TCP sockets, chunk-pipelined like the
+    engine's (reduce-scatter, then all-gather, each chunk forwarded as soon as it is final).
+    Receives land straight in the tensor (all-gather) or in one reused scratch (sums); a sender
+    thread writes to the right neighbour while this thread reads from the left."""
+
+    def __init__(self, rank: int, world_size: int, hosts: list[str], ports: list[int], sync):
+        self.rank, self.n = rank, world_size
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((hosts[rank], ports[rank]))
+        srv.listen(1)
+        sync()  # every rank listens before any connects
+        right = (rank + 1) % world_size
+        self.right = socket.create_connection((hosts[right], ports[right]), timeout=30)
+        self.left, _ = srv.accept()
+        srv.close()
+        for conn in (self.left, self.right):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(None)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.sender = threading.Thread(target=self._send_loop, name="socket-ring-send", daemon=True)
+        self.sender.start()
+
+    def _send_loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if isinstance(item, threading.Event):
+                item.set()
+            else:
+                self.right.sendall(item)
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        n, rank = self.n, self.rank
+        numel, isz = t.numel(), t.element_size()
+        step = RING_CHUNK_BYTES // isz
+        bounds = [numel * i // n for i in range(n + 1)]
+        segs = [[(a, min(a + step, bounds[i + 1])) for a in range(bounds[i], bounds[i + 1], step)] for i in range(n)]
+        mv = memoryview(t.numpy()).cast("B")
+        scratch = torch.empty(step, dtype=t.dtype)
+        smv = memoryview(scratch.numpy()).cast("B")
+        for a, b in segs[rank]:
+            self.queue.put(mv[a * isz:b * isz])
+        for s in range(n - 1):
+            for a, b in segs[(rank - s - 1) % n]:
+                _recv_exact(self.left, smv[:(b - a) * isz])
+                t[a:b].add_(scratch[:b - a])
+                self.queue.put(mv[a * isz:b * isz])
+        for s in range(n - 1):
+            for a, b in segs[(rank - s) % n]:
+                _recv_exact(self.left, mv[a * isz:b * isz])
+                if s < n - 2:
+                    self.queue.put(mv[a * isz:b * isz])
+        sent = threading.Event()
+        self.queue.put(sent)
+        sent.wait()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.sender.join(timeout=30)
+        self.left.close()
+        self.right.close()
+
+
 def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: list[int], repeats: int,
                extra_ports: list[int]) -> dict | None:
     import torch.distributed as dist
@@ -137,6 +206,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
             dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{extra_ports[1]}", rank=rank,
                                     world_size=world_size)
             conn = _socket_pair(rank, hosts[0], extra_ports[0]) if world_size == 2 else None
+            ring = _SocketRing(rank, world_size, hosts, extra_ports[2:], sync) if world_size > 2 else None
             for size in sizes:
                 numel = size // 4
                 data = torch.ones(numel, dtype=torch.float32)
@@ -153,9 +223,13 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                         work.add_(peer_buf)
 
                     candidates["socket_exchange"] = exchange_once
+                if ring is not None:
+                    candidates["socket_ring"] = lambda: ring.all_reduce(work)
                 results[size] = _timed(candidates, repeats, sync)
             if conn is not None:
                 conn.close()
+            if ring is not None:
+                ring.close()
             dist.destroy_process_group()
     finally:
         g.close()
@@ -180,15 +254,16 @@ def run_comm_benchmark(args) -> int:
     fn_args = (kind, sizes, repeats)
     if args.netns:
         with Netns(nodes, rate=args.rate) as ns:
-            per_rank = spawn_local(_rank_main, nodes, fn_args + ([29600, 29601],), timeout=3600, netns=ns, port=29500)
+            ports = [29600, 29601] + [29602] * nodes  # every namespace has its own address
+            per_rank = spawn_local(_rank_main, nodes, fn_args + (ports,), timeout=3600, netns=ns, port=29500)
     else:
-        per_rank = spawn_local(_rank_main, nodes, fn_args + (free_ports(2),), timeout=3600)
+        per_rank = spawn_local(_rank_main, nodes, fn_args + (free_ports(2 + nodes),), timeout=3600)
     results = per_rank[0]
 
     rows = []
     for size in sizes:
         fig = results[size]
-        for ref in ("socket", "gloo", "socket_exchange"):
+        for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
             if ref in fig:
                 rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "macfleet_s": fig["macfleet"],
                              "reference": ref, "reference_s": fig[ref], "ratio": fig["macfleet"] / fig[ref]})

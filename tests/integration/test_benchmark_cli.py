@@ -1,0 +1,45 @@
+"""`macfleet benchmark --type bandwidth|allreduce`: the real command on local ranks, its JSON rows
+and their references (figures themselves are not asserted: speed is a benchmark, not a test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _bench(tmp_path, *args: str) -> tuple[list[dict], str]:
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", *args, "--repeats", "5",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.mark.parametrize("nodes, references", [(2, {"gloo", "socket_exchange"}), (3, {"gloo", "socket_ring"})])
+def test_allreduce_rows_carry_their_references(tmp_path, nodes, references):
+    sizes = [256_000, 5_000_000]
+    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB")
+    assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
+    for r in rows:
+        assert set(r) == {"type", "nodes", "size_bytes", "macfleet_s", "reference", "reference_s", "ratio"}
+        assert (r["type"], r["nodes"]) == ("allreduce", nodes)
+        assert r["macfleet_s"] > 0 and r["reference_s"] > 0
+        assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
+    for ref in references:
+        assert ref in stdout  # the table shows every reference beside the engine's figure
+
+
+def test_bandwidth_rows(tmp_path):
+    rows, _ = _bench(tmp_path, "--type", "bandwidth", "--sizes", "1MB")
+    assert [(r["type"], r["nodes"], r["size_bytes"], r["reference"]) for r in rows] == [("bandwidth", 2, 10**6, "socket")]
+
+
+def test_bad_sizes_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "allreduce", "--sizes",
+                           "ten megs"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "is not a size like 1MB" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
