@@ -45,6 +45,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--json", default=None, help="write JSON rows to this file")
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
+    p.add_argument("--algorithm", choices=["auto", "ring", "direct"], default="auto",
+                   help="allreduce: the engine's algorithm for 3+ ranks (auto: direct up to 4, then ring)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default="none,fp16,topk,topk_fp16", help="compression: codecs to measure")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")

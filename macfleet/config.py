@@ -117,6 +117,10 @@ class ClusterConfig:
     ddp: str = "auto"
     """Gradient path: torch (PyTorch DDP's reducer + MacFleet comm hook), flat (all gradients
     through the same hook after backward), auto (torch on cpu/cuda, flat on mps)."""
+    allreduce: str = "auto"
+    """all_reduce algorithm for 3+ nodes, chosen by the master for every rank: direct (two rounds,
+    every pair of nodes at once: best for a few Macs, a Thunderbolt mesh or a switch), ring
+    (neighbours only: for a daisy chain, or many nodes), auto (direct up to 4 nodes, then ring)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.role, str):
@@ -130,6 +134,8 @@ class ClusterConfig:
             raise ConfigError("cluster.nodes must be >= 1")
         if self.ddp not in ("auto", "torch", "flat"):
             raise ConfigError(f"cluster.ddp={self.ddp!r}: choose auto, torch or flat")
+        if self.allreduce not in ("auto", "ring", "direct"):
+            raise ConfigError(f"cluster.allreduce={self.allreduce!r}: choose auto, ring or direct")
         for port_name in ("master_port", "tensor_port"):
             port = getattr(self, port_name)
             if not 0 <= int(port) < 65536:

@@ -166,7 +166,7 @@ class _SocketRing:
 
 
 def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: list[int], repeats: int,
-               extra_ports: list[int]) -> dict | None:
+               algorithm: str, extra_ports: list[int]) -> dict | None:
     import torch.distributed as dist
 
     from macfleet.comm import Group
@@ -176,7 +176,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
     if not hosts[0].startswith("127.") and len(links) == 1:
         # In a namespace gloo would resolve the hostname to 127.0.0.1; point it at the veth.
         os.environ["GLOO_SOCKET_IFNAME"] = links[0]
-    g = Group(rank, world_size, addrs, timeout=120)
+    g = Group(rank, world_size, addrs, timeout=120, algorithm=algorithm)
     sync = g.barrier
     results: dict[int, dict[str, float]] = {}
     try:
@@ -250,8 +250,14 @@ def run_comm_benchmark(args) -> int:
     sizes = parse_sizes(args.sizes)
     console = Console()
     where = "network namespaces" + (f" shaped to {args.rate}" if args.rate else "") if args.netns else "127.0.0.1"
-    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}, median of {repeats} runs")
-    fn_args = (kind, sizes, repeats)
+    algorithm = getattr(args, "algorithm", "auto") or "auto"
+    engine = ""
+    if kind == "allreduce" and nodes > 2:
+        from macfleet.comm.collectives import resolve_algorithm
+
+        engine = f", engine algorithm {resolve_algorithm(algorithm, nodes)}"
+    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}, median of {repeats} runs{engine}")
+    fn_args = (kind, sizes, repeats, algorithm)
     if args.netns:
         with Netns(nodes, rate=args.rate) as ns:
             ports = [29600, 29601] + [29602] * nodes  # every namespace has its own address

@@ -110,8 +110,10 @@ class ClusterWorld:
 
             if cfg.mode == "local" and not cfg.master_port:
                 cfg.master_port = free_ports(1)[0]
-            # The master names the run; every worker takes this id from the WELCOME.
-            run = {"run_id": (config_dict or {}).get("run_id") or new_run_id(), "seed": seed}
+            # The master names the run and picks the all_reduce algorithm; every worker takes both
+            # from the WELCOME (ranks running different algorithms would wait on each other).
+            run = {"run_id": (config_dict or {}).get("run_id") or new_run_id(), "seed": seed,
+                   "allreduce": cfg.allreduce}
             coordinator = Coordinator(cfg, fingerprint, facts, run).start()
             if cfg.mode == "local":
                 fleet = LocalFleet(cfg, config_dict or {})
@@ -132,7 +134,8 @@ class ClusterWorld:
             # (a dead rank's socket still retrying a reused tensor port) carry another and are dropped.
             session = session_id(membership.run.get("run_id"), membership.generation)
             group = Group(membership.rank, membership.world_size, membership.addrs,
-                          generation=membership.generation, timeout=cfg.comm_timeout, session=session)
+                          generation=membership.generation, timeout=cfg.comm_timeout, session=session,
+                          algorithm=membership.run.get("allreduce", "auto"))
         except BaseException:
             membership.close()
             if coordinator is not None:

@@ -42,7 +42,7 @@ class Group:
     """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int = 0, timeout: float = 60.0,
-                 session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES):
+                 session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES, algorithm: str = "auto"):
         if world_size < 1 or not 0 <= rank < world_size:
             raise MacFleetError(f"rank {rank} is not in a group of {world_size}; ranks run 0..world_size-1")
         if len(addrs) != world_size:
@@ -56,6 +56,10 @@ class Group:
         self.session = check_session(session)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
+        try:
+            self.algorithm = collectives.check_algorithm(algorithm)
+        except ValueError as exc:
+            raise MacFleetError(str(exc)) from None
         self._step = 0
         self._seq = 0
         self._abort_exc: BaseException | None = None
@@ -90,7 +94,7 @@ class Group:
     def all_reduce_async(self, t: torch.Tensor, op: str = "sum") -> torch.futures.Future:
         if op not in _OPS:
             raise MacFleetError(f"all_reduce op={op!r} is not supported; use 'sum' or 'avg'")
-        return self._submit("all_reduce", collectives.all_reduce, t, op, staged=True)
+        return self._submit("all_reduce", collectives.all_reduce, t, op, self.algorithm, staged=True)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.broadcast_async(t, src).wait()
@@ -122,7 +126,7 @@ class Group:
 
     def barrier(self, timeout: float | None = None) -> None:
         token = torch.zeros(1, dtype=torch.int32)
-        self._submit("barrier", collectives.all_reduce, token, "sum", timeout=timeout).wait()
+        self._submit("barrier", collectives.all_reduce, token, "sum", self.algorithm, timeout=timeout).wait()
 
     def abort(self, exc: BaseException) -> None:
         """Make the running and every later collective raise `exc` (callable from any thread)."""

@@ -18,10 +18,17 @@ def _bench(tmp_path, *args: str) -> tuple[list[dict], str]:
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.parametrize("nodes, references", [(2, {"gloo", "socket_exchange"}), (3, {"gloo", "socket_ring"})])
-def test_allreduce_rows_carry_their_references(tmp_path, nodes, references):
+@pytest.mark.parametrize("nodes, algorithm, references", [
+    (2, "auto", {"gloo", "socket_exchange"}),
+    (3, "auto", {"gloo", "socket_ring"}),
+    (3, "ring", {"gloo", "socket_ring"}),
+])
+def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references):
     sizes = [256_000, 5_000_000]
-    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB")
+    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB",
+                          "--algorithm", algorithm)
+    if nodes > 2:
+        assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in stdout
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
         assert set(r) == {"type", "nodes", "size_bytes", "macfleet_s", "reference", "reference_s", "ratio"}

@@ -126,14 +126,15 @@ def one_process(tmp_path_factory) -> dict:
     return final_model(out)
 
 
-@pytest.mark.parametrize("nodes,weights,ddp", [
-    (2, "[0.62,0.38]", "torch"),
-    (2, "[0.62,0.38]", "flat"),
-    (3, "[0.5,0.3,0.2]", "torch"),
+@pytest.mark.parametrize("nodes,weights,ddp,allreduce", [
+    (2, "[0.62,0.38]", "torch", "auto"),
+    (2, "[0.62,0.38]", "flat", "auto"),
+    (3, "[0.5,0.3,0.2]", "torch", "auto"),  # the direct reduce-scatter
+    (3, "[0.5,0.3,0.2]", "flat", "ring"),
 ])
-def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights, ddp):
+def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights, ddp, allreduce):
     res = run_train([*EXACT, *RELAXED, "cluster=local", f"cluster.nodes={nodes}", f"cluster.weights={weights}",
-                     f"cluster.ddp={ddp}", f"hydra.run.dir={tmp_path}"], timeout=240)
+                     f"cluster.ddp={ddp}", f"cluster.allreduce={allreduce}", f"hydra.run.dir={tmp_path}"], timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == nodes and metrics["steps"] == 8

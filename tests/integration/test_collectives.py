@@ -1,7 +1,9 @@
 """Collectives in real processes on 127.0.0.1: results equal torch's, a killed rank is reported.
 
 One spawn of 4 processes checks groups of 2, 3 and 4 ranks (ranks 0..N-1 of the 4 processes
-form each group, on fresh ports), so every algorithm (exchange, ring, chain, direct) runs.
+form each group, on fresh ports), and 3 and 4 ranks with both all_reduce algorithms (ring and the
+two-round direct one), so every algorithm (one-round direct, halves exchange, ring, direct
+reduce-scatter, broadcast chain) runs.
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ def _data(rank: int, numel: int, dtype: torch.dtype, case: int) -> torch.Tensor:
     return torch.randint(0, 20, (numel,), generator=g).to(dtype)
 
 
-def _check_all(rank, world_size, addrs, ports_by_n):
+GROUPS = ((2, "auto"), (3, "ring"), (3, "direct"), (4, "ring"), (4, "direct"))
+
+
+def _check_all(rank, world_size, addrs, ports_by_group):
     from macfleet.comm import Group
 
     report = {}
-    for n, ports in ports_by_n.items():
+    for (n, algorithm), ports in ports_by_group.items():
         if rank >= n:
             continue
         # A small chunk size makes the 70k-element tensors travel as many pipelined chunks.
-        with Group(rank, n, [f"127.0.0.1:{p}" for p in ports], timeout=60, chunk_bytes=4096) as g:
+        with Group(rank, n, [f"127.0.0.1:{p}" for p in ports], timeout=60, chunk_bytes=4096,
+                   algorithm=algorithm) as g:
             sums = {}
             case = 0
             for dtype in DTYPES:
@@ -54,15 +60,16 @@ def _check_all(rank, world_size, addrs, ports_by_n):
             gathered = g.gather(torch.tensor([rank, rank * 10]), dst=n - 1)
             scattered = g.scatter([torch.full((i + 1,), float(i)) for i in range(n)] if rank == 0 else None, src=0)
             g.barrier()
-            report[n] = dict(sums=sums, avg=avg, ordered=ordered, fut=fut.wait(), bcast=bcast, all_gather=gathered_all,
+            report[(n, algorithm)] = dict(sums=sums, avg=avg, ordered=ordered, fut=fut.wait(), bcast=bcast, all_gather=gathered_all,
                              gather=gathered, scatter=scattered)
     return report
 
 
 def test_collectives_match_torch_for_2_3_4_ranks():
-    ports_by_n = {n: free_ports(n) for n in (2, 3, 4)}
-    results = spawn_local(_check_all, 4, (ports_by_n,), timeout=150)
-    for n in (2, 3, 4):
+    ports_by_group = {key: free_ports(key[0]) for key in GROUPS}
+    results = spawn_local(_check_all, 4, (ports_by_group,), timeout=200)
+    for n, algorithm in GROUPS:
+        key = (n, algorithm)
         case = 0
         for dtype in DTYPES:
             for numel in NUMELS:
@@ -70,20 +77,20 @@ def test_collectives_match_torch_for_2_3_4_ranks():
                 stacked = torch.stack([_data(r, numel, dtype, case).double() for r in range(n)])
                 want = stacked.sum(0)
                 for r in range(n):
-                    got = results[r][n]["sums"][(str(dtype), numel)]
+                    got = results[r][key]["sums"][(str(dtype), numel)]
                     assert got.dtype == dtype and got.shape == (numel,)
                     if dtype.is_floating_point:
                         tol = 1e-5 if dtype == torch.float32 else 0.1
-                        assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (n, dtype, numel)
+                        assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (key, dtype, numel)
                     else:
-                        assert torch.equal(got, want.to(dtype)), (n, dtype, numel)
+                        assert torch.equal(got, want.to(dtype)), (key, dtype, numel)
                     # Every rank holds bit-identical results (replicas must not drift).
-                    assert torch.equal(got, results[0][n]["sums"][(str(dtype), numel)])
+                    assert torch.equal(got, results[0][key]["sums"][(str(dtype), numel)])
         in_rank_order = torch.tensor(ORDER_SENSITIVE[0])
         for r in range(1, n):
             in_rank_order = in_rank_order + torch.tensor(ORDER_SENSITIVE[r])
         for r in range(n):
-            out = results[r][n]
+            out = results[r][key]
             assert torch.allclose(out["avg"], torch.full((7,), (n + 1) / 2))
             assert torch.equal(out["ordered"], in_rank_order), (n, r, out["ordered"], in_rank_order)
             assert torch.equal(out["fut"], torch.full((3, 5), float(n)))

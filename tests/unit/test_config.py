@@ -97,6 +97,8 @@ def test_dataclass_checks_say_what_to_do():
         CompressionConfig(name="topk", ratio=0.0)
     with pytest.raises(ConfigError, match="master or worker"):
         ClusterConfig(role="boss")
+    with pytest.raises(ConfigError, match="choose auto, ring or direct"):
+        ClusterConfig(allreduce="tree")
     assert ClusterConfig(role="worker").role is NodeRole.WORKER
     assert ClusterConfig(role=NodeRole.MASTER).role is NodeRole.MASTER
 
