@@ -26,6 +26,7 @@ bench: setup
 	mkdir -p outputs/bench
 	$(BIN)/macfleet benchmark --type bandwidth --json outputs/bench/bandwidth.json
 	$(BIN)/macfleet benchmark --type allreduce --nodes 2 --json outputs/bench/allreduce2.json
+	$(BIN)/macfleet benchmark --type allreduce --nodes 3 --json outputs/bench/allreduce3.json
 	$(BIN)/macfleet benchmark --type allreduce --nodes 4 --json outputs/bench/allreduce4.json
 	$(BIN)/macfleet benchmark --type compression --json outputs/bench/compression.json
 
