@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from macfleet.compression.compressor import counters_state, load_counters
 from macfleet.config import CompressionConfig
 
 log = logging.getLogger("macfleet")
@@ -40,10 +41,10 @@ class _DenseReducer:
         return self.group.all_reduce_async(flat, op="sum")
 
     def state_dict(self) -> dict:
-        return {}
+        return {"counters": counters_state(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        load_counters(self.stats, state or {})
 
 
 def make_reducer(cfg: CompressionConfig, group):

@@ -139,12 +139,30 @@ class GradientCompressor:
         self.stats["compress_s"] += time.perf_counter() - start
 
     def state_dict(self) -> dict:
-        """Residuals (and DGC velocities) per parameter name, as tensor copies, for checkpoints."""
-        return {"codec": self.codec.name, "feedback": self.feedback.state_dict() if self.feedback else None}
+        """Residuals (and DGC velocities) per parameter name, as tensor copies, and the byte
+        counters behind wire_ratio (so a resumed run reports the whole run's ratio)."""
+        return {"codec": self.codec.name, "feedback": self.feedback.state_dict() if self.feedback else None,
+                "counters": counters_state(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
         if self.feedback is not None and state.get("feedback"):
             self.feedback.load_state_dict(state["feedback"])
+        load_counters(self.stats, state)
+
+
+COUNTERS = ("calls", "bytes_sent", "dense_bytes")
+
+
+def counters_state(stats: dict) -> dict:
+    """The cumulative byte counters of a reducer's stats, for its checkpointed state."""
+    return {k: int(stats[k]) for k in COUNTERS if k in stats}
+
+
+def load_counters(stats: dict, state: dict) -> None:
+    """Continue counting from a checkpoint's counters (absent in older checkpoints: start at 0)."""
+    for k, v in (state.get("counters") or {}).items():
+        if k in stats:
+            stats[k] = int(v)
 
 
 def _into(flat: torch.Tensor, result) -> torch.Tensor:

@@ -93,3 +93,6 @@ def test_resumed_run_is_bit_identical_to_straight_run(interrupted, straight):
         assert_identical(fa["residuals"], fb["residuals"], f"{what}: residuals at the end")
         assert_identical(fa["velocities"], fb["velocities"], f"{what}: velocities at the end")
     assert interrupted["resumed"]["test_loss"] == metrics(reference)["test_loss"]
+    # The byte counters travel in the checkpoint too: the resumed run reports the whole run's
+    # wire ratio, not only the part after the resume.
+    assert interrupted["resumed"]["wire_ratio"] == metrics(reference)["wire_ratio"]
