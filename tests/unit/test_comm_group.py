@@ -110,6 +110,30 @@ def test_async_calls_complete_in_issue_order_and_non_contiguous_inputs_work():
             g.close()
 
 
+def test_sync_calls_wait_behind_queued_async_ones():
+    """A sync call runs inline on the caller's thread only when nothing is queued; behind queued
+    async calls it takes its turn, so every rank still sees one issue order."""
+    groups = _groups(2, timeout=20)
+    try:
+        def work(g):
+            out = []
+            for i in range(30):
+                big = g.all_reduce_async(torch.full((300_000,), float(i)))   # several chunks
+                g.set_step(i)                                                 # queued too
+                small = g.all_reduce(torch.full((3,), float(g.rank + i)))     # must come after big
+                out.append((big.wait()[0].item(), small.tolist(), big.done()))
+                g.barrier()                                                   # inline: queue empty
+            return out
+        for out in _each(groups, work):
+            assert [o[0] for o in out] == [2.0 * i for i in range(30)]
+            assert [o[1] for o in out] == [[2.0 * i + 1] * 3 for i in range(30)]
+            assert all(o[2] for o in out)
+        assert all(g.step == 29 for g in groups)
+    finally:
+        for g in groups:
+            g.close()
+
+
 def test_abort_stops_a_blocked_collective_promptly():
     groups = _groups(2, timeout=30)
     try:
