@@ -38,7 +38,7 @@ def _add_status(sub) -> None:
 
 def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="measure bandwidth, all_reduce or compression against references")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression"], required=True)
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp"], required=True)
     p.add_argument("--nodes", type=int, default=2, help="local ranks to start (default 2)")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported, >= 5)")
@@ -50,7 +50,14 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default="none,fp16,topk,topk_fp16", help="compression: codecs to measure")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
-    p.add_argument("--device", default="cpu", help="compression: device for codec timing (cpu, cuda, mps)")
+    p.add_argument("--device", default="cpu", help="compression: device for codec timing; ddp: device to train on (cpu, cuda, mps)")
+    p.add_argument("--backends", default=None, help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
+    p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
+    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
+    p.add_argument("--steps", type=int, default=30, help="ddp: timed steps per run")
+    p.add_argument("--warmup-steps", type=int, default=10, help="ddp: untimed steps before timing")
+    p.add_argument("--cores-per-node", type=int, default=0, help="ddp: pin each rank to its own N cores (0: no pinning)")
+    p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
 
 
 def _add_info(sub) -> None:

@@ -7,8 +7,9 @@ overlap of communication with backward; MacFleet only supplies the hook, registe
     hook(bucket): buffer *= b_i / B  ->  compressor.reduce(buffer, segments, step)  ->  Future
 
 so the all_reduce sum over ranks is the global-batch mean gradient. Where DDP cannot run on the
-device (MPS with a third-party backend is unproven) or there is only one process, the fallback
-flattens the gradients after backward and sends them through the same reduce path.
+device (MPS with a third-party backend is unproven) or there is only one process, the flat path
+does the same with its own buckets: post-accumulate-grad hooks launch each bucket's reduction
+as soon as backward has produced its gradients, and `finish_gradients` only waits (see _Buckets).
 """
 
 from __future__ import annotations
@@ -76,9 +77,11 @@ class MacFleetDDP(torch.nn.Module):
             if use_torch_ddp:
                 self._wrap_torch_ddp(device, bucket_cap_mb)
             else:
-                log.info("MacFleetDDP: flat path on %s (PyTorch DDP not used): all gradients go through the comm hook after backward", device.type)
+                log.info("MacFleetDDP: flat path on %s (PyTorch DDP not used): gradient buckets are reduced "
+                         "as backward produces them", device.type)
                 self._broadcast_state()
         self.needs_fallback = self.ddp is None and (self.world_size > 1 or compression.name != "none")
+        self._buckets = _Buckets(self, bucket_cap_mb) if self.needs_fallback else None
 
     # -- torch DDP path
     def _wrap_torch_ddp(self, device, bucket_cap_mb) -> None:
@@ -118,22 +121,29 @@ class MacFleetDDP(torch.nn.Module):
             self._segments_cache[key] = segs
         return segs
 
-    # -- fallback path
+    # -- flat path
     def _broadcast_state(self) -> None:
-        with torch.no_grad():
-            for t in list(self.module.parameters()) + list(self.module.buffers()):
-                self._broadcast_tensor(t)
+        self._broadcast_tensors(list(self.module.parameters()) + list(self.module.buffers()))
 
-    def _broadcast_tensor(self, t: torch.Tensor) -> None:
-        cpu = t.detach().to("cpu").contiguous()
-        self.group.broadcast(cpu, src=0)
-        t.copy_(cpu)
+    def _broadcast_tensors(self, tensors: list[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors` on every rank: one broadcast per dtype, staged like any
+        collective (a device tensor is copied to the host asynchronously, not per tensor)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        with torch.no_grad():
+            for group in by_dtype.values():
+                flat = torch.cat([t.detach().reshape(-1) for t in group])
+                self.group.broadcast(flat, src=0)
+                torch._foreach_copy_(group, [v.view_as(t) for t, v in zip(group, flat.split([t.numel() for t in group]))])
 
     def forward(self, *args, **kwargs):
         if self.ddp is not None:
             return self.ddp(*args, **kwargs)
         if self.module.training:
             self.sync_buffers()  # DDP's broadcast_buffers: rank 0's BatchNorm statistics win
+            if self._buckets is not None and torch.is_grad_enabled():
+                self._buckets.arm(self.step)
         return self.module(*args, **kwargs)
 
     def sync_buffers(self) -> None:
@@ -141,25 +151,15 @@ class MacFleetDDP(torch.nn.Module):
         training forward, so after the last one every rank holds its own batch's update: call
         this before evaluating or checkpointing, so all ranks evaluate and save the same model."""
         if self.world_size > 1:
-            with torch.no_grad():
-                for b in self.module.buffers():
-                    self._broadcast_tensor(b)
+            buffers = list(self.module.buffers())
+            if buffers:
+                self._broadcast_tensors(buffers)
 
     def finish_gradients(self) -> None:
-        """Fallback: reduce all gradients at once through the hook's path (no-op under torch DDP)."""
-        if not self.needs_fallback:
-            return
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        if not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        flat.mul_(self.share)
-        out = self.reducer.reduce(flat, self._segments(params), self.step).wait()
-        off = 0
-        for p in params:
-            n = p.numel()
-            p.grad.copy_(out[off : off + n].view_as(p.grad))
-            off += n
+        """Flat path: wait for the bucket reductions that backward launched (launching any whose
+        gradients never arrived) and write the results into `.grad`. No-op under torch DDP."""
+        if self._buckets is not None:
+            self._buckets.finish()
 
     # -- bookkeeping
     def set_step(self, step: int) -> None:
@@ -179,3 +179,86 @@ class MacFleetDDP(torch.nn.Module):
 
     def load_state_dict(self, state, strict: bool = True):
         self.reducer.load_state_dict(state or {})
+
+
+class _Buckets:
+    """The flat path's own bucketing: gradients go out while backward is still running.
+
+    Parameters are grouped in reverse registration order (roughly the order backward produces
+    their gradients) into buckets of at most `cap_mb`. A post-accumulate-grad hook counts each
+    bucket's arrivals; a complete bucket is flattened, scaled by b_i / B and handed to the
+    reducer at once, in bucket order (a bucket that completes early waits for the ones before
+    it), so every rank issues the same collectives in the same order. `finish` launches what
+    never completed (parameters without a gradient this step count as zeros), waits for the
+    futures and writes the global-mean gradients into `.grad`.
+    """
+
+    def __init__(self, ddp: MacFleetDDP, cap_mb: float):
+        self.ddp = ddp
+        cap = max(1, int(cap_mb * (1 << 20)))
+        params = [p for p in ddp.module.parameters() if p.requires_grad]
+        self.buckets: list[list[torch.nn.Parameter]] = []
+        size = cap
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            if size + nbytes > cap and (not self.buckets or self.buckets[-1]):
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += nbytes
+        self._index = {id(p): b for b, bucket in enumerate(self.buckets) for p in bucket}
+        self._armed = False
+        self._step = 0
+        self._reset()
+        self.launch_times: list[float] = []
+        """perf_counter() of each bucket's launch in the current step (the ordering test reads it)."""
+        for p in params:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _reset(self) -> None:
+        self._missing = [len(b) for b in self.buckets]
+        self._futures: list = [None] * len(self.buckets)
+        self._next = 0
+
+    def arm(self, step: int) -> None:
+        """A training forward: the next backward's gradients are this step's."""
+        self._reset()
+        self.launch_times = []
+        self._step = step
+        self._armed = True
+
+    def _on_grad(self, p: torch.nn.Parameter) -> None:
+        if not self._armed:
+            return
+        b = self._index[id(p)]
+        self._missing[b] -= 1
+        while self._next < len(self.buckets) and self._missing[self._next] == 0:
+            self._launch(self._next)
+
+    def _launch(self, b: int) -> None:
+        import time
+
+        params = self.buckets[b]
+        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                 for p in params]
+        flat = torch.cat(grads) if len(grads) > 1 else grads[0].clone()
+        flat.mul_(self.ddp.share)
+        self._futures[b] = self.ddp.reducer.reduce(flat, self.ddp._segments(params), self._step)
+        self._next = b + 1
+        self.launch_times.append(time.perf_counter())
+
+    def finish(self) -> None:
+        if not self._armed:
+            return
+        self._armed = False
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+        for params, fut in zip(self.buckets, self._futures):
+            out = fut.wait()
+            views = [v.view_as(p) for p, v in zip(params, out.split([p.numel() for p in params]))]
+            with torch.no_grad():
+                for p, v in zip(params, views):
+                    if p.grad is None:
+                        p.grad = v.clone()
+                    else:
+                        p.grad.copy_(v)

@@ -8,6 +8,10 @@ def benchmark_main(args) -> int:
         from macfleet.benchmark.comm import run_comm_benchmark
 
         return run_comm_benchmark(args)
+    if args.type == "ddp":
+        from macfleet.benchmark.ddp import run_ddp_benchmark
+
+        return run_ddp_benchmark(args)
     from macfleet.benchmark.compression import run_compression_benchmark
 
     return run_compression_benchmark(args)

@@ -16,7 +16,8 @@ Cluster code that already knows every address calls `init_process_group_from_gro
 instead: the default group then uses that Group, with no second rendezvous port.
 
 Collectives: allreduce (sum, avg), allreduce_coalesced, broadcast, allgather (also into one
-tensor), gather, scatter, barrier. cuda/mps tensors are staged through CPU by the Group.
+tensor), gather, scatter, barrier. cuda/mps tensors are staged asynchronously through pooled
+host buffers by the Group (comm/staging.py).
 """
 
 from __future__ import annotations

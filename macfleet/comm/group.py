@@ -5,8 +5,11 @@ collectives one at a time in the order they were issued, so async calls from one
 in issue order and every rank's n-th collective meets the peers' n-th. A sync call made while
 nothing is queued or running runs inline on the caller's thread (the sockets move between threads
 only under one lock, which is the memory barrier ZeroMQ asks for); otherwise it is queued
-behind the others and waited for. Tensors on cuda/mps, or not contiguous, are staged through a contiguous CPU
-copy and copied back. `abort(exc)` (from any thread, e.g. a heartbeat monitor) makes the running
+behind the others and waited for. A tensor on cuda or mps is staged (staging.py): the caller
+only issues an asynchronous copy into a pooled host buffer, the comm thread waits for it, runs
+the collective and copies the result back, so the caller's thread never waits for a copy or a
+socket. Non-contiguous CPU tensors run on a contiguous copy that is copied back.
+`abort(exc)` (from any thread, e.g. a heartbeat monitor) makes the running
 and every later collective raise `exc` within about POLL_SLICE_S.
 
 `session` is a 64-bit id shared by every rank of one Group and different for any other run or
@@ -25,6 +28,7 @@ import torch
 
 from macfleet.comm import collectives
 from macfleet.comm.framing import check_session, dtype_code
+from macfleet.comm.staging import stager_for
 from macfleet.comm.transport import Transport
 from macfleet.errors import MacFleetError, PeerLostError
 
@@ -111,11 +115,40 @@ class Group:
         self._check_rank(src, "src")
         return self._submit("broadcast", collectives.broadcast, t, src, staged=True, sync=_sync)
 
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return self.all_gather_async(t).wait()
+    def all_gather(self, t: torch.Tensor, check=None) -> list[torch.Tensor]:
+        return self.all_gather_async(t, check=check).wait()
 
-    def all_gather_async(self, t: torch.Tensor) -> torch.futures.Future:
-        return _on_device(self._submit("all_gather", collectives.all_gather, self._cpu(t)), t.device)
+    def all_gather_async(self, t: torch.Tensor, check=None) -> torch.futures.Future:
+        """Every rank's `t` (shapes may differ), in rank order, on `t`'s device. `check(part)`,
+        if given, runs on the comm thread on the host copy of every part (this rank's too)
+        before it moves to the device: raise FrameError there to reject a malformed part, so
+        validation costs no device synchronisation. A device `t` is staged like all_reduce's."""
+        self._check_tensor(t)
+        if t.device.type == "cpu":
+            src = t.detach().contiguous()
+
+            def run_cpu(tp, _, *rest):
+                parts = collectives.all_gather(tp, src, *rest)
+                if check is not None:
+                    for part in parts:
+                        check(part)
+                return parts
+
+            return self._submit("all_gather", run_cpu, None)
+        stager = stager_for(t.device)
+        handle = stager.to_host(t)
+
+        def run_device(tp, _, *rest):
+            host = stager.wait(handle)
+            parts = collectives.all_gather(tp, host, *rest)
+            if check is not None:
+                for part in parts:
+                    check(part)
+            out = [stager.new_on_device(p) for p in parts]
+            stager.release(handle)  # all_gather's sends have left (it waits for them)
+            return out
+
+        return self._submit("all_gather", run_device, None)
 
     def gather(self, t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         self._check_rank(dst, "dst")
@@ -197,26 +230,40 @@ class Group:
         fut: torch.futures.Future = torch.futures.Future()
         if staged:
             self._check_tensor(t)
-            # In-place collectives: run on a contiguous CPU tensor, then copy back if it was staged.
-            work = t if (t.device.type == "cpu" and t.is_contiguous()) else t.detach().to("cpu").contiguous()
-            inner = torch.futures.Future()
-
-            def finish(f):
-                try:
-                    f.value()
-                    if work is not t:
-                        t.copy_(work)
-                    fut.set_result(t)
-                except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
-                    fut.set_exception(exc)
-
-            inner.add_done_callback(finish)
-            job = (name, (fn, work, *args), inner, timeout)
+            job = (name, self._staged(fn, t, args), fut, timeout)
         else:
             job = (name, (fn, t, *args), fut, timeout)
         if not (sync and self._run_inline(job)):
             self._enqueue(job)
         return fut
+
+    @staticmethod
+    def _staged(fn, t: torch.Tensor, args: tuple) -> tuple:
+        """An in-place collective's job on `t`: contiguous CPU tensors run as they are; anything
+        else runs on a host copy that is copied back when the collective is done. A device
+        tensor's copy is only issued here (see staging.py): the caller never waits for it."""
+        if t.device.type == "cpu":
+            work = t if t.is_contiguous() else t.contiguous()
+
+            def run_cpu(tp, *rest):
+                fn(tp, work, *rest)
+                if work is not t:
+                    t.copy_(work)
+                return t
+
+            return (run_cpu, *args)
+        stager = stager_for(t.device)
+        handle = stager.to_host(t)
+
+        def run_device(tp, *rest):
+            host = stager.wait(handle)
+            fn(tp, host, *rest)
+            stager.to_device(host, t)
+            # Only after success: a failed collective may leave zero-copy sends holding the buffer.
+            stager.release(handle)
+            return t
+
+        return (run_device, *args)
 
     def _enqueue(self, job) -> None:
         with self._state_lock:

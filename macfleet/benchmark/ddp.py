@@ -1,0 +1,182 @@
+"""`macfleet benchmark --type ddp`: plain PyTorch DDP under torchrun, per backend, beside one node.
+
+The question a user with an existing DDP script asks: "is the macfleet backend as fast as the
+stock ones?". Each run is the real thing: `torchrun --nproc-per-node N -m macfleet.benchmark.ddp`
+starts N processes of an unmodified DDP training loop (ResNet with the CIFAR stem on 32x32
+synthetic batches already on the device, SGD with momentum); only the backend name changes.
+Every rank gets its own GPU (`--device cuda`, rank i on GPU i mod count) and, with
+`--cores-per-node`, its own cores. The reference is the same loop in one process (world size 1).
+Runs are interleaved over `--repeats` rounds and the median is reported, so drift hits every
+backend alike. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
+"samples_per_s", "step_s", "vs_one_node", "vs_gloo"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from macfleet.errors import ConfigError
+
+MODELS = ("resnet18", "resnet50")
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+# ----------------------------------------------------------------------------- the DDP script
+def _worker(argv: list[str]) -> None:
+    """One rank of a plain DDP loop (what a user's script does); rank 0 writes the result."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--backend", required=True)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cores-per-node", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if a.cores_per_node:
+        first = local_rank * a.cores_per_node
+        os.sched_setaffinity(0, range(first, first + a.cores_per_node))
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import macfleet.comm.backend  # noqa: F401 - registers "macfleet"
+    from macfleet.models import resnet
+
+    if a.cores_per_node:
+        torch.set_num_threads(a.cores_per_node)
+    if a.device == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device(a.device)
+    dist.init_process_group(a.backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    model = getattr(resnet, a.model)(num_classes=10, in_channels=3, cifar_stem=True).to(device)
+    ddp = DDP(model, device_ids=[device] if device.type == "cuda" else None)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(a.batch, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (a.batch,), generator=g).to(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    for i in range(a.warmup + a.steps):
+        if i == a.warmup:
+            sync()
+            dist.barrier()
+            start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        opt.step()
+    sync()
+    elapsed = time.perf_counter() - start
+    times = [None] * world
+    dist.all_gather_object(times, elapsed)
+    if rank == 0:
+        slowest = max(times)
+        Path(a.out).write_text(json.dumps({"samples_per_s": a.batch * world * a.steps / slowest,
+                                           "step_s": slowest / a.steps}))
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the driver
+def _check(args) -> list[str]:
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else (
+        ["nccl", "gloo", "macfleet"] if args.device == "cuda" else ["gloo", "macfleet"])
+    if args.model not in MODELS:
+        raise ConfigError(f"--model {args.model!r}: choose one of {', '.join(MODELS)}")
+    if args.nodes < 2:
+        raise ConfigError("--nodes must be at least 2 (one node is the reference every backend is compared with)")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
+    elif "nccl" in backends:
+        raise ConfigError("the nccl backend needs --device cuda")
+    if args.cores_per_node and args.cores_per_node * args.nodes > (os.cpu_count() or 1):
+        raise ConfigError(f"--cores-per-node {args.cores_per_node} x {args.nodes} nodes needs "
+                          f"{args.cores_per_node * args.nodes} cores; this machine has {os.cpu_count()}")
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1")
+    return backends
+
+
+def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
+    out = workdir / f"{backend}-{nodes}-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
+           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "macfleet.benchmark.ddp",
+           "--backend", backend, "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup_steps), "--device", args.device, "--cores-per-node", str(args.cores_per_node or 0),
+           "--out", str(out)]
+    env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ConfigError(f"the {backend} run on {nodes} node(s) failed (exit {proc.returncode}):\n{tail}")
+    return json.loads(out.read_text())
+
+
+def run_ddp_benchmark(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from macfleet.comm.launch import free_ports
+
+    backends = _check(args)
+    console = Console()
+    runs = [("gloo", 1)] + [(b, args.nodes) for b in backends]
+    got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
+    with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
+        for rep in range(args.repeats):
+            for backend, nodes in runs:
+                res = _run_once(args, backend, nodes, Path(tmp), free_ports(1)[0])
+                got[(backend, nodes)].append(res)
+                console.print(f"[dim]round {rep + 1}/{args.repeats}: {backend} x{nodes}: "
+                              f"{res['samples_per_s']:.0f} samples/s[/dim]")
+    med = {r: statistics.median(x["samples_per_s"] for x in v) for r, v in got.items()}
+    one = med[("gloo", 1)]
+    gloo = med.get(("gloo", args.nodes))
+    rows = []
+    for backend, nodes in runs:
+        sps = med[(backend, nodes)]
+        rows.append({"backend": "none (1 process)" if nodes == 1 else backend, "nodes": nodes, "device": args.device,
+                     "model": args.model, "batch_per_rank": args.batch, "samples_per_s": sps,
+                     "step_s": statistics.median(x["step_s"] for x in got[(backend, nodes)]),
+                     "vs_one_node": sps / one, "vs_gloo": (sps / gloo) if gloo and nodes > 1 else None,
+                     "repeats": args.repeats})
+    table = Table(title=f"plain DDP under torchrun: {args.model}, {args.batch} per rank, {args.device}, "
+                        f"median of {args.repeats}")
+    for col in ("backend", "nodes", "samples/s", "vs 1 node", "vs gloo"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    for r in rows:
+        table.add_row(r["backend"], str(r["nodes"]), f"{r['samples_per_s']:.0f}", f"{r['vs_one_node']:.2f}x",
+                      "" if r["vs_gloo"] is None else f"{r['vs_gloo']:.2f}x")
+    console.print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+        console.print(f"JSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1:])

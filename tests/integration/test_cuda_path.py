@@ -1,0 +1,81 @@
+"""The accelerator path, in 2 real processes over the engine: DDP on cuda equals DDP on cpu for
+every codec, the flat path on cuda equals the DDP path, and the comm hook never synchronises the
+host with the device. Needs a CUDA GPU: CI has none, the GPU hosts run it (README, Benchmarks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from macfleet.comm.launch import spawn_local
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU host)")
+
+CODECS = ("none", "fp16", "topk", "topk_fp16")
+STEPS = 3
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                               torch.nn.ReLU(), torch.nn.Linear(512, 10))
+
+
+def _train(group, device: str, path: str, codec: str, rank: int, sync_debug: bool) -> dict:
+    from macfleet.config import CompressionConfig
+    from macfleet.ddp import MacFleetDDP
+
+    dev = torch.device(device)
+    model = _model().to(dev)
+    ddp = MacFleetDDP(model, group, share=0.5, compression=CompressionConfig(name=codec, ratio=0.25),
+                      device=dev, use_torch_ddp=path == "torch", bucket_cap_mb=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(11 + rank)
+    batches = [(torch.randn(32, 64, generator=g).to(dev), torch.randint(0, 10, (32,), generator=g).to(dev))
+               for _ in range(STEPS)]
+    for step, (x, y) in enumerate(batches):
+        ddp.set_step(step)
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(ddp(x), y)
+        if sync_debug and step > 0:  # step 0: DDP rebuilds its buckets (host work of its own)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        ddp.finish_gradients()
+        opt.step()
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _ranks(rank, world_size, addrs):
+    import torch.distributed as dist
+
+    from macfleet.comm import Group
+    from macfleet.comm.backend import init_process_group_from_group
+
+    group = Group(rank, world_size, addrs, timeout=60)
+    init_process_group_from_group(group)
+    device = f"cuda:{rank % torch.cuda.device_count()}"
+    torch.cuda.set_device(device)
+    out = {}
+    for codec in CODECS:
+        out[("cpu", "torch", codec)] = _train(group, "cpu", "torch", codec, rank, False)
+        out[(device, "torch", codec)] = _train(group, device, "torch", codec, rank, True)
+        out[(device, "flat", codec)] = _train(group, device, "flat", codec, rank, False)
+    dist.destroy_process_group()
+    group.close()
+    return {"device": device, "states": out}
+
+
+def test_cuda_equals_cpu_for_every_codec_without_host_sync_in_the_hook():
+    results = spawn_local(_ranks, 2, timeout=300)
+    for rank in range(2):
+        device, states = results[rank]["device"], results[rank]["states"]
+        for codec in CODECS:
+            ref = states[("cpu", "torch", codec)]
+            for path in ("torch", "flat"):
+                got = states[(device, path, codec)]
+                for key, value in ref.items():
+                    torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5,
+                                               msg=lambda m, k=key, p=path, c=codec: f"{c} {p} {k}: {m}")
