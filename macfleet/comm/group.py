@@ -79,6 +79,10 @@ class Group:
         self._state_lock = threading.Lock()
         self._pending = 0
         self._broken = False
+        self._lander: threading.Thread | None = None
+        self._landings: queue.SimpleQueue | None = None
+        self._in_flight: dict = {}  # (device, data_ptr) -> staged collectives not yet landed
+        self._last_landing: dict = {}  # (device, data_ptr) -> the newest copy back's event
         ready: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True,
                                         name=f"macfleet-comm-r{rank}")
@@ -189,6 +193,9 @@ class Group:
         if self._thread.is_alive():
             self.abort(MacFleetError("the group was closed while a collective was still running"))
             self._thread.join(10)
+        if self._lander is not None:
+            self._landings.put(None)
+            self._lander.join(10)
 
     @property
     def rejected(self) -> list:
@@ -237,8 +244,7 @@ class Group:
             self._enqueue(job)
         return fut
 
-    @staticmethod
-    def _staged(fn, t: torch.Tensor, args: tuple) -> tuple:
+    def _staged(self, fn, t: torch.Tensor, args: tuple) -> tuple:
         """An in-place collective's job on `t`: contiguous CPU tensors run as they are; anything
         else runs on a host copy that is copied back when the collective is done. A device
         tensor's copy is only issued here (see staging.py): the caller never waits for it."""
@@ -253,15 +259,29 @@ class Group:
 
             return (run_cpu, *args)
         stager = stager_for(t.device)
-        handle = stager.to_host(t)
+        key = (str(t.device), t.data_ptr())
+        with self._state_lock:
+            chained = self._in_flight.get(key, 0) > 0
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        # A tensor already in an earlier, unfinished collective must be read after that one's
+        # result has landed in it (as on one CUDA stream): its copy is issued later, in order.
+        handle = None if chained else stager.to_host(t)
+        ready = stager.mark() if chained else None
 
         def run_device(tp, *rest):
+            nonlocal handle
+            if handle is None:
+                stager.landed(self._last_landing.get(key))
+                handle = stager.to_host(t, after=ready)
             host = stager.wait(handle)
             fn(tp, host, *rest)
-            stager.to_device(host, t)
-            # Only after success: a failed collective may leave zero-copy sends holding the buffer.
-            stager.release(handle)
-            return t
+            # The copy back is only issued: the landing thread completes the future once it is on
+            # the device, while this thread starts the next collective. The host buffer returns
+            # to the pool only after success (a failed collective may leave zero-copy sends
+            # holding it).
+            event = stager.to_device_async(host, t)
+            self._last_landing[key] = event
+            return _Landing(t, stager, event, handle, key)
 
         return (run_device, *args)
 
@@ -351,5 +371,53 @@ class Group:
                 self._abort_exc = exc
             fut.set_exception(exc)
             return
+        if isinstance(result, _Landing):
+            self._land(result, fut)
+            return
         fut.set_result(result)
+
+    def _land(self, landing: "_Landing", fut: torch.futures.Future) -> None:
+        """Complete `fut` once `landing` is on the device, on the landing thread (FIFO, so futures
+        still complete in issue order)."""
+        with self._state_lock:
+            if self._lander is None:
+                self._landings = queue.SimpleQueue()
+                self._lander = threading.Thread(target=self._run_lander, daemon=True,
+                                                name=f"macfleet-land-r{self.rank}")
+                self._lander.start()
+            self._landings.put((landing, fut))
+
+    def _run_lander(self) -> None:
+        while True:
+            item = self._landings.get()
+            if item is None:
+                return
+            landing, fut = item
+            try:
+                landing.stager.landed(landing.event)
+                landing.stager.release(landing.handle)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+                fut.set_exception(exc)
+                continue
+            finally:
+                self._done_with(landing.key)
+            fut.set_result(landing.value)
+
+    def _done_with(self, key) -> None:
+        with self._state_lock:
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
+                self._last_landing.pop(key, None)
+
+
+class _Landing:
+    """A collective's result still crossing to the device (see Group._land)."""
+
+    __slots__ = ("value", "stager", "event", "handle", "key")
+
+    def __init__(self, value, stager, event, handle, key):
+        self.value, self.stager, self.event, self.handle, self.key = value, stager, event, handle, key
 

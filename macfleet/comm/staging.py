@@ -90,8 +90,21 @@ class Stager:
                 free.append(_raw(buf))
 
     # -- copies -------------------------------------------------------------------------------
-    def to_host(self, t: torch.Tensor) -> Staged:
-        """Issue a copy of device tensor `t` into a host buffer; never waits (caller's thread)."""
+    def mark(self):
+        """An event on the caller's current stream (what a later `to_host(after=...)` waits for)."""
+        if self.kind == "cuda":
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.device))
+            return ev
+        if self.kind == "mps":
+            ev = torch.mps.Event()
+            ev.record()
+            return ev
+        return None
+
+    def to_host(self, t: torch.Tensor, after=None) -> Staged:
+        """Issue a copy of device tensor `t` into a host buffer; never waits (caller's thread).
+        `after` (from `mark`) orders the copy after that event instead of the current stream."""
         src = t.detach()
         if not src.is_contiguous():
             src = src.contiguous()  # a device kernel, queued like any other
@@ -101,8 +114,7 @@ class Stager:
         if nbytes == 0:
             return Staged(host, None, 0, src)
         if self.kind == "cuda":
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
+            ready = after if after is not None else self.mark()
             with torch.cuda.stream(self._stream):
                 self._stream.wait_event(ready)
                 host.copy_(src, non_blocking=True)
@@ -111,6 +123,8 @@ class Stager:
             src.record_stream(self._stream)
             return Staged(host, done, nbytes, src)
         if self.kind == "mps":
+            if after is not None:
+                after.synchronize()  # a chained copy, issued on the comm thread
             host.copy_(src, non_blocking=True)
             done = torch.mps.Event()
             done.record()
@@ -147,6 +161,34 @@ class Stager:
             t.copy_(src)
         self.seconds += time.perf_counter() - start
         self.bytes += host.numel() * host.element_size()
+
+    def to_device_async(self, host: torch.Tensor, t: torch.Tensor):
+        """Comm thread: issue the copy of `host` into device tensor `t`; returns what `landed`
+        waits on (None when nothing is pending), so the comm thread can start the next collective
+        while this result crosses to the device."""
+        if t.numel() == 0:
+            return None
+        src = host.view(t.shape)
+        if self.kind == "cuda":
+            with torch.cuda.stream(self._stream):
+                t.copy_(src, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self._stream)
+            return done
+        if self.kind == "mps":
+            t.copy_(src, non_blocking=True)
+            done = torch.mps.Event()
+            done.record()
+            return done
+        t.copy_(src)
+        return None
+
+    def landed(self, event) -> None:
+        """Block (the landing thread) until a copy issued by to_device_async is on the device."""
+        if event is not None:
+            start = time.perf_counter()
+            event.synchronize()
+            self.seconds += time.perf_counter() - start
 
     def new_on_device(self, host: torch.Tensor) -> torch.Tensor:
         """Comm thread: a device copy of a host tensor (a received all_gather part), landed."""

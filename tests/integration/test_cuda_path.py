@@ -58,6 +58,14 @@ def _ranks(rank, world_size, addrs):
     init_process_group_from_group(group)
     device = f"cuda:{rank % torch.cuda.device_count()}"
     torch.cuda.set_device(device)
+    # Two async all_reduces of one device tensor: the second reads the first's result (as on one
+    # CUDA stream), although its copy to the host could have been issued before the first ran.
+    t = torch.full((3000,), float(rank + 1), device=device)
+    first, second = group.all_reduce_async(t), group.all_reduce_async(t)
+    second.wait()
+    chained = (first.wait() is t, t.cpu().unique().tolist())
+    parts = group.all_gather(torch.arange(4, device=device) + 10 * rank, check=lambda p: None)
+    gathered = [(p.device.type, p.tolist()) for p in parts]
     out = {}
     for codec in CODECS:
         out[("cpu", "torch", codec)] = _train(group, "cpu", "torch", codec, rank, False)
@@ -65,13 +73,15 @@ def _ranks(rank, world_size, addrs):
         out[(device, "flat", codec)] = _train(group, device, "flat", codec, rank, False)
     dist.destroy_process_group()
     group.close()
-    return {"device": device, "states": out}
+    return {"device": device, "states": out, "chained": chained, "gathered": gathered}
 
 
 def test_cuda_equals_cpu_for_every_codec_without_host_sync_in_the_hook():
     results = spawn_local(_ranks, 2, timeout=300)
     for rank in range(2):
         device, states = results[rank]["device"], results[rank]["states"]
+        assert results[rank]["chained"] == (True, [6.0])
+        assert results[rank]["gathered"] == [("cuda", [0, 1, 2, 3]), ("cuda", [10, 11, 12, 13])]
         for codec in CODECS:
             ref = states[("cpu", "torch", codec)]
             for path in ("torch", "flat"):
