@@ -40,6 +40,23 @@ def _on_device(fut: torch.futures.Future, device: torch.device) -> torch.futures
     return fut.then(lambda f: None if f.value() is None else [x.to(device) for x in f.value()])
 
 
+def _checked(fut: torch.futures.Future, check) -> torch.futures.Future:
+    """`fut`'s tensors after check(x) on each; an error keeps its type (then() would wrap it)."""
+    out: torch.futures.Future = torch.futures.Future()
+
+    def done(f):
+        try:
+            tensors = f.value()
+            for x in tensors:
+                check(x)
+            out.set_result(tensors)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
+            out.set_exception(exc)
+
+    fut.add_done_callback(done)
+    return out
+
+
 class Group:
     """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
 
@@ -114,8 +131,13 @@ class Group:
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         return self.all_gather_async(t).wait()
 
-    def all_gather_async(self, t: torch.Tensor) -> torch.futures.Future:
-        return _on_device(self._submit("all_gather", collectives.all_gather, self._cpu(t)), t.device)
+    def all_gather_async(self, t: torch.Tensor, *, check=None) -> torch.futures.Future:
+        """`check(cpu_tensor)`, if given, runs on the comm thread on the host copy of every gathered
+        tensor (own included) before any is moved to t's device; what it raises fails the future."""
+        fut = self._submit("all_gather", collectives.all_gather, self._cpu(t))
+        if check is not None:
+            fut = _checked(fut, check)
+        return _on_device(fut, t.device)
 
     def gather(self, t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         self._check_rank(dst, "dst")
