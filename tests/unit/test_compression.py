@@ -1,13 +1,16 @@
 """GradientCompressor and error feedback in one process (world_size 1, group None)."""
 
 import math
+import threading
 
 import pytest
 import torch
 
+from macfleet.comm import Group
+from macfleet.comm.launch import free_ports
 from macfleet.compression import GradientCompressor, warmup_ratio
 from macfleet.config import CompressionConfig
-from macfleet.errors import CheckpointError, ConfigError
+from macfleet.errors import CheckpointError, ConfigError, FrameError
 
 # parameter sizes with partial blocks and tiny tensors, like a real model's weights and biases
 PARAMS = [("conv.weight", 4608), ("conv.bias", 10), ("fc.weight", 70_000), ("fc.bias", 1), ("head.weight", 12_345)]
@@ -181,6 +184,10 @@ def test_stats_and_segment_checks():
     assert comp.stats["dense_bytes"] == 4 * sum(n for _, n in PARAMS)
     assert 0.04 < comp.wire_ratio < 0.1
     assert comp.stats["compress_s"] > 0
+    # the payload's size depends on the layout and ratio only: all-zero gradients cost the same
+    sent = comp.stats["bytes_sent"]
+    reduce_all(comp, {n: torch.zeros(k) for n, k in PARAMS}, ONE_BUCKET, 1)
+    assert comp.stats["bytes_sent"] == 2 * sent
     flat = torch.zeros(10)
     with pytest.raises(ValueError, match="gaps"):
         comp.reduce(flat, [("a", 0, 4), ("b", 5, 5)], 0)
@@ -196,3 +203,29 @@ def test_topk_fp16_ratio_one_with_error_feedback_keeps_the_rounding():
     for n, _ in PARAMS:
         assert torch.equal(out[n], g[n].half().float())
         assert torch.equal(out[n] + res[n], g[n])
+
+
+def test_a_rank_with_another_config_is_a_frame_error():
+    # two ranks on real sockets (threads): rank 1 keeps another ratio, so its payload has another
+    # size and K; both ranks reject it on the host copy, before decoding anything.
+    addrs = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    errors: list = [None, None]
+
+    def rank(r: int) -> None:
+        with Group(r, 2, addrs, timeout=20.0) as group:
+            comp = GradientCompressor(CompressionConfig(name="topk", ratio=0.1 if r == 0 else 0.2), group)
+            flat, segs = bucket(grads(r), ONE_BUCKET[0])
+            try:
+                comp.reduce(flat, segs, 0).wait()
+            except Exception as exc:  # noqa: BLE001 - checked below
+                errors[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for exc in errors:
+        # torch's Future.then wraps what the callback raised in a RuntimeError naming it
+        assert isinstance(exc, (FrameError, RuntimeError)) and "FrameError" in repr(exc) + type(exc).__name__, exc
+        assert "same compression config" in str(exc)
