@@ -1,16 +1,14 @@
 """GradientCompressor and error feedback in one process (world_size 1, group None)."""
 
 import math
-import threading
 
 import pytest
 import torch
 
-from macfleet.comm import Group
-from macfleet.comm.launch import free_ports
 from macfleet.compression import GradientCompressor, warmup_ratio
 from macfleet.config import CompressionConfig
 from macfleet.errors import CheckpointError, ConfigError, FrameError
+from tests.unit.test_comm_group import _each, _groups
 
 # parameter sizes with partial blocks and tiny tensors, like a real model's weights and biases
 PARAMS = [("conv.weight", 4608), ("conv.bias", 10), ("fc.weight", 70_000), ("fc.bias", 1), ("head.weight", 12_345)]
@@ -208,23 +206,18 @@ def test_topk_fp16_ratio_one_with_error_feedback_keeps_the_rounding():
 def test_a_rank_with_another_config_is_a_frame_error():
     # two ranks on real sockets (threads): rank 1 keeps another ratio, so its payload has another
     # size and K; both ranks reject it on the host copy, before decoding anything.
-    addrs = [f"127.0.0.1:{p}" for p in free_ports(2)]
-    errors: list = [None, None]
+    groups = _groups(2, timeout=20.0)
 
-    def rank(r: int) -> None:
-        with Group(r, 2, addrs, timeout=20.0) as group:
-            comp = GradientCompressor(CompressionConfig(name="topk", ratio=0.1 if r == 0 else 0.2), group)
-            flat, segs = bucket(grads(r), ONE_BUCKET[0])
-            try:
-                comp.reduce(flat, segs, 0).wait()
-            except Exception as exc:  # noqa: BLE001 - checked below
-                errors[r] = exc
+    def reduce(group):
+        comp = GradientCompressor(CompressionConfig(name="topk", ratio=0.1 if group.rank == 0 else 0.2), group)
+        flat, segs = bucket(grads(group.rank), ONE_BUCKET[0])
+        return comp.reduce(flat, segs, 0).wait()
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        errors = _each(groups, reduce)
+    finally:
+        for g in groups:
+            g.close()
     for exc in errors:
         # torch's Future.then wraps what the callback raised in a RuntimeError naming it
         assert isinstance(exc, (FrameError, RuntimeError)) and "FrameError" in repr(exc) + type(exc).__name__, exc
