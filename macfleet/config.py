@@ -40,12 +40,12 @@ class CompressionConfig:
     ratio: float = 0.1
     """Fraction of gradient elements kept by the top-k codecs (0 < ratio <= 1)."""
     granularity: str = "block"
-    """Top-k selection unit: block (64-element blocks by norm, fastest), element (sampled
-    threshold), exact (torch.topk)."""
+    """Top-k selection unit: block (`block_size`-element blocks by L2 norm; least index overhead)
+    or element (|x|); exact is an alias of element. Selection is exact per parameter either way."""
     block_size: int = 64
     """Elements per block when granularity=block."""
     sample_fraction: float = 0.01
-    """Fraction of elements (or blocks) sampled to estimate the top-k threshold."""
+    """Unused since selection became exact (sparse payload v2); still accepted so older configs load."""
     error_feedback: bool = True
     """Carry what was not sent into the next step's gradient (lossy codecs only)."""
     momentum_correction: bool = False
@@ -64,7 +64,7 @@ class CompressionConfig:
             raise ConfigError(f"compression.ratio={self.ratio} must be in (0, 1], e.g. 0.1 keeps 10%")
         if self.granularity not in ("block", "element", "exact"):
             raise ConfigError(
-                f"compression.granularity={self.granularity!r}: choose block, element or exact"
+                f"compression.granularity={self.granularity!r}: choose block or element (exact = element)"
             )
         if self.block_size < 1:
             raise ConfigError("compression.block_size must be >= 1")

@@ -1,44 +1,77 @@
-"""Gradient codecs behind one small interface, and the sparse payload's wire format.
+"""Gradient codecs behind one small interface, and the sparse payload's wire format (v2).
 
 A codec turns a gradient into the payload a node puts on the wire and back:
     payload = codec.encode(t, step)             # t: 1-D tensor; payload stays on t's device
-    codec.decode_add(payload, out)              # out += what the payload carries
+    codec.decode_add(payload, out)              # out += what the payload carries (validated first)
     codec.decode(payload, numel) -> tensor      # a fresh dense tensor
     codec.payload_nbytes(payload) -> int        # bytes on the wire
 `none` and `fp16` are dense (their payload is the tensor, or its fp16 cast, and the engine sums
 payloads with all_reduce); `topk` and `topk_fp16` are sparse (the engine all_gathers payloads and
-each node sums them with `decode_add`). The sparse codecs also work on a list of parameter
-segments (`select`, `pack`, `unpack`, `add_selection`), which is what `GradientCompressor` uses.
+each node sums them). The sparse codecs work on a bucket of parameter segments through a `Plan`
+(`plan`, `workspace`, `compress`, `keep_unsent`, `sent_mask`, `validate`, `add_payloads`), which is
+what `GradientCompressor` uses; `encode`/`decode_add` are that path for one segment.
 
-Sparse payload (one uint8 tensor, little-endian, so a bucket costs a single all_gather):
-    header   8 x int64: MAGIC, VERSION, codec id (2 topk, 3 topk_fp16), value dtype code,
-             unit (block_size in block mode, 1 per element), nseg, nvalues, index_nbytes
-    segments nseg x 2 x int64: numel, units kept
-    values   nvalues x value dtype: the kept units' values, segment by segment, in unit order
-             (a kept block is block_size values, a segment's partial last block fewer)
-    indices  index_nbytes bytes: the kept units' bucket-wide unit numbers (a segment's units
-             are numbered after the previous segments'), coded by `indexcode.encode_indices`
-The values section starts at a multiple of 8 bytes so it can be viewed in place.
+No host synchronisation on the device path. Everything that decides a size is known on the host
+from the segments' numels and the ratio alone: each segment keeps exactly
+k_i = keep_count(units_i, ratio) units, so the bucket keeps K = sum(k_i) and its payload has a
+fixed size. The index tensors that depend on the layout and ratio are built on the host once
+(`Layout`, `Plan`, cached) and uploaded without a sync; a step then runs only device kernels of
+host-known shapes: no .item(), nonzero, boolean-mask indexing or upload per call.
+
+Selection (exact, per parameter segment, identical on every device). A unit is a block of
+`block_size` elements (granularity=block) or one element (element; `exact` is an alias). Units are
+scored by |x| (element) or by their sum of squares (block: the L2 norm's order, summed by a fixed
+pairwise tree so CPU and GPU round alike). Segment i keeps its k_i best units, ties going to the
+lower unit number. Computed for the whole bucket at once with two sorts of unique int64 keys (so
+sort stability and the device's tie order never matter):
+    key1 = (inverted score bits << 32) | unit       -> rank of each unit, best first
+    key2 = (segment << 32) | rank                   -> each segment's units, best first
+then a fixed-size gather of the first k_i of each segment's run, sorted by unit number. Segment
+boundaries are not block-aligned in the bucket, so the codec works in a padded workspace where
+segment i starts at unit offset sum(units_<i) and a partial last block is padded with zeros:
+every kept unit carries exactly `unit` values.
+
+Sparse payload v2 (one uint8 tensor, little-endian; every rank's has the same size):
+    header  8 x int64: MAGIC, VERSION, codec id (2 topk, 3 topk_fp16), value dtype code, unit,
+            K (units kept in the bucket), n (elements in the bucket), layout checksum (crc32 of
+            the segment numels as int64)
+    ids     K x int32: the kept units' bucket-wide numbers, strictly increasing (a segment's
+            units are numbered after the previous segments')
+    pad     4 zero bytes when K is odd, so the values start at a multiple of 8
+    values  K x unit x value dtype: the kept units' values in id order (zero padding included)
+    size    64 + 8 * ceil(K / 2) + K * unit * itemsize bytes (`Plan.nbytes`)
+A receiver validates the payload on host memory (`validate`) before it reaches the device.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import zlib
+from collections import OrderedDict
+from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
-from macfleet.compression.indexcode import decode_indices, encode_indices
-from macfleet.compression.select import block_scores, keep_count, sample_seed, top_units
 from macfleet.config import CompressionConfig
 from macfleet.errors import FrameError
 
-MAGIC = 0x315A464D  # b"MFZ1" little-endian
-VERSION = 1
-HEADER_FIELDS = 8
+MAGIC = 0x325A464D  # b"MFZ2" little-endian
+VERSION = 2
+HEADER_BYTES = 64
 CODEC_IDS = {"none": 0, "fp16": 1, "topk": 2, "topk_fp16": 3}
 VALUE_DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16, 3: torch.float64}
 _DTYPE_CODES = {dt: code for code, dt in VALUE_DTYPES.items()}
+MAX_UNITS = 2**31 - 1
+"""Units per bucket: ids go on the wire as int32, and the sort keys hold a unit number in 32 bits."""
+CACHE_SIZE = 64
+"""Layouts (and plans) kept per codec: DDP's buckets, the rebuilt ones, a warm-up's ratios."""
+
+
+def keep_count(units: int, ratio: float) -> int:
+    """How many of `units` to keep at `ratio`: at least one, so no parameter starves forever."""
+    if units == 0:
+        return 0
+    return min(units, max(1, int(round(ratio * units))))
 
 
 class Codec:
@@ -48,12 +81,12 @@ class Codec:
     lossy = False
     """Drops information that error feedback should carry to the next step."""
     sparse = False
-    """Payloads are all_gathered and summed with decode_add (else all_reduced as tensors)."""
+    """Payloads are all_gathered and summed (else all_reduced as tensors)."""
 
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
-    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor, check: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
     def decode(self, payload: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32,
@@ -76,7 +109,7 @@ class NoneCodec(Codec):
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         return t
 
-    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor, check: bool = True) -> torch.Tensor:
         return out.add_(payload.reshape(-1).to(out.device, out.dtype))
 
 
@@ -88,7 +121,7 @@ class FP16Codec(Codec):
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         return to_half(t)
 
-    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor, check: bool = True) -> torch.Tensor:
         return out.add_(payload.reshape(-1).to(out.device, out.dtype))
 
 
@@ -98,201 +131,287 @@ def to_half(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).clamp_(-65504.0, 65504.0) if t.dtype != torch.float16 else t
 
 
-@dataclass
-class Selection:
-    """What a sparse codec keeps of one parameter segment."""
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on `device`, without a host sync on CUDA: the copy is queued from pinned
+    memory, whose caching allocator keeps the block until the copy has run. Called once per layout
+    or plan, never per step. (MPS: a plain copy, which waits, once per layout or plan.)"""
+    if device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
-    units: torch.Tensor
-    """Sorted int64 unit numbers within the segment (blocks, or elements)."""
+
+def _cached(store: OrderedDict, key, make):
+    value = store.get(key)
+    if value is None:
+        value = store[key] = make()
+        if len(store) > CACHE_SIZE:
+            store.popitem(last=False)
+    else:
+        store.move_to_end(key)
+    return value
+
+
+class Layout:
+    """A bucket's segments in unit space: host numbers, and the device tensors selection needs."""
+
+    def __init__(self, numels: tuple[int, ...], unit: int, device: torch.device):
+        self.numels = numels
+        self.unit = unit
+        self.device = device
+        self.units = tuple(-(-n // unit) for n in numels)
+        """Units per segment (a partial last block counts as one)."""
+        self.first_units = tuple(int(x) for x in np.cumsum((0,) + self.units[:-1])) if numels else ()
+        """Bucket-wide number of each segment's first unit."""
+        self.starts = tuple(u * unit for u in self.first_units)
+        """Element offset of each segment in the padded workspace."""
+        self.offsets = tuple(int(x) for x in np.cumsum((0,) + numels[:-1])) if numels else ()
+        """Element offset of each segment in the bucket."""
+        self.n = sum(numels)
+        self.total_units = sum(self.units)
+        self.padded = self.total_units * unit
+        """Elements of the padded workspace (total_units x unit)."""
+        if self.total_units > MAX_UNITS:
+            raise ValueError(f"a bucket of {self.total_units} units is over the sparse codecs' limit of "
+                             f"{MAX_UNITS}: use smaller buckets (bucket_cap_mb) or a larger block_size")
+        self.pads = tuple((s + n, s + u * unit) for s, n, u in zip(self.starts, numels, self.units) if n % unit)
+        """Padding (start, end) in the workspace after each partial last block: always zero."""
+        self.checksum = zlib.crc32(np.asarray(numels, dtype="<i8").tobytes())
+        seg = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64),
+                                      torch.tensor(self.units, dtype=torch.int64))
+        self.segment_key = _upload(seg << 32, device)
+        """Per unit: its segment number << 32 (the high half of the second sort key)."""
+        self.arange = torch.arange(self.total_units, dtype=torch.int64, device=device)
+
+
+class Plan:
+    """One layout at one ratio: the kept counts, the payload's shape and its cached device parts."""
+
+    def __init__(self, layout: Layout, ratio: float, value_dtype: torch.dtype, codec_id: int):
+        self.layout = layout
+        self.ratio = ratio
+        self.value_dtype = value_dtype
+        self.kept = tuple(keep_count(u, ratio) for u in layout.units)
+        """Units kept per segment."""
+        self.K = sum(self.kept)
+        itemsize = torch.empty(0, dtype=value_dtype).element_size()
+        self.ids_offset = HEADER_BYTES
+        self.values_offset = HEADER_BYTES + 8 * (-(-self.K // 2))
+        self.nbytes = self.values_offset + self.K * layout.unit * itemsize
+        """Bytes of every payload of this plan."""
+        kept = torch.tensor(self.kept, dtype=torch.int64)
+        ends = torch.cumsum(kept, 0)
+        # slot j of segment i (kept slots numbered bucket-wide) reads position
+        # first_unit_i + (j - first_slot_i) of the (segment, rank) order.
+        shift = torch.tensor(layout.first_units, dtype=torch.int64) - (ends - kept)
+        self.slots = _upload(torch.arange(self.K, dtype=torch.int64) + torch.repeat_interleave(shift, kept),
+                             layout.device)
+        """Positions in the (segment, rank) order of the kept units (K,)."""
+        header = np.array([MAGIC, VERSION, codec_id, _DTYPE_CODES[value_dtype], layout.unit, self.K,
+                           layout.n, layout.checksum], dtype="<i8")
+        self.header_values = tuple(int(x) for x in header)
+        self.header = _upload(torch.frombuffer(bytearray(header.tobytes()), dtype=torch.uint8), layout.device)
+        pad = self.values_offset - self.ids_offset - 4 * self.K
+        self.pad = torch.zeros(pad, dtype=torch.uint8, device=layout.device) if pad else None
+
+
+class Sent(NamedTuple):
+    """What `TopKCodec.compress` produced for a bucket."""
+
+    payload: torch.Tensor
+    ids: torch.Tensor
+    """Kept unit numbers, ascending (K,) int64."""
     values: torch.Tensor
-    """The kept units' values in the wire dtype, in unit order."""
-    numel: int
-    """Elements in the segment."""
+    """Their values in the workspace dtype (K, unit)."""
+    wire: torch.Tensor
+    """The same values as sent (K, unit), rounded to the wire dtype."""
 
 
 class TopKCodec(Codec):
-    """Keeps the largest `ratio` of each segment's units and sends (indices, values)."""
+    """Keeps the best `ratio` of each segment's units and sends (ids, values); see the module docstring."""
 
     sparse = True
     lossy = True
 
     def __init__(self, ratio: float = 0.1, granularity: str = "block", block_size: int = 64,
-                 sample_fraction: float = 0.01, value_dtype: Optional[torch.dtype] = None):
+                 value_dtype: Optional[torch.dtype] = None):
         self.ratio = float(ratio)
         self.granularity = granularity
         self.unit = block_size if granularity == "block" else 1
-        self.sample_fraction = float(sample_fraction)
         self.value_dtype = value_dtype
         """Wire dtype of the values; None keeps the gradient's dtype."""
         self.name = "topk_fp16" if value_dtype == torch.float16 else "topk"
-        self._scratch: dict[torch.device, torch.Tensor] = {}
+        self._layouts: OrderedDict = OrderedDict()
+        self._plans: OrderedDict = OrderedDict()
+        self._scratch: dict = {}
 
     def __repr__(self) -> str:
-        return (f"TopKCodec(name={self.name}, ratio={self.ratio}, granularity={self.granularity}, "
-                f"unit={self.unit}, sample_fraction={self.sample_fraction})")
+        return f"TopKCodec(name={self.name}, ratio={self.ratio}, granularity={self.granularity}, unit={self.unit})"
 
-    # --- one segment -------------------------------------------------------------------------
-    def _abs(self, x: torch.Tensor) -> torch.Tensor:
-        # a reused buffer: a fresh 100 MB tensor per step costs ~40 ms of page faults on CPU.
-        buf = self._scratch.get(x.device)
-        if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype:
-            buf = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
-            self._scratch[x.device] = buf
-        return torch.abs(x, out=buf[: x.numel()])
+    def wire_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        return self.value_dtype or dtype
+
+    # --- host: layouts and plans (cached) ------------------------------------------------------
+    def plan(self, numels: tuple[int, ...], ratio: float, device: torch.device, value_dtype: torch.dtype) -> Plan:
+        """The plan of a bucket of segments of `numels` elements at `ratio`."""
+        numels, device = tuple(int(n) for n in numels), torch.device(device)
+        layout = _cached(self._layouts, (numels, device), lambda: Layout(numels, self.unit, device))
+        return _cached(self._plans, (numels, device, float(ratio), value_dtype),
+                       lambda: Plan(layout, float(ratio), value_dtype, CODEC_IDS[self.name]))
+
+    def workspace(self, plan: Plan, dtype: torch.dtype) -> torch.Tensor:
+        """A padded scratch (layout.padded elements) with its padding zeroed; fill segment i at
+        layout.starts[i]. Reused by the next call: read it only before then."""
+        lay = plan.layout
+        key = (lay.device, dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < lay.padded:
+            # one buffer grown to the largest bucket: a fresh 100 MB tensor per step costs ~40 ms
+            # of page faults on CPU.
+            buf = self._scratch[key] = torch.empty(lay.padded, dtype=dtype, device=lay.device)
+        work = buf[: lay.padded]
+        for a, b in lay.pads:
+            work[a:b].zero_()
+        return work
+
+    # --- device: the hot path (no host sync) ---------------------------------------------------
+    def select(self, work: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Kept unit numbers (K,) int64, ascending: each segment's k_i best units (module docstring)."""
+        lay = plan.layout
+        rows = work.view(lay.total_units, self.unit)
+        if rows.dtype != torch.float32:
+            rows = rows.float()
+        score = rows.abs().view(-1) if self.unit == 1 else _sum_squares(rows)
+        # non-negative float32 order == their bits' integer order; the mask drops a NaN's sign.
+        bits = score.view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
+        by_score = torch.argsort(((0x7FFFFFFF - bits) << 32) | lay.arange)
+        rank = torch.empty_like(by_score).index_copy_(0, by_score, lay.arange)
+        by_segment = torch.argsort(rank | lay.segment_key)
+        return torch.sort(by_segment.index_select(0, plan.slots)).values
+
+    def compress(self, work: torch.Tensor, plan: Plan) -> Sent:
+        """Select from the filled workspace and pack the payload."""
+        ids = self.select(work, plan)
+        values = work.view(-1, self.unit).index_select(0, ids)
+        wire = self._wire(values)
+        return Sent(self.pack(plan, ids, wire), ids, values, wire)
 
     def _wire(self, v: torch.Tensor) -> torch.Tensor:
         if self.value_dtype == torch.float16:
             return to_half(v)
-        return v if self.value_dtype is None else v.to(self.value_dtype)
+        return v if self.value_dtype in (None, v.dtype) else v.to(self.value_dtype)
 
-    def select(self, x: torch.Tensor, ratio: float, seed: int = 0) -> Selection:
-        """Choose what to send of the 1-D contiguous segment `x`; `x` is not modified."""
-        n = x.numel()
-        if self.unit == 1:
-            k = keep_count(n, ratio)
-            score = self._abs(x)
-            if self.granularity == "exact" and k < n:
-                units = torch.sort(torch.topk(score, k, sorted=False).indices).values
-            elif self.granularity == "exact":
-                units = torch.arange(n, device=x.device)
-            else:
-                units = top_units(score, k, self.sample_fraction, seed)
-            return Selection(units, self._wire(x.index_select(0, units)), n)
-        bs = self.unit
-        full = n // bs
-        score = block_scores(x, bs)
-        units = top_units(score, keep_count(score.numel(), ratio), self.sample_fraction, seed)
-        nf = units.numel()
-        tail = None
-        if n % bs and nf and int(units[-1]) == full:
-            nf -= 1
-            tail = x[full * bs :]
-        values = x[: full * bs].view(full, bs).index_select(0, units[:nf]).view(-1)
-        if tail is not None:
-            values = torch.cat([values, tail])
-        return Selection(units, self._wire(values), n)
+    def pack(self, plan: Plan, ids: torch.Tensor, wire: torch.Tensor) -> torch.Tensor:
+        """The payload: cached header, int32 ids, padding, values (module docstring)."""
+        parts = [plan.header, ids.to(torch.int32).view(torch.uint8)]
+        if plan.pad is not None:
+            parts.append(plan.pad)
+        parts.append(wire.reshape(-1).view(torch.uint8))
+        return torch.cat(parts)
 
-    def add_selection(self, out: torch.Tensor, sel: Selection, alpha: float = 1.0) -> None:
-        """out += alpha * (the segment `sel` describes); `out` is the segment's 1-D view."""
-        vals = sel.values.to(out.dtype)
-        if self.unit == 1:
-            out.index_add_(0, sel.units, vals, alpha=alpha)
-            return
-        bs = self.unit
-        n = out.numel()
-        full = n // bs
-        nf = sel.units.numel()
-        has_tail = bool(n % bs) and nf > 0 and int(sel.units[-1]) == full
-        nf -= int(has_tail)
-        if nf:
-            out[: full * bs].view(full, bs).index_add_(0, sel.units[:nf], vals[: nf * bs].view(nf, bs), alpha=alpha)
-        if has_tail:
-            out[full * bs :].add_(vals[nf * bs :], alpha=alpha)
+    def keep_unsent(self, work: torch.Tensor, sent: Sent) -> None:
+        """Turn the workspace into what stays behind (error feedback's residual): the kept units
+        become value - value as sent, which carries the wire dtype's rounding."""
+        work.view(-1, self.unit).index_copy_(0, sent.ids, sent.values - sent.wire.to(sent.values.dtype))
 
-    def fill_selection(self, out: torch.Tensor, sel: Selection, value: float = 0.0) -> None:
-        """Set the selected units of the segment view `out` to `value` (DGC momentum masking)."""
-        if self.unit == 1:
-            out.index_fill_(0, sel.units, value)
-            return
-        bs = self.unit
-        full = out.numel() // bs
-        units = sel.units
-        if units.numel() and out.numel() % bs and int(units[-1]) == full:
-            out[full * bs :].fill_(value)
-            units = units[:-1]
-        out[: full * bs].view(full, bs).index_fill_(0, units, value)
+    def sent_mask(self, plan: Plan, ids: torch.Tensor) -> torch.Tensor:
+        """Workspace-shaped bool mask of the kept units (DGC's momentum factor masking)."""
+        units = plan.layout.total_units
+        mask = torch.zeros(units, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+        return mask if self.unit == 1 else mask[:, None].expand(units, self.unit).reshape(-1)
 
-    def _units_of(self, numel: int) -> int:
-        return -(-numel // self.unit)
+    def unpack(self, payload: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids int64 (K,), values (K, unit) in the wire dtype): views of a payload of `plan`."""
+        end = plan.ids_offset + 4 * plan.K
+        ids = _view(payload[plan.ids_offset : end], torch.int32).to(torch.int64)
+        values = _view(payload[plan.values_offset : plan.nbytes], plan.value_dtype)
+        return ids, values.view(plan.K, self.unit)
 
-    # --- a bucket of segments: the wire payload ------------------------------------------------
-    def pack(self, selections: list[Selection]) -> torch.Tensor:
-        """One uint8 payload for the segments' selections (format in the module docstring)."""
-        device = selections[0].values.device if selections else torch.device("cpu")
-        vdtype = selections[0].values.dtype if selections else (self.value_dtype or torch.float32)
-        base, ids = 0, []
-        for sel in selections:
-            ids.append(sel.units + base)
-            base += self._units_of(sel.numel)
-        code = encode_indices(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.uint8, device=device)
-        nvalues = sum(sel.values.numel() for sel in selections)
-        itemsize = torch.empty(0, dtype=vdtype).element_size()
-        hdr = 8 * (HEADER_FIELDS + 2 * len(selections))
-        payload = torch.empty(hdr + nvalues * itemsize + code.numel(), dtype=torch.uint8, device=device)
-        header = [MAGIC, VERSION, CODEC_IDS[self.name], _DTYPE_CODES[vdtype], self.unit,
-                  len(selections), nvalues, code.numel()]
-        for sel in selections:
-            header += [sel.numel, sel.units.numel()]
-        payload[:hdr].view(torch.int64).copy_(torch.tensor(header, dtype=torch.int64))
-        values = payload[hdr : hdr + nvalues * itemsize].view(vdtype)
-        at = 0
-        for sel in selections:
-            values[at : at + sel.values.numel()].copy_(sel.values)
-            at += sel.values.numel()
-        payload[hdr + nvalues * itemsize :].copy_(code)
-        return payload
+    def add_payloads(self, out: torch.Tensor, plan: Plan, payloads) -> torch.Tensor:
+        """out (the bucket, n elements) += each payload, in the order given (so every node that
+        sums the same payloads gets the same bits). Ids within a payload are unique, so each
+        index_add_ is a plain scatter: no order between atomics to decide the result."""
+        lay = plan.layout
+        dec = out if self.unit == 1 else torch.zeros(lay.padded, dtype=out.dtype, device=out.device)
+        rows = dec.view(-1, self.unit)
+        for p in payloads:
+            ids, values = self.unpack(p, plan)
+            rows.index_add_(0, ids, values.to(dec.dtype))
+        if dec is not out:
+            for at, start, n in zip(lay.offsets, lay.starts, lay.numels):
+                out[at : at + n].add_(dec[start : start + n])
+        return out
 
-    def unpack(self, payload: torch.Tensor, numels: Optional[list[int]] = None) -> list[Selection]:
-        """Validate a payload and split it into per-segment selections."""
-        if payload.dtype != torch.uint8 or payload.dim() != 1:
-            raise FrameError(f"{self.name} payload must be a 1-D uint8 tensor, got {payload.dtype} {tuple(payload.shape)}")
-        if payload.numel() < 8 * HEADER_FIELDS:
-            raise FrameError(f"{self.name} payload of {payload.numel()} bytes is shorter than its header")
-        head = _view(payload[: 8 * HEADER_FIELDS], torch.int64).tolist()
-        magic, version, codec_id, vcode, unit, nseg, nvalues, nidx = head
+    # --- host: validation of a received payload ------------------------------------------------
+    def validate(self, payload: torch.Tensor, plan: Plan) -> None:
+        """Raise FrameError unless `payload` (host memory) is a well-formed payload of `plan`:
+        header, size, layout checksum, ids in range and strictly increasing, k_i per segment."""
+        if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+            raise FrameError(f"{self.name} payload must be a 1-D uint8 tensor, got "
+                             f"{getattr(payload, 'dtype', type(payload).__name__)} {tuple(getattr(payload, 'shape', ()))}")
+        raw = payload.detach().cpu().contiguous().numpy()
+        if raw.size < HEADER_BYTES:
+            raise FrameError(f"{self.name} payload of {raw.size} bytes is shorter than its {HEADER_BYTES}-byte header")
+        head = [int(x) for x in np.frombuffer(raw, dtype="<i8", count=8)]
+        magic, version, codec_id, vcode, unit, K, n, checksum = head
         if magic != MAGIC or version != VERSION:
             raise FrameError(f"sparse payload has magic {magic:#x} version {version}, expected "
                              f"{MAGIC:#x} version {VERSION}: all nodes must run the same MacFleet version")
-        if codec_id != CODEC_IDS[self.name] or unit != self.unit:
-            raise FrameError(f"payload from codec id {codec_id} unit {unit}, but this node runs {self.name} "
-                             f"unit {self.unit}: all nodes must use the same compression config")
-        if vcode not in VALUE_DTYPES or nseg < 0 or nvalues < 0 or nidx < 0:
-            raise FrameError(f"sparse payload header is corrupt: {head}")
-        vdtype = VALUE_DTYPES[vcode]
-        itemsize = torch.empty(0, dtype=vdtype).element_size()
-        hdr = 8 * (HEADER_FIELDS + 2 * nseg)
-        if payload.numel() != hdr + nvalues * itemsize + nidx:
-            raise FrameError(f"sparse payload is {payload.numel()} bytes, its header says "
-                             f"{hdr + nvalues * itemsize + nidx}")
-        segs = _view(payload[8 * HEADER_FIELDS : hdr], torch.int64).view(-1, 2).tolist() if nseg else []
-        if numels is not None and [s[0] for s in segs] != list(numels):
-            raise FrameError("sparse payload's segments differ from this node's bucket: "
+        want = plan.header_values
+        if (codec_id, vcode, unit) != want[2:5]:
+            raise FrameError(f"payload from codec id {codec_id} unit {unit} value dtype code {vcode}, but this node "
+                             f"runs {self.name} (id {want[2]}) unit {want[4]} value dtype code {want[3]}: "
+                             "all nodes must use the same compression config")
+        if (n, checksum) != (want[6], want[7]):
+            raise FrameError(f"sparse payload's segments differ from this node's bucket ({n} elements, checksum "
+                             f"{checksum:#x}; here {want[6]}, {want[7]:#x}): all nodes must build the same model and buckets")
+        if K != plan.K:
+            raise FrameError(f"sparse payload keeps {K} units, this node keeps {plan.K} at ratio {plan.ratio}: "
+                             "all nodes must use the same compression config at the same step")
+        if raw.size != plan.nbytes:
+            raise FrameError(f"sparse payload is {raw.size} bytes, its header says {plan.nbytes}: truncated or corrupt")
+        ids = np.frombuffer(raw, dtype="<i4", count=K, offset=plan.ids_offset).astype(np.int64)
+        lay = plan.layout
+        if K and (ids[0] < 0 or ids[-1] >= lay.total_units or not bool(np.all(ids[1:] > ids[:-1]))):
+            raise FrameError(f"sparse payload's unit ids are out of range (0..{lay.total_units - 1}) or not "
+                             "strictly increasing: the payload is corrupt")
+        bounds = np.searchsorted(ids, np.asarray(lay.first_units + (lay.total_units,), dtype=np.int64))
+        if tuple(int(c) for c in np.diff(bounds)) != plan.kept:
+            raise FrameError("sparse payload keeps other counts per segment than this node's bucket: "
                              "all nodes must build the same model and buckets")
-        counts = [s[1] for s in segs]
-        ids = decode_indices(payload[hdr + nvalues * itemsize :], sum(counts))
-        values = _view(payload[hdr : hdr + nvalues * itemsize], vdtype)
-        out, base, at_id, at_val = [], 0, 0, 0
-        for numel, count in segs:
-            units = self._units_of(numel)
-            local = ids[at_id : at_id + count] - base
-            if count and (int(local[0]) < 0 or int(local[-1]) >= units):
-                raise FrameError(f"sparse payload indexes unit {int(local[-1])} of a {units}-unit segment")
-            nval = count * self.unit
-            if count and self.unit > 1 and numel % self.unit and int(local[-1]) == units - 1:
-                nval -= self.unit - numel % self.unit
-            if at_val + nval > nvalues:
-                raise FrameError("sparse payload holds fewer values than its indices need")
-            out.append(Selection(local, values[at_val : at_val + nval], numel))
-            base, at_id, at_val = base + units, at_id + count, at_val + nval
-        if at_val != nvalues:
-            raise FrameError(f"sparse payload holds {nvalues} values, its indices use {at_val}")
-        return out
 
-    # --- the flat path (benchmark, tests) -------------------------------------------------------
+    # --- the flat path (benchmark, tests): one segment -----------------------------------------
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """The payload of the 1-D `t` as one segment (`step` is unused: selection is exact)."""
         flat = t.reshape(-1)
-        return self.pack([self.select(flat, self.ratio, sample_seed(step, ""))])
+        plan = self.plan((flat.numel(),), self.ratio, flat.device, self.wire_dtype(flat.dtype))
+        work = self.workspace(plan, flat.dtype)
+        work[: flat.numel()].copy_(flat)
+        return self.compress(work, plan).payload
 
-    def decode_add(self, payload: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        payload = payload.to(out.device)
-        sels = self.unpack(payload)
-        at = 0
-        for sel in sels:
-            self.add_selection(out[at : at + sel.numel], sel)
-            at += sel.numel
-        if at != out.numel():
-            raise FrameError(f"sparse payload covers {at} elements, the output has {out.numel()}")
-        return out
+    def decode_add(self, payload: torch.Tensor, out: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """out += the payload `encode` made of a tensor of out's size and dtype. check=False skips
+        the validation, which reads the payload on the host (a copy, and a sync, from a device)."""
+        flat = out.view(-1)
+        plan = self.plan((flat.numel(),), self.ratio, flat.device, self.wire_dtype(flat.dtype))
+        if check:
+            self.validate(payload, plan)
+        return self.add_payloads(flat, plan, [payload.to(flat.device)]).view(out.shape)
+
+
+def _sum_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Per row sum of squares by a fixed pairwise tree (elementwise adds only), so every device
+    rounds it alike; a reduction kernel's order would differ between CPU and GPU."""
+    s = rows * rows
+    while s.shape[1] > 1:
+        w = s.shape[1]
+        h = w // 2
+        t = s[:, :h] + s[:, h : 2 * h]
+        if w % 2:
+            t[:, :1] += s[:, 2 * h :]
+        s = t
+    return s.reshape(-1)
 
 
 def _view(raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -313,5 +432,5 @@ def build_codec(cfg: CompressionConfig | str = "none", **overrides) -> Codec:
         return NoneCodec()
     if cfg.name == "fp16":
         return FP16Codec()
-    return TopKCodec(cfg.ratio, cfg.granularity, cfg.block_size, cfg.sample_fraction,
+    return TopKCodec(cfg.ratio, cfg.granularity, cfg.block_size,
                      torch.float16 if cfg.name == "topk_fp16" else None)

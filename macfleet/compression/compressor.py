@@ -13,9 +13,12 @@ Per codec:
 - fp16: flat cast to fp16 (saturating at +-65504), all_reduce(sum) in fp16 on the wire, cast
   back. Precision: each value is rounded to fp16 once, and the engine's sum is rounded in fp16,
   so the result matches the fp32 mean to about world_size * 2^-11 relative.
-- topk / topk_fp16: error feedback (add the residual) -> select per parameter segment ->
-  one uint8 payload (codecs.py) -> all_gather -> every node decodes and sums the payloads in
-  rank order (so all nodes get the same bits) -> the residual keeps what was not sent.
+- topk / topk_fp16: error feedback (add the residual, per parameter) into a padded workspace ->
+  select per parameter segment, vectorised over the bucket -> one uint8 payload of a size fixed
+  by the layout and ratio (codecs.py) -> all_gather (equal sizes on every rank; each payload is
+  validated on its host copy) -> every node sums the payloads in rank order (so all nodes get
+  the same bits) -> the residual keeps what was not sent. On a device the whole of it queues
+  kernels of host-known shapes: no host sync.
   While the warm-up ratio (or the configured ratio) is 1.0 the top-k codecs send densely through
   the none / fp16 path: topk at ratio 1.0 is exactly none; topk_fp16 is fp16 whose rounding
   error is carried by error feedback into the next step (exactly fp16 with error_feedback=false).
@@ -32,7 +35,6 @@ import torch
 
 from macfleet.compression.codecs import Codec, TopKCodec, build_codec, to_half
 from macfleet.compression.feedback import ErrorFeedback, warmup_ratio
-from macfleet.compression.select import sample_seed
 from macfleet.config import CompressionConfig
 from macfleet.errors import ConfigError
 
@@ -73,37 +75,40 @@ class GradientCompressor:
         return warmup_ratio(self.cfg, step)
 
     def reduce(self, flat: torch.Tensor, segments: list[tuple[str, int, int]], step: int) -> torch.futures.Future:
-        """Compress, exchange and sum one bucket; see the module docstring."""
+        """Compress, exchange and sum one bucket; see the module docstring. On a device this
+        queues kernels only: no host sync (sizes come from the layout, see codecs.py)."""
         start = time.perf_counter()
         flat = flat.view(-1)
         views = _segment_views(flat, segments)
         codec = self.codec
-        if isinstance(codec, TopKCodec) and self.ratio_at(step) >= 1.0:
+        ratio = self.ratio_at(step)
+        if isinstance(codec, TopKCodec) and ratio >= 1.0:
             self._fold_dense(flat, views)
             dense = "none" if codec.name == "topk" else "fp16"
             return self._dense(flat, dense, start)
         if not codec.sparse:
             return self._dense(flat, codec.name, start)
-        ratio = self.ratio_at(step)
-        sels = []
-        for name, view in views:
-            src = self.feedback.accumulate(name, view) if self.feedback else view
-            sel = codec.select(src, ratio, sample_seed(step, name))
+        plan = codec.plan(tuple(v.numel() for _, v in views), ratio, flat.device, codec.wire_dtype(flat.dtype))
+        work = codec.workspace(plan, flat.dtype)
+        spans = [(name, view, work[at : at + view.numel()]) for (name, view), at in zip(views, plan.layout.starts)]
+        for name, view, dst in spans:
             if self.feedback:
-                self.feedback.commit(
-                    name,
-                    lambda r, s=sel: codec.add_selection(r, s, alpha=-1.0),
-                    lambda u, s=sel: codec.fill_selection(u, s, 0.0),
-                )
-            sels.append(sel)
-        payload = codec.pack(sels)
-        self._count(flat, payload, start)
+                self.feedback.accumulate(name, view, out=dst)
+            else:
+                dst.copy_(view)
+        sent = codec.compress(work, plan)
+        if self.feedback:
+            codec.keep_unsent(work, sent)
+            mask = codec.sent_mask(plan, sent.ids) if self.feedback.momentum else None
+            for (name, _, residual), at in zip(spans, plan.layout.starts):
+                self.feedback.commit(name, residual, None if mask is None else mask[at : at + residual.numel()])
+        self._count(flat, sent.payload, start)
         if self.world_size == 1:
-            return _done(self._sum(flat, views, [sels]))
-        numels = [v.numel() for _, v in views]
-        fut = self.group.all_gather_async(payload)
-        return fut.then(lambda f: self._sum(
-            flat, views, [codec.unpack(p.to(flat.device), numels) for p in f.value()]))
+            return _done(self._sum(flat, plan, [sent.payload]))
+        # Every payload of this plan has plan.nbytes bytes on every rank; each is validated on
+        # its host copy (comm thread) before it reaches the device.
+        fut = self.group.all_gather_async(sent.payload, check=lambda p: codec.validate(p, plan))
+        return fut.then(lambda f: self._sum(flat, plan, f.value()))
 
     def _fold_dense(self, flat: torch.Tensor, views) -> None:
         # ratio 1.0: everything is sent, so flat becomes residual + gradient and the residual
@@ -111,9 +116,11 @@ class GradientCompressor:
         if self.feedback is None:
             return
         for name, view in views:
-            acc = self.feedback.accumulate(name, view)
-            view.copy_(acc if self.codec.name == "topk" else to_half(acc))
-            self.feedback.commit(name, lambda r, v=view: r.sub_(v), lambda u: u.zero_())
+            acc = self.feedback.accumulate(name, view, out=view)
+            sent = acc if self.codec.name == "topk" else to_half(acc).to(acc.dtype)
+            self.feedback.commit(name, acc - sent)
+            if sent is not acc:
+                view.copy_(sent)
 
     def _dense(self, flat: torch.Tensor, name: str, start: float) -> torch.futures.Future:
         payload = flat if name == "none" else to_half(flat)
@@ -123,12 +130,10 @@ class GradientCompressor:
         fut = self.group.all_reduce_async(payload, "sum")
         return fut.then(lambda f: _into(flat, f.value()))
 
-    def _sum(self, flat: torch.Tensor, views, per_rank: list) -> torch.Tensor:
+    def _sum(self, flat: torch.Tensor, plan, payloads: list) -> torch.Tensor:
         start = time.perf_counter()
         flat.zero_()
-        for sels in per_rank:
-            for (_, view), sel in zip(views, sels):
-                self.codec.add_selection(view, sel)
+        self.codec.add_payloads(flat, plan, payloads)
         self.stats["decompress_s"] += time.perf_counter() - start
         return flat
 

@@ -15,7 +15,7 @@ Options from Deep Gradient Compression (Lin et al., 2018), off by default:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Optional
 
 import torch
 
@@ -41,28 +41,27 @@ class ErrorFeedback:
         self.velocities: dict[str, torch.Tensor] = {}
         """DGC's u (momentum-corrected gradient) per parameter; empty without momentum correction."""
 
-    def accumulate(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """Fold this step's `grad` into the residual of `name` and return it (select from it)."""
+    def accumulate(self, name: str, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out = residual of `name` + this step's `grad` (with momentum correction: + the velocity
+        u = m*u + grad); select from `out`. The residual itself changes only in `commit`.
+        `out` may be `grad` itself; the buffers stay on the gradient's device."""
         grad = grad.reshape(-1)
         if self.momentum:
             u = self._buffer(self.velocities, name, grad)
             u.mul_(self.momentum).add_(grad)
             grad = u
-        r = self.residuals.get(name)
-        if r is None or r.shape != grad.shape:
-            r = self.residuals[name] = grad.detach().clone()
-            return r
-        if r.device != grad.device or r.dtype != grad.dtype:
-            r = self.residuals[name] = r.to(grad.device, grad.dtype)
-        return r.add_(grad)
+        return torch.add(self._buffer(self.residuals, name, grad), grad, out=out)
 
-    def commit(self, name: str, subtract_sent: Callable[[torch.Tensor], None],
-               mask_sent: Callable[[torch.Tensor], None]) -> None:
-        """Take what was sent out of the residual (`subtract_sent(residual)` does r -= sent in
-        place, exactly); with momentum correction also zero the velocity where it was sent."""
-        subtract_sent(self.residuals[name])
+    def commit(self, name: str, residual: torch.Tensor, sent: Optional[torch.Tensor] = None) -> None:
+        """The residual of `name` becomes `residual` (what was accumulated and not sent, exactly);
+        with momentum correction also zero the velocity where `sent` (a bool mask; None: everywhere)."""
+        self.residuals[name].copy_(residual)
         if self.momentum:
-            mask_sent(self.velocities[name])
+            u = self.velocities[name]
+            if sent is None:
+                u.zero_()
+            else:
+                u.masked_fill_(sent, 0.0)
 
     @staticmethod
     def _buffer(store: dict, name: str, like: torch.Tensor) -> torch.Tensor:

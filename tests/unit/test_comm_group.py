@@ -80,6 +80,21 @@ def test_single_rank_group_is_identity():
         g.all_reduce(torch.ones(1))
 
 
+def test_all_gather_check_sees_host_copies_and_fails_the_future():
+    seen = []
+
+    def check(x):
+        seen.append(x.device.type)
+        if x.numel() > 2:
+            raise FrameError("bad payload")
+
+    with Group(0, 1, _addrs(1)) as g:
+        assert [x.tolist() for x in g.all_gather_async(torch.tensor([1, 2]), check=check).wait()] == [[1, 2]]
+        with pytest.raises(FrameError, match="bad payload"):
+            g.all_gather_async(torch.tensor([1, 2, 3]), check=check).wait()
+    assert seen == ["cpu", "cpu"]
+
+
 def test_missing_peer_fails_construction_naming_it():
     addrs = _addrs(2)
     t0 = time.monotonic()

@@ -7,7 +7,8 @@ import torch
 
 from macfleet.compression import GradientCompressor, warmup_ratio
 from macfleet.config import CompressionConfig
-from macfleet.errors import CheckpointError, ConfigError
+from macfleet.errors import CheckpointError, ConfigError, FrameError
+from tests.unit.test_comm_group import _each, _groups
 
 # parameter sizes with partial blocks and tiny tensors, like a real model's weights and biases
 PARAMS = [("conv.weight", 4608), ("conv.bias", 10), ("fc.weight", 70_000), ("fc.bias", 1), ("head.weight", 12_345)]
@@ -181,6 +182,10 @@ def test_stats_and_segment_checks():
     assert comp.stats["dense_bytes"] == 4 * sum(n for _, n in PARAMS)
     assert 0.04 < comp.wire_ratio < 0.1
     assert comp.stats["compress_s"] > 0
+    # the payload's size depends on the layout and ratio only: all-zero gradients cost the same
+    sent = comp.stats["bytes_sent"]
+    reduce_all(comp, {n: torch.zeros(k) for n, k in PARAMS}, ONE_BUCKET, 1)
+    assert comp.stats["bytes_sent"] == 2 * sent
     flat = torch.zeros(10)
     with pytest.raises(ValueError, match="gaps"):
         comp.reduce(flat, [("a", 0, 4), ("b", 5, 5)], 0)
@@ -196,3 +201,24 @@ def test_topk_fp16_ratio_one_with_error_feedback_keeps_the_rounding():
     for n, _ in PARAMS:
         assert torch.equal(out[n], g[n].half().float())
         assert torch.equal(out[n] + res[n], g[n])
+
+
+def test_a_rank_with_another_config_is_a_frame_error():
+    # two ranks on real sockets (threads): rank 1 keeps another ratio, so its payload has another
+    # size and K; both ranks reject it on the host copy, before decoding anything.
+    groups = _groups(2, timeout=20.0)
+
+    def reduce(group):
+        comp = GradientCompressor(CompressionConfig(name="topk", ratio=0.1 if group.rank == 0 else 0.2), group)
+        flat, segs = bucket(grads(group.rank), ONE_BUCKET[0])
+        return comp.reduce(flat, segs, 0).wait()
+
+    try:
+        errors = _each(groups, reduce)
+    finally:
+        for g in groups:
+            g.close()
+    for exc in errors:
+        # torch's Future.then wraps what the callback raised in a RuntimeError naming it
+        assert isinstance(exc, (FrameError, RuntimeError)) and "FrameError" in repr(exc) + type(exc).__name__, exc
+        assert "same compression config" in str(exc)
