@@ -6,8 +6,8 @@ Two tables from one run (every figure a median of `--repeats` timed runs after a
    compress time (selection + packing, i.e. `codec.encode`) and the decompress time (zero a
    reused buffer + `codec.decode_add` without validation, what each node's device does per
    received payload; validation runs on the host copy, off the device).
-2. all_reduce time on a local fleet (`--nodes` processes on this machine, CPU, one thread each):
-   per model and codec, one `GradientCompressor.reduce` of the whole gradient as one bucket,
+2. all_reduce time on a local fleet (`--nodes` processes on this machine, one CPU thread each,
+   gradients on `--device`, a GPU per rank where there are several): per model and codec, one `GradientCompressor.reduce` of the whole gradient as one bucket,
    dense (`none`) beside compressed, timed on rank 0 between barriers.
 Codecs are listed as name[:granularity], e.g. `--codecs none,fp16,topk,topk_fp16,topk:element`;
 the gradient is synthetic (normal values with a log-normal scale per 64-element block, so block
@@ -116,14 +116,18 @@ def codec_costs(models: dict[str, int], codecs: list, repeats: int, device: str)
 
 
 def _fleet_rank(rank: int, world_size: int, addrs: list[str], models: dict[str, int], codecs: list,
-                repeats: int) -> list[dict]:
+                repeats: int, device: str = "cpu") -> list[dict]:
     from macfleet.comm.group import Group
     from macfleet.compression import GradientCompressor
 
+    if device.startswith("cuda"):
+        device = f"cuda:{rank % torch.cuda.device_count()}"  # a GPU per rank where there are several
+        torch.cuda.set_device(device)
+    sync = _sync(device)
     rows = []
     with Group(rank, world_size, addrs, timeout=300.0) as group:
         for model, n in models.items():
-            src = synthetic_gradient(n, "cpu", seed=rank).mul_(1.0 / world_size)
+            src = synthetic_gradient(n, device, seed=rank).mul_(1.0 / world_size)
             flat = torch.empty_like(src)
             segments = [(model, 0, n)]
             for cfg in codecs:
@@ -131,9 +135,11 @@ def _fleet_rank(rank: int, world_size: int, addrs: list[str], models: dict[str, 
                 times = []
                 for i in range(repeats + 1):
                     flat.copy_(src)  # reduce overwrites the bucket in place
+                    sync()
                     group.barrier()
                     t0 = time.perf_counter()
                     comp.reduce(flat, segments, step=i).wait()
+                    sync()
                     if i:  # the first run is the warm-up
                         times.append(time.perf_counter() - t0)
                 rows.append({"codec": label(cfg), "model": model, "allreduce_s": statistics.median(times),
@@ -143,12 +149,12 @@ def _fleet_rank(rank: int, world_size: int, addrs: list[str], models: dict[str, 
 
 
 def fleet_allreduce(models: dict[str, int], codecs: list, repeats: int, nodes: int,
-                    netns: bool = False, rate: str | None = None) -> list[dict]:
+                    netns: bool = False, rate: str | None = None, device: str = "cpu") -> list[dict]:
     """Table 2 rows (rank 0's timings); with netns, ranks sit in namespaces over veth (root),
     optionally shaped to `rate` - the slow-link case compression is for."""
     from macfleet.comm.launch import Netns, spawn_local
 
-    fn_args = (models, codecs, repeats)
+    fn_args = (models, codecs, repeats, device)
     if netns:
         with Netns(nodes, rate=rate) as ns:
             return spawn_local(_fleet_rank, nodes, fn_args, timeout=1800.0, netns=ns, port=29700)[0]
@@ -184,8 +190,8 @@ def run_compression_benchmark(args) -> int:
     if nodes > 1:
         where = ("network namespaces over veth" + (f" shaped to {args.rate}" if args.rate else "")
                  if args.netns else "127.0.0.1")
-        console.print(f"all_reduce on a local fleet of {nodes} ranks ({where}, CPU, 1 thread each)...")
-        rows2 = fleet_allreduce(models, codecs, repeats, nodes, netns=args.netns, rate=args.rate)
+        console.print(f"all_reduce on a local fleet of {nodes} ranks ({where}, {device} tensors, 1 CPU thread each)...")
+        rows2 = fleet_allreduce(models, codecs, repeats, nodes, netns=args.netns, rate=args.rate, device=device)
         fleet = {(r["codec"], r["model"]): r for r in rows2}
         t2 = Table(title=f"all_reduce of one whole-model bucket, {nodes} ranks on {where} (rank 0, median)")
         for col in ("model", "codec", "all_reduce ms", "vs none"):
