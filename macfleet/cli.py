@@ -53,8 +53,9 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--codecs", default=None,
                    help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16)")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"],
-                   help="compression: device for codec timing; scaling: trainer.device of every run (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="compression: device for codec timing; scaling: trainer.device of every run: cpu, cuda or mps "
+                        "(default cpu)")
     p.add_argument("--steps", type=int, default=30, help="scaling: timed training steps per run (default 30)")
     p.add_argument("--warmup-steps", type=int, default=5,
                    help="scaling: steps run first and left out of the timing (default 5)")

@@ -138,6 +138,8 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 def plan_nodes(args) -> list[Node]:
     """Cores, quotas and GPUs per node, checked before anything starts."""
     nodes = int(args.nodes)
+    if args.device not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {args.device!r}: choose cpu, cuda or mps (node i of several GPUs gets GPU i)")
     if nodes < 2:
         raise ConfigError("--nodes must be >= 2: the scaling benchmark compares a fleet with one node")
     quotas = parse_quotas(args.cpu_quota, nodes)
