@@ -73,16 +73,16 @@ def test_scaling_two_nodes_on_loopback(tmp_path):
 def test_scaling_in_namespaces_with_a_cpu_quota(tmp_path):
     out = tmp_path / "scaling.json"
     proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "4", "--warmup-steps", "2",
-                    "--codecs", "none", "--netns", "--cpu-quota", "1.0,0.5", "--json", str(out))
+                    "--codecs", "none", "--netns", "--cpu-quota", "1.0,0.7", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     _check_rows(rows, ["none"])
-    assert rows[1]["link"] == "veth" and rows[1]["cpu_quota"] == [1.0, 0.5]
-    assert "core 1, 0.5 of them" in proc.stdout
+    assert rows[1]["link"] == "veth" and rows[1]["cpu_quota"] == [1.0, 0.7]
+    assert "core 1, 0.7 of them" in proc.stdout
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "mf-scale" not in left, "namespaces were not removed"
     cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
-    assert not list(cgroups.glob(f"macfleet-bench-*")), "cgroups were not removed"
+    assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
 
 
 @pytest.mark.parametrize("args, said", [
