@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/macfleet benchmark --type allreduce --nodes 3 --json outputs/bench/allreduce3.json
 	$(BIN)/macfleet benchmark --type allreduce --nodes 4 --json outputs/bench/allreduce4.json
 	$(BIN)/macfleet benchmark --type compression --json outputs/bench/compression.json
+	$(BIN)/macfleet benchmark --type scaling --nodes 2 --json outputs/bench/scaling.json --plot outputs/bench/scaling.png
 
 clean:
 	rm -rf $(VENV) outputs/* multirun

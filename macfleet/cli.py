@@ -37,9 +37,12 @@ def _add_status(sub) -> None:
 
 
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="measure bandwidth, all_reduce or compression against references")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp"], required=True)
-    p.add_argument("--nodes", type=int, default=2, help="local ranks to start (default 2)")
+    p = sub.add_parser("benchmark", help="measure bandwidth, all_reduce, compression, plain DDP or training scaling "
+                                         "against references from the same run")
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling"], required=True,
+                   help="scaling: training samples/s of a fleet vs each node alone, per codec; ddp: a plain DDP "
+                        "script under torchrun per backend vs one process")
+    p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start (default 2)")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported, >= 5)")
     p.add_argument("--json", default=None, help="write JSON rows to this file")
@@ -48,16 +51,30 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--algorithm", choices=["auto", "ring", "direct"], default="auto",
                    help="allreduce: the engine's algorithm for 3+ ranks (auto: direct up to 4, then ring)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
-    p.add_argument("--codecs", default="none,fp16,topk,topk_fp16", help="compression: codecs to measure")
+    p.add_argument("--codecs", default=None,
+                   help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16)")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
-    p.add_argument("--device", default="cpu", help="compression: device for codec timing; ddp: device to train on (cpu, cuda, mps)")
-    p.add_argument("--backends", default=None, help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="compression: device for codec timing; scaling and ddp: the device every run trains on: cpu, "
+                        "cuda or mps (default cpu)")
+    p.add_argument("--steps", type=int, default=30, help="scaling, ddp: timed training steps per run (default 30)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
+    p.add_argument("--cores-per-node", type=int, default=None,
+                   help="scaling, ddp: cores pinned to each node, OMP_NUM_THREADS alike (default for scaling: this "
+                        "machine's cores split evenly across --nodes; for ddp: no pinning)")
+    p.add_argument("--cpu-quota", default=None,
+                   help="scaling, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
+                        "second Mac (a cgroup CPU quota; default: no quota)")
+    p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG")
+    p.add_argument("--backends", default=None,
+                   help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
     p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
-    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
-    p.add_argument("--steps", type=int, default=30, help="ddp: timed steps per run")
-    p.add_argument("--warmup-steps", type=int, default=10, help="ddp: untimed steps before timing")
-    p.add_argument("--cores-per-node", type=int, default=0, help="ddp: pin each rank to its own N cores (0: no pinning)")
-    p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
+    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step (default 128)")
+    p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take (default 600)")
+    p.add_argument("overrides", nargs="*",
+                   help="scaling: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
+                        "trainer.batch_size=256 (default: the digits CNN on digits, batch 64)")
 
 
 def _add_info(sub) -> None:

@@ -198,6 +198,9 @@ class TrainingConfig:
     """Clip the global gradient norm to this (0 disables)."""
     log_every: int = 10
     """Log metrics every N steps."""
+    timing_warmup_steps: int = 0
+    """This process's first N steps are left out of metrics.json's samples_per_s and step_s
+    (allocators, kernels and connections warm up). Not the LR warm-up: that is warmup_steps."""
     progress: bool = True
     """Show a progress bar."""
     num_workers: int = 0
@@ -222,6 +225,8 @@ class TrainingConfig:
             raise ConfigError("trainer.optimizer: choose sgd or adamw")
         if self.keep_checkpoints < 1:
             raise ConfigError("trainer.keep_checkpoints must be >= 1")
+        if self.timing_warmup_steps < 0:
+            raise ConfigError("trainer.timing_warmup_steps must be >= 0")
         if self.checkpoint_every < 0 or self.checkpoint_every_steps < 0:
             raise ConfigError("trainer.checkpoint_every and checkpoint_every_steps must be >= 0")
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from macfleet import checkpoint as ckpt
 from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, TrainingConfig
-from macfleet.device import pick_device
+from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError
 from macfleet.sampler import WeightedBatchSampler, shard_range
 from macfleet.tracking import build_tracker
@@ -137,7 +137,6 @@ class Trainer:
         model = copy.deepcopy(self.model).to(device).train()
         n = min(len(self.data.train), max(2, self.tc.batch_size // max(1, self.cc.nodes)))
         batch = [t.to(device) for t in _fetch(self.data.train, list(range(n)))]
-        from macfleet.device import synchronize
 
         timings: list[float] = []
         t_end = time.perf_counter() + budget_s
@@ -214,8 +213,12 @@ class Trainer:
 
         tracker = build_tracker(self.logger_cfg, self.config_dict, str(out_dir), run_id) if is_master else build_tracker(None, {}, "", None)
         progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=step)
-        # Throughput counts time inside training steps only (not evaluation or checkpoints).
-        samples_seen, train_s, history = 0, 0.0, []
+        # Throughput counts time inside training steps only (not evaluation or checkpoints), and
+        # only after this process's first `timing_warmup_steps` (allocators, kernels, connections).
+        # On a GPU the timed window starts and ends with the device idle: a synchronize at its two
+        # boundaries, none in between, so queued kernels are neither lost nor waited on per step.
+        timed_steps, timed_samples, timed_s, history = 0, 0, 0.0, []
+        steps_run = 0
         window_samples, window_s = 0, 0.0
         last_eval: dict[str, float] = {}
         stop = False
@@ -224,6 +227,9 @@ class Trainer:
                 sampler.set_epoch(epoch, step_in_epoch)
                 model.train()
                 for idx in sampler:
+                    timed = steps_run >= tc.timing_warmup_steps
+                    if steps_run == tc.timing_warmup_steps:
+                        synchronize(device)
                     t_step = time.perf_counter()
                     world.check()
                     x, y = (t.to(device, non_blocking=True) for t in _fetch(data.train, idx))
@@ -244,11 +250,16 @@ class Trainer:
                     sched.step()
                     step += 1
                     step_in_epoch += 1
-                    samples_seen += tc.batch_size
+                    steps_run += 1
                     window_samples += tc.batch_size
+                    if step == total_steps:
+                        synchronize(device)
                     dt = time.perf_counter() - t_step
-                    train_s += dt
                     window_s += dt
+                    if timed:
+                        timed_steps += 1
+                        timed_samples += tc.batch_size
+                        timed_s += dt
                     if step % tc.log_every == 0 or step == total_steps:
                         sps = window_samples / max(1e-9, window_s)
                         window_samples, window_s = 0, 0.0
@@ -279,12 +290,17 @@ class Trainer:
         finally:
             progress.close()
 
+        if not timed_steps:
+            log.warning("no step was timed: trainer.timing_warmup_steps=%d covers all %d steps run; samples_per_s is 0",
+                        tc.timing_warmup_steps, steps_run)
         wall = time.perf_counter() - t_start
         metrics = {
             **{f"test_{k}": v for k, v in last_eval.items()},
             "steps": step,
             "epochs": epoch,
-            "samples_per_s": samples_seen / max(1e-9, train_s),
+            "samples_per_s": timed_samples / max(1e-9, timed_s),
+            "step_s": timed_s / max(1, timed_steps),
+            "timed_steps": timed_steps,
             "wall_s": wall,
             "world_size": world.world_size,
             "compression": self.comp.name,

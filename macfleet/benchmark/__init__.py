@@ -4,6 +4,14 @@ from __future__ import annotations
 
 
 def benchmark_main(args) -> int:
+    from macfleet.errors import ConfigError
+
+    if args.type == "scaling":
+        from macfleet.benchmark.scaling import run_scaling_benchmark
+
+        return run_scaling_benchmark(args)
+    if args.overrides:
+        raise ConfigError(f"Hydra overrides ({' '.join(args.overrides)}) are for --type scaling only")
     if args.type in ("bandwidth", "allreduce"):
         from macfleet.benchmark.comm import run_comm_benchmark
 

@@ -125,7 +125,7 @@ def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "macfleet.benchmark.ddp",
            "--backend", backend, "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup_steps), "--device", args.device, "--cores-per-node", str(args.cores_per_node or 0),
+           "--warmup", str(10 if args.warmup_steps is None else args.warmup_steps), "--device", args.device, "--cores-per-node", str(args.cores_per_node or 0),
            "--out", str(out)]
     env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)

@@ -1,0 +1,525 @@
+"""`macfleet benchmark --type scaling`: how much faster the fleet trains than one machine, measured.
+
+Every run is the real product: `python train.py` with Hydra overrides, a real model and data,
+`--warmup-steps` + `--steps` optimizer steps of which only the last `--steps` are timed
+(`trainer.timing_warmup_steps`; metrics.json's samples_per_s and step_s). Node i is a set of
+cores of its own (affinity + OMP_NUM_THREADS), optionally a CPU quota (cgroup v2 cpu.max or v1
+cfs quota), a GPU (`CUDA_VISIBLE_DEVICES`) and, with --netns, a network namespace at 10.0.0.i+1.
+Runs, all with the same global batch B and model:
+1. references: each node alone (`cluster=single`) at B, and at its own local batch b_i (its
+   share of B in the fleet); nodes run their references side by side, each on its own cores,
+   as separate machines would (one at a time where GPUs are shared);
+2. the fleet: one run per codec, node 0 the master, started as the README's two-Mac flow does
+   (`cluster=pro_air cluster.role=master|worker`, token in MACFLEET_TOKEN).
+Figures, each beside its reference from the same benchmark:
+- samples/s of the fleet; speedup = fleet / node 0 alone at B ("one machine");
+- efficiency = fleet / ideal, ideal = the sum of every node's own samples/s at B;
+- where a fleet step goes, per node: compute = the node's own step time alone at b_i;
+  communication wait = fleet step time - compute (codec encode/decode included); staging =
+  device<->host copy time per step, when the engine reports `staging_s` (a run total) in
+  metrics.json.
+JSON rows, the 1-node reference first, then one per codec: {"type", "run", "codec", "nodes",
+"global_batch", "local_batches", "steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
+"samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
+"ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
+"wire_ratio"}; per-node figures are lists indexed by node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from macfleet.config import COMPRESSION_NAMES
+from macfleet.errors import ConfigError, MacFleetError
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 3600.0
+CGROUP_PERIOD_US = 100_000
+
+# Keys the benchmark sets itself, and the option that sets them instead.
+CONTROLLED = {
+    "cluster": "--nodes / --netns", "compression": "--codecs", "trainer.device": "--device",
+    "trainer.max_steps": "--steps / --warmup-steps", "trainer.epochs": "--steps / --warmup-steps",
+    "trainer.timing_warmup_steps": "--warmup-steps", "trainer.resume": "(always none)",
+    "hydra.run.dir": "(a benchmark folder)", "cluster.role": "--nodes", "cluster.mode": "--nodes",
+    "cluster.nodes": "--nodes", "cluster.master_addr": "--netns", "cluster.master_port": "--netns",
+    "cluster.tensor_port": "--netns", "cluster.host": "--netns", "cluster.weight": "cluster.weights=[...]",
+}
+# Settings a user may change with a trailing override (e.g. cluster.weights=[0.6,0.4]).
+DEFAULTS = {"trainer.progress": "false", "trainer.checkpoint_every": "0", "trainer.checkpoint_every_steps": "0",
+            "logger": "none", "cluster.weights": "null", "cluster.heartbeat_interval": "2.0"}
+
+
+@dataclass
+class Node:
+    """One emulated machine: its cores, CPU quota, GPU and (with --netns) namespace."""
+
+    index: int
+    cores: list[int]
+    quota: float | None = None
+    gpu: str | None = None
+    netns: str | None = None
+    cgroup: Path | None = None
+
+    def prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ, OMP_NUM_THREADS=str(len(self.cores)), MKL_NUM_THREADS=str(len(self.cores)),
+                   PYTHONUNBUFFERED="1")
+        env.pop("WANDB_API_KEY", None)
+        if self.gpu is not None:
+            env.update(CUDA_VISIBLE_DEVICES=self.gpu, NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
+                       NVSHMEM_DISABLE_NVLS="1")
+        return env
+
+    def enter(self) -> None:
+        """Runs in the child between fork and exec: its cores and cgroup, inherited by python."""
+        os.sched_setaffinity(0, self.cores)
+        if self.cgroup is not None:
+            (self.cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    def describe(self) -> str:
+        cores = f"cores {self.cores[0]}-{self.cores[-1]}" if len(self.cores) > 1 else f"core {self.cores[0]}"
+        quota = f", {self.quota:g} of them" if self.quota is not None and self.quota < 1 else ""
+        gpu = f", GPU {self.gpu}" if self.gpu is not None else ""
+        return f"node {self.index}: {cores}{quota}{gpu}"
+
+
+# --------------------------------------------------------------------------------------- options
+def parse_codecs(text: str) -> list[str]:
+    codecs = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [c for c in codecs if c not in COMPRESSION_NAMES]
+    if bad or not codecs:
+        raise ConfigError(f"--codecs {text!r}: use a comma list of {', '.join(COMPRESSION_NAMES)}")
+    return codecs
+
+
+def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
+    """'1.0,0.6' -> [1.0, 0.6]: each node's fraction of its own cores."""
+    if text is None:
+        return None
+    try:
+        quotas = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--cpu-quota {text!r}: give one fraction per node, e.g. 1.0,0.6") from None
+    if len(quotas) != nodes:
+        raise ConfigError(f"--cpu-quota {text!r} has {len(quotas)} value(s) for --nodes {nodes}: give one per node")
+    if any(not 0.01 <= q <= 1.0 for q in quotas):
+        raise ConfigError(f"--cpu-quota {text!r}: each value is a fraction of the node's cores, in [0.01, 1.0]")
+    return quotas
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """Trailing Hydra overrides, keyed by what they set; refuses keys the benchmark sets itself."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"{item!r} is not a Hydra override like model=resnet50 or trainer.batch_size=256")
+        bare = key.lstrip("+~")
+        if bare in CONTROLLED or bare.startswith("hydra."):
+            raise ConfigError(f"{item!r}: the scaling benchmark sets {bare} itself; use {CONTROLLED.get(bare, 'its options')}")
+        out[key] = value
+    return out
+
+
+def plan_nodes(args) -> list[Node]:
+    """Cores, quotas and GPUs per node, checked before anything starts."""
+    nodes = int(args.nodes)
+    if args.device not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {args.device!r}: choose cpu, cuda or mps (node i of several GPUs gets GPU i)")
+    if nodes < 2:
+        raise ConfigError("--nodes must be >= 2: the scaling benchmark compares a fleet with one node")
+    quotas = parse_quotas(args.cpu_quota, nodes)
+    root = os.geteuid() == 0
+    if args.netns and not root:
+        raise ConfigError("--netns makes network namespaces, which needs root: run as root or drop --netns")
+    if quotas and not root:
+        raise ConfigError("--cpu-quota makes cgroups, which needs root: run as root or drop --cpu-quota")
+    if args.rate and not args.netns:
+        raise ConfigError("--rate shapes the namespaces' links: add --netns (as root) or drop --rate")
+    if args.netns:
+        for tool in ["ip"] + (["tc"] if args.rate else []):
+            if shutil.which(tool) is None:
+                raise ConfigError(f"`{tool}` (iproute2) is not on PATH: install iproute2 or put its `ip` and `tc` "
+                                  f"on PATH (../shared/tools/pack-iproute2.sh), or drop --netns")
+    available = sorted(os.sched_getaffinity(0))
+    if nodes > len(available):
+        raise ConfigError(f"--nodes {nodes} needs a core per node and this machine has {len(available)}: lower --nodes")
+    per = int(args.cores_per_node) if args.cores_per_node else len(available) // nodes
+    if per < 1 or per * nodes > len(available):
+        raise ConfigError(f"--nodes {nodes} x --cores-per-node {per} is more than this machine's {len(available)} "
+                          f"cores: lower --cores-per-node to {len(available) // nodes} or less")
+    gpus: list[str | None] = [None] * nodes
+    if args.device != "cpu":
+        import torch  # only here: the option checks above answer without it
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        if len(ids) > 1:
+            gpus = [ids[i % len(ids)] for i in range(nodes)]
+    elif args.device == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("--device mps: MPS is not available here; use --device cpu")
+    return [Node(i, available[i * per:(i + 1) * per], quotas[i] if quotas else None, gpus[i]) for i in range(nodes)]
+
+
+# --------------------------------------------------------------------------------------- cgroups
+class CpuQuotas:
+    """One cgroup per node holding it to `quota` x its cores (cgroup v2 cpu.max, else v1 cfs
+    quota); removed on exit."""
+
+    def __init__(self, nodes: list[Node]):
+        self.nodes = [n for n in nodes if n.quota is not None]
+        self.made: list[Path] = []
+
+    def __enter__(self) -> "CpuQuotas":
+        if not self.nodes:
+            return self
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        base = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/cpu")
+        try:
+            if v2 and "cpu" not in (base / "cgroup.subtree_control").read_text().split():
+                (base / "cgroup.subtree_control").write_text("+cpu")
+            for node in self.nodes:
+                path = base / f"macfleet-bench-{os.getpid()}-{node.index}"
+                path.mkdir()
+                self.made.append(path)
+                quota = int(node.quota * len(node.cores) * CGROUP_PERIOD_US)
+                if v2:
+                    (path / "cpu.max").write_text(f"{quota} {CGROUP_PERIOD_US}")
+                else:
+                    (path / "cpu.cfs_period_us").write_text(str(CGROUP_PERIOD_US))
+                    (path / "cpu.cfs_quota_us").write_text(str(quota))
+                node.cgroup = path
+        except OSError as exc:
+            self.__exit__()
+            raise ConfigError(f"--cpu-quota: cannot set up a cgroup under {base} ({exc}); drop --cpu-quota") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for path in reversed(self.made):
+            for _ in range(50):  # a process that just exited may still be listed for a moment
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        self.made.clear()
+        for node in self.nodes:
+            node.cgroup = None
+
+
+# --------------------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One train.py invocation per node of one run; rank 0 writes `out/metrics.json`."""
+
+    label: str
+    out: Path
+    procs: list[tuple[Node, list[str], dict]] = field(default_factory=list)
+
+
+def _wait(runs: list[Run], logs: Path, console) -> list[dict]:
+    """Start every process of `runs` at once; rank 0's metrics.json per run. A failed process
+    stops the rest and raises with its error line."""
+    started = []
+    status = console.status(f"running {', '.join(r.label for r in runs)} ...")
+    try:
+        for run in runs:
+            for node, argv, env in run.procs:
+                log_path = logs / f"{run.label}-node{node.index}.log"
+                with open(log_path, "w") as fh:
+                    cwd = run.out.parent / f"{run.label}-node{node.index}.cwd"
+                    cwd.mkdir(exist_ok=True)
+                    proc = subprocess.Popen(node.prefix() + argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                            cwd=cwd, preexec_fn=node.enter)
+                started.append((run, log_path, proc))
+        # The spinner's thread starts after the forks: preexec_fn runs in a child forked from
+        # this process, which is safe while it has no other threads.
+        status.start()
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while any(p.poll() is None for _, _, p in started):
+            if any(p.returncode not in (None, 0) for _, _, p in started):
+                break  # the others may be waiting on the failed one
+            if time.monotonic() > deadline:
+                run, log_path, _ = next(s for s in started if s[2].poll() is None)
+                raise MacFleetError(f"{run.label} still running after {RUN_TIMEOUT_S:.0f} s (log: {log_path})")
+            time.sleep(0.1)
+        for run, log_path, proc in started:
+            if proc.returncode not in (None, 0):
+                raise MacFleetError(f"{run.label} failed: {_why(log_path, proc)} (log: {log_path})")
+    finally:
+        status.stop()
+        for _, _, proc in started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    return [json.loads((run.out / "metrics.json").read_text()) for run in runs]
+
+
+def _why(log_path: Path, proc) -> str:
+    lines = log_path.read_text(errors="replace").splitlines()
+    said = [ln for ln in lines if "error:" in ln.lower() or ln.startswith(("Error", "Traceback"))]
+    line = (said[-1] if said else (lines[-1] if lines else f"exit code {proc.returncode}")).strip()
+    return line.removeprefix("macfleet: error: ")
+
+
+def _overrides(*layers: dict) -> list[str]:
+    merged: dict[str, str] = {}
+    for layer in layers:
+        merged.update(layer)
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def _compose(overrides: list[str]):
+    """The real config the runs will see, for its batch size, shares and dataset; Hydra's
+    complaint about a bad override becomes one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from macfleet.config import ClusterConfig, TrainingConfig, register_configs, to_dataclass
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+        to_dataclass(TrainingConfig, cfg.trainer)
+        to_dataclass(ClusterConfig, cfg.cluster)
+    except MacFleetError:
+        raise
+    except Exception as exc:  # Hydra's and OmegaConf's errors: a bad override
+        said = [str(e).strip().splitlines()[0] for e in (exc, exc.__cause__) if e is not None and str(e).strip()]
+        raise ConfigError(f"a trailing override was refused: {': '.join(said)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+    return cfg
+
+
+# --------------------------------------------------------------------------------------- main
+def run_scaling_benchmark(args) -> int:
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # a log or a pipe: keep each table row on one line
+    codecs = parse_codecs(args.codecs or "none,fp16,topk_fp16")
+    steps, warmup = int(args.steps), int(5 if args.warmup_steps is None else args.warmup_steps)
+    if steps < 1 or warmup < 0:
+        raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'macfleet[plot]', or drop --plot") from None
+    if not (ROOT / "train.py").is_file():
+        raise ConfigError(f"--type scaling runs train.py from a source checkout; there is none at {ROOT}")
+    user = parse_overrides(list(args.overrides or []))
+    nodes = plan_nodes(args)
+    n, total = len(nodes), steps + warmup
+    # epochs = total: every epoch has at least one step, so max_steps is what stops each run.
+    timing = {"trainer.max_steps": str(total), "trainer.epochs": str(total), "trainer.log_every": str(total),
+              "trainer.timing_warmup_steps": str(warmup), "trainer.device": args.device, "trainer.resume": "none"}
+    cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n),
+                                                       "compression": codecs[0]}))
+    if cfg.cluster.weight == "auto":
+        raise ConfigError("cluster.weight=auto: give the fleet's shares as cluster.weights=[...] so each node's "
+                          "local batch is known")
+    batch = int(cfg.trainer.batch_size)
+    weights = [float(w) for w in cfg.cluster.weights] if cfg.cluster.weights else [1.0] * n
+    if len(weights) != n:
+        raise ConfigError(f"cluster.weights has {len(weights)} values for --nodes {n}: give one per node")
+    from macfleet.sampler import split_counts  # torch: only once the options are known to be good
+
+    local = split_counts(batch, weights)
+    choices = cfg.hydra.runtime.choices
+    link = ("veth" + (f" shaped to {args.rate}" if args.rate else "")) if args.netns else "loopback"
+    setup = {"type": "scaling", "model": choices.model, "dataset": choices.dataset, "global_batch": batch,
+             "steps": steps, "warmup_steps": warmup, "device": args.device, "link": link}
+
+    bench = Path(tempfile.mkdtemp(prefix="macfleet-scaling-"))
+    logs = bench / "logs"
+    logs.mkdir()
+    data = {}
+    synthetic = ""
+    if cfg.dataset.get("_target_") == "macfleet.data.cifar10.build":
+        from macfleet.data.cifar10 import write_cifar_format
+
+        # Synthetic images in CIFAR-10's own file format, enough for one epoch: never a download.
+        write_cifar_format(bench / "data", train_per_batch=math.ceil(batch * total / 5), test_size=64)
+        data = {"dataset.root": str(bench / "data"), "dataset.download": "false", "dataset.verify_checksums": "false"}
+        synthetic = " (synthetic CIFAR-format images)"
+    console.print(f"[bold]scaling[/bold]: {choices.model} on {choices.dataset}{synthetic}, global batch {batch} "
+                  f"(node shares {local}), {args.device}, {n} nodes on {link}; {steps} timed steps after "
+                  f"{warmup} warm-up")
+    for node in nodes:
+        console.print(f"  {node.describe()}")
+
+    py, train = sys.executable, str(ROOT / "train.py")
+
+    def single(node: Node, b: int, label: str) -> Run:
+        run = Run(label, bench / label)
+        argv = [py, train, *_overrides(DEFAULTS, user, data, timing, {
+            "cluster": "single", "compression": "none", "trainer.batch_size": str(b), "hydra.run.dir": str(run.out)})]
+        run.procs.append((node, argv, node.env()))
+        return run
+
+    def fleet(codec: str, addrs: list[str], ports: list[int]) -> Run:
+        run = Run(f"fleet-{codec}", bench / f"fleet-{codec}")
+        token = secrets.token_hex(16)  # in the environment only, as on two Macs; never on disk
+        for node in nodes:
+            role = {"cluster": "pro_air", "cluster.role": "master" if node.index == 0 else "worker",
+                    "cluster.nodes": str(n), "cluster.master_addr": addrs[0], "cluster.master_port": str(ports[0]),
+                    "cluster.tensor_port": str(ports[1 + node.index]), "compression": codec}
+            if not args.netns:
+                role["cluster.host"] = "127.0.0.1"  # the master listens on loopback only
+            if node.index == 0:
+                role["hydra.run.dir"] = str(run.out)
+            env = dict(node.env(), MACFLEET_TOKEN=token, MACFLEET_RANK=str(node.index))
+            run.procs.append((node, [py, train, *_overrides(DEFAULTS, user, data, timing, role)], env))
+        return run
+
+    gpus = [nd.gpu for nd in nodes]
+    # Each node's references run beside the other nodes' (own cores, as separate machines), unless
+    # nodes share a GPU: then one at a time.
+    side_by_side = args.device == "cpu" or (None not in gpus and len(set(gpus)) == n)
+    ok = False
+    try:
+        with CpuQuotas(nodes), (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
+            alone, compute = [], []
+            for label, size, sink in (("alone", lambda nd: batch, alone), ("local", lambda nd: local[nd.index], compute)):
+                runs = [single(nd, size(nd), f"node{nd.index}-{label}-b{size(nd)}") for nd in nodes]
+                for group in ([runs] if side_by_side else [[r] for r in runs]):
+                    got = _wait(group, logs, console)
+                    sink.extend(got)
+                    for r, m in zip(group, got):
+                        console.print(f"  {r.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms")
+            ideal = sum(a["samples_per_s"] for a in alone)
+            fleets = {}
+            for k, codec in enumerate(codecs):
+                if args.netns:  # every namespace has its own ports; a fresh pair per run skips TIME_WAIT
+                    run = fleet(codec, [f"10.0.0.{i + 1}" for i in range(n)], [50051 + 2 * k] + [50052 + 2 * k] * n)
+                else:
+                    from macfleet.comm.launch import free_ports
+
+                    run = fleet(codec, ["127.0.0.1"] * n, free_ports(1 + n))
+                m = fleets[codec] = _wait([run], logs, console)[0]
+                console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
+                              f"efficiency {m['samples_per_s'] / ideal:.2f}")
+        ok = True
+    finally:
+        if ok:
+            shutil.rmtree(bench, ignore_errors=True)
+        else:
+            console.print(f"runs and logs kept in {bench}")
+
+    rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
+    rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
+    console.print(scaling_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+        console.print(f"wrote {len(rows)} rows to {args.json}")
+    if args.plot:
+        plot_scaling(rows, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def _namespaces(nodes: list[Node], args):
+    """The namespaces of comm/launch.py, one per node: node i at 10.0.0.i+1."""
+    from macfleet.comm.launch import Netns
+
+    ns = Netns(len(nodes), rate=args.rate, prefix="mf-scale")
+    for node, name in zip(nodes, ns.names):
+        node.netns = name
+    return ns
+
+
+def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: list[int], m: dict,
+                alone: list[dict], compute: list[dict], one_node: dict) -> dict:
+    """One JSON row: run `m` of the nodes `used`, beside their own runs alone at the global batch
+    (`alone`) and at their local batches (`compute`)."""
+    single = [a["samples_per_s"] for a in alone]
+    compute_s = [c["step_s"] for c in compute]
+    staging = m.get("staging_s")
+    return {**setup, "run": run, "codec": codec, "nodes": len(used), "local_batches": batches,
+            "cores": [len(nd.cores) for nd in used], "cpu_quota": [nd.quota for nd in used],
+            "samples_per_s": m["samples_per_s"], "step_s": m["step_s"],
+            "one_node_samples_per_s": one_node["samples_per_s"], "single_samples_per_s": single,
+            "ideal_samples_per_s": sum(single), "speedup": m["samples_per_s"] / one_node["samples_per_s"],
+            "efficiency": m["samples_per_s"] / sum(single), "compute_s": compute_s,
+            "comm_wait_s": [m["step_s"] - c for c in compute_s],
+            # The engine reports a total over the run's steps, as it does bytes_sent.
+            "staging_s": staging / m["steps"] if staging is not None else None,
+            "wire_ratio": m.get("wire_ratio")}
+
+
+def scaling_table(rows: list[dict]):
+    from rich.table import Table
+
+    first = rows[0]
+    staging = any(r["staging_s"] is not None for r in rows)
+    table = Table(title=f"macfleet benchmark --type scaling: {first['model']} on {first['dataset']}, global batch "
+                        f"{first['global_batch']}, {first['device']}, {first['link']}",
+                  caption="ideal: the sum of each node's own samples/s at the global batch; compute: each node "
+                          "alone at its local batch; comm wait: fleet step - compute (node 0 / node 1 / ...)")
+    cols = ["run", "codec", "samples/s", "vs 1 node", "ideal", "efficiency", "step ms", "compute ms", "comm wait ms"]
+    for col in cols + (["staging ms"] if staging else []) + ["wire"]:
+        table.add_column(col, justify="left" if col in ("run", "codec") else "right")
+
+    def ms(values: list[float]) -> str:
+        return " / ".join(f"{1e3 * v:.1f}" for v in values)
+
+    for r in rows:
+        cells = [r["run"], r["codec"], _rate(r["samples_per_s"]), f"{r['speedup']:.2f}x",
+                 _rate(r["ideal_samples_per_s"]), f"{r['efficiency']:.2f}", ms([r["step_s"]]), ms(r["compute_s"]),
+                 ms(r["comm_wait_s"]) if r["run"] == "fleet" else "-"]
+        if staging:
+            cells.append(ms([r["staging_s"]]) if r["staging_s"] is not None else "-")
+        cells.append(f"{100 * r['wire_ratio']:.1f}%" if r["wire_ratio"] is not None else "-")
+        table.add_row(*cells)
+    return table
+
+
+def _rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def plot_scaling(rows: list[dict], path: str) -> None:
+    """Fleet samples/s per codec as bars, node 0 alone and the ideal as lines, efficiency on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fleet = [r for r in rows if r["run"] == "fleet"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(fleet) + 3, 4))
+    bars = ax.bar([r["codec"] for r in fleet], [r["samples_per_s"] for r in fleet], color="tab:blue")
+    ax.axhline(rows[0]["samples_per_s"], color="tab:gray", linestyle="--", label="1 node (node 0 alone)")
+    ax.axhline(fleet[0]["ideal_samples_per_s"], color="tab:green", linestyle=":", label="ideal (sum of nodes alone)")
+    for bar, r in zip(bars, fleet):
+        ax.annotate(f"{r['efficiency']:.0%} eff.\n{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9)
+    ax.set_ylabel("samples/s")
+    ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet]))
+    ax.set_title(f"{fleet[0]['nodes']} nodes vs 1: {rows[0]['model']} on {rows[0]['dataset']}, "
+                 f"batch {rows[0]['global_batch']}, {rows[0]['link']}", fontsize=10)
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,66 @@
+"""metrics.json's samples_per_s and step_s leave out `trainer.timing_warmup_steps`.
+
+The model sleeps in its first training forwards, so a warm-up step is known to take at least
+SLEEP_S: a mean that leaves them out stays under it, one that counts them cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from macfleet import Trainer, TrainingConfig
+
+SLEEP_S = 0.5
+SLOW_STEPS = 2
+STEPS = 5
+
+
+class SlowStart(torch.nn.Module):
+    """The digits CNN, sleeping in its first SLOW_STEPS training forwards."""
+
+    def __init__(self):
+        super().__init__()
+        from macfleet.models.cnn import build
+
+        self.net = build(num_classes=10, in_channels=1)
+        self.forwards = 0
+
+    def forward(self, x):
+        if self.training:
+            self.forwards += 1
+            if self.forwards <= SLOW_STEPS:
+                time.sleep(SLEEP_S)
+        return self.net(x)
+
+
+def _fit(out, timing_warmup_steps: int) -> dict:
+    from macfleet.data.digits import build as digits
+
+    torch.manual_seed(0)
+    tc = TrainingConfig(epochs=1, max_steps=STEPS, batch_size=32, output_dir=str(out), progress=False,
+                        checkpoint_every=0, timing_warmup_steps=timing_warmup_steps)
+    Trainer(SlowStart(), digits(), tc).fit()
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_warmup_steps_are_left_out_of_throughput(tmp_path):
+    m = _fit(tmp_path / "warm", SLOW_STEPS)
+    assert m["steps"] == STEPS and m["timed_steps"] == STEPS - SLOW_STEPS
+    assert m["step_s"] < SLEEP_S  # no sleeping step in the mean
+    assert m["samples_per_s"] == pytest.approx(32 / m["step_s"])
+
+    every = _fit(tmp_path / "all", 0)  # the default: every step counts, sleeps included
+    assert every["timed_steps"] == STEPS
+    assert every["step_s"] >= SLOW_STEPS * SLEEP_S / STEPS
+    assert every["samples_per_s"] == pytest.approx(32 / every["step_s"])
+
+
+def test_timing_warmup_steps_must_not_be_negative():
+    from macfleet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timing_warmup_steps"):
+        TrainingConfig(timing_warmup_steps=-1)
