@@ -67,6 +67,7 @@ class MacFleetDDP(torch.nn.Module):
         self.share = float(share)
         self.step = 0
         self.world_size = group.world_size if group is not None else 1
+        self.device = torch.device(device)
         self.reducer = make_reducer(compression, group)
         self._names = {id(p): n for n, p in module.named_parameters()}
         self._segments_cache: dict[tuple, list] = {}
@@ -172,7 +173,13 @@ class MacFleetDDP(torch.nn.Module):
         dense = s.get("dense_bytes", 0)
         if not dense:
             return {}
-        return {"comm/wire_ratio": s.get("bytes_sent", 0) / dense, "comm/bytes_sent": float(s.get("bytes_sent", 0))}
+        out = {"comm/wire_ratio": s.get("bytes_sent", 0) / dense, "comm/bytes_sent": float(s.get("bytes_sent", 0))}
+        if self.device.type != "cpu" and self.world_size > 1:
+            from macfleet.comm.staging import stager_for
+
+            # comm-thread seconds waiting for device<->host copies since the process started
+            out["comm/staging_s"] = stager_for(self.device).seconds
+        return out
 
     def state_dict(self, *args, **kwargs):  # the compressor's per-rank state (error-feedback residuals)
         return self.reducer.state_dict()
