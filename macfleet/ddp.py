@@ -68,6 +68,12 @@ class MacFleetDDP(torch.nn.Module):
         self.step = 0
         self.world_size = group.world_size if group is not None else 1
         self.device = torch.device(device)
+        self.forward_sync = _buffers_steer_training(module)
+        """Broadcast rank 0's buffers before every training forward (PyTorch DDP's default). Not
+        needed when every buffer is a normalisation layer's running statistics: in training mode
+        they never reach the output, and `sync_buffers` (before evaluation and checkpoints) gives
+        every rank rank 0's, which evolved the same either way. Skipping it removes a collective
+        per step that the host must wait for (on an accelerator it stalls the queue of kernels)."""
         self.reducer = make_reducer(compression, group)
         self._names = {id(p): n for n, p in module.named_parameters()}
         self._segments_cache: dict[tuple, list] = {}
@@ -101,7 +107,7 @@ class MacFleetDDP(torch.nn.Module):
         sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                 else "broadcast_buffers")
         self.ddp = DistributedDataParallel(self.module, process_group=pg, bucket_cap_mb=bucket_cap_mb,
-                                           gradient_as_bucket_view=True, **{sync: True})
+                                           gradient_as_bucket_view=True, **{sync: self.forward_sync})
         self.ddp.register_comm_hook(self, MacFleetDDP._hook)
 
     @staticmethod
@@ -142,15 +148,16 @@ class MacFleetDDP(torch.nn.Module):
         if self.ddp is not None:
             return self.ddp(*args, **kwargs)
         if self.module.training:
-            self.sync_buffers()  # DDP's broadcast_buffers: rank 0's BatchNorm statistics win
+            if self.forward_sync:
+                self.sync_buffers()  # DDP's broadcast_buffers: rank 0's buffers win
             if self._buckets is not None and torch.is_grad_enabled():
                 self._buckets.arm(self.step)
         return self.module(*args, **kwargs)
 
     def sync_buffers(self) -> None:
-        """Rank 0's buffers (BatchNorm statistics) on every rank. Both paths sync them before each
-        training forward, so after the last one every rank holds its own batch's update: call
-        this before evaluating or checkpointing, so all ranks evaluate and save the same model."""
+        """Rank 0's buffers (BatchNorm statistics) on every rank. Between syncs every rank updates
+        its own running statistics from its own batches: call this before evaluating or
+        checkpointing, so all ranks evaluate and save the same model (see `forward_sync`)."""
         if self.world_size > 1:
             buffers = list(self.module.buffers())
             if buffers:
@@ -186,6 +193,14 @@ class MacFleetDDP(torch.nn.Module):
 
     def load_state_dict(self, state, strict: bool = True):
         self.reducer.load_state_dict(state or {})
+
+
+def _buffers_steer_training(module: torch.nn.Module) -> bool:
+    """True if a buffer outside the normalisation layers (BatchNorm, InstanceNorm) may change
+    what a training forward computes, so ranks must share rank 0's before every forward."""
+    norm = torch.nn.modules.batchnorm._NormBase
+    return any(not isinstance(m, norm) and next(m.buffers(recurse=False), None) is not None
+               for m in module.modules())
 
 
 class _Buckets:

@@ -192,8 +192,25 @@ class Stager:
 
     def new_on_device(self, host: torch.Tensor) -> torch.Tensor:
         """Comm thread: a device copy of a host tensor (a received all_gather part), landed."""
-        out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-        self.to_device(host, out)
+        if self.kind != "cuda":
+            out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            self.to_device(host, out)
+            return out
+        # Allocated for the copy stream: a block fresh from the caching allocator is only safe on
+        # the stream it was allocated for (kernels queued on another stream may still use its
+        # last owner's memory). Measured: allocated on the default stream and written by the
+        # copy stream, a received top-k payload was overwritten by a pending kernel.
+        consumer = torch.cuda.current_stream(self.device)
+        start = time.perf_counter()
+        with torch.cuda.stream(self._stream):
+            out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
+            out.copy_(host, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        done.synchronize()
+        out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
+        self.seconds += time.perf_counter() - start
+        self.bytes += host.numel() * host.element_size()
         return out
 
 
