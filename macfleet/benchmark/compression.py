@@ -7,7 +7,9 @@ Two tables from one run (every figure a median of `--repeats` timed runs after a
    reused buffer + `codec.decode_add` without validation, what each node's device does per
    received payload; validation runs on the host copy, off the device).
 2. all_reduce time on a local fleet (`--nodes` processes on this machine, one CPU thread each,
-   gradients on `--device`, a GPU per rank where there are several): per model and codec, one `GradientCompressor.reduce` of the whole gradient as one bucket,
+   gradients on `--device`, a GPU per rank where there are several): per model and codec,
+   ResNet-50 as DDP's hook sees it (its real parameters in 25 MB buckets, issued back to back),
+   the others as one bucket, one `GradientCompressor.reduce` of the whole gradient as one bucket,
    dense (`none`) beside compressed, timed on rank 0 between barriers.
 Codecs are listed as name[:granularity], e.g. `--codecs none,fp16,topk,topk_fp16,topk:element`;
 the gradient is synthetic (normal values with a log-normal scale per 64-element block, so block
@@ -28,6 +30,40 @@ from macfleet.errors import ConfigError
 
 MODELS = {"resnet50": 25_557_032, "vit_base": 86_567_656, "gpt2": 124_439_808}
 """Parameter counts (torchvision resnet50, timm vit_base_patch16_224, HF gpt2)."""
+
+
+BUCKET_CAP = 25 << 20
+"""PyTorch DDP's default bucket_cap_mb, in bytes of fp32 gradient."""
+
+
+def model_buckets(model: str, n: int) -> list[tuple[int, int, list]]:
+    """(start, end, segments) of the gradient's buckets as DDP's hook sees them: for resnet50 its
+    real parameters (CIFAR stem, shapes built on the meta device, no memory), last layer first,
+    in buckets of at most BUCKET_CAP; any other model is one bucket of one segment."""
+    if model != "resnet50":
+        return [(0, n, [(model, 0, n)])]
+    from macfleet.models.resnet import resnet50
+
+    with torch.device("meta"):
+        net = resnet50(num_classes=1000, in_channels=3, cifar_stem=True)
+    params = [(name, p.numel()) for name, p in net.named_parameters()][::-1]
+    total = sum(k for _, k in params)
+    scale = n / total  # MODELS counts torchvision's 7x7 stem; the CIFAR stem is a little smaller
+    out, start, segs, size = [], 0, [], 0
+    for name, k in params:
+        if segs and (size + k) * 4 > BUCKET_CAP:
+            out.append((start, start + size, segs))
+            start, segs, size = start + size, [], 0
+        segs.append((name, size, k))
+        size += k
+    out.append((start, start + size, segs))
+    assert abs(scale - 1) < 0.05, scale
+    last_start, last_end, last_segs = out[-1]
+    if last_end < n:  # pad the last bucket's last segment so the buckets cover all n elements
+        name, off, k = last_segs[-1]
+        last_segs[-1] = (name, off, k + n - last_end)
+        out[-1] = (last_start, n, last_segs)
+    return out
 
 
 def parse_codecs(text: str, ratio: float) -> list:
@@ -129,21 +165,25 @@ def _fleet_rank(rank: int, world_size: int, addrs: list[str], models: dict[str, 
         for model, n in models.items():
             src = synthetic_gradient(n, device, seed=rank).mul_(1.0 / world_size)
             flat = torch.empty_like(src)
-            segments = [(model, 0, n)]
+            buckets = model_buckets(model, n)
             for cfg in codecs:
                 comp = GradientCompressor(cfg, group)
                 times = []
                 for i in range(repeats + 1):
-                    flat.copy_(src)  # reduce overwrites the bucket in place
+                    flat.copy_(src)  # reduce overwrites the buckets in place
                     sync()
                     group.barrier()
                     t0 = time.perf_counter()
-                    comp.reduce(flat, segments, step=i).wait()
+                    # every bucket issued back to back, as DDP's hook does, then all waited for
+                    futures = [comp.reduce(flat[a:b], segs, step=i) for a, b, segs in buckets]
+                    for fut in futures:
+                        fut.wait()
                     sync()
                     if i:  # the first run is the warm-up
                         times.append(time.perf_counter() - t0)
                 rows.append({"codec": label(cfg), "model": model, "allreduce_s": statistics.median(times),
-                             "fleet_wire_ratio": comp.wire_ratio})
+                             "fleet_wire_ratio": comp.wire_ratio, "buckets": len(buckets),
+                             "segments": sum(len(segs) for _, _, segs in buckets)})
             del src, flat
     return rows
 

@@ -45,6 +45,7 @@ A receiver validates the payload on host memory (`validate`) before it reaches t
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections import OrderedDict
 from typing import NamedTuple, Optional
@@ -183,6 +184,19 @@ class Layout:
         self.segment_key = _upload(seg << 32, device)
         """Per unit: its segment number << 32 (the high half of the second sort key)."""
         self.arange = torch.arange(self.total_units, dtype=torch.int64, device=device)
+        self.aligned = not self.pads
+        """Every segment fills whole units: the workspace is the bucket itself, element for element."""
+        self._to_work: Optional[torch.Tensor] = None
+
+    @property
+    def to_work(self) -> torch.Tensor:
+        """Per bucket element, its position in the padded workspace (n,) int64, built once: moving
+        a whole bucket in or out of the workspace is then one kernel, not one per segment."""
+        if self._to_work is None:
+            pos = torch.cat([torch.arange(n, dtype=torch.int64) + start for start, n in zip(self.starts, self.numels)]) \
+                if self.numels else torch.empty(0, dtype=torch.int64)
+            self._to_work = _upload(pos, self.device)
+        return self._to_work
 
 
 class Plan:
@@ -245,6 +259,7 @@ class TopKCodec(Codec):
         self._layouts: OrderedDict = OrderedDict()
         self._plans: OrderedDict = OrderedDict()
         self._scratch: dict = {}
+        self._decode_local = threading.local()
 
     def __repr__(self) -> str:
         return f"TopKCodec(name={self.name}, ratio={self.ratio}, granularity={self.granularity}, unit={self.unit})"
@@ -328,20 +343,46 @@ class TopKCodec(Codec):
         values = _view(payload[plan.values_offset : plan.nbytes], plan.value_dtype)
         return ids, values.view(plan.K, self.unit)
 
+    def _decode_scratch(self, lay: Layout, like: torch.Tensor) -> torch.Tensor:
+        """A zeroed padded buffer to decode into. On CPU one per thread is reused (a fresh 100 MB
+        tensor costs ~40 ms of page faults); on an accelerator a fresh one from the caching
+        allocator is free, and stays ordered on the stream of the thread that decodes."""
+        if like.device.type != "cpu":
+            return torch.zeros(lay.padded, dtype=like.dtype, device=like.device)
+        local = self._decode_local
+        buf = getattr(local, "buf", None)
+        if buf is None or buf.numel() < lay.padded or buf.dtype != like.dtype:
+            buf = local.buf = torch.empty(lay.padded, dtype=like.dtype)
+        return buf[: lay.padded].zero_()
+
+    def fill(self, work: torch.Tensor, flat: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """The workspace holds the bucket `flat`, each segment at its start (one kernel)."""
+        lay = plan.layout
+        if lay.aligned:
+            return work.copy_(flat)
+        if flat.device.type == "cpu":  # slices cost nothing to launch on CPU; a 25M-index gather does
+            for at, start, n in zip(lay.offsets, lay.starts, lay.numels):
+                work[start : start + n].copy_(flat[at : at + n])
+            return work
+        return work.index_copy_(0, lay.to_work, flat)
+
     def add_payloads(self, out: torch.Tensor, plan: Plan, payloads) -> torch.Tensor:
         """out (the bucket, n elements) += each payload, in the order given (so every node that
         sums the same payloads gets the same bits). Ids within a payload are unique, so each
         index_add_ is a plain scatter: no order between atomics to decide the result."""
         lay = plan.layout
-        dec = out if self.unit == 1 else torch.zeros(lay.padded, dtype=out.dtype, device=out.device)
+        dec = out if lay.aligned else self._decode_scratch(lay, out)
         rows = dec.view(-1, self.unit)
         for p in payloads:
             ids, values = self.unpack(p, plan)
             rows.index_add_(0, ids, values.to(dec.dtype))
-        if dec is not out:
+        if dec is out:
+            return out
+        if out.device.type == "cpu":  # as in fill: slices on CPU, one gather on an accelerator
             for at, start, n in zip(lay.offsets, lay.starts, lay.numels):
                 out[at : at + n].add_(dec[start : start + n])
-        return out
+            return out
+        return out.add_(dec.index_select(0, lay.to_work))
 
     # --- host: validation of a received payload ------------------------------------------------
     def validate(self, payload: torch.Tensor, plan: Plan) -> None:
@@ -400,9 +441,23 @@ class TopKCodec(Codec):
         return self.add_payloads(flat, plan, [payload.to(flat.device)]).view(out.shape)
 
 
+CPU_TREE_ROWS = 8192
+"""On CPU the tree runs over chunks of this many rows, which stay in cache between its levels:
+measured here on 400K rows of 64 (ResNet-50), 20 ms instead of 131 ms, the same bits."""
+
+
 def _sum_squares(rows: torch.Tensor) -> torch.Tensor:
     """Per row sum of squares by a fixed pairwise tree (elementwise adds only), so every device
     rounds it alike; a reduction kernel's order would differ between CPU and GPU."""
+    if rows.device.type == "cpu" and rows.shape[0] > CPU_TREE_ROWS:
+        out = torch.empty(rows.shape[0], dtype=rows.dtype)
+        for i in range(0, rows.shape[0], CPU_TREE_ROWS):
+            out[i : i + CPU_TREE_ROWS] = _tree(rows[i : i + CPU_TREE_ROWS])
+        return out
+    return _tree(rows)
+
+
+def _tree(rows: torch.Tensor) -> torch.Tensor:
     s = rows * rows
     while s.shape[1] > 1:
         w = s.shape[1]

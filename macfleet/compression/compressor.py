@@ -89,19 +89,17 @@ class GradientCompressor:
         if not codec.sparse:
             return self._dense(flat, codec.name, start)
         plan = codec.plan(tuple(v.numel() for _, v in views), ratio, flat.device, codec.wire_dtype(flat.dtype))
-        work = codec.workspace(plan, flat.dtype)
-        spans = [(name, view, work[at : at + view.numel()]) for (name, view), at in zip(views, plan.layout.starts)]
-        for name, view, dst in spans:
-            if self.feedback:
-                self.feedback.accumulate(name, view, out=dst)
-            else:
-                dst.copy_(view)
-        sent = codec.compress(work, plan)
+        lay = plan.layout
+        work = codec.fill(codec.workspace(plan, flat.dtype), flat, plan)
+        bound = None
         if self.feedback:
+            # the bucket's residuals as one buffer in workspace layout: one kernel each way
+            bound = self.feedback.bind(tuple(name for name, _ in views), lay.starts, lay.numels, lay.padded, work)
+            bound.accumulate(work)
+        sent = codec.compress(work, plan)
+        if bound is not None:
             codec.keep_unsent(work, sent)
-            mask = codec.sent_mask(plan, sent.ids) if self.feedback.momentum else None
-            for (name, _, residual), at in zip(spans, plan.layout.starts):
-                self.feedback.commit(name, residual, None if mask is None else mask[at : at + residual.numel()])
+            bound.commit(work, codec.sent_mask(plan, sent.ids) if self.feedback.momentum else None)
         self._count(flat, sent.payload, start)
         if self.world_size == 1:
             return _done(self._sum(flat, plan, [sent.payload]))

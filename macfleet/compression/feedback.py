@@ -40,6 +40,39 @@ class ErrorFeedback:
         self.residuals: dict[str, torch.Tensor] = {}
         self.velocities: dict[str, torch.Tensor] = {}
         """DGC's u (momentum-corrected gradient) per parameter; empty without momentum correction."""
+        self._bound: dict = {}
+        self._owner: dict[str, object] = {}
+        """name -> the key of the bucket buffers its residual (and velocity) is a view of."""
+
+    # -- a whole bucket at once (the hot path) --------------------------------------------------
+    def bind(self, names: tuple[str, ...], starts: tuple[int, ...], numels: tuple[int, ...], padded: int,
+             like: torch.Tensor) -> "Bound":
+        """The residuals (and velocities) of a bucket's parameters as ONE buffer laid out like the
+        codec's padded workspace (segment i at starts[i]), so accumulate and commit are one kernel
+        each instead of one per parameter. Per-name state stays the truth: `residuals[name]` is a
+        view of the buffer, and a parameter met in another bucket (PyTorch rebuilds its buckets
+        after the first step) moves its values into that bucket's buffer."""
+        key = (names, starts, numels, padded, like.device, like.dtype)
+        b = self._bound.get(key)
+        if b is not None and all(self._owner.get(n) is key for n in names):
+            return b
+        r = torch.zeros(padded, dtype=like.dtype, device=like.device)
+        u = torch.zeros_like(r) if self.momentum else None
+        for name, start, n in zip(names, starts, numels):
+            for store, buf in ((self.residuals, r), (self.velocities, u)):
+                if buf is None:
+                    continue
+                view = buf[start : start + n]
+                old = store.get(name)
+                if old is not None and old.numel() == n:
+                    view.copy_(old.reshape(-1))
+                store[name] = view
+            self._owner[name] = key
+        b = self._bound[key] = Bound(r, u, self.momentum)
+        live = set(self._owner.values())
+        for stale in [k for k in self._bound if k not in live]:
+            del self._bound[stale]
+        return b
 
     def accumulate(self, name: str, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = residual of `name` + this step's `grad` (with momentum correction: + the velocity
@@ -63,13 +96,14 @@ class ErrorFeedback:
             else:
                 u.masked_fill_(sent, 0.0)
 
-    @staticmethod
-    def _buffer(store: dict, name: str, like: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, store: dict, name: str, like: torch.Tensor) -> torch.Tensor:
         buf = store.get(name)
         if buf is None or buf.shape != like.shape:
             buf = store[name] = torch.zeros_like(like)
+            self._owner.pop(name, None)
         elif buf.device != like.device or buf.dtype != like.dtype:
             buf = store[name] = buf.to(like.device, like.dtype)
+            self._owner.pop(name, None)
         return buf
 
     def state_dict(self) -> dict:
@@ -84,6 +118,34 @@ class ErrorFeedback:
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise CheckpointError(f"error-feedback state has version {state.get('version') if isinstance(state, dict) else None}, "
                                   f"expected {STATE_VERSION}: resume with the MacFleet version that wrote the checkpoint")
-        # buffers move to the gradient's device/dtype on first use (accumulate).
+        # buffers move to the gradient's device/dtype on first use (accumulate or bind).
         self.residuals = {k: v.detach().clone() for k, v in state.get("residuals", {}).items()}
         self.velocities = {k: v.detach().clone() for k, v in state.get("velocities", {}).items()}
+        self._bound.clear()
+        self._owner.clear()
+
+
+class Bound:
+    """One bucket's residual buffer (and DGC velocity buffer) in workspace layout; see bind()."""
+
+    __slots__ = ("residual", "velocity", "momentum")
+
+    def __init__(self, residual: torch.Tensor, velocity: Optional[torch.Tensor], momentum: float):
+        self.residual, self.velocity, self.momentum = residual, velocity, momentum
+
+    def accumulate(self, work: torch.Tensor) -> torch.Tensor:
+        """work (this step's gradient, in workspace layout) becomes residual + gradient, or with
+        momentum correction residual + (u = m*u + gradient)."""
+        if self.velocity is not None:
+            self.velocity.mul_(self.momentum).add_(work)
+            return torch.add(self.residual, self.velocity, out=work)
+        return work.add_(self.residual)
+
+    def commit(self, unsent: torch.Tensor, sent: Optional[torch.Tensor] = None) -> None:
+        """The residual becomes `unsent`; the velocity is zeroed where `sent` (a bool mask)."""
+        self.residual.copy_(unsent)
+        if self.velocity is not None:
+            if sent is None:
+                self.velocity.zero_()
+            else:
+                self.velocity.masked_fill_(sent, 0.0)
