@@ -1,0 +1,38 @@
+"""`macfleet benchmark --type ddp`: a plain DDP script under the real torchrun, per backend, beside
+one process; its JSON rows (speeds are benchmark figures, never asserted) and a clear refusal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "ddp", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_ddp_rows_beside_one_process(tmp_path):
+    out = tmp_path / "ddp.json"
+    proc = _cli("--backends", "macfleet", "--model", "resnet18", "--batch", "2", "--steps", "1",
+                "--warmup-steps", "1", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet", 2)]
+    one, fleet = rows
+    for r in rows:
+        assert r["samples_per_s"] > 0 and r["step_s"] > 0
+        assert (r["model"], r["batch_per_rank"], r["device"]) == ("resnet18", 2, "cpu")
+    assert one["vs_one_node"] == 1.0
+    assert fleet["vs_one_node"] == pytest.approx(fleet["samples_per_s"] / one["samples_per_s"])
+    assert fleet["vs_gloo"] is None  # gloo was not run: no ratio is made up
+    assert "macfleet" in proc.stdout and "vs 1 node" in proc.stdout
+
+
+def test_nccl_on_cpu_is_refused_in_one_line():
+    proc = _cli("--backends", "nccl,macfleet")
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "macfleet benchmark: error: the nccl backend needs --device cuda"
