@@ -4,6 +4,11 @@ __version__ = "0.1.0"
 
 from macfleet.config import ClusterConfig, CompressionConfig, NodeRole, TrainingConfig  # noqa: E402
 from macfleet.errors import MacFleetError  # noqa: E402
+from macfleet.comm.registration import install as _install_backend  # noqa: E402
+
+# `dist.init_process_group("macfleet")` works after `import macfleet`; this imports neither torch
+# nor pyzmq (comm/registration.py says how).
+_install_backend()
 
 
 def __getattr__(name):

@@ -204,7 +204,8 @@ class TrainingConfig:
     progress: bool = True
     """Show a progress bar."""
     num_workers: int = 0
-    """DataLoader worker processes."""
+    """DataLoader worker processes that fetch and augment batches (0: the training process does;
+    results are the same either way)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -227,6 +228,8 @@ class TrainingConfig:
             raise ConfigError("trainer.keep_checkpoints must be >= 1")
         if self.timing_warmup_steps < 0:
             raise ConfigError("trainer.timing_warmup_steps must be >= 0")
+        if self.num_workers < 0:
+            raise ConfigError("trainer.num_workers must be >= 0")
         if self.checkpoint_every < 0 or self.checkpoint_every_steps < 0:
             raise ConfigError("trainer.checkpoint_every and checkpoint_every_steps must be >= 0")
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from macfleet import checkpoint as ckpt
 from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, TrainingConfig
+from macfleet.data.loader import build_loader, fetch
 from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError
 from macfleet.sampler import WeightedBatchSampler, shard_range
@@ -64,17 +65,6 @@ def _as_bundle(dataset):
     if isinstance(dataset, torch.utils.data.Dataset):
         return DatasetBundle(name=type(dataset).__name__, train=dataset, test=None, task="classification")
     raise ConfigError(f"dataset must be a macfleet DatasetBundle or a torch Dataset, not {type(dataset).__name__}")
-
-
-def _fetch(ds, idx: list[int]):
-    """Batch of items `idx`: direct tensor indexing where the data is in memory, else collate."""
-    tensors = getattr(ds, "tensors", None)
-    if tensors is None and hasattr(ds, "inputs") and getattr(ds, "transform", None) is None:
-        tensors = (ds.inputs, ds.targets)
-    if tensors is not None:
-        ix = torch.as_tensor(idx, dtype=torch.long)
-        return tuple(t[ix] for t in tensors)
-    return torch.utils.data.default_collate([ds[i] for i in idx])
 
 
 class Trainer:
@@ -136,7 +126,7 @@ class Trainer:
         rng = ckpt.rng_state()
         model = copy.deepcopy(self.model).to(device).train()
         n = min(len(self.data.train), max(2, self.tc.batch_size // max(1, self.cc.nodes)))
-        batch = [t.to(device) for t in _fetch(self.data.train, list(range(n)))]
+        batch = [t.to(device) for t in fetch(self.data.train, list(range(n)))]
 
         timings: list[float] = []
         t_end = time.perf_counter() + budget_s
@@ -184,6 +174,8 @@ class Trainer:
 
         torch.manual_seed(tc.seed)
         sampler = WeightedBatchSampler(len(data.train), tc.batch_size, world.weights, rank=rank, seed=tc.seed)
+        # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
+        loader = build_loader(data.train, sampler, tc.seed, tc.num_workers, pin_memory=device.type == "cuda")
         steps_per_epoch = sampler.steps_per_epoch()
         total_steps = steps_per_epoch * tc.epochs
         if tc.max_steps:
@@ -226,13 +218,15 @@ class Trainer:
             while epoch < tc.epochs and not stop:
                 sampler.set_epoch(epoch, step_in_epoch)
                 model.train()
-                for idx in sampler:
+                batches = iter(loader)
+                # Iterate steps, not batches, so a step's time includes waiting for its batch.
+                for _ in range(len(loader)):
                     timed = steps_run >= tc.timing_warmup_steps
                     if steps_run == tc.timing_warmup_steps:
                         synchronize(device)
                     t_step = time.perf_counter()
                     world.check()
-                    x, y = (t.to(device, non_blocking=True) for t in _fetch(data.train, idx))
+                    x, y = (t.to(device, non_blocking=True) for t in next(batches))
                     ddp.set_step(step)
                     opt.zero_grad(set_to_none=True)
                     loss = self._loss(ddp(x), y)
@@ -339,7 +333,7 @@ class Trainer:
         sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
         bs = self.tc.eval_batch_size
         for start in range(lo, hi, bs):
-            x, y = (t.to(device) for t in _fetch(test, list(range(start, min(hi, start + bs)))))
+            x, y = (t.to(device) for t in fetch(test, list(range(start, min(hi, start + bs)))))
             out = model(x)
             if self.data.task == "lm":
                 out = out.reshape(-1, out.shape[-1])

@@ -51,7 +51,6 @@ def _worker(argv: list[str]) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import macfleet.comm.backend  # noqa: F401 - registers "macfleet"
     from macfleet.models import resnet
 
     if a.cores_per_node:

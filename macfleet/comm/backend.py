@@ -1,9 +1,9 @@
 """The "macfleet" torch.distributed backend: a Python ProcessGroup over a MacFleet Group.
 
-Importing this module registers the backend (`register_backend()` is idempotent), so plain
-PyTorch code runs over MacFleet unchanged:
+`import macfleet` registers the backend (comm/registration.py; this module is only imported
+when the first group is created), so plain PyTorch code runs over MacFleet unchanged:
 
-    import macfleet.comm.backend  # noqa: F401
+    import macfleet  # noqa: F401
     dist.init_process_group("macfleet", init_method="tcp://127.0.0.1:29500", rank=r, world_size=n)
     model = torch.nn.parallel.DistributedDataParallel(model)
 
@@ -43,9 +43,9 @@ from torch._C._distributed_c10d import (
 
 from macfleet.comm.framing import random_session
 from macfleet.comm.group import Group
+from macfleet.comm.registration import BACKEND_NAME, register
 from macfleet.errors import MacFleetError
 
-BACKEND_NAME = "macfleet"
 SESSION_KEY = "macfleet/session"
 _lock = threading.Lock()
 _pending_group: Group | None = None
@@ -182,7 +182,8 @@ def _free_port(host: str) -> int:
         s.close()
 
 
-def _create(store, rank: int, world_size: int, timeout: datetime.timedelta) -> MacFleetProcessGroup:
+def create_process_group(store, rank: int, world_size: int, timeout: datetime.timedelta) -> MacFleetProcessGroup:
+    """The backend's creator: torch.distributed calls it (through registration.py) for each new group."""
     global _pending_group
     with _lock:
         group, _pending_group = _pending_group, None
@@ -216,10 +217,8 @@ def init_process_group_from_group(group: Group) -> None:
 
 
 def register_backend() -> None:
-    """Register "macfleet" with torch.distributed (idempotent)."""
-    if BACKEND_NAME.upper() in dist.Backend._plugins:
-        return
-    dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu", "cuda", "mps"])
+    """Register "macfleet" with torch.distributed (idempotent; `import macfleet` already did)."""
+    register(dist)
 
 
 register_backend()

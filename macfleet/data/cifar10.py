@@ -33,7 +33,9 @@ STD = (0.2470, 0.2435, 0.2616)
 
 
 class Cifar10Augment:
-    """Pad-4 random crop + random horizontal flip + normalise, on one uint8 CHW image."""
+    """Pad-4 random crop + random horizontal flip + normalise, on one uint8 CHW image.
+
+    Draws from torch's global RNG, which the trainer seeds per item (data/loader.py)."""
 
     def __init__(self, augment: bool, normalize: bool):
         self.augment = augment

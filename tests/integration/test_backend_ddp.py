@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 
 from macfleet.comm.launch import free_ports, spawn_local
+from tests.conftest import ROOT
+
+HERE = ROOT / "tests" / "integration"
+# ROOT first on the path: the scripts run from tests/integration/ must import this checkout's macfleet.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+           PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def _train(backend: str, rank: int, world_size: int, port: int, hook: bool) -> dict:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    import macfleet.comm.backend  # noqa: F401 - registers "macfleet"
+    import macfleet  # noqa: F401 - registers "macfleet"
 
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     # The data-plane session rank 0 drew and published in the store (the default group is ours).
@@ -90,3 +101,54 @@ def test_ddp_over_macfleet_matches_gloo():
     # The replicas agree with each other exactly (both ranks hold the same all_reduce result).
     for key in ref:
         assert torch.equal(results[0]["macfleet"]["state"][key], results[1]["macfleet"]["state"][key])
+
+
+ONE_PROCESS_GROUP = """
+import sys
+{imports}
+loaded = [m for m in ("zmq", "macfleet.comm.backend", "macfleet.comm.group") if m in sys.modules]
+assert not loaded, f"registration loaded the engine: {{loaded}}"
+dist.init_process_group("macfleet", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=1)
+t = torch.ones(3)
+dist.all_reduce(t)
+print(dist.get_backend(), t.tolist())
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("imports", [
+    "import macfleet\nassert 'torch' not in sys.modules\nimport torch, torch.distributed as dist",
+    "import torch, torch.distributed as dist\nimport macfleet",
+])
+def test_import_macfleet_registers_backend(imports):
+    # Either import order; registering loads neither torch (when first) nor the engine.
+    code = ONE_PROCESS_GROUP.format(imports=imports, port=free_ports(1)[0])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ENV)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "macfleet [1.0, 1.0, 1.0]"
+
+
+def _final_state(cmd: list[str], backend: str, tmp_path) -> dict:
+    out_file = tmp_path / f"{backend}.pt"
+    out = subprocess.run([*cmd, backend, str(out_file)], capture_output=True, text=True, timeout=240, env=ENV)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return torch.load(out_file)
+
+
+def _assert_same_states(cmd: list[str], tmp_path) -> None:
+    ref = _final_state(cmd, "gloo", tmp_path)
+    got = _final_state(cmd, "macfleet", tmp_path)
+    assert ref.keys() == got.keys()
+    for key, value in ref.items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+
+
+def test_torchrun_plain_ddp_script_matches_gloo(tmp_path):
+    # The real torchrun, 2 processes, a script whose only MacFleet line is `import macfleet`.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _assert_same_states([*torchrun, str(HERE / "plain_ddp.py")], tmp_path)
+
+
+def test_lightning_ddp_strategy_matches_gloo(tmp_path):
+    # Lightning launches its second process itself: DDPStrategy(process_group_backend="macfleet").
+    _assert_same_states([sys.executable, str(HERE / "lightning_ddp.py")], tmp_path)

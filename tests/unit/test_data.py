@@ -166,3 +166,39 @@ def test_gpt2_tokenizer_is_used_when_cached_else_byte_fallback():
     bundle = text.build(block_size=16)
     assert bundle.vocab_size == auto.vocab_size
     assert int(max(bundle.train.ids)) < bundle.vocab_size
+
+
+# ---------------------------------------------------------------- the trainer's DataLoader
+def _loader_batches(ds, weights: list[float], rank: int, epoch: int) -> list:
+    from macfleet.data.loader import build_loader
+    from macfleet.sampler import WeightedBatchSampler
+
+    sampler = WeightedBatchSampler(len(ds), 10, weights, rank=rank, seed=3)
+    sampler.set_epoch(epoch)
+    return list(build_loader(ds, sampler, seed=3))
+
+
+def test_loader_augmentation_depends_on_seed_epoch_and_index_only():
+    from macfleet.data import TensorPairs
+    from macfleet.data.loader import sample_seed
+
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = cifar10.Cifar10Augment(augment=True, normalize=True)
+    ds = TensorPairs(images, torch.arange(40), augment)  # target = index, to find items again
+    before = torch.get_rng_state()
+    whole = _loader_batches(ds, [1.0], 0, epoch=1)
+    halves = [_loader_batches(ds, [1.0, 1.0], r, epoch=1) for r in range(2)]
+    assert torch.equal(torch.get_rng_state(), before)  # the global RNG (dropout's) is left alone
+    # Split over two ranks, each item is augmented exactly as in one process's batch.
+    for step, (x, y) in enumerate(whole):
+        assert torch.equal(torch.cat([halves[0][step][0], halves[1][step][0]]), x)
+        assert torch.equal(torch.cat([halves[0][step][1], halves[1][step][1]]), y)
+    # Item i of epoch e is the transform drawn right after seeding torch from (seed, e, i) ...
+    x, y = whole[0]
+    torch.default_generator.manual_seed(sample_seed(3, 1, int(y[0])))
+    assert torch.equal(augment(images[int(y[0])]), x[0])
+    torch.set_rng_state(before)
+    # ... and another epoch draws other crops and flips for the same items.
+    later = {int(i): img for x2, y2 in _loader_batches(ds, [1.0], 0, epoch=2) for i, img in zip(y2, x2)}
+    first = {int(i): img for x1, y1 in whole for i, img in zip(y1, x1)}
+    assert any(not torch.equal(first[i], later[i]) for i in first)

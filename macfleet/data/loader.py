@@ -1,0 +1,116 @@
+"""The trainer's input pipeline: a torch DataLoader fed by the weighted batch sampler.
+
+The DataLoader's `batch_sampler` yields this rank's index lists from `WeightedBatchSampler` (the
+same lists at every step as the sampler alone), each index paired with its epoch:
+`[(epoch, i), ...]`. `SeededBatches` turns one such list into one batch, in a worker process
+when `num_workers > 0`:
+
+- tensors in memory without a transform (digits): one indexing op per tensor, no per-item Python;
+- anything else: item by item, then `default_collate`. Before item i of epoch e, torch's CPU RNG
+  is seeded from (seed, e, i) (blake2b of the three, so neighbouring keys give unrelated
+  streams), and the caller's RNG state is put back after the batch. An item's augmentation
+  therefore depends on (seed, epoch, index) only: not on the number of workers, on which worker
+  or rank fetched it, or on what ran before. A resumed run draws exactly what a straight run
+  drew, and there is no data-side RNG state to checkpoint. Only torch's RNG is seeded (what
+  torchvision's transforms and ours draw from; seeding Python's `random` and numpy's as well
+  would triple the per-item cost): a transform drawing from those is not reproducible.
+
+The DataLoader gets its own `generator`, so starting an epoch's iterator does not draw from the
+global RNG that dropout and the rest of the step use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The 63-bit seed of item `index`'s randomness in `epoch` of a run seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _tensors(ds):
+    """(inputs, targets) when `ds` is tensors in memory with nothing to run per item, else None."""
+    tensors = getattr(ds, "tensors", None)
+    if tensors is None and hasattr(ds, "inputs") and getattr(ds, "transform", None) is None:
+        tensors = (ds.inputs, ds.targets)
+    return tensors
+
+
+def fetch(ds, indices: list[int]):
+    """Batch of items `indices` as they are (evaluation, calibration): no seeding."""
+    tensors = _tensors(ds)
+    if tensors is not None:
+        ix = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[ix] for t in tensors)
+    return default_collate([ds[i] for i in indices])
+
+
+class SeededBatches(Dataset):
+    """Wraps a map-style dataset: `__getitems__([(epoch, i), ...])` is one collated batch whose
+    items are drawn with RNGs seeded from (seed, epoch, i) (see the module docstring)."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])
+
+    def __getitems__(self, keys):
+        tensors = _tensors(self.dataset)
+        if tensors is not None:  # nothing random happens per item
+            return fetch(self.dataset, [i for _, i in keys])
+        saved = torch.get_rng_state()
+        try:
+            items = []
+            for epoch, i in keys:
+                # default_generator, not torch.manual_seed: that would also reseed cuda/mps RNGs.
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
+                items.append(self.dataset[i])
+        finally:
+            torch.set_rng_state(saved)
+        return default_collate(items)
+
+
+class EpochBatches:
+    """batch_sampler: the weighted sampler's index lists for its current epoch, as (epoch, i) keys."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        for indices in self.sampler:
+            yield [(epoch, i) for i in indices]
+
+
+def _as_is(batch):
+    # SeededBatches already collated; module-level so worker processes can unpickle it.
+    return batch
+
+
+def build_loader(dataset, sampler, seed: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """DataLoader over `dataset` in `sampler`'s batches; `sampler.set_epoch` before each `iter()`."""
+    return DataLoader(
+        SeededBatches(dataset, seed),
+        batch_sampler=EpochBatches(sampler),
+        collate_fn=_as_is,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+__all__ = ["SeededBatches", "EpochBatches", "build_loader", "fetch", "sample_seed"]

@@ -1,0 +1,82 @@
+"""trainer.num_workers: batches and their augmentation come from DataLoader worker processes,
+with the same results as the training process fetching them, and resume stays bit-exact."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from macfleet import ClusterConfig, NodeRole, Trainer, TrainingConfig
+
+EPOCHS, STOP = 2, 7
+"""100 synthetic images, global batch 20: 5 steps per epoch, so step 7 is mid-epoch 2."""
+
+
+class PidLog:
+    """Wraps a transform; appends the pid of the process that ran it to `path`, one line per item."""
+
+    def __init__(self, transform, path: Path):
+        self.transform, self.path = transform, str(path)
+
+    def __call__(self, image):
+        with open(self.path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return self.transform(image)
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory) -> Path:
+    from macfleet.data.cifar10 import write_cifar_format
+
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar_format(root, train_per_batch=20, test_size=20)
+    return root
+
+
+def _run(cifar_root: Path, out: Path, workers: int, pids: Path | None = None, **kw) -> torch.nn.Module:
+    from macfleet.data.cifar10 import build as cifar10
+    from macfleet.models.cnn import build as cnn
+
+    data = cifar10(root=str(cifar_root), verify_checksums=False)  # augment=True: pad-crop and flip
+    if pids is not None:
+        data.train.transform = PidLog(data.train.transform, pids)
+    torch.set_num_threads(1)  # module fixtures run before conftest's: one reduction order in every run
+    torch.manual_seed(0)
+    model = cnn(num_classes=10, in_channels=3, width=8)  # dropout draws from the training process's RNG
+    tc = TrainingConfig(epochs=EPOCHS, batch_size=20, learning_rate=0.05, output_dir=str(out), progress=False,
+                        num_workers=workers, **kw)
+    Trainer(model, data, tc, ClusterConfig(role=NodeRole.MASTER)).fit()
+    return model
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def _ran_in_workers(pids: Path) -> bool:
+    ran_in = {int(line) for line in pids.read_text().split()}
+    return bool(ran_in) and os.getpid() not in ran_in
+
+
+@pytest.fixture(scope="module")
+def straight(cifar_root, tmp_path_factory) -> torch.nn.Module:
+    """A straight run with 2 workers; every augmented item ran in a worker process."""
+    out = tmp_path_factory.mktemp("straight")
+    model = _run(cifar_root, out, 2, pids=out / "pids")
+    assert _ran_in_workers(out / "pids")
+    return model
+
+
+def test_two_workers_match_the_training_process(cifar_root, straight, tmp_path):
+    _assert_same(straight, _run(cifar_root, tmp_path, 0))
+
+
+def test_resume_with_workers_is_bit_exact(cifar_root, straight, tmp_path):
+    _run(cifar_root, tmp_path, 2, pids=tmp_path / "pids", max_steps=STOP)
+    resumed = _run(cifar_root, tmp_path, 2, pids=tmp_path / "pids", resume="auto")
+    assert _ran_in_workers(tmp_path / "pids")
+    _assert_same(straight, resumed)
