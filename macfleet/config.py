@@ -293,3 +293,56 @@ def to_dataclass(cls, node) -> Any:
         node = OmegaConf.to_container(node, resolve=True)
     node = {k: v for k, v in dict(node).items() if not str(k).startswith("_")}
     return cls(**node)
+
+
+TYPED_GROUPS = {"trainer": TrainingConfig, "cluster": ClusterConfig, "compression": CompressionConfig,
+                "logger": LoggerConfig}
+_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _options(node, cls=None) -> list[str] | None:
+    """The keys `node` may hold: a dataclass's fields, or the parameters of its `_target_`
+    (None when that takes **kwargs or cannot be found, so anything goes)."""
+    import dataclasses
+    import inspect
+
+    if cls is not None:
+        return [f.name for f in dataclasses.fields(cls)]
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        return None
+    try:
+        from hydra.utils import get_object
+
+        params = inspect.signature(get_object(str(target))).parameters.values()
+    except Exception:  # noqa: BLE001 - a missing target is instantiate's error to report, with its own message
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_keys(cfg) -> None:
+    """Refuse a key no component takes (`+trainer.epoch=2`: Hydra's `+` adds keys past the schema),
+    with one line naming the closest option, before anything is built."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    groups = {"": _options(cfg, Config)}
+    nodes = {"": cfg}
+    for name in cfg:
+        node = cfg.get(name)
+        if isinstance(node, DictConfig):
+            options = _options(node, TYPED_GROUPS.get(name))
+            if options is not None:
+                groups[name], nodes[name] = options, node
+    for prefix, options in groups.items():
+        for key in nodes[prefix]:
+            if key in options or key in _HYDRA_KEYS:
+                continue
+            where = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(str(key), options, n=1)
+            hint = (f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close
+                    else f"the options are {', '.join(options)}")
+            raise ConfigError(f"{where} is not an option; {hint}")

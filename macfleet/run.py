@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from macfleet.config import (
     ClusterConfig,
     CompressionConfig,
+    check_keys,
     LoggerConfig,
     TrainingConfig,
     to_dataclass,
@@ -131,6 +132,7 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Build data, model and optimizer from `cfg`, train, and return the sweep metric."""
     import torch
 
+    check_keys(cfg)
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
         return submit_to_agents(cfg, output_dir)
 

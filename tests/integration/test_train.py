@@ -135,3 +135,11 @@ def test_missing_cifar10_says_how_to_provide_it(tmp_path):
     assert res.returncode == 1
     assert "cifar-10-batches-py" in res.stderr and "dataset.download=true" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_hydras_plus_hint_for_an_unknown_key_ends_in_one_clear_line(tmp_path):
+    # Hydra answers `trainer.epoch=2` with "use +trainer.epoch=2"; that must not reach TrainingConfig(**...).
+    res = run_train([f"hydra.run.dir={tmp_path}", "+trainer.epoch=2"], timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == ["macfleet: error: trainer.epoch is not an option; did you mean trainer.epochs?"]
+    assert not (tmp_path / "metrics.json").exists()
