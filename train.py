@@ -19,11 +19,16 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from macfleet.run import run
 
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:
+        # The sweep's id names the sweep dir; each job is a run of its own (its W&B run too).
+        cfg.run_id = f"{cfg.run_id}_{hc.job.num}"
     try:
-        return run(cfg, output_dir=HydraConfig.get().runtime.output_dir)
+        return run(cfg, output_dir=hc.runtime.output_dir)
     except MacFleetError as exc:
         print(f"macfleet: error: {exc}", file=sys.stderr)
         sys.exit(1)

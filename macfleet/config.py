@@ -271,9 +271,33 @@ class Config:
     """Shared by every process of a run; chosen by the master before Hydra makes the run dir."""
 
 
+def new_run_id() -> str:
+    """Start time to the second plus 6 random hex digits: two runs started in the same second
+    still get their own run dir and W&B run."""
+    import time
+    import uuid
+
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
+
+
+_PROCESS_RUN_ID: list[str] = []
+
+
+def process_run_id() -> str:
+    """This process's run id, drawn once: `${new_run_id:}` in conf/ resolves to the same value
+    for the run dir, the sweep dir and cfg.run_id, however often and late Hydra resolves them."""
+    if not _PROCESS_RUN_ID:
+        _PROCESS_RUN_ID.append(new_run_id())
+    return _PROCESS_RUN_ID[0]
+
+
 def register_configs() -> None:
-    """Register schemas with Hydra's ConfigStore (idempotent)."""
+    """Register schemas with Hydra's ConfigStore and the `${new_run_id:}` resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("new_run_id"):
+        OmegaConf.register_new_resolver("new_run_id", process_run_id)
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)

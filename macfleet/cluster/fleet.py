@@ -12,16 +12,9 @@ import os
 import torch
 
 from macfleet import statepack
-from macfleet.config import ClusterConfig
+from macfleet.config import ClusterConfig, new_run_id
 
 log = logging.getLogger("macfleet")
-
-
-def new_run_id() -> str:
-    import time
-    import uuid
-
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
 
 
 class SoloWorld:
