@@ -31,6 +31,40 @@ class NodeRole(str, enum.Enum):
     worker = "worker"
 
 
+REDACTED = "<redacted>"
+"""What a saved config shows in place of the join token."""
+TOKEN_FILE = os.path.join("conf", "local", "secrets.yaml")
+"""Git-ignored; `token: ...` in it is the join token when MACFLEET_TOKEN is not set."""
+
+
+def join_token(explicit: Optional[str] = None) -> Optional[str]:
+    """The join token: `explicit` (the Python API), else $MACFLEET_TOKEN (train.py moves a
+    `cluster.token=...` override there before Hydra sees it), else `token:` in conf/local/secrets.yaml
+    under the working directory or beside this package's conf/. Read when a node starts, so no
+    composed config ever holds it."""
+    if explicit and explicit != REDACTED:
+        return str(explicit)
+    if os.environ.get("MACFLEET_TOKEN"):
+        return os.environ["MACFLEET_TOKEN"]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base in dict.fromkeys((os.getcwd(), here)):
+        path = os.path.join(base, TOKEN_FILE)
+        if os.path.isfile(path):
+            from omegaconf import OmegaConf
+
+            token = OmegaConf.load(path).get("token")
+            return str(token) if token else None
+    return None
+
+
+def redact_token(tree: dict) -> dict:
+    """`tree` (a resolved config as plain dicts) with cluster.token replaced, for what is saved or logged."""
+    cluster = tree.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("token"):
+        tree = dict(tree, cluster=dict(cluster, token=REDACTED))
+    return tree
+
+
 @dataclass
 class CompressionConfig:
     """Gradient compression applied per bucket inside the comm hook."""
@@ -105,7 +139,8 @@ class ClusterConfig:
     name: str = "macfleet"
     """Cluster name, advertised by discovery; nodes only join a cluster of their name."""
     token: Optional[str] = None
-    """Join token; default from the MACFLEET_TOKEN environment variable."""
+    """Join token, found at run time (see `join_token`) and never written to a run dir, checkpoint,
+    W&B or log."""
     wait_timeout: float = 120.0
     """Seconds the master waits for all nodes, and a worker for its master."""
     heartbeat_interval: float = 1.0
@@ -146,8 +181,7 @@ class ClusterConfig:
             raise ConfigError(f"cluster.weights={list(self.weights)} must all be > 0")
         if self.heartbeat_interval <= 0:
             raise ConfigError("cluster.heartbeat_interval must be > 0")
-        if self.token is None:
-            self.token = os.environ.get("MACFLEET_TOKEN") or None
+        self.token = join_token(self.token)
 
 
 @dataclass

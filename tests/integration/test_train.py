@@ -190,3 +190,40 @@ def test_each_sweep_job_is_its_own_wandb_run(tmp_path):
         ids.append(runs[0].name.split("-", 3)[3])  # offline-run-<time>-<id>
         assert json.loads((tmp_path / job / "metrics.json").read_text())["run_id"] == ids[-1]
     assert ids[0] != ids[1] and ids[0].endswith("_0") and ids[1].endswith("_1"), ids
+
+
+TOKEN = "s3cret-XYZ"
+
+
+def _files_holding(root: Path, needle: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("cluster,source", [
+    ("cluster=single", "override"),
+    ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
+    ("cluster=local", "environment"),
+    ("cluster=local", "conf/local"),
+])
+def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", cluster, "logger=wandb", "trainer.max_steps=3", "trainer.epochs=1",
+            "trainer.checkpoint_every_steps=1", "trainer.progress=false"]
+    env = {"WANDB_MODE": "offline"}
+    if source == "override":
+        args.append(f"cluster.token={TOKEN}")
+    elif source == "environment":
+        env["MACFLEET_TOKEN"] = TOKEN
+    else:  # git-ignored conf/local/secrets.yaml under the working directory
+        (tmp_path / "conf" / "local").mkdir(parents=True)
+        (tmp_path / "conf" / "local" / "secrets.yaml").write_text(f"token: {TOKEN}\n")
+    res = run_train(args, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if cluster == "cluster=local":
+        assert metrics["world_size"] == 2  # the worker proved it knows the token
+        assert "join token: required" in (run_dir / "train.log").read_text()
+    assert list(run_dir.glob("checkpoints/step-*/meta.json")) and list(run_dir.glob("wandb/offline-run-*"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert _files_holding(run_dir, TOKEN) == []
+    assert TOKEN not in res.stdout + res.stderr
