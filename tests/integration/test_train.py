@@ -204,6 +204,7 @@ def _files_holding(root: Path, needle: str) -> list[str]:
     ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
     ("cluster=local", "environment"),
     ("cluster=local", "conf/local"),
+    ("cluster=single", "composed yaml"),    # against advice, composed into the config: Hydra saved it
 ])
 def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
     run_dir = tmp_path / "run"
@@ -214,6 +215,10 @@ def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
         args.append(f"cluster.token={TOKEN}")
     elif source == "environment":
         env["MACFLEET_TOKEN"] = TOKEN
+    elif source == "composed yaml":
+        (tmp_path / "extra" / "local").mkdir(parents=True)
+        (tmp_path / "extra" / "local" / "mine.yaml").write_text(f"# @package _global_\ncluster:\n  token: {TOKEN}\n")
+        args = ["--config-dir", str(tmp_path / "extra"), *args, "+local=mine"]
     else:  # git-ignored conf/local/secrets.yaml under the working directory
         (tmp_path / "conf" / "local").mkdir(parents=True)
         (tmp_path / "conf" / "local" / "secrets.yaml").write_text(f"token: {TOKEN}\n")
