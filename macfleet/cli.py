@@ -13,38 +13,73 @@ import sys
 from macfleet.errors import MacFleetError
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; descriptions and examples keep their lines."""
+
+    def _get_help_string(self, action) -> str:
+        # No "(default: None/False)", and none where the help already says what the default is.
+        if action.default in (None, False) or action.required or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _parser(sub, name: str, summary: str, description: str, examples: str):
+    return sub.add_parser(name, help=summary, description=f"{summary[0].upper()}{summary[1:]}.\n\n{description}",
+                          epilog="examples:\n" + examples, formatter_class=_Help)
+
+
 def _add_launch(sub) -> None:
-    p = sub.add_parser("launch", help="start a long-lived agent (master or worker)")
-    p.add_argument("--role", choices=["master", "worker"], required=True)
+    p = _parser(sub, "launch", "start a long-lived agent (master or worker)",
+                "The master agent takes jobs from `python train.py` (which finds it on the control port) and runs\n"
+                "them on every idle worker agent. Unless --no-discovery is given, the master advertises itself on\n"
+                "the local network with zeroconf (Bonjour, _macfleet._tcp.local.) and a worker without --master\n"
+                "finds it that way; with --no-discovery nothing is advertised or browsed, and a worker needs\n"
+                "--master ADDR. The join token comes from --token, $MACFLEET_TOKEN or conf/local/secrets.yaml.",
+                "  macfleet launch --role master                                    # on the Pro\n"
+                "  macfleet launch --role worker --master 10.0.0.1                  # on the Air\n"
+                "  macfleet launch --role worker --master 10.0.0.1 --no-discovery   # no zeroconf at all")
+    p.add_argument("--role", choices=["master", "worker"], required=True, help="master or worker agent")
     p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
-    p.add_argument("--master-port", type=int, default=50051)
-    p.add_argument("--tensor-port", type=int, default=50052)
+    p.add_argument("--master-port", type=int, default=50051, help="control-plane port")
+    p.add_argument("--tensor-port", type=int, default=50052, help="data-plane port")
     p.add_argument("--name", default="macfleet", help="cluster name")
     p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
     p.add_argument("--weight", default="auto", help="compute weight, or 'auto' to calibrate")
-    p.add_argument("--no-discovery", action="store_true", help="do not advertise/discover with zeroconf")
+    p.add_argument("--no-discovery", action="store_true",
+                   help="do not advertise (master) or browse for (worker) the master with zeroconf")
     p.add_argument("--host", default="0.0.0.0", help="interface the master binds to")
 
 
 def _add_status(sub) -> None:
-    p = sub.add_parser("status", help="show the nodes of a running cluster")
+    p = _parser(sub, "status", "show the nodes of a running cluster",
+                "Asks the master (found with zeroconf unless --master is given) for every node's host, chip,\n"
+                "device, weight, state, last heartbeat, step and samples/s.",
+                "  macfleet status\n"
+                "  macfleet status --master 10.0.0.1 --json")
     p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
-    p.add_argument("--master-port", type=int, default=50051)
+    p.add_argument("--master-port", type=int, default=50051, help="control-plane port")
     p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
     p.add_argument("--name", default="macfleet", help="cluster name (for discovery)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the master")
 
 
 def _add_benchmark(sub) -> None:
-    p = sub.add_parser("benchmark", help="measure bandwidth, all_reduce, compression, plain DDP or training scaling "
-                                         "against references from the same run")
+    p = _parser(sub, "benchmark", "measure bandwidth, all_reduce, compression, plain DDP or training scaling "
+                                  "against references from the same run",
+                "Each figure is printed beside its reference, measured in the same run, as a table (and JSON\n"
+                "rows with --json). Options name the types they apply to.",
+                "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
+                "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
+                "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
+                "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18")
     p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling"], required=True,
                    help="scaling: training samples/s of a fleet vs each node alone, per codec; ddp: a plain DDP "
                         "script under torchrun per backend vs one process")
-    p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start (default 2)")
-    p.add_argument("--sizes", default="1MB,10MB,100MB", help="comma list of payload sizes")
-    p.add_argument("--repeats", type=int, default=7, help="runs per figure (median reported, >= 5)")
+    p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start")
+    p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="bandwidth, allreduce, compression, ddp: timed runs per figure, >= 1 (the median is reported)")
     p.add_argument("--json", default=None, help="write JSON rows to this file")
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
@@ -56,8 +91,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
     p.add_argument("--device", default="cpu",
                    help="compression: device for codec timing; scaling and ddp: the device every run trains on: cpu, "
-                        "cuda or mps (default cpu)")
-    p.add_argument("--steps", type=int, default=30, help="scaling, ddp: timed training steps per run (default 30)")
+                        "cuda or mps")
+    p.add_argument("--steps", type=int, default=30, help="scaling, ddp: timed training steps per run")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
@@ -70,20 +105,28 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
     p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
-    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step (default 128)")
-    p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take (default 600)")
+    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
+    p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
     p.add_argument("overrides", nargs="*",
                    help="scaling: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
                         "trainer.batch_size=256 (default: the digits CNN on digits, batch 64)")
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="describe this machine: chip, cores, memory, torch, interfaces")
-    p.add_argument("--json", action="store_true")
+    p = _parser(sub, "info", "describe this machine: chip, cores, memory, torch, interfaces",
+                "What a node reports when it joins: chip, performance/efficiency cores, GPU cores, memory,\n"
+                "torch version and devices, and network interfaces (the Thunderbolt bridge among them).",
+                "  macfleet info\n"
+                "  macfleet info --json")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="macfleet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="macfleet", description=__doc__.splitlines()[0], formatter_class=_Help,
+        epilog="examples:\n  macfleet info\n  macfleet launch --role master\n  macfleet status\n"
+               "  macfleet benchmark --type allreduce --nodes 2\n\n"
+               "Training itself: python train.py (options from conf/, Hydra). `macfleet <command> --help` for more.")
     parser.add_argument("--version", action="store_true", help="print version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_launch(sub)

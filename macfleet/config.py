@@ -31,6 +31,40 @@ class NodeRole(str, enum.Enum):
     worker = "worker"
 
 
+REDACTED = "<redacted>"
+"""What a saved config shows in place of the join token."""
+TOKEN_FILE = os.path.join("conf", "local", "secrets.yaml")
+"""Git-ignored; `token: ...` in it is the join token when MACFLEET_TOKEN is not set."""
+
+
+def join_token(explicit: Optional[str] = None) -> Optional[str]:
+    """The join token: `explicit` (the Python API), else $MACFLEET_TOKEN (train.py moves a
+    `cluster.token=...` override there before Hydra sees it), else `token:` in conf/local/secrets.yaml
+    under the working directory or beside this package's conf/. Read when a node starts, so no
+    composed config ever holds it."""
+    if explicit and explicit != REDACTED:
+        return str(explicit)
+    if os.environ.get("MACFLEET_TOKEN"):
+        return os.environ["MACFLEET_TOKEN"]
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for base in dict.fromkeys((os.getcwd(), here)):
+        path = os.path.join(base, TOKEN_FILE)
+        if os.path.isfile(path):
+            from omegaconf import OmegaConf
+
+            token = OmegaConf.load(path).get("token")
+            return str(token) if token else None
+    return None
+
+
+def redact_token(tree: dict) -> dict:
+    """`tree` (a resolved config as plain dicts) with cluster.token replaced, for what is saved or logged."""
+    cluster = tree.get("cluster")
+    if isinstance(cluster, dict) and cluster.get("token"):
+        tree = dict(tree, cluster=dict(cluster, token=REDACTED))
+    return tree
+
+
 @dataclass
 class CompressionConfig:
     """Gradient compression applied per bucket inside the comm hook."""
@@ -105,7 +139,8 @@ class ClusterConfig:
     name: str = "macfleet"
     """Cluster name, advertised by discovery; nodes only join a cluster of their name."""
     token: Optional[str] = None
-    """Join token; default from the MACFLEET_TOKEN environment variable."""
+    """Join token, found at run time (see `join_token`) and never written to a run dir, checkpoint,
+    W&B or log."""
     wait_timeout: float = 120.0
     """Seconds the master waits for all nodes, and a worker for its master."""
     heartbeat_interval: float = 1.0
@@ -146,8 +181,7 @@ class ClusterConfig:
             raise ConfigError(f"cluster.weights={list(self.weights)} must all be > 0")
         if self.heartbeat_interval <= 0:
             raise ConfigError("cluster.heartbeat_interval must be > 0")
-        if self.token is None:
-            self.token = os.environ.get("MACFLEET_TOKEN") or None
+        self.token = join_token(self.token)
 
 
 @dataclass
@@ -274,9 +308,33 @@ class Config:
     """Shared by every process of a run; chosen by the master before Hydra makes the run dir."""
 
 
+def new_run_id() -> str:
+    """Start time to the second plus 6 random hex digits: two runs started in the same second
+    still get their own run dir and W&B run."""
+    import time
+    import uuid
+
+    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
+
+
+_PROCESS_RUN_ID: list[str] = []
+
+
+def process_run_id() -> str:
+    """This process's run id, drawn once: `${new_run_id:}` in conf/ resolves to the same value
+    for the run dir, the sweep dir and cfg.run_id, however often and late Hydra resolves them."""
+    if not _PROCESS_RUN_ID:
+        _PROCESS_RUN_ID.append(new_run_id())
+    return _PROCESS_RUN_ID[0]
+
+
 def register_configs() -> None:
-    """Register schemas with Hydra's ConfigStore (idempotent)."""
+    """Register schemas with Hydra's ConfigStore and the `${new_run_id:}` resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("new_run_id"):
+        OmegaConf.register_new_resolver("new_run_id", process_run_id)
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
@@ -296,3 +354,56 @@ def to_dataclass(cls, node) -> Any:
         node = OmegaConf.to_container(node, resolve=True)
     node = {k: v for k, v in dict(node).items() if not str(k).startswith("_")}
     return cls(**node)
+
+
+TYPED_GROUPS = {"trainer": TrainingConfig, "cluster": ClusterConfig, "compression": CompressionConfig,
+                "logger": LoggerConfig}
+_HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _options(node, cls=None) -> list[str] | None:
+    """The keys `node` may hold: a dataclass's fields, or the parameters of its `_target_`
+    (None when that takes **kwargs or cannot be found, so anything goes)."""
+    import dataclasses
+    import inspect
+
+    if cls is not None:
+        return [f.name for f in dataclasses.fields(cls)]
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if not target:
+        return None
+    try:
+        from hydra.utils import get_object
+
+        params = inspect.signature(get_object(str(target))).parameters.values()
+    except Exception:  # noqa: BLE001 - a missing target is instantiate's error to report, with its own message
+        return None
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def check_keys(cfg) -> None:
+    """Refuse a key no component takes (`+trainer.epoch=2`: Hydra's `+` adds keys past the schema),
+    with one line naming the closest option, before anything is built."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    groups = {"": _options(cfg, Config)}
+    nodes = {"": cfg}
+    for name in cfg:
+        node = cfg.get(name)
+        if isinstance(node, DictConfig):
+            options = _options(node, TYPED_GROUPS.get(name))
+            if options is not None:
+                groups[name], nodes[name] = options, node
+    for prefix, options in groups.items():
+        for key in nodes[prefix]:
+            if key in options or key in _HYDRA_KEYS:
+                continue
+            where = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(str(key), options, n=1)
+            hint = (f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close
+                    else f"the options are {', '.join(options)}")
+            raise ConfigError(f"{where} is not an option; {hint}")

@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from macfleet.config import (
     ClusterConfig,
     CompressionConfig,
+    check_keys,
+    join_token,
+    redact_token,
     LoggerConfig,
     TrainingConfig,
     to_dataclass,
@@ -120,7 +123,7 @@ def submit_to_agents(cfg: DictConfig, output_dir: str | None = None) -> float:
     log.info("a master agent is running on port %s: submitting the job to the agents", cluster.master_port)
     if not resolved["trainer"].get("output_dir"):
         log.info("rank 0 writes outputs/%s under the master agent's working directory on %s", cfg.run_id, addr)
-    result = submit_job(addr, int(cluster.master_port), cluster.token or os.environ.get("MACFLEET_TOKEN"),
+    result = submit_job(addr, int(cluster.master_port), join_token(cluster.token),
                         OmegaConf.to_yaml(OmegaConf.create(resolved)), timeout=float(cluster.wait_timeout) + 24 * 3600,
                         name=cluster.name)
     log.info("job %s finished on %d node(s)", result["job_id"], len(result["exit_codes"]))
@@ -131,6 +134,7 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Build data, model and optimizer from `cfg`, train, and return the sweep metric."""
     import torch
 
+    check_keys(cfg)
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
         return submit_to_agents(cfg, output_dir)
 
@@ -153,7 +157,9 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
         compression_config=to_dataclass(CompressionConfig, cfg.compression),
         optimizer=optimizer,
         logger_config=to_dataclass(LoggerConfig, cfg.logger),
-        config_dict=OmegaConf.to_container(cfg, resolve=True),
+        # Saved in checkpoints, sent to W&B and to local workers: never the token (workers get it
+        # from the environment).
+        config_dict=redact_token(OmegaConf.to_container(cfg, resolve=True)),
         fingerprint=fingerprint(cfg),
     )
     metrics = trainer.fit()

@@ -162,7 +162,7 @@ class Trainer:
 
         tc, data = self.tc, self.data
         rank, is_master = world.rank, world.rank == 0
-        from macfleet.cluster.fleet import new_run_id
+        from macfleet.config import new_run_id
 
         run_id = world.run.get("run_id") or new_run_id()
         out_dir = self._output_dir(run_id)

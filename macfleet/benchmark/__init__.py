@@ -6,6 +6,9 @@ from __future__ import annotations
 def benchmark_main(args) -> int:
     from macfleet.errors import ConfigError
 
+    if args.repeats < 1:
+        # Honoured as given for every type (a median of 3 is still a median); only nonsense is refused.
+        raise ConfigError(f"--repeats {args.repeats}: give at least 1 timed run per figure (default 7)")
     if args.type == "scaling":
         from macfleet.benchmark.scaling import run_scaling_benchmark
 

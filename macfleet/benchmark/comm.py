@@ -2,7 +2,7 @@
 
 With no cluster given it starts `--nodes` local ranks itself (or, with --netns as root, ranks in
 network namespaces joined by veth/bridge, optionally shaped with --rate). Every figure is a
-median of `--repeats` (>= 5) timed runs after a warm-up, measured on rank 0:
+median of `--repeats` timed runs after a warm-up, measured on rank 0:
 - bandwidth (2 ranks): MacFleet one-way transfer (broadcast from rank 0) vs a plain TCP socket
   sending the same bytes; both end with a 1-element ack back, so each time covers full delivery.
 - allreduce: MacFleet all_reduce(sum) of float32 vs torch.distributed gloo all_reduce on the same
@@ -246,7 +246,7 @@ def run_comm_benchmark(args) -> int:
     nodes = 2 if kind == "bandwidth" else int(args.nodes)
     if nodes < 2:
         raise ConfigError("--nodes must be >= 2 for a communication benchmark")
-    repeats = max(5, int(args.repeats))
+    repeats = int(args.repeats)
     sizes = parse_sizes(args.sizes)
     console = Console()
     where = "network namespaces" + (f" shaped to {args.rate}" if args.rate else "") if args.netns else "127.0.0.1"

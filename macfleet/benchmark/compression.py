@@ -208,7 +208,7 @@ def run_compression_benchmark(args) -> int:
     console = Console()
     models = parse_models(args.models)
     codecs = parse_codecs(args.codecs or "none,fp16,topk,topk_fp16", args.ratio)
-    repeats = max(5, int(args.repeats))
+    repeats = int(args.repeats)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu")

@@ -114,8 +114,6 @@ def _check(args) -> list[str]:
     if args.cores_per_node and args.cores_per_node * args.nodes > (os.cpu_count() or 1):
         raise ConfigError(f"--cores-per-node {args.cores_per_node} x {args.nodes} nodes needs "
                           f"{args.cores_per_node * args.nodes} cores; this machine has {os.cpu_count()}")
-    if args.repeats < 1:
-        raise ConfigError("--repeats must be at least 1")
     return backends
 
 

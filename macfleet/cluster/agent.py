@@ -46,7 +46,7 @@ from macfleet.cluster.heartbeat import HeartbeatClient, HeartbeatServer
 from macfleet.cluster.membership import say
 from macfleet.cluster.protocol import (Handshake, client_handshake, decode, encode, make_socket,
                                        request, tcp)
-from macfleet.config import ClusterConfig
+from macfleet.config import ClusterConfig, join_token
 from macfleet.errors import FrameError, JoinRefusedError, MacFleetError
 
 DEFAULT_JOB_COMMAND = "{python} -m macfleet.run --config {config}"
@@ -76,13 +76,15 @@ def _job_nodes(config_yaml: str) -> int:
 class JobProcess:
     """One node's job subprocess; its output lines and exit code go to `emit`."""
 
-    def __init__(self, config_yaml: str, emit: Callable[[dict], None], label: str):
+    def __init__(self, config_yaml: str, emit: Callable[[dict], None], label: str, token: Optional[str] = None):
         fd, self.path = tempfile.mkstemp(prefix="macfleet-job-", suffix=".yaml")
         with os.fdopen(fd, "w") as fh:
             fh.write(config_yaml)
         argv = shlex.split(job_command_template().format(python=shlex.quote(sys.executable),
                                                          config=shlex.quote(self.path)))
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if token:
+            env["MACFLEET_TOKEN"] = token  # never in the config file (the job's rank 0 saves that config)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)
         self._emit = emit
@@ -267,7 +269,7 @@ class MasterAgent:
         chosen = idle[: nodes - 1]
         job = {"id": job_id, "port": port, "submitter": ident, "codes": {}, "waiting": {self.facts["host"]},
                "agents": {}}
-        # The token never travels: each agent writes its own into its copy of the config.
+        # The token never travels: each agent hands its own to its job process in the environment.
         common = {"cluster.mode": "direct", "cluster.master_port": port, "cluster.discovery_enabled": False,
                   "cluster.token": None}
         for pid, agent in chosen:
@@ -283,10 +285,9 @@ class MasterAgent:
         master_addr = self.cfg.host if self.cfg.host not in ("0.0.0.0", "", "*") else "127.0.0.1"
         local_yaml = with_overrides(config_yaml, dict(common, **{"cluster.role": "master",
                                                                   "cluster.master_addr": master_addr,
-                                                                  "cluster.host": self.cfg.host,
-                                                                  "cluster.token": self.cfg.token}))
+                                                                  "cluster.host": self.cfg.host}))
         label = self.facts["host"]
-        job["local"] = JobProcess(local_yaml, lambda ev: self._events.put((ev, label)), label)
+        job["local"] = JobProcess(local_yaml, lambda ev: self._events.put((ev, label)), label, token=self.cfg.token)
 
     def _drain_events(self, sock) -> None:
         while True:
@@ -415,8 +416,8 @@ class WorkerAgent:
                     continue  # the master agent only sends one job at a time
                 job_id = msg["job_id"]
                 hb.report(state="running")
-                config_yaml = with_overrides(str(msg["config_yaml"]), {"cluster.token": self.cfg.token})
-                job = JobProcess(config_yaml, events.put, self.facts["host"])
+                config_yaml = with_overrides(str(msg["config_yaml"]), {"cluster.token": None})
+                job = JobProcess(config_yaml, events.put, self.facts["host"], token=self.cfg.token)
             # Flush the last lines and the exit code if the job just ended.
             time.sleep(0.1)
         finally:
@@ -500,7 +501,7 @@ def _fmt(value, kind: str) -> str:
 
 def status_main(args) -> int:
     """`macfleet status`: the node table of the master at --master (or found by zeroconf)."""
-    token = args.token or os.environ.get("MACFLEET_TOKEN") or None
+    token = join_token(args.token)
     name = getattr(args, "name", "macfleet")
     if args.master:
         targets = [(args.master, args.master_port)]

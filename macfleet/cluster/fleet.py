@@ -12,16 +12,9 @@ import os
 import torch
 
 from macfleet import statepack
-from macfleet.config import ClusterConfig
+from macfleet.config import ClusterConfig, new_run_id, redact_token
 
 log = logging.getLogger("macfleet")
-
-
-def new_run_id() -> str:
-    import time
-    import uuid
-
-    return time.strftime("%Y-%m-%d_%H-%M-%S") + "_" + uuid.uuid4().hex[:6]
 
 
 class SoloWorld:
@@ -115,6 +108,7 @@ class ClusterWorld:
             run = {"run_id": (config_dict or {}).get("run_id") or new_run_id(), "seed": seed,
                    "allreduce": cfg.allreduce}
             coordinator = Coordinator(cfg, fingerprint, facts, run).start()
+            log.info("join token: %s", "required" if cfg.token else "none (any node that reaches this port may join)")
             if cfg.mode == "local":
                 fleet = LocalFleet(cfg, config_dict or {})
                 fleet.start()
@@ -213,13 +207,15 @@ class LocalFleet:
 
         self._tmp = tempfile.TemporaryDirectory(prefix="macfleet-fleet-")
         path = os.path.join(self._tmp.name, "config.yaml")
-        OmegaConf.save(OmegaConf.create(self.config_dict), path)
+        OmegaConf.save(OmegaConf.create(redact_token(self.config_dict)), path)
         ports = free_ports(self.cfg.nodes - 1)
         for rank in range(1, self.cfg.nodes):
             overrides = ["cluster.role=worker", "cluster.master_addr=127.0.0.1",
                          f"cluster.master_port={self.cfg.master_port}", f"cluster.tensor_port={ports[rank - 1]}",
                          "trainer.progress=false", "logger.name=none"]
             env = dict(os.environ, MACFLEET_RANK=str(rank), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+            if self.cfg.token:
+                env["MACFLEET_TOKEN"] = self.cfg.token  # the config file written above holds none
             proc = subprocess.Popen([sys.executable, "-m", "macfleet.run", "--config", path, "--log-level", "WARNING",
                                      *overrides], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             threading.Thread(target=self._relay, args=(rank, proc), daemon=True).start()

@@ -205,6 +205,14 @@ class Transport:
 
     def _on_hello(self, header: Header) -> None:
         peer = header.sender
+        if peer not in self.push:
+            # Our own rank number: some peer's address is this rank's own listener (two nodes given
+            # one tensor port on one machine), so our HELLO came back to us. Refused, never answered.
+            self._reject(FrameError(
+                f"HELLO from rank {peer} (generation {header.generation}) reached rank {self.rank} at "
+                f"{self.addrs[self.rank]}, but rank {self.rank} is this node: another rank's address "
+                f"({self._same_address()}) leads back here. Give every node its own cluster.tensor_port"))
+            return
         self._hello.add(peer)
         if header.step == 1:
             self._acked.add(peer)
@@ -213,6 +221,11 @@ class Transport:
         if header.step == 0 or peer not in self._answered:
             self._answered.add(peer)
             self.send(peer, self._hello_header(True), b"")
+
+    def _same_address(self) -> str:
+        port = split_addr(self.addrs[self.rank])[1]
+        same = [f"rank {r} at {a}" for r, a in enumerate(self.addrs) if r != self.rank and split_addr(a)[1] == port]
+        return ", ".join(same) or "a peer's address"
 
     # -- sending ----------------------------------------------------------------------------
     def send(self, dst: int, header: Header, body, *, track: bool = False):

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from tests.integration.test_control_plane import netns  # noqa: F401  (fixture)
 
@@ -57,7 +58,8 @@ def _stand_in_job(path: str) -> int:
     else:
         m = join(cfg, fingerprint, facts, addr)
     print(f"role={cfg.role.value} mode={cfg.mode} rank={m.rank} world={m.world_size} "
-          f"addrs={','.join(m.addrs)} token_set={cfg.token == TOKEN}", flush=True)
+          f"addrs={','.join(m.addrs)} token_set={cfg.token == TOKEN} "
+          f"config_file_holds_token={TOKEN in Path(path).read_text()}", flush=True)
     for step in range(1, conf.trainer.max_steps + 1):
         m.report(step, 50.0)
         time.sleep(0.1)
@@ -129,6 +131,8 @@ def test_agent_master_and_worker_run_a_submitted_config(netns):  # noqa: F811
         assert "addrs=127.0.0.1:29410,10.0.0.2:29410" in text  # rank 0's own view
         assert "addrs=10.0.0.1:29410,10.0.0.2:29410" in text   # the worker's view
         assert text.count("token_set=True") == 2
+        # ... in the job's environment: the config file each job runs (and rank 0 saves) has none.
+        assert text.count("config_file_holds_token=False") == 2 and TOKEN not in text
         assert "stand-in job done" in text
         if refused is not None:
             assert "macfleet launch --role worker" in refused

@@ -135,3 +135,100 @@ def test_missing_cifar10_says_how_to_provide_it(tmp_path):
     assert res.returncode == 1
     assert "cifar-10-batches-py" in res.stderr and "dataset.download=true" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_hydras_plus_hint_for_an_unknown_key_ends_in_one_clear_line(tmp_path):
+    # Hydra answers `trainer.epoch=2` with "use +trainer.epoch=2"; that must not reach TrainingConfig(**...).
+    res = run_train([f"hydra.run.dir={tmp_path}", "+trainer.epoch=2"], timeout=60)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines() == ["macfleet: error: trainer.epoch is not an option; did you mean trainer.epochs?"]
+    assert not (tmp_path / "metrics.json").exists()
+
+
+# Starts train.py at a given wall-clock instant, its imports done: "started in the same second" made exact.
+_AT_INSTANT = """
+import runpy, sys, time
+import hydra, omegaconf  # noqa: F401 - imported before the instant, so both start alike
+at, train = float(sys.argv[1]), sys.argv[2]
+sys.argv = sys.argv[2:]
+time.sleep(max(0.0, at - time.time()))
+runpy.run_path(train, run_name="__main__")
+"""
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
+    import math
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    at = math.ceil(time.time()) + 4.05  # the start of a second, after both interpreters are up
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["cluster=single", "trainer.max_steps=2", "trainer.epochs=1", "trainer.progress=false"]
+    procs = [subprocess.Popen([sys.executable, "-c", _AT_INSTANT, str(at), str(ROOT / "train.py"), *args],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    dirs = sorted((tmp_path / "outputs").iterdir())
+    assert len(dirs) == 2, dirs
+    for d in dirs:
+        assert json.loads((d / "metrics.json").read_text())["run_id"] == d.name
+
+
+def test_each_sweep_job_is_its_own_wandb_run(tmp_path):
+    res = run_train(["-m", "compression=none,fp16", "logger=wandb", "cluster=single", "trainer.max_steps=2",
+                     "trainer.epochs=1", f"hydra.sweep.dir={tmp_path}"], env={"WANDB_MODE": "offline"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    ids = []
+    for job in ("0", "1"):
+        runs = list((tmp_path / job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        ids.append(runs[0].name.split("-", 3)[3])  # offline-run-<time>-<id>
+        assert json.loads((tmp_path / job / "metrics.json").read_text())["run_id"] == ids[-1]
+    assert ids[0] != ids[1] and ids[0].endswith("_0") and ids[1].endswith("_1"), ids
+
+
+TOKEN = "s3cret-XYZ"
+
+
+def _files_holding(root: Path, needle: str) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+@pytest.mark.parametrize("cluster,source", [
+    ("cluster=single", "override"),
+    ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
+    ("cluster=local", "environment"),
+    ("cluster=local", "conf/local"),
+    ("cluster=single", "composed yaml"),    # against advice, composed into the config: Hydra saved it
+])
+def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
+    run_dir = tmp_path / "run"
+    args = [f"hydra.run.dir={run_dir}", cluster, "logger=wandb", "trainer.max_steps=3", "trainer.epochs=1",
+            "trainer.checkpoint_every_steps=1", "trainer.progress=false"]
+    env = {"WANDB_MODE": "offline"}
+    if source == "override":
+        args.append(f"cluster.token={TOKEN}")
+    elif source == "environment":
+        env["MACFLEET_TOKEN"] = TOKEN
+    elif source == "composed yaml":
+        (tmp_path / "extra" / "local").mkdir(parents=True)
+        (tmp_path / "extra" / "local" / "mine.yaml").write_text(f"# @package _global_\ncluster:\n  token: {TOKEN}\n")
+        args = ["--config-dir", str(tmp_path / "extra"), *args, "+local=mine"]
+    else:  # git-ignored conf/local/secrets.yaml under the working directory
+        (tmp_path / "conf" / "local").mkdir(parents=True)
+        (tmp_path / "conf" / "local" / "secrets.yaml").write_text(f"token: {TOKEN}\n")
+    res = run_train(args, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if cluster == "cluster=local":
+        assert metrics["world_size"] == 2  # the worker proved it knows the token
+        assert "join token: required" in (run_dir / "train.log").read_text()
+    assert list(run_dir.glob("checkpoints/step-*/meta.json")) and list(run_dir.glob("wandb/offline-run-*"))
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert _files_holding(run_dir, TOKEN) == []
+    assert TOKEN not in res.stdout + res.stderr

@@ -335,3 +335,34 @@ def test_a_hello_lost_to_a_stale_listener_is_sent_again():
     finally:
         g0.close()
         g1.close()
+
+
+def test_a_hello_from_this_ranks_own_number_is_refused_naming_the_shared_port():
+    """Two nodes on one machine given one tensor port: rank 1's address is rank 0's own listener,
+    so rank 0's HELLO comes back to it. It is refused with a clear error, never a raw KeyError."""
+    (addr,) = _addrs(1)
+    with pytest.raises(PeerLostError) as err:
+        Group(0, 2, [addr, addr], timeout=2.0)
+    text = str(err.value)
+    assert "HELLO from rank 0" in text and "cluster.tensor_port" in text and f"rank 1 at {addr}" in text
+
+
+def test_a_rogue_hello_claiming_the_receivers_rank_is_logged_and_the_group_keeps_working(caplog):
+    groups = _groups(2, timeout=20)
+    try:
+        g0 = groups[0]
+        rogue = _rogue(g0.addrs[0])
+        hello = _frame_header(kind=framing.KIND_HELLO, sender=0, shape=(0,), nbytes=0, total=0, seq=0)
+        rogue.send_multipart([framing.encode_header(hello), b""])
+        deadline = time.monotonic() + 10
+        while True:  # rank 0 files the rogue frame while it waits for rank 1's data
+            out = _each(groups, lambda g: g.all_reduce(torch.full((4,), 1.0 + g.rank)))
+            assert all(torch.equal(r, torch.full((4,), 3.0)) for r in out), out
+            if g0.rejected or time.monotonic() > deadline:
+                break
+        assert len(g0.rejected) == 1 and "HELLO from rank 0" in str(g0.rejected[0]), g0.rejected
+        assert "HELLO from rank 0" in caplog.text
+        rogue.close()
+    finally:
+        for g in groups:
+            g.close()

@@ -125,3 +125,26 @@ def test_default_job_is_a_two_node_compressed_fleet():
     cfg = compose([])
     assert (cfg.cluster.mode, cfg.cluster.nodes, cfg.compression.name) == ("local", 2, "topk_fp16")
     assert cfg.dataset._target_ == "macfleet.data.digits.build"
+
+
+def test_every_option_and_experiment_passes_the_key_check():
+    from macfleet.config import check_keys
+
+    for group in GROUPS:
+        for option in _options(group):
+            check_keys(compose([f"{group}={option}"]))
+    for name in _options("experiment"):
+        check_keys(compose([f"experiment={name}"]))
+
+
+@pytest.mark.parametrize("override,line", [
+    ("+trainer.epoch=2", "trainer.epoch is not an option; did you mean trainer.epochs?"),
+    ("+cluster.nodse=3", "cluster.nodse is not an option; did you mean cluster.nodes?"),
+    ("+model.widht=8", "model.widht is not an option; did you mean model.width?"),
+    ("+optimizer.momentun=0.5", "optimizer.momentun is not an option; did you mean optimizer.momentum?"),
+])
+def test_an_added_key_no_component_takes_names_the_closest_option(override, line):
+    from macfleet.config import check_keys
+
+    with pytest.raises(ConfigError, match=line.replace(".", r"\.").replace("?", r"\?")):
+        check_keys(compose([override]))
