@@ -57,13 +57,13 @@ def _check_rows(rows: list[dict], codecs: list[str]) -> None:
 def test_scaling_two_nodes_on_loopback(tmp_path):
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "4", "--warmup-steps", "2",
-                    "--codecs", "none,topk_fp16", "--json", str(out), "--plot", str(png))
+                    "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    _check_rows(rows, ["none", "topk_fp16"])
+    _check_rows(rows, ["topk_fp16"])
     assert all(r["link"] == "loopback" and r["cpu_quota"] == [None] * r["nodes"] for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for label in ("node0-alone-b64", "node1-local-b32", "fleet-none", "fleet-topk_fp16", "comm wait"):
+    for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait"):
         assert label in proc.stdout  # a progress line per run, then the table
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
 

@@ -200,9 +200,7 @@ def _files_holding(root: Path, needle: str) -> list[str]:
 
 
 @pytest.mark.parametrize("cluster,source", [
-    ("cluster=single", "override"),
     ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
-    ("cluster=local", "environment"),
     ("cluster=local", "conf/local"),
     ("cluster=single", "composed yaml"),    # against advice, composed into the config: Hydra saved it
 ])
@@ -213,8 +211,6 @@ def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
     env = {"WANDB_MODE": "offline"}
     if source == "override":
         args.append(f"cluster.token={TOKEN}")
-    elif source == "environment":
-        env["MACFLEET_TOKEN"] = TOKEN
     elif source == "composed yaml":
         (tmp_path / "extra" / "local").mkdir(parents=True)
         (tmp_path / "extra" / "local" / "mine.yaml").write_text(f"# @package _global_\ncluster:\n  token: {TOKEN}\n")
