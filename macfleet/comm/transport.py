@@ -130,6 +130,8 @@ class Transport:
         self.op_timeout = timeout
         self.rejected: collections.deque[FrameError] = collections.deque(maxlen=REJECTED_KEPT)
         self.rejected_count = 0
+        self._heard: dict[int, float] = {}
+        """peer -> monotonic time of its last valid frame (who to blame for a silence)."""
         self.dropped_count = 0
         self._abort_check = abort_check
         self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
@@ -285,12 +287,20 @@ class Transport:
                 got = self._take(src, land, zmq.NOBLOCK)
             except zmq.Again:
                 if not self._poll(deadline):
-                    raise self._lost(src, "sent nothing") from None
+                    raise self._lost(self._silent_longest(src), "sent nothing") from None
                 continue
             if got is not None:
                 return got
             if time.monotonic() > deadline:  # a stream of other peers' frames must not hide silence
-                raise self._lost(src, "sent nothing")
+                raise self._lost(self._silent_longest(src), "sent nothing")
+
+    def _silent_longest(self, src: int) -> int:
+        """Whom to blame when `src` sent nothing in time: the peer silent longest. With 3+ ranks
+        a live peer can stall because a dead one holds it up (it waits for that one's data), so
+        the peer heard from least recently is the likelier casualty; `src` when it is that peer."""
+        peers = [p for p in range(self.world_size) if p != self.rank]
+        oldest = min(peers, key=lambda p: (self._heard.get(p, 0.0), p != src))
+        return oldest if self._heard.get(oldest, 0.0) < self._heard.get(src, 0.0) else src
 
     def _check_current(self, header: Header) -> Header:
         if header.seq > self.seq:
@@ -342,6 +352,8 @@ class Transport:
                 f"#{header.seq}) reached rank {self.rank} of session {self.session:#018x}: another run, or an "
                 "earlier group on this port, is still sending here; dropped, never summed"))
             return None
+        if header.generation == self.generation and header.sender != self.rank:
+            self._heard[header.sender] = time.monotonic()
         current = (header.kind == KIND_DATA and header.generation == self.generation
                    and header.sender == want and header.seq == self.seq and not self._stash[want])
         if current and land is not None:
