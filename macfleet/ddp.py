@@ -15,6 +15,7 @@ as soon as backward has produced its gradients, and `finish_gradients` only wait
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -258,8 +259,6 @@ class _Buckets:
             self._launch(self._next)
 
     def _launch(self, b: int) -> None:
-        import time
-
         params = self.buckets[b]
         grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
                  for p in params]

@@ -8,7 +8,8 @@ it made DDP over macfleet 0.51x gloo. Here the caller only *issues* the copy:
     staged = stager.to_host(t)      # caller's thread: queue a device->host copy, return at once
     host = staged.wait()            # comm thread: block until the bytes are in `host`
     ... run the collective on `host` ...
-    stager.to_device(host, t)       # comm thread: copy the result back, block until it landed
+    event = stager.to_device_async(host, t)   # comm thread: issue the copy back
+    stager.landed(event)            # landing thread: block until it is on the device
     stager.release(staged)          # the host buffer goes back to the pool
 
 CUDA: the copy waits for the caller's current stream through an event (no host wait), runs on
@@ -140,34 +141,13 @@ class Stager:
         self.bytes += staged.nbytes
         return host
 
-    def to_device(self, host: torch.Tensor, t: torch.Tensor) -> None:
-        """Comm thread: copy `host` into device tensor `t` and wait until it has landed there."""
-        if t.numel() == 0:
-            return
-        start = time.perf_counter()
-        src = host.view(t.shape)
-        if self.kind == "cuda":
-            with torch.cuda.stream(self._stream):
-                t.copy_(src, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self._stream)
-            done.synchronize()
-        elif self.kind == "mps":
-            t.copy_(src, non_blocking=True)
-            done = torch.mps.Event()
-            done.record()
-            done.synchronize()
-        else:
-            t.copy_(src)
-        self.seconds += time.perf_counter() - start
-        self.bytes += host.numel() * host.element_size()
-
     def to_device_async(self, host: torch.Tensor, t: torch.Tensor):
         """Comm thread: issue the copy of `host` into device tensor `t`; returns what `landed`
         waits on (None when nothing is pending), so the comm thread can start the next collective
         while this result crosses to the device."""
         if t.numel() == 0:
             return None
+        self.bytes += host.numel() * host.element_size()
         src = host.view(t.shape)
         if self.kind == "cuda":
             with torch.cuda.stream(self._stream):
@@ -194,23 +174,18 @@ class Stager:
         """Comm thread: a device copy of a host tensor (a received all_gather part), landed."""
         if self.kind != "cuda":
             out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            self.to_device(host, out)
+            self.landed(self.to_device_async(host, out))
             return out
         # Allocated for the copy stream: a block fresh from the caching allocator is only safe on
         # the stream it was allocated for (kernels queued on another stream may still use its
-        # last owner's memory). Measured: allocated on the default stream and written by the
-        # copy stream, a received top-k payload was overwritten by a pending kernel.
+        # last owner's memory). Allocated on the default stream and written by the copy stream,
+        # a received top-k payload was overwritten by a pending kernel (a device-side index
+        # assert in a 2-GPU ResNet-50 run).
         consumer = torch.cuda.current_stream(self.device)
-        start = time.perf_counter()
         with torch.cuda.stream(self._stream):
             out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
-            out.copy_(host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        done.synchronize()
+        self.landed(self.to_device_async(host, out))
         out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
-        self.seconds += time.perf_counter() - start
-        self.bytes += host.numel() * host.element_size()
         return out
 
 
