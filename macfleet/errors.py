@@ -26,6 +26,15 @@ class PeerLostError(MacFleetError):
         self.address = address
 
 
+class PeerLeftError(PeerLostError):
+    """A peer left the run on purpose (Ctrl-C, an error of its own, or the end of its run) and
+    said so; `reason` is what it gave."""
+
+    def __init__(self, message: str, rank: int | None = None, address: str | None = None, reason: str = ""):
+        super().__init__(message, rank=rank, address=address)
+        self.reason = reason
+
+
 class CommTimeoutError(PeerLostError):
     """A blocking communication call passed its timeout."""
 

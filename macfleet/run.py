@@ -30,25 +30,6 @@ from macfleet.errors import MacFleetError
 
 log = logging.getLogger("macfleet")
 
-# What must be equal on every node of one run; a joining node that differs is refused.
-FINGERPRINT_KEYS = ("model", "dataset", "compression", "global_batch", "seed")
-
-
-def fingerprint(cfg: DictConfig) -> dict[str, str]:
-    def node(sub) -> str:
-        if sub is None:
-            return "none"
-        d = OmegaConf.to_container(sub, resolve=True)
-        return ",".join(f"{k}={d[k]}" for k in sorted(d) if k != "root")
-
-    return {
-        "model": node(cfg.model),
-        "dataset": node(cfg.dataset),
-        "compression": node(cfg.compression),
-        "global_batch": str(cfg.trainer.batch_size),
-        "seed": str(cfg.trainer.seed),
-    }
-
 
 def build(node, **kwargs):
     """hydra.utils.instantiate, but a MacFleetError inside a builder surfaces as itself, so the
@@ -160,7 +141,8 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
         # Saved in checkpoints, sent to W&B and to local workers: never the token (workers get it
         # from the environment).
         config_dict=redact_token(OmegaConf.to_container(cfg, resolve=True)),
-        fingerprint=fingerprint(cfg),
+        # No fingerprint here: the Trainer computes it from these configs and objects, as it does
+        # for a Python-API node (macfleet/fingerprint.py), so the two kinds of node can join.
     )
     metrics = trainer.fit()
     if "test_accuracy" in metrics:

@@ -27,6 +27,8 @@ from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, Trai
 from macfleet.data.loader import build_loader, fetch
 from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError
+from macfleet.fingerprint import fingerprint as fleet_fingerprint
+from macfleet.fingerprint import setup
 from macfleet.sampler import WeightedBatchSampler, shard_range
 from macfleet.tracking import build_tracker
 
@@ -95,13 +97,11 @@ class Trainer:
             "compression": vars(self.comp).copy(),
             "cluster": {k: (v.value if hasattr(v, "value") else v) for k, v in vars(self.cc).items() if k != "token"},
         }
-        self.fingerprint = fingerprint or {
-            "model": type(model).__name__,
-            "params": str(sum(p.numel() for p in model.parameters())),
-            "dataset": self.data.name,
-            "compression": f"{self.comp.name}:{self.comp.ratio}",
-            "global_batch": str(self.tc.batch_size),
-        }
+        # What a joining node must share with the master, computed the same way for train.py and
+        # the Python API (macfleet/fingerprint.py): a `fingerprint` argument replaces it.
+        self.fingerprint = fingerprint or fleet_fingerprint(setup(
+            self.tc, self.comp, self.cc, model, self.data,
+            self.optimizer_factory or (lambda params: default_optimizer(params, self.tc))))
         self.metrics: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- set-up

@@ -9,11 +9,15 @@ Contract the trainer codes against::
 
 One service thread owns the control ROUTER for the coordinator's whole life: it answers the
 token challenge (protocol.py), checks protocol version and config fingerprint (a refusal names
-every key that differs, with both values), queues admitted nodes, forms the membership when
-``cfg.nodes`` are in (WELCOME carries rank, world size, generation, data addresses, weights,
-run facts and the heartbeat port), prints workers' log lines as ``[rank N host] line`` and
-answers `macfleet status`. Heartbeats run in their own thread and socket (heartbeat.py); a lost
-peer reaches the master's Membership callbacks and, through heartbeat answers, every worker.
+every key that differs, with both values, to the node and in the master's log), queues
+admitted nodes, forms the membership when ``cfg.nodes`` are in (WELCOME carries rank, world
+size, generation, data addresses, weights, run facts and the heartbeat port), prints workers'
+log lines as ``[rank N host] line`` and answers `macfleet status`. Every message is checked
+against its schema before use (protocol.decode); a bad one gets an ``error`` answer and a
+rate-limited log line, and the thread goes on, so `macfleet status` keeps answering whatever
+arrives. Heartbeats run in their own thread and socket (heartbeat.py), signed with the key each
+node's join derived; a lost or departed peer reaches the master's Membership callbacks and,
+through heartbeat answers, every worker.
 
 Generations: each formed membership gets the next generation number and heartbeat ids carry
 it, so a later release can form generation g+1 from the survivors and admit a rejoining node at
@@ -27,8 +31,8 @@ every node says 'auto' the weights follow ``facts["samples_per_s"]``; normalised
 
 from __future__ import annotations
 
+import logging
 import queue
-import re
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -36,45 +40,27 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
-from macfleet.cluster.membership import Membership, WaitCallback, fill_host, say
-from macfleet.cluster.protocol import Handshake, bind, decode, encode, make_socket
+from macfleet.cluster.membership import FINISHED, Membership, WaitCallback, fill_host, say
+from macfleet.cluster.protocol import Complaints, Handshake, bind, decode, encode, make_socket
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
-from macfleet.errors import FrameError, MacFleetError, PeerLostError
+from macfleet.errors import FrameError, MacFleetError, PeerLeftError, PeerLostError
+from macfleet.fingerprint import diff as fingerprint_diff
+
+log = logging.getLogger("macfleet")
 
 
-# Splits "k=v,k=v" at the commas that start a new key, so "[1, 2]" values stay whole.
-_ITEM_SPLIT = re.compile(r",(?=[A-Za-z_]\w*=)")
-
-
-def _options(value: str) -> Optional[dict]:
-    items = _ITEM_SPLIT.split(value)
-    if not all("=" in item for item in items):
-        return None
-    return dict(item.split("=", 1) for item in items)
-
-
-def _narrow(a: str, b: str) -> tuple[str, str]:
-    """Of two "k=v,k=v" values only the options that differ, so the refusal names the one
-    option (e.g. name=fp16) instead of a whole model or codec config."""
-    oa, ob = _options(a), _options(b)
-    if oa is None or ob is None:
-        return a, b
-    keys = [k for k in dict.fromkeys([*oa, *ob]) if oa.get(k) != ob.get(k)]
-    return (",".join(f"{k}={oa.get(k, '(unset)')}" for k in keys),
-            ",".join(f"{k}={ob.get(k, '(unset)')}" for k in keys))
-
-
-def fingerprint_diff(master: dict, node: dict) -> list[str]:
-    """Keys whose values differ, each as "key: master 'a', this node 'b'" (for "k=v,..." values,
-    only the options that differ)."""
-    out = []
-    for key in sorted(set(master) | set(node)):
-        a, b = master.get(key), node.get(key)
-        if a != b:
-            if a is not None and b is not None:
-                a, b = _narrow(a, b)
-            out.append(f"{key}: master {a!r}, this node {b!r}")
-    return out
+def _join_problem(msg: dict) -> str:
+    """What is wrong with a join's payload beyond the schema's field types ('' when nothing)."""
+    missing = [name for name in ("fingerprint", "facts", "tensor_addr", "weight") if name not in msg]
+    if missing:
+        return f"a join needs {', '.join(missing)}"
+    facts = msg["facts"]
+    if "rank" in facts and (type(facts["rank"]) is not int or not 0 < facts["rank"] < 65536):
+        return f"facts.rank must be a rank > 0, got {str(facts['rank'])[:40]!r}"
+    speed = facts.get("samples_per_s")
+    if speed is not None and (type(speed) not in (int, float) or not 0 < speed < 1e12):
+        return f"facts.samples_per_s must be a number > 0, got {str(speed)[:40]!r}"
+    return ""
 
 
 def compute_weights(cfg: ClusterConfig, weights: list, speeds: list) -> list[float]:
@@ -122,11 +108,14 @@ class Coordinator:
         self._bound = threading.Event()
         self._bind_error: Optional[Exception] = None
         self._membership: Optional[Membership] = None
+        self._keys: dict[bytes, bytes] = {}        # ident -> heartbeat key of an admitted node; never logged
+        self._complain = Complaints("coordinator")
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> "Coordinator":
         self._ctx = zmq.Context()
-        self._hb = HeartbeatServer(self._ctx, self.cfg.host, self.cfg.heartbeat_interval, self._on_peer_lost)
+        self._hb = HeartbeatServer(self._ctx, self.cfg.host, self.cfg.heartbeat_interval, self._on_peer_lost,
+                                   on_left=self._on_peer_left)
         self._hb.start()
         self._thread = threading.Thread(target=self._serve, name="macfleet-coordinator", daemon=True)
         self._thread.start()
@@ -143,13 +132,14 @@ class Coordinator:
             self._advert.__enter__()
         return self
 
-    def stop(self) -> None:
-        """Stop serving: heartbeat peers get a goodbye; sockets and the advert are closed."""
+    def stop(self, reason: str = "the master stopped", after: Optional[int] = None) -> None:
+        """Stop serving: heartbeat peers get a signed bye with `reason` (and `after`, see
+        heartbeat.py); sockets and the advert are closed. Idempotent."""
         self._stop.set()
         if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout=5)
         if self._hb is not None:
-            self._hb.stop()
+            self._hb.stop(reason, step=self._master_state.get("step"), after=after)
         if self._advert is not None:
             self._advert.__exit__(None, None, None)
             self._advert = None
@@ -257,23 +247,37 @@ class Coordinator:
                                 "the run with every node up")))
                 if master is not None and not gave_up and not self._formed.is_set() \
                         and len(self._pending) + 1 >= self.cfg.nodes:
-                    self._form(sock, master)
+                    try:
+                        self._form(sock, master)
+                    except Exception as exc:  # noqa: BLE001 - reported to wait_for_nodes, not lost with the thread
+                        self._form_error = MacFleetError(f"could not form the run: {exc!r}")
+                        self._formed.set()
                 if not sock.poll(100, zmq.POLLIN):
                     continue
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     continue
-                if len(frames) != 2:
-                    continue
-                ident, frame = frames
-                try:
-                    msg = decode(frame)
-                except FrameError:
-                    continue
-                self._handle(sock, shake, ident, msg, gave_up)
+                self._receive(sock, shake, frames, gave_up)
         finally:
             sock.close(0)
+
+    def _receive(self, sock, shake: Handshake, frames: list, gave_up: bool) -> None:
+        """Validate one message and handle it; a bad one is answered and logged, never fatal."""
+        ident = frames[0]
+        try:
+            if len(frames) != 2:
+                raise FrameError(f"a control message is 1 frame, this one has {len(frames) - 1}")
+            msg = decode(frames[1])
+        except FrameError as exc:
+            self._complain("malformed message", str(exc))
+            self._send(sock, ident, encode("error", reason=f"malformed message: {exc}"[:2000]))
+            return
+        try:
+            self._handle(sock, shake, ident, msg, gave_up)
+        except Exception as exc:  # noqa: BLE001 - the coordinator outlives any one message
+            self._complain("message handling failed", f"{msg['t']}: {exc!r}")
+            self._send(sock, ident, encode("error", reason=f"the master could not handle this {msg['t']} message"))
 
     def _send(self, sock: zmq.Socket, ident: bytes, frame: bytes) -> None:
         try:
@@ -292,12 +296,17 @@ class Coordinator:
                 known = [n for n in self._members if n.get("ident") == ident]
             if known:
                 host = known[0]["facts"].get("host", "?")
-                self.log_sink(f"[rank {rank} {host}] {msg.get('line', '')}")
+                self.log_sink(f"[rank {rank} {host}] {msg['line']}")
+            else:
+                self._send(sock, ident, encode("error", reason="log lines are taken from members of the run only"))
             return
         if t != "auth":
+            self._complain("unexpected message", f"{t} on the control port")
+            self._send(sock, ident, encode("error", reason=f"a {t} message is not a request this master answers"))
             return
-        reason = shake.check_auth(ident, msg)
+        reason, key = shake.authenticate(ident, msg)
         if reason is not None:
+            self._complain("refused a node", reason)
             self._send(sock, ident, encode("refuse", reason=reason))
             return
         purpose = msg.get("purpose")
@@ -309,8 +318,15 @@ class Coordinator:
             self._send(sock, ident, encode("refuse", reason=f"this master runs a training job, not an agent; "
                                                              f"{purpose!r} requests go to `macfleet launch --role master`"))
             return
-        diff = fingerprint_diff(self.fingerprint, {str(k): str(v) for k, v in dict(msg.get("fingerprint", {})).items()})
+        problem = _join_problem(msg)
+        if problem:
+            self._complain("malformed join", problem)
+            self._send(sock, ident, encode("error", reason=problem))
+            return
+        diff = fingerprint_diff(self.fingerprint, msg["fingerprint"])
         if diff:
+            where = f"{msg['facts'].get('host', '?')} ({msg['tensor_addr']})"
+            log.warning("refused the node %s: its config differs from this master's: %s", where, "; ".join(diff))
             self._send(sock, ident, encode("refuse", reason=(
                 "this node's config differs from the master's in what must match: " + "; ".join(diff)
                 + ". Use the same conf/ and overrides on every node")))
@@ -323,16 +339,18 @@ class Coordinator:
                 f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
                 f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")))
             return
-        node = {"ident": ident, "facts": dict(msg.get("facts", {})), "tensor_addr": str(msg.get("tensor_addr", "")),
-                "weight": msg.get("weight", 1.0)}
+        node = {"ident": ident, "facts": dict(msg["facts"]), "tensor_addr": msg["tensor_addr"],
+                "weight": msg["weight"]}
         with self._lock:
             # A restarted worker (same data address) replaces its earlier self.
             for other in [i for i, n in self._pending.items() if n["tensor_addr"] == node["tensor_addr"]]:
                 del self._pending[other]
+                self._keys.pop(other, None)
             if len(self._pending) + 1 >= self.cfg.nodes:
                 full = True
             else:
                 self._pending[ident] = node
+                self._keys[ident] = key
                 full = False
         if full:
             self._send(sock, ident, encode("refuse", reason=(
@@ -350,7 +368,7 @@ class Coordinator:
         unplaced = []
         for node in sorted(workers, key=lambda n: (str(n["facts"].get("host", "")), n["tensor_addr"])):
             want = node["facts"].get("rank")
-            if isinstance(want, int) and 0 < want < size and ranks[want] is None:
+            if type(want) is int and 0 < want < size and ranks[want] is None:
                 ranks[want] = node
             else:
                 unplaced.append(node)
@@ -378,7 +396,7 @@ class Coordinator:
         for rank, node in enumerate(members[1:], start=1):
             label = f"node rank {rank} ({node['facts'].get('host', '?')}, {node['tensor_addr']})"
             self._peer_rank[node["peer_id"]] = rank
-            self._hb.expect(node["peer_id"], label)
+            self._hb.expect(node["peer_id"], label, key=self._keys.pop(node["ident"]), rank=rank)
             self._send(sock, node["ident"], encode(
                 "welcome", rank=rank, world_size=size, generation=self.generation, addrs=addrs,
                 weights=weights, run=self.run, nodes=nodes, hb_port=self._hb.port, peer_id=node["peer_id"],
@@ -390,11 +408,22 @@ class Coordinator:
         self._master_state["state"] = "running"
         self._formed.set()
 
-    def _on_peer_lost(self, peer_id: str, message: str) -> None:
+    def _address(self, peer_id: str) -> tuple[Optional[int], Optional[str]]:
         rank = self._peer_rank.get(peer_id)
-        addr = self._members[rank]["tensor_addr"] if rank is not None and rank < len(self._members) else None
+        return rank, self._members[rank]["tensor_addr"] if rank is not None and rank < len(self._members) else None
+
+    def _on_peer_lost(self, peer_id: str, message: str) -> None:
+        rank, addr = self._address(peer_id)
         if self._membership is not None:
             self._membership._peer_lost(PeerLostError(message, rank=rank, address=addr))
+
+    def _on_peer_left(self, peer_id: str, record: dict) -> None:
+        rank, addr = self._address(peer_id)
+        if record["reason"] != FINISHED:
+            log.warning("%s", record["msg"])
+        if self._membership is not None:
+            self._membership._peer_left(PeerLeftError(record["msg"], rank=rank, address=addr, reason=record["reason"]),
+                                        record["after"])
 
 
 class _MasterLink:
@@ -410,5 +439,5 @@ class _MasterLink:
         host = self._coord.facts.get("host", "?")
         self._coord.log_sink(f"[rank {rank} {host}] {line}")
 
-    def close(self) -> None:
-        self._coord.stop()
+    def close(self, reason: str, after: Optional[int]) -> None:
+        self._coord.stop(reason, after)

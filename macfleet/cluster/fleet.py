@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import torch
 
 from macfleet import statepack
 from macfleet.config import ClusterConfig, new_run_id, redact_token
+from macfleet.errors import MacFleetError
 
 log = logging.getLogger("macfleet")
 
@@ -62,8 +64,9 @@ def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: d
 class ClusterWorld:
     """A node of a multi-node run: its Membership (control plane) and Group (data plane).
 
-    A peer lost by the heartbeats aborts the Group, so a step blocked in a collective raises
-    PeerLostError at once instead of waiting out the collective's timeout.
+    A peer lost by the heartbeats, or one that left (its bye), aborts the Group, so a step
+    blocked in a collective raises PeerLostError at once instead of waiting out the collective's
+    timeout. `close` says bye with the reason this node leaves (the exception propagating, if any).
     """
 
     def __init__(self, membership, group, coordinator=None, fleet=None):
@@ -76,6 +79,7 @@ class ClusterWorld:
         self.generation = membership.generation
         self.weights = [float(w) for w in membership.weights]
         self.run = dict(membership.run)
+        membership.track(lambda: group.collectives)
         membership.on_lost(self._lost)
         self._closed = False
 
@@ -101,8 +105,11 @@ class ClusterWorld:
         if cfg.role.value == "master":
             from macfleet.cluster.coordinator import Coordinator
 
-            if cfg.mode == "local" and not cfg.master_port:
-                cfg.master_port = free_ports(1)[0]
+            if cfg.mode == "local":
+                # Every process of a local fleet is on this machine: nothing listens on the network.
+                cfg.host = "127.0.0.1"
+                if not cfg.master_port:
+                    cfg.master_port = free_ports(1)[0]
             # The master names the run and picks the all_reduce algorithm; every worker takes both
             # from the WELCOME (ranks running different algorithms would wait on each other).
             run = {"run_id": (config_dict or {}).get("run_id") or new_run_id(), "seed": seed,
@@ -170,14 +177,21 @@ class ClusterWorld:
         return [statepack.unpack(p) for p in parts] if parts is not None else None
 
     def close(self) -> None:
+        """Leave the run. Called while an exception propagates (Ctrl-C, an error), the bye says
+        so and the group is aborted, so neither this node nor its peers wait out a collective."""
         if self._closed:
             return
         self._closed = True
         import torch.distributed as dist
 
+        from macfleet.cluster.membership import leave_reason
+
+        reason = leave_reason(sys.exc_info()[1])
+        if reason is not None:
+            self.group.abort(MacFleetError(f"this node is leaving the run ({reason})"))
+        self.membership.close(reason)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-        self.membership.close()
         self.group.close()
         if self.fleet is not None:
             self.fleet.stop()

@@ -10,12 +10,19 @@ Contract the trainer codes against::
     membership.check()             # raises the PeerLostError if one was seen
     membership.report(step, samples_per_s, state="training")   # rides on heartbeats
     membership.log(line)           # forwarded to the master, printed as "[rank N host] line"
-    membership.close()             # clean leave: not reported as a loss
+    membership.track(progress)     # progress() -> collectives this node has started
+    membership.close(reason=None)  # leave: the others hear a signed bye with the reason
+
+A peer that leaves is a departure (`PeerLeftError`, "rank 1 left (Ctrl-C) ..."), reported as a
+loss is: at once when it left early (Ctrl-C, an error), or, when it finished its run after `n`
+collectives, as soon as this node starts collective n+1, which that peer will never join. Nodes
+that finish together therefore never abort each other's last exchange.
 
 `join` finds the master (``cfg.master_addr``, or zeroconf when ``cfg.discovery_enabled`` and
 ``master_addr`` is "" or "auto"), retries with a message until ``cfg.wait_timeout``, runs the
 token challenge (protocol.py), sends its protocol version, config fingerprint, facts and data
-address, and waits for the master's WELCOME. ``facts["rank"]`` (optional) asks for a rank, so a
+address, and waits for the master's WELCOME. Its heartbeats are signed with the key both sides
+derived from that challenge. ``facts["rank"]`` (optional) asks for a rank, so a
 local fleet's ``cluster.weights`` line up with its processes. A ``tensor_addr`` whose host is ""
 or 0.0.0.0 is filled with this node's address on the route to the master, so addresses work
 across machines and namespaces.
@@ -33,10 +40,10 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatClient
-from macfleet.cluster.protocol import (client_handshake, decode, encode, make_socket,
+from macfleet.cluster.protocol import (client_handshake_keyed, decode, encode, make_socket,
                                        route_address, tcp)
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
-from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, PeerLostError
+from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, PeerLeftError, PeerLostError
 
 WaitCallback = Callable[[int, int, float], None]
 
@@ -44,6 +51,20 @@ WaitCallback = Callable[[int, int, float], None]
 def say(line: str) -> None:
     """Progress for a person watching a node wait (stderr, so stdout stays the job's)."""
     print(f"macfleet: {line}", file=sys.stderr, flush=True)
+
+
+FINISHED = "finished its run"
+"""The reason a node gives when it leaves at the normal end of its run."""
+
+
+def leave_reason(exc: Optional[BaseException]) -> Optional[str]:
+    """Why a node leaves, from the exception that ends it (None: it finished its run)."""
+    if exc is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+        return None
+    if isinstance(exc, KeyboardInterrupt):
+        return "Ctrl-C"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"stopped on {type(exc).__name__}{': ' + text if text else ''}"[:300]
 
 
 @dataclass
@@ -61,6 +82,10 @@ class Membership:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _lost_exc: Optional[PeerLostError] = field(default=None, repr=False)
     _callbacks: list = field(default_factory=list, repr=False)
+    _progress: Callable[[], int] = field(default=lambda: 0, repr=False)
+    _deferred: list = field(default_factory=list, repr=False)
+    _closed: threading.Event = field(default_factory=threading.Event, repr=False)
+    _watcher: Optional[threading.Thread] = field(default=None, repr=False)
 
     def on_lost(self, callback: Callable[[PeerLostError], None]) -> None:
         """Call `callback(exc)` from the heartbeat thread when a peer is lost (at once if already)."""
@@ -85,11 +110,42 @@ class Membership:
         if self._link is not None:
             self._link.log(self.rank, str(line))
 
-    def close(self) -> None:
-        """Leave cleanly: the others see a goodbye, not a loss. Idempotent."""
+    def track(self, progress: Callable[[], int]) -> None:
+        """Where this node is: `progress()` counts the collectives it has started (see the module
+        docstring); without it, a peer that finished is never a departure here."""
+        self._progress = progress
+
+    def close(self, reason: Optional[str] = None) -> None:
+        """Leave, telling the others why in a signed bye: `reason` (e.g. "Ctrl-C"), or None when
+        this node finished its run (then it counts only where a peer needs more). Idempotent."""
         link, self._link = self._link, None
+        self._closed.set()
         if link is not None:
-            link.close()
+            if reason is None:
+                link.close(FINISHED, self._progress())
+            else:
+                link.close(reason, None)
+
+    def _peer_left(self, exc: PeerLeftError, after: Optional[int]) -> None:
+        """A peer said bye: a departure now, or once this node starts collective `after` + 1."""
+        if after is None or self._progress() > after:
+            self._peer_lost(exc)
+            return
+        with self._lock:
+            self._deferred.append((after, exc))
+            if self._watcher is not None:
+                return
+            self._watcher = threading.Thread(target=self._watch, name="macfleet-departures", daemon=True)
+        self._watcher.start()
+
+    def _watch(self) -> None:
+        # Polls a counter every 10 ms, only between a peer's last bye and this node's own close.
+        while not self._closed.wait(0.01):
+            with self._lock:
+                due = [exc for after, exc in self._deferred if self._progress() > after]
+            if due:
+                self._peer_lost(due[0])
+                return
 
     def _peer_lost(self, exc: PeerLostError) -> None:
         with self._lock:
@@ -124,10 +180,10 @@ class _WorkerLink:
         except queue.Full:
             pass  # the master is not keeping up; dropping a log line beats blocking training
 
-    def close(self) -> None:
+    def close(self, reason: str, after: Optional[int]) -> None:
         self._lines.put(None)
         self._thread.join(timeout=5)
-        self._hb.stop()
+        self._hb.stop(reason, after)
         self._ctx.term()
 
     def _send_logs(self, sock: zmq.Socket) -> None:
@@ -218,7 +274,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
         payload = {"fingerprint": dict(fingerprint), "facts": dict(facts), "tensor_addr": my_addr,
                    "weight": cfg.weight, "proto": PROTOCOL_VERSION}
         try:
-            answer = client_handshake(sock, cfg.token, cfg.name, "join", payload, timeout)
+            answer, key = client_handshake_keyed(sock, cfg.token, cfg.name, "join", payload, timeout)
         except TimeoutError:
             return None
         if answer["t"] != "accepted":
@@ -233,15 +289,16 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
                     f"the master's cluster.nodes")
             if sock.poll(int(min(remaining, 1.0) * 1000), zmq.POLLIN):
                 try:
-                    msg = decode(sock.recv(), ("welcome", "refuse", "accepted"))
-                except FrameError:
+                    msg = decode(sock.recv(), ("welcome", "refuse", "error", "accepted"))
+                except FrameError as exc:
+                    say(f"ignored a malformed message from the master: {exc}")
                     continue
-                if msg["t"] == "refuse":
-                    raise JoinRefusedError(msg.get("reason", "refused"))
+                if msg["t"] in ("refuse", "error"):
+                    raise JoinRefusedError(msg["reason"])
                 if msg["t"] == "accepted":
                     answer = msg
                     continue
-                membership = _welcome(ctx, sock, cfg, host, msg)
+                membership = _welcome(ctx, sock, cfg, host, msg, key)
                 handed_over = True
                 return membership
             joined, expected = int(answer.get("joined", 0)), int(answer.get("expected", cfg.nodes))
@@ -256,7 +313,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
             sock.close(0)
 
 
-def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict) -> Membership:
+def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict, key: bytes) -> Membership:
     rank = int(msg["rank"])
     addrs = [fill_host(a, host) for a in msg["addrs"]]
     membership = Membership(rank=rank, world_size=int(msg["world_size"]), generation=int(msg["generation"]),
@@ -266,7 +323,17 @@ def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict) -> Membership:
     def lost(text: str) -> None:
         membership._peer_lost(PeerLostError(text, rank=0, address=f"{host}:{cfg.master_port}"))
 
-    hb = HeartbeatClient(ctx, host, int(msg["hb_port"]), str(msg["peer_id"]), cfg.heartbeat_interval, lost)
+    def gone(record: dict) -> None:
+        peer = record.get("rank")
+        addr = addrs[peer] if peer is not None and peer < len(addrs) else None
+        if record["kind"] == "lost":
+            membership._peer_lost(PeerLostError(record["msg"], rank=peer, address=addr))
+        else:
+            membership._peer_left(PeerLeftError(record["msg"], rank=peer, address=addr,
+                                                reason=record.get("reason", "")), record.get("after"))
+
+    hb = HeartbeatClient(ctx, host, int(msg["hb_port"]), str(msg["peer_id"]), cfg.heartbeat_interval, lost,
+                         key=key, on_gone=gone)
     hb.start()
     membership._link = _WorkerLink(ctx, sock, hb)
     return membership

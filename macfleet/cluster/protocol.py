@@ -1,10 +1,13 @@
-"""Control-plane wire format, sockets and the join-token handshake.
+"""Control-plane wire format, sockets, the join-token handshake and heartbeat signatures.
 
 Owns everything the coordinator, the heartbeat threads and the agents say to each other:
 
 * Messages are one JSON object per ZeroMQ frame (`encode` / `decode`), never pickle. Every
-  message has ``"t"`` (its type) and ``"v"`` (``PROTOCOL_VERSION``); `decode` validates both and
-  the size, so a stray or hostile frame is a `FrameError`, not a crash.
+  message has ``"t"`` (its kind) and ``"v"`` (``PROTOCOL_VERSION``). `decode` checks the size,
+  the JSON, the kind (one of `SCHEMAS`) and every field the kind defines (type, length, range),
+  so a stray or hostile frame is a `FrameError` before any code reads it, never a crash. Fields
+  a kind does not define are ignored. `Complaints` logs such frames once, then at most every few
+  seconds with a count, so a flood cannot fill the log.
 * `make_socket` is the one place control sockets get their options (linger, HWM, ZMTP
   heartbeats). One socket per thread: whoever makes a socket is the only thread that uses it.
 * The token handshake (`Handshake` on the server, `client_handshake` on the node) is a
@@ -17,6 +20,12 @@ Owns everything the coordinator, the heartbeat threads and the agents say to eac
 
   The node checks the master's proof first, so a node never hands its config or facts to a
   master that does not know the token. Proofs are compared with `hmac.compare_digest`.
+* Both sides of a handshake derive the same `session_key` = HMAC(token, "heartbeat" | cnonce |
+  snonce): fresh per join, never sent, logged or saved. Heartbeats and byes are signed with it
+  (`sign` / `verify`: a second frame holding HMAC-SHA256(key, direction | body), the body
+  carrying a counter that must grow), so nobody without the token can forge a goodbye or keep a
+  dead node alive. Without a token the key rests on the nonces alone: it stops blind forgery by
+  a party that did not see the join, nothing more.
 """
 
 from __future__ import annotations
@@ -24,20 +33,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
+import math
 import os
+import re
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import zmq
 
 from macfleet.config import PROTOCOL_VERSION
 from macfleet.errors import FrameError, JoinRefusedError, MacFleetError
 
+log = logging.getLogger("macfleet")
+
 MAX_MESSAGE_BYTES = 1 << 20
 """Control messages are small; anything bigger is a protocol error (config YAML fits easily)."""
 
 NONCE_BYTES = 16
+MAC_BYTES = 32
+"""A heartbeat's signature frame: HMAC-SHA256."""
 
 
 def encode(msg_type: str, **fields: Any) -> bytes:
@@ -48,22 +64,237 @@ def encode(msg_type: str, **fields: Any) -> bytes:
 
 
 def decode(frame: bytes, expect: Optional[tuple] = None) -> dict:
-    """Parse and validate one control frame; raises FrameError on anything malformed.
+    """Parse and validate one control frame against its kind's schema; FrameError on anything
+    malformed, of an unknown kind, or not in `expect`.
 
-    A version mismatch is not a FrameError here: the handshake reports it by name, so callers
-    read ``msg["v"]`` themselves where it matters.
+    A HELLO of another protocol version is passed through (the handshake refuses it by name);
+    any other message of another version is a FrameError.
     """
     if len(frame) > MAX_MESSAGE_BYTES:
         raise FrameError(f"control message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
         msg = json.loads(bytes(frame).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FrameError(f"control message is not JSON ({exc}); is another program on this port?") from None
-    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str) or not isinstance(msg.get("v"), int):
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON and integers too long to parse; RecursionError deep nesting.
+        raise FrameError(f"control message is not JSON ({str(exc)[:100]}); is another program on this port?") from None
+    if not isinstance(msg, dict) or not isinstance(msg.get("t"), str) or type(msg.get("v")) is not int:
         raise FrameError("control message lacks its type or version; is another program on this port?")
-    if expect is not None and msg["t"] not in expect:
-        raise FrameError(f"expected a {'/'.join(expect)} message, got {msg['t']!r}")
+    kind = msg["t"]
+    if kind not in SCHEMAS:
+        raise FrameError(f"unknown control message kind {kind[:40]!r}")
+    if expect is not None and kind not in expect:
+        raise FrameError(f"expected a {'/'.join(expect)} message, got {kind!r}")
+    if msg["v"] != PROTOCOL_VERSION and kind != "hello":
+        raise FrameError(f"{kind} message of MacFleet protocol {msg['v']}; this node speaks {PROTOCOL_VERSION}")
+    for name, check in SCHEMAS[kind].items():
+        if name in msg:
+            check(msg[name], f"{kind}.{name}")
+        elif name in REQUIRED.get(kind, ()):
+            raise FrameError(f"{kind} message lacks its {name!r} field")
+    extra = _CROSS_CHECKS.get(kind)
+    if extra is not None:
+        extra(msg)
     return msg
+
+
+# -- schemas ----------------------------------------------------------------------------------
+# A check is `check(value, where)` raising FrameError; one per field of each kind below.
+Check = Callable[[Any, str], None]
+_INT64 = (1 << 63) - 1
+
+
+def _bad(where: str, want: str, value: Any) -> FrameError:
+    shown = repr(value)
+    return FrameError(f"{where} must be {want}, got {shown[:60]}{'...' if len(shown) > 60 else ''}")
+
+
+def _str(max_len: int = 256, choices: Optional[tuple] = None, pattern: Optional[str] = None) -> Check:
+    rx = re.compile(pattern) if pattern else None
+
+    def check(v: Any, where: str) -> None:
+        if not isinstance(v, str) or len(v) > max_len:
+            raise _bad(where, f"a string of at most {max_len} characters", v)
+        if choices is not None and v not in choices:
+            raise _bad(where, f"one of {', '.join(choices)}", v)
+        if rx is not None and not rx.fullmatch(v):
+            raise _bad(where, f"of the form {pattern}", v)
+    return check
+
+
+def _int(lo: int = 0, hi: int = _INT64) -> Check:
+    def check(v: Any, where: str) -> None:
+        # bool is an int in Python; on the wire it is not a number.
+        if type(v) is not int or not lo <= v <= hi:
+            raise _bad(where, f"an integer in [{lo}, {hi}]", v)
+    return check
+
+
+def _num(lo: float = 0.0, hi: float = 1e300) -> Check:
+    def check(v: Any, where: str) -> None:
+        if type(v) not in (int, float) or not math.isfinite(v) or not lo <= v <= hi:
+            raise _bad(where, f"a finite number in [{lo:g}, {hi:g}]", v)
+    return check
+
+
+def _bool(v: Any, where: str) -> None:
+    if type(v) is not bool:
+        raise _bad(where, "true or false", v)
+
+
+def _opt(inner: Check) -> Check:
+    def check(v: Any, where: str) -> None:
+        if v is not None:
+            inner(v, where)
+    return check
+
+
+def _any(*inners: Check, want: str) -> Check:
+    def check(v: Any, where: str) -> None:
+        for inner in inners:
+            try:
+                inner(v, where)
+                return
+            except FrameError:
+                pass
+        raise _bad(where, want, v)
+    return check
+
+
+def _list(item: Check, max_len: int = 4096) -> Check:
+    def check(v: Any, where: str) -> None:
+        if not isinstance(v, list) or len(v) > max_len:
+            raise _bad(where, f"a list of at most {max_len} items", v)
+        for i, x in enumerate(v):
+            item(x, f"{where}[{i}]")
+    return check
+
+
+def _map(value: Check, max_len: int = 256, key_len: int = 256) -> Check:
+    def check(v: Any, where: str) -> None:
+        if not isinstance(v, dict) or len(v) > max_len:
+            raise _bad(where, f"an object of at most {max_len} keys", v)
+        for k, x in v.items():
+            if len(k) > key_len:
+                raise _bad(where, f"an object with keys of at most {key_len} characters", k)
+            value(x, f"{where}.{k[:40]}")
+    return check
+
+
+def _record(fields: dict, required: tuple = ()) -> Check:
+    def check(v: Any, where: str) -> None:
+        if not isinstance(v, dict):
+            raise _bad(where, "an object", v)
+        for name in required:
+            if name not in v:
+                raise FrameError(f"{where} lacks its {name!r} field")
+        for name, inner in fields.items():
+            if name in v:
+                inner(v[name], f"{where}.{name}")
+    return check
+
+
+_HEX = "[0-9a-f]*"
+_SCALAR = _any(_opt(_str(1024)), _bool, _int(-_INT64, _INT64), _num(-1e300, 1e300),
+               want="a string, number, true/false or null")
+_FACTS = _map(_SCALAR, max_len=64)
+_PORT = _int(1, 65535)
+_ADDR_SHAPE = _str(300, pattern=r"(\[[0-9A-Fa-f:.%\w]*\]|[\w.\-]*):\d{1,5}")
+
+
+def _addr(v: Any, where: str) -> None:
+    # "host:port"; the host may be empty (the receiver fills in where it reached the sender).
+    _ADDR_SHAPE(v, where)
+    if not 1 <= int(v.rpartition(":")[2]) <= 65535:
+        raise _bad(where, "host:port with a port in [1, 65535]", v)
+
+
+_ADDR = _addr
+_WEIGHT = _any(_str(8, choices=("auto",)), _num(1e-12, 1e12), want="'auto' or a number > 0")
+_PEER_ID = _str(128)
+_GONE = _record({"rank": _opt(_int(0, 65535)), "kind": _str(8, choices=("lost", "left")), "msg": _str(4096),
+                 "reason": _str(512), "after": _opt(_int())}, required=("kind", "msg"))
+
+SCHEMAS: dict[str, dict[str, Check]] = {
+    # handshake (protocol.py)
+    "hello": {"purpose": _str(32), "name": _str(256), "cnonce": _str(128, pattern=_HEX)},
+    "challenge": {"snonce": _str(128, pattern=_HEX), "has_token": _bool, "proof": _str(128, pattern=_HEX)},
+    "auth": {"purpose": _str(32), "has_token": _bool, "proof": _str(128, pattern=_HEX),
+             # join (membership.py)
+             "fingerprint": _map(_str(4096), max_len=8192, key_len=512), "facts": _FACTS, "tensor_addr": _ADDR,
+             "weight": _WEIGHT, "proto": _int(),
+             # agent registration and job submission (agent.py)
+             "master_addr": _str(256), "my_addr": _str(256), "config_yaml": _str(MAX_MESSAGE_BYTES)},
+    "refuse": {"reason": _str(65536)},
+    "error": {"reason": _str(65536)},
+    # coordinator (coordinator.py, membership.py)
+    "accepted": {"joined": _int(0, 65536), "expected": _int(1, 65536)},
+    "welcome": {"rank": _int(0, 65535), "world_size": _int(1, 65536), "generation": _int(), "addrs": _list(_ADDR),
+                "weights": _list(_num(0.0, 1.0)), "run": _map(_SCALAR, max_len=64), "nodes": _list(_FACTS),
+                "hb_port": _PORT, "peer_id": _PEER_ID, "proto": _int()},
+    "status": {"nodes": _list(_map(_SCALAR, max_len=64)), "kind": _str(32), "generation": _int(),
+               "run": _map(_SCALAR, max_len=64), "job_id": _opt(_str(128))},
+    "log": {"line": _str(65536), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
+    # agents (agent.py)
+    "registered": {"hb_port": _PORT, "peer_id": _PEER_ID, "label": _str(256)},
+    "job": {"job_id": _str(128), "config_yaml": _str(MAX_MESSAGE_BYTES)},
+    "job_started": {"job_id": _str(128), "nodes": _list(_str(256))},
+    "exit": {"code": _int(-65536, 65536), "job_id": _opt(_str(128)), "node": _str(256)},
+    "job_done": {"job_id": _str(128), "exit_codes": _map(_int(-65536, 65536), max_len=4096)},
+    # heartbeats (heartbeat.py)
+    "hb": {"peer": _PEER_ID, "n": _int(), "step": _opt(_int()), "samples_per_s": _opt(_num()),
+           "state": _str(32), "gone": _map(_GONE, max_len=4096, key_len=128)},
+    "bye": {"peer": _PEER_ID, "n": _int(), "reason": _str(512), "after": _opt(_int()), "step": _opt(_int()),
+            "rank": _int(0, 65535)},
+}
+"""Every message kind and the fields it may carry. A message of a kind not listed is refused."""
+
+REQUIRED: dict[str, tuple] = {
+    "hello": ("purpose", "name", "cnonce"),
+    "challenge": ("snonce", "has_token", "proof"),
+    "auth": ("purpose", "has_token", "proof"),
+    "refuse": ("reason",), "error": ("reason",),
+    "accepted": ("joined", "expected"),
+    "welcome": ("rank", "world_size", "generation", "addrs", "weights", "run", "nodes", "hb_port", "peer_id"),
+    "status": ("nodes",),
+    "log": ("line",),
+    "registered": ("hb_port", "peer_id", "label"),
+    "job": ("job_id", "config_yaml"),
+    "job_started": ("job_id", "nodes"),
+    "exit": ("code",),
+    "job_done": ("job_id", "exit_codes"),
+}
+
+
+def _check_welcome(msg: dict) -> None:
+    n = msg["world_size"]
+    if not msg["rank"] < n or not len(msg["addrs"]) == len(msg["weights"]) == len(msg["nodes"]) == n:
+        raise FrameError(f"welcome message is inconsistent: rank {msg['rank']} of {n} with {len(msg['addrs'])} "
+                         f"addresses, {len(msg['weights'])} weights and {len(msg['nodes'])} nodes")
+
+
+_CROSS_CHECKS: dict[str, Callable[[dict], None]] = {"welcome": _check_welcome}
+
+
+class Complaints:
+    """Logs bad or hostile messages without letting a flood fill the log: the first of each kind
+    at once, then at most one line every `every` seconds saying how many came meanwhile."""
+
+    def __init__(self, where: str, every: float = 10.0):
+        self.where = where
+        self.every = every
+        self._seen: dict[str, list] = {}  # what -> [last logged at, suppressed since]
+
+    def __call__(self, what: str, detail: str) -> None:
+        now = time.monotonic()
+        entry = self._seen.get(what)
+        if entry is not None and now - entry[0] < self.every:
+            entry[1] += 1
+            return
+        more = f" ({entry[1]} more since the last report)" if entry is not None and entry[1] else ""
+        if entry is None and len(self._seen) >= 64:
+            self._seen.clear()  # bounded: a stream of distinct complaints cannot grow this table
+        self._seen[what] = [now, 0]
+        log.warning("%s: %s: %s%s", self.where, what, detail[:300], more)
 
 
 def make_socket(ctx: zmq.Context, kind: int, heartbeat_interval: float = 1.0,
@@ -86,9 +317,9 @@ def make_socket(ctx: zmq.Context, kind: int, heartbeat_interval: float = 1.0,
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 4096)
     if identity is not None:
         sock.setsockopt(zmq.ROUTING_ID, identity)
-    if kind == zmq.ROUTER:
-        # A peer that reconnects under the same routing id takes over its old slot.
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    # No ROUTER_HANDOVER: with it, anyone who connects under a member's routing id takes over
+    # that member's slot (a forged heartbeat did, and libzmq later aborted on an assertion).
+    # Peers are known by what they prove in a message, never by a routing id they chose.
     return sock
 
 
@@ -114,6 +345,22 @@ def proof(token: Optional[str], who: str, first: str, second: str) -> str:
         return ""
     msg = f"{who}|{first}|{second}".encode()
     return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def session_key(token: Optional[str], cnonce: str, snonce: str) -> bytes:
+    """The key one join's heartbeats and byes are signed with (see the module docstring)."""
+    return hmac.new((token or "").encode(), f"heartbeat|{cnonce}|{snonce}".encode(), hashlib.sha256).digest()
+
+
+def sign(key: bytes, direction: bytes, body: bytes) -> list:
+    """[body, HMAC-SHA256(key, direction | body)]; `direction` keeps a message from being
+    reflected back to its sender as if the other side had said it."""
+    return [body, hmac.new(key, direction + b"|" + body, hashlib.sha256).digest()]
+
+
+def verify(key: bytes, direction: bytes, body: bytes, mac: bytes) -> bool:
+    return len(mac) == MAC_BYTES and hmac.compare_digest(
+        hmac.new(key, direction + b"|" + bytes(body), hashlib.sha256).digest(), bytes(mac))
 
 
 def route_address(peer_host: str) -> str:
@@ -157,22 +404,27 @@ class Handshake:
 
     def check_auth(self, ident: bytes, msg: dict) -> Optional[str]:
         """None when the AUTH message proves the token, else the reason to refuse."""
+        return self.authenticate(ident, msg)[0]
+
+    def authenticate(self, ident: bytes, msg: dict) -> tuple[Optional[str], Optional[bytes]]:
+        """(None, this join's session key) when the AUTH message proves the token, else
+        (the reason to refuse, None)."""
         pending = self._pending.pop(ident, None)
         if pending is None:
-            return "no challenge is pending for this connection; start again with HELLO"
+            return "no challenge is pending for this connection; start again with HELLO", None
         cnonce, snonce, _ = pending
         if not self.token:
             if msg.get("has_token"):
                 return ("this node has a join token but the master has none; set the same "
-                        "cluster.token (or MACFLEET_TOKEN) on the master, or remove it here")
-            return None
+                        "cluster.token (or MACFLEET_TOKEN) on the master, or remove it here"), None
+            return None, session_key(None, cnonce, snonce)
         if not msg.get("has_token"):
             return ("the master requires a join token and this node has none; set cluster.token "
-                    "or the MACFLEET_TOKEN environment variable")
+                    "or the MACFLEET_TOKEN environment variable"), None
         expected = proof(self.token, "node", snonce, cnonce)
         if not hmac.compare_digest(expected, str(msg.get("proof", ""))):
-            return "wrong join token; use the master's cluster.token (or MACFLEET_TOKEN)"
-        return None
+            return "wrong join token; use the master's cluster.token (or MACFLEET_TOKEN)", None
+        return None, session_key(self.token, cnonce, snonce)
 
 
 def client_handshake(sock: zmq.Socket, token: Optional[str], name: str, purpose: str,
@@ -182,15 +434,21 @@ def client_handshake(sock: zmq.Socket, token: Optional[str], name: str, purpose:
     Raises JoinRefusedError on a refusal (or a master that cannot prove the token) and
     TimeoutError when the master does not answer within `timeout`.
     """
+    return client_handshake_keyed(sock, token, name, purpose, payload, timeout)[0]
+
+
+def client_handshake_keyed(sock: zmq.Socket, token: Optional[str], name: str, purpose: str,
+                           payload: dict, timeout: float) -> tuple[dict, bytes]:
+    """`client_handshake`, plus this join's session key (for signing heartbeats)."""
     cnonce = new_nonce()
     sock.send(encode("hello", purpose=purpose, name=name, cnonce=cnonce))
-    challenge = _recv(sock, timeout, ("challenge", "refuse", "hello"))
+    challenge = _recv(sock, timeout, ("challenge", "refuse", "error", "hello"))
     if challenge["t"] == "hello":
         # TCP simultaneous open: dialing our own address while nothing listens there can
         # connect the socket to itself (the port lies in the ephemeral range). No master yet.
         raise TimeoutError("connected to itself")
-    if challenge["t"] == "refuse":
-        raise JoinRefusedError(challenge.get("reason", "refused"))
+    if challenge["t"] in ("refuse", "error"):
+        raise JoinRefusedError(challenge["reason"])
     snonce = str(challenge.get("snonce", ""))
     if token:
         if not challenge.get("has_token"):
@@ -204,9 +462,9 @@ def client_handshake(sock: zmq.Socket, token: Optional[str], name: str, purpose:
     sock.send(encode("auth", purpose=purpose, has_token=bool(token),
                      proof=proof(token, "node", snonce, cnonce), **payload))
     answer = _recv(sock, timeout, None)
-    if answer["t"] == "refuse":
-        raise JoinRefusedError(answer.get("reason", "refused"))
-    return answer
+    if answer["t"] in ("refuse", "error"):
+        raise JoinRefusedError(answer["reason"])
+    return answer, session_key(token, cnonce, snonce)
 
 
 def _recv(sock: zmq.Socket, timeout: float, expect: Optional[tuple]) -> dict:

@@ -98,6 +98,11 @@ class Group:
     def step(self) -> int:
         return self._step
 
+    @property
+    def collectives(self) -> int:
+        """Collectives started so far; every rank starts the same ones in the same order."""
+        return self._seq
+
     def set_step(self, step: int) -> None:
         """Frames carry this step; a peer at another step is a FrameError, not a silent mix."""
         # Queued, so collectives already issued keep the step they were issued with.

@@ -56,14 +56,16 @@ def direct_args(role: str, port: int, extra: list[str] = (), addr: str = "127.0.
 
 
 class TrainProc:
-    """`python train.py ARGS` running in the background; every output line is kept with the
-    monotonic time it arrived, so tests can wait for a line and time what follows it."""
+    """`python train.py ARGS` (or another `script`) running in the background; every output line
+    is kept with the monotonic time it arrived, so tests can wait for a line and time what
+    follows it."""
 
-    def __init__(self, args: list[str], cwd: Path, prefix: list[str] = (), env: dict | None = None):
+    def __init__(self, args: list[str], cwd: Path, prefix: list[str] = (), env: dict | None = None,
+                 script: Path = ROOT / "train.py"):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
         env.pop("WANDB_API_KEY", None)
         cwd.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([*prefix, PY, str(ROOT / "train.py"), *args], cwd=str(cwd), env=env,
+        self.proc = subprocess.Popen([*prefix, PY, str(script), *args], cwd=str(cwd), env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[tuple[float, str, str]] = []  # (arrival, "out" | "err", line)
         self._cond = threading.Condition()
@@ -233,8 +235,8 @@ def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
 # ------------------------------------------------------------------------------ refusals
 def test_wrong_token_and_differing_config_are_refused(tmp_path):
     port = free_ports(1)[0]
-    master = TrainProc(direct_args("master", port, ["trainer.max_steps=4", "trainer.epochs=1", *RELAXED,
-                                                    f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path / "m")
+    short = ["trainer.max_steps=4", "trainer.epochs=1", *RELAXED]
+    master = TrainProc(direct_args("master", port, [*short, f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path / "m")
     try:
         master.wait_line("waiting for nodes: 1 of 2 joined", timeout=90, stream="err")
         bad = {
@@ -242,7 +244,7 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
             "compression": ["compression=fp16"],
             "batch": ["trainer.batch_size=32"],
         }
-        procs = {name: TrainProc([*direct_args("worker", port, RELAXED), *extra], tmp_path / name)
+        procs = {name: TrainProc([*direct_args("worker", port, short), *extra], tmp_path / name)
                  for name, extra in bad.items()}
         codes = {name: p.wait(120) for name, p in procs.items()}
         for name, p in procs.items():
@@ -251,15 +253,14 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
             assert "Traceback" not in err, (name, err)
             assert "macfleet: error:" in err, (name, err)
         assert "use the same cluster.token on every node" in procs["token"].text("err")
-        # Only the option that differs is named, not the whole codec config.
-        assert "compression: master 'name=none', this node 'name=fp16'" in procs["compression"].text("err")
-        assert "global_batch: master '64', this node '32'" in procs["batch"].text("err")
+        # Every key that differs is named with both values, and nothing else.
+        assert ("what must match: compression.name: master none, this node fp16; trainer.compression: master none, "
+                "this node fp16. Use the same") in procs["compression"].text("err")
+        assert "what must match: trainer.batch_size: master 64, this node 32. Use" in procs["batch"].text("err")
         # The refusals did not disturb the master: a matching worker still joins and the run finishes.
-        good = TrainProc(direct_args("worker", port, RELAXED + ["trainer.max_steps=4", "trainer.epochs=1"]),
-                         tmp_path / "good")
+        good = TrainProc(direct_args("worker", port, short), tmp_path / "good")
         assert good.wait(180) == 0, good.text()[-3000:]
         assert master.wait(180) == 0, master.text()[-3000:]
     finally:
         master.kill()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
-

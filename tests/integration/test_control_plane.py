@@ -4,7 +4,8 @@ Direct mode: a worker started before its master waits, then joins; ranks, data a
 heartbeat progress and log lines cross the namespaces. Liveness: a SIGKILLed worker, a
 SIGSTOPped worker and a downed link are each seen by the master within 2x the heartbeat
 interval. This file doubles as the node program (`python test_control_plane.py master|worker`),
-driven by lines on stdin and reporting JSON events on stdout.
+driven by lines on stdin and reporting JSON events on stdout; test_hostile.py runs it on
+127.0.0.1 (`Node(..., port=..., interval=...)`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ INTERVAL = 0.5
 PORT = 29100
 
 
-def _node_main(role: str, master_addr: str, nodes: int) -> None:
+def _node_main(role: str, master_addr: str, nodes: int, port: int = PORT, interval: float = INTERVAL) -> None:
     from macfleet.cluster.coordinator import Coordinator
     from macfleet.cluster.facts import node_facts
     from macfleet.cluster.membership import join
@@ -34,8 +35,8 @@ def _node_main(role: str, master_addr: str, nodes: int) -> None:
         print(json.dumps(event), flush=True)
 
     # master_addr "auto": the master advertises with zeroconf and the worker browses for it.
-    cfg = ClusterConfig(role=role, master_addr=master_addr, master_port=PORT, nodes=nodes, token="tok",
-                        heartbeat_interval=INTERVAL, wait_timeout=60, discovery_enabled=master_addr == "auto")
+    cfg = ClusterConfig(role=role, master_addr=master_addr, master_port=port, nodes=nodes, token="tok",
+                        heartbeat_interval=interval, wait_timeout=60, discovery_enabled=master_addr == "auto")
     facts = node_facts(device="cpu")
     facts["host"] = f"{role}-{os.getpid()}"
     fingerprint = {"model": "digits_cnn", "global_batch": "64"}
@@ -47,6 +48,8 @@ def _node_main(role: str, master_addr: str, nodes: int) -> None:
         coord = None
         m = join(cfg, fingerprint, facts, ":29201")
     m.on_lost(lambda exc: emit(event="lost", t=time.time(), rank=exc.rank, msg=str(exc)))
+    if coord is not None:
+        emit(event="listening", hb_port=coord._hb.port)
     emit(event="formed", rank=m.rank, world_size=m.world_size, generation=m.generation, addrs=m.addrs,
          weights=m.weights, run=m.run, hosts=[n["host"] for n in m.nodes])
     commands: queue.Queue = queue.Queue()
@@ -73,9 +76,11 @@ def _node_main(role: str, master_addr: str, nodes: int) -> None:
 class Node:
     """A node process inside a namespace, with its JSON events read on a thread."""
 
-    def __init__(self, prefix: list, role: str, master_addr: str, nodes: int = 2):
+    def __init__(self, prefix: list, role: str, master_addr: str, nodes: int = 2, port: int = PORT,
+                 interval: float = INTERVAL):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(prefix + [sys.executable, __file__, role, master_addr, str(nodes)],
+        self.proc = subprocess.Popen(prefix + [sys.executable, __file__, role, master_addr, str(nodes), str(port),
+                                               str(interval)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.events: queue.Queue = queue.Queue()
@@ -195,4 +200,4 @@ def test_lost_worker_detected_within_two_intervals(netns, fault):
 
 
 if __name__ == "__main__":
-    _node_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _node_main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))

@@ -137,14 +137,17 @@ def test_other_protocol_version_is_refused_by_name(coord):
         ctx.term()
 
 
-def test_differing_config_is_refused_naming_each_key(coord):
+def test_differing_config_is_refused_naming_each_key(coord, caplog):
     fp = dict(FP, model="gpt2", global_batch="128")
     with pytest.raises(JoinRefusedError) as info:
         join(_cfg(master_port=coord.port), fp, _facts("air"), ":6001")
     msg = str(info.value)
-    assert "model: master 'resnet50', this node 'gpt2'" in msg
-    assert "global_batch: master '256', this node '128'" in msg
+    assert "model: master resnet50, this node gpt2" in msg
+    assert "global_batch: master 256, this node 128" in msg
     assert "compression" not in msg
+    # The master says it too, with the same list.
+    assert any("refused the node air" in r.getMessage() and "model: master resnet50, this node gpt2" in r.getMessage()
+               for r in caplog.records)
 
 
 def test_other_cluster_name_is_refused(coord):
@@ -209,4 +212,5 @@ def test_weights_and_fingerprint_helpers():
     with pytest.raises(MacFleetError, match="one weight per rank"):
         compute_weights(ClusterConfig(weights=[1, 1, 1]), [1, 1], [None, None])
     assert fingerprint_diff({"a": "1"}, {"a": "1"}) == []
-    assert fingerprint_diff({"a": "1"}, {"b": "2"}) == ["a: master '1', this node None", "b: master None, this node '2'"]
+    assert fingerprint_diff({"a": "1"}, {"b": "2"}) == ["a: master 1, this node (unset)", "b: master (unset), this node 2"]
+    assert fingerprint_diff({"c": '"fp16"'}, {"c": '"none"'}) == ["c: master fp16, this node none"]

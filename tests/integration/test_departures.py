@@ -1,0 +1,83 @@
+"""A node that leaves says so, and the others stop at once naming it, on 127.0.0.1.
+
+- Ctrl-C on either node of a `python train.py` direct-mode run: the other stops within about a
+  second with "rank N left (Ctrl-C)" (it used to wait out the 60 s data-plane timeout and then
+  blame the network).
+- A node that ends its run normally while the other still trains (fewer epochs, behind a
+  fingerprint that hides it): the other stops as soon as it needs that node again, naming it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from macfleet.comm.launch import free_ports, spawn_local
+from tests.integration.test_cluster_training import TOKEN, TrainProc, direct_args
+
+# Long enough to be interrupted mid-training; a checkpoint every 10 steps says training is under way.
+ENDLESS = ["trainer.epochs=1000", "trainer.max_steps=100000", "trainer.checkpoint_every=0",
+           "trainer.checkpoint_every_steps=10", "trainer.lr_schedule=constant", "trainer.batch_size=32",
+           "cluster.heartbeat_interval=1.0", "cluster.wait_timeout=60", "trainer.log_every=5"]
+PROMPT_S = 1.5
+"""'Within about a second': the bye's trip plus a step on a loaded 2-core machine."""
+
+
+@pytest.mark.parametrize("leaver", ["worker", "master"])
+def test_ctrl_c_on_either_node_stops_the_other_at_once(tmp_path, leaver):
+    port = free_ports(1)[0]
+    run_dir = tmp_path / "run"
+    master = TrainProc(direct_args("master", port, [*ENDLESS, f"hydra.run.dir={run_dir}"]), tmp_path / "m")
+    worker = TrainProc(direct_args("worker", port, ENDLESS), tmp_path / "w")
+    leaving, staying, rank = (worker, master, 1) if leaver == "worker" else (master, worker, 0)
+    t0 = time.monotonic()
+    try:
+        master.wait_line(f"checkpoint {run_dir}", timeout=90)
+        t_sig = time.monotonic()
+        leaving.signal(signal.SIGINT)
+        t_err = staying.wait_line("macfleet: error:", timeout=70, stream="err")
+        assert staying.wait(30) == 1
+        print(f"started {t_sig - t0:.1f} s, exited {time.monotonic() - t_err:.1f} s after its error; leaver: {leaving.proc.poll()}")
+    finally:
+        worker.kill()
+        master.kill()
+    err = staying.text("err")
+    assert f"rank {rank} left (Ctrl-C) at step " in err and "trainer.resume=auto" in err, err[-3000:]
+    assert "Traceback" not in staying.text(), staying.text()[-3000:]
+    print(f"Ctrl-C on the {leaver}: the other stopped {t_err - t_sig:.2f} s later")
+    assert t_err - t_sig < PROMPT_S, f"{t_err - t_sig:.2f} s"
+
+
+def _node(rank: int, world_size: int, addrs: list[str], port: int, out: str, epochs: list[int]) -> dict:
+    import time
+
+    from macfleet import ClusterConfig, Trainer, TrainingConfig
+    from macfleet.data.digits import build as digits
+    from macfleet.errors import PeerLostError
+    from macfleet.models.cnn import build as cnn
+
+    # log_every=1: with other epochs, the last step's loss report would otherwise differ too.
+    tc = TrainingConfig(epochs=epochs[rank], batch_size=256, progress=False, output_dir=out, device="cpu", log_every=1)
+    cc = ClusterConfig(role="master" if rank == 0 else "worker", mode="direct", nodes=2, master_addr="127.0.0.1",
+                       master_port=port, tensor_port=int(addrs[rank].rsplit(":", 1)[1]), token=TOKEN,
+                       heartbeat_interval=1.0, wait_timeout=60)
+    # The same claimed fingerprint on both: the join check cannot see the different epochs.
+    trainer = Trainer(cnn(num_classes=10, in_channels=1), digits(), tc, cc, fingerprint={"claimed": "same"})
+    try:
+        metrics = trainer.fit()
+    except PeerLostError as exc:
+        return {"error": str(exc), "rank": exc.rank, "t": time.time()}
+    return {"steps": metrics["steps"], "t": time.time()}
+
+
+def test_a_node_that_finishes_early_is_named_when_the_other_needs_it(tmp_path):
+    # digits: 1437 training items, 5 full steps of 256 per epoch. The worker leaves after epoch 1.
+    got = spawn_local(_node, 2, (free_ports(1)[0], str(tmp_path), [3, 1]), timeout=60)
+    master, worker = got
+    assert worker["steps"] == 5, worker
+    assert master.get("rank") == 1, master
+    assert "rank 1 left (finished its run) at step 5" in master["error"], master["error"]
+    print(f"the master stopped {master['t'] - worker['t']:.2f} s after the worker left")
+    assert master["t"] - worker["t"] < PROMPT_S

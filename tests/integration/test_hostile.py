@@ -1,0 +1,206 @@
+"""Hostile and malformed traffic at a live master, on 127.0.0.1: real node processes (the node
+program of test_control_plane.py), real ZeroMQ sockets on the test's side.
+
+- The control port: thousands of fuzzed frames (garbage bytes, wrong frame counts, deep nesting,
+  huge numbers, unknown kinds, every field of a join with a wrong type or range, behind a valid
+  token proof). Each gets an error answer, the master logs them once (rate-limited), and
+  `macfleet status` and a real join still work afterwards.
+- The heartbeat port: a forged bye for a member (no signature, a wrong one, under the member's
+  old routing id) and garbage are rejected and logged; the member stays a member, and killing it
+  later is still reported as a loss within 2x the heartbeat interval (it used to turn loss
+  detection off, then abort the master inside libzmq).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import zmq
+
+from macfleet.cluster.protocol import decode, encode, make_socket, proof, tcp
+from macfleet.comm.launch import free_ports
+from tests.integration.test_control_plane import Node
+
+INTERVAL = 0.5
+TOKEN = "tok"  # the node program's token
+
+
+def _garbage(rng: random.Random) -> list[bytes]:
+    """One fuzzed multipart message: random bytes, broken JSON, or JSON that is not ours."""
+    pick = rng.randrange(8)
+    if pick == 0:
+        return [rng.randbytes(rng.randrange(0, 600))]
+    if pick == 1:
+        return [rng.randbytes(rng.randrange(1, 50)) for _ in range(rng.randrange(2, 5))]
+    if pick == 2:
+        return [b"[" * rng.randrange(2000, 20000)]  # deeper than json's recursion limit
+    if pick == 3:
+        return [b'{"t":"hello","v":1,"cnonce":' + b"9" * rng.randrange(4400, 6000) + b"}"]
+    if pick == 4:
+        return [json.dumps(rng.choice([[], 5, None, "hello", {"t": 5, "v": 1}, {"t": "hello", "v": True},
+                                       {"t": "boom", "v": 1}, {"v": 1}])).encode()]
+    if pick == 5:
+        junk = rng.choice([5, -1, 1e308, None, True, [], {}, "x" * 5000, [[[]]], {"a": {"b": []}}])
+        field = rng.choice(["purpose", "name", "cnonce", "has_token", "proof", "line", "rank", "joined", "weights"])
+        kind = rng.choice(["hello", "auth", "log", "accepted", "welcome", "refuse", "hb", "bye", "status"])
+        return [encode(kind, **{field: junk})]
+    if pick == 6:
+        return [b'{"t":"hello","v":1,"purpose":"join","name":"macfleet","cnonce":' + rng.choice(
+            [b"Infinity", b"NaN", b"1e999", b"-0"]) + b"}"]
+    return [encode("hello", purpose="join", name="macfleet", cnonce="00")[:rng.randrange(1, 60)]]
+
+
+# Joins that prove the token but carry a payload of the wrong shape: each used to be read as is.
+HOSTILE_JOINS = [
+    {"fingerprint": 5}, {"fingerprint": {"a": 5}}, {"fingerprint": ["a"]}, {"fingerprint": {"a": "x" * 10000}},
+    {"facts": "air"}, {"facts": {"rank": "1"}}, {"facts": {"rank": True}}, {"facts": {"rank": -3}},
+    {"facts": {"samples_per_s": "fast"}}, {"facts": {"samples_per_s": -1.0}}, {"facts": {"host": {"nested": 1}}},
+    {"facts": {str(i): i for i in range(500)}},
+    {"tensor_addr": 5}, {"tensor_addr": "no-port"}, {"tensor_addr": "h:99999"}, {"tensor_addr": "a b:1"},
+    {"weight": "heavy"}, {"weight": -1}, {"weight": 0}, {"weight": [1]},
+    {"proto": "1"}, {"purpose": 7},
+]
+GOOD_JOIN = {"fingerprint": {"model": "digits_cnn", "global_batch": "64"}, "facts": {"host": "fuzz"},
+             "tensor_addr": ":29299", "weight": 1.0, "proto": 1}
+
+
+def _ask(sock: zmq.Socket, frames: list[bytes], timeout: float = 5.0) -> dict:
+    sock.send_multipart(frames)
+    assert sock.poll(int(timeout * 1000)), f"no answer to {frames[0][:80]!r}"
+    return decode(sock.recv())
+
+
+def _hostile_join(sock: zmq.Socket, payload: dict) -> dict:
+    cnonce = os.urandom(16).hex()
+    challenge = _ask(sock, [encode("hello", purpose="join", name="macfleet", cnonce=cnonce)])
+    assert challenge["t"] == "challenge", challenge
+    snonce = challenge["snonce"]
+    body = dict(GOOD_JOIN, has_token=True, proof=proof(TOKEN, "node", snonce, cnonce), purpose="join")
+    body.update(payload)
+    frame = json.dumps(dict(body, t="auth", v=1)).encode()
+    return _ask(sock, [frame])
+
+
+def _status(port: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "macfleet.cli", "status", "--master", "127.0.0.1", "--master-port",
+                           str(port), "--token", TOKEN, "--timeout", "10", "--json"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_fuzzed_control_messages_are_answered_and_the_master_keeps_serving():
+    port = free_ports(1)[0]
+    master = Node([], "master", "127.0.0.1", port=port, interval=INTERVAL)
+    worker = None
+    ctx = zmq.Context()
+    sock = make_socket(ctx, zmq.DEALER)
+    try:
+        sock.connect(tcp("127.0.0.1", port))
+        # The master is up once it answers a HELLO (queued until it binds).
+        assert _ask(sock, [encode("hello", purpose="status", name="macfleet", cnonce="00")], timeout=30)["t"] == "challenge"
+        rng = random.Random(10)
+        t0 = time.monotonic()
+        kinds = {}
+        for _ in range(3000):
+            answer = _ask(sock, _garbage(rng))
+            kinds[answer["t"]] = kinds.get(answer["t"], 0) + 1
+        for payload in HOSTILE_JOINS * 5:
+            answer = _hostile_join(sock, payload)
+            assert answer["t"] == "error", (payload, answer)
+            kinds["join error"] = kinds.get("join error", 0) + 1
+        print(f"{sum(kinds.values())} hostile messages in {time.monotonic() - t0:.1f} s, answers: {kinds}")
+        # Every malformed message was answered with an error, never a crash or silence.
+        assert set(kinds) <= {"error", "challenge", "refuse", "join error"} and kinds["error"] > 2500, kinds
+        # One too big for the socket (over MAXMSGSIZE): libzmq drops that connection, nothing else.
+        big = make_socket(ctx, zmq.DEALER)
+        big.connect(tcp("127.0.0.1", port))
+        big.send(b"x" * (3 << 20))
+        big.close(0)
+
+        assert master.proc.poll() is None, "".join(master.stderr)
+        out = _status(port)
+        assert out.returncode == 0, out.stderr
+        rows = json.loads(out.stdout)["nodes"]
+        assert rows[0]["rank"] == 0 and rows[0]["host"].startswith("master-")
+        # A real worker still joins and the run forms.
+        worker = Node([], "worker", "127.0.0.1", port=port, interval=INTERVAL)
+        assert master.wait_for("formed")["world_size"] == 2
+        assert worker.wait_for("formed")["rank"] == 1
+        # Logged, but once per kind of complaint, not 3000 times.
+        log = "".join(master.stderr)
+        assert "coordinator: malformed message:" in log and "coordinator: malformed join:" in log, log[-3000:]
+        assert log.count("coordinator: malformed message:") <= 2 and log.count("coordinator: malformed join:") <= 2
+        assert log.count("\n") < 40, log[-3000:]
+    finally:
+        sock.close(0)
+        ctx.term()
+        for node in (worker, master):
+            if node is not None:
+                node.kill()
+
+
+def _forge(ctx: zmq.Context, hb_port: int, frames: list[bytes], identity: bytes | None = None) -> dict | None:
+    sock = make_socket(ctx, zmq.DEALER, identity=identity)
+    try:
+        sock.connect(tcp("127.0.0.1", hb_port))
+        sock.send_multipart(frames)
+        return decode(sock.recv()) if sock.poll(3000) else None
+    finally:
+        sock.close(0)
+
+
+def test_forged_bye_is_rejected_and_a_later_kill_is_still_a_loss():
+    port = free_ports(1)[0]
+    master = Node([], "master", "127.0.0.1", port=port, interval=INTERVAL)
+    worker = Node([], "worker", "127.0.0.1", port=port, interval=INTERVAL)
+    ctx = zmq.Context()
+    try:
+        hb_port = master.wait_for("listening")["hb_port"]
+        master.wait_for("formed")
+        worker.wait_for("formed")
+        bye = encode("bye", peer="g1-r1", n=10**9, reason="Ctrl-C", step=1, rank=1)
+        forged = {
+            "no signature": [bye],
+            "a wrong signature": [bye, os.urandom(32)],
+            "a short signature": [bye, b"x"],
+        }
+        for what, frames in forged.items():
+            answer = _forge(ctx, hb_port, frames)
+            assert answer is not None and answer["t"] == "error" and "forged" in answer["reason"], (what, answer)
+        # The old way in: the member's routing id and an unsigned bye.
+        answer = _forge(ctx, hb_port, [encode("bye")], identity=b"g1-r1")
+        assert answer is not None and answer["t"] == "error", answer
+        junk = make_socket(ctx, zmq.DEALER)
+        try:
+            junk.connect(tcp("127.0.0.1", hb_port))
+            rng = random.Random(11)
+            for _ in range(300):
+                assert _ask(junk, _garbage(rng))["t"] == "error"
+        finally:
+            junk.close(0)
+        time.sleep(3 * INTERVAL)  # heartbeats go on meanwhile; a forged bye would have stopped them
+        master.send("status")
+        row = master.wait_for("status")["nodes"][1]
+        assert row["state"] not in ("left", "lost") and row["last_heartbeat_s"] < 2 * INTERVAL, row
+        assert all(ev["event"] != "lost" for node in (master, worker) for ev in list(node.events.queue))
+        log = "".join(master.stderr)
+        assert "heartbeat server: forged heartbeat rejected: bye for node rank 1" in log, log[-3000:]
+        assert log.count("forged heartbeat rejected") <= 2, log[-3000:]
+        # Loss detection still works for that rank, and the master survives it.
+        t0 = time.time()
+        worker.kill()
+        lost = master.wait_for("lost", timeout=10)
+        assert lost["rank"] == 1 and "sent no heartbeat" in lost["msg"], lost
+        assert lost["t"] - t0 < 2 * INTERVAL + 0.5, lost["t"] - t0
+        master.send("status")
+        assert master.wait_for("status")["nodes"][1]["state"] == "lost"
+        assert master.proc.poll() is None
+    finally:
+        ctx.term()
+        for node in (worker, master):
+            node.kill()
