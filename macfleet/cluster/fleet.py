@@ -176,9 +176,10 @@ class ClusterWorld:
         parts = self.group.gather(statepack.pack(obj), dst=0)
         return [statepack.unpack(p) for p in parts] if parts is not None else None
 
-    def close(self) -> None:
-        """Leave the run. Called while an exception propagates (Ctrl-C, an error), the bye says
-        so and the group is aborted, so neither this node nor its peers wait out a collective."""
+    def close(self, reason: str | None = None) -> None:
+        """Leave the run, saying why in the bye: `reason`, else the exception propagating
+        (Ctrl-C, an error), else "finished its run". When leaving early the group is aborted,
+        so neither this node nor its peers wait out a collective."""
         if self._closed:
             return
         self._closed = True
@@ -186,7 +187,7 @@ class ClusterWorld:
 
         from macfleet.cluster.membership import leave_reason
 
-        reason = leave_reason(sys.exc_info()[1])
+        reason = reason or leave_reason(sys.exc_info()[1])
         if reason is not None:
             self.group.abort(MacFleetError(f"this node is leaving the run ({reason})"))
         self.membership.close(reason)

@@ -271,8 +271,10 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
     handed_over = False
     try:
         my_addr = fill_host(tensor_addr, route_address(host))
+        # A weight may come from the command line as text ("1.0"); the wire takes a number or "auto".
+        weight = "auto" if str(cfg.weight) == "auto" else float(cfg.weight)
         payload = {"fingerprint": dict(fingerprint), "facts": dict(facts), "tensor_addr": my_addr,
-                   "weight": cfg.weight, "proto": PROTOCOL_VERSION}
+                   "weight": weight, "proto": PROTOCOL_VERSION}
         try:
             answer, key = client_handshake_keyed(sock, cfg.token, cfg.name, "join", payload, timeout)
         except TimeoutError:

@@ -5,7 +5,9 @@ sockets, real Hydra composition of conf/.
   torch DDP and the flat fallback).
 - BatchNorm: a 2-node run keeps the BN buffers identical on every node and converges.
 - Agent mode with the real job command: `macfleet launch` agents run train.py's job.
-- A worker with a wrong token or a config that differs is refused with a message naming why.
+- A worker with a wrong token or a config that differs is refused with a message naming every
+  difference, on both sides; a Python-API master and `train.py` workers with the same settings
+  train together (this file doubles as that master: `python test_cluster_training.py PORT DIR`).
 
 Also the helpers the other cluster test files use: `TrainProc` (train.py as a live subprocess
 whose output lines carry their arrival time) and `direct_args` (a 2-node direct-mode run).
@@ -233,16 +235,32 @@ def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
 
 
 # ------------------------------------------------------------------------------ refusals
+def _api_master(port: int, out: str) -> None:
+    """`train.py cluster=pro_air compression=none trainer.max_steps=4 trainer.epochs=1`, through
+    the Python API."""
+    from macfleet import ClusterConfig, Trainer, TrainingConfig
+    from macfleet.data.digits import build as digits
+    from macfleet.models.cnn import build as cnn
+
+    torch.manual_seed(0)
+    tc = TrainingConfig(epochs=1, max_steps=4, progress=False, output_dir=out)
+    cc = ClusterConfig(role="master", mode="direct", nodes=2, master_addr="127.0.0.1", master_port=port,
+                       tensor_port=0, token=TOKEN, wait_timeout=120)
+    metrics = Trainer(cnn(num_classes=10, in_channels=1), digits(), tc, cc).fit()
+    print(json.dumps({"steps": metrics["steps"], "world_size": metrics["world_size"]}), flush=True)
+
+
 def test_wrong_token_and_differing_config_are_refused(tmp_path):
     port = free_ports(1)[0]
-    short = ["trainer.max_steps=4", "trainer.epochs=1", *RELAXED]
-    master = TrainProc(direct_args("master", port, [*short, f"hydra.run.dir={tmp_path / 'run'}"]), tmp_path / "m")
+    short = ["trainer.max_steps=4", "trainer.epochs=1"]
+    # A Python-API master: train.py workers with the same settings must be able to join it.
+    master = TrainProc([str(port), str(tmp_path / "run")], tmp_path / "m", script=Path(__file__))
     try:
         master.wait_line("waiting for nodes: 1 of 2 joined", timeout=90, stream="err")
         bad = {
             "token": ["cluster.token=not-the-token"],
             "compression": ["compression=fp16"],
-            "batch": ["trainer.batch_size=32"],
+            "lr": ["trainer.learning_rate=0.5"],
         }
         procs = {name: TrainProc([*direct_args("worker", port, short), *extra], tmp_path / name)
                  for name, extra in bad.items()}
@@ -253,14 +271,24 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
             assert "Traceback" not in err, (name, err)
             assert "macfleet: error:" in err, (name, err)
         assert "use the same cluster.token on every node" in procs["token"].text("err")
-        # Every key that differs is named with both values, and nothing else.
+        # Every key that differs is named with both values, and nothing else: the API master and
+        # train.py agree on everything else.
         assert ("what must match: compression.name: master none, this node fp16; trainer.compression: master none, "
                 "this node fp16. Use the same") in procs["compression"].text("err")
-        assert "what must match: trainer.batch_size: master 64, this node 32. Use" in procs["batch"].text("err")
+        lr = "optimizer.lr: master 0.05, this node 0.5; trainer.learning_rate: master 0.05, this node 0.5"
+        assert f"what must match: {lr}. Use the same" in procs["lr"].text("err"), procs["lr"].text("err")
+        # The master says so too (it used to take that worker and train a wrong model).
+        assert any("refused the node" in line and lr in line for line in master.text().splitlines()), master.text()
         # The refusals did not disturb the master: a matching worker still joins and the run finishes.
         good = TrainProc(direct_args("worker", port, short), tmp_path / "good")
         assert good.wait(180) == 0, good.text()[-3000:]
         assert master.wait(180) == 0, master.text()[-3000:]
     finally:
         master.kill()
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["world_size"] == 2
+    assert json.loads(master.text("out").splitlines()[-1]) == {"steps": 4, "world_size": 2}
+
+
+if __name__ == "__main__":
+    import sys
+
+    _api_master(int(sys.argv[1]), sys.argv[2])

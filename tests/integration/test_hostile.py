@@ -9,6 +9,8 @@ program of test_control_plane.py), real ZeroMQ sockets on the test's side.
   old routing id) and garbage are rejected and logged; the member stays a member, and killing it
   later is still reported as a loss within 2x the heartbeat interval (it used to turn loss
   detection off, then abort the master inside libzmq).
+- A local fleet (`python train.py cluster=local`) listens on 127.0.0.1 only (it listened on every
+  interface), and its normal end is no departure.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ import zmq
 
 from macfleet.cluster.protocol import decode, encode, make_socket, proof, tcp
 from macfleet.comm.launch import free_ports
+from tests.integration.test_cluster_training import TrainProc
 from tests.integration.test_control_plane import Node
 
 INTERVAL = 0.5
@@ -204,3 +206,39 @@ def test_forged_bye_is_rejected_and_a_later_kill_is_still_a_loss():
         ctx.term()
         for node in (worker, master):
             node.kill()
+
+
+def _listening(pid: int) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket of `pid` and its children."""
+    import psutil
+
+    root = psutil.Process(pid)
+    found = []
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        found += [(proc.pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return found
+
+
+def test_local_fleet_listens_on_loopback_only_and_ends_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    fleet = TrainProc(["cluster=local", "compression=none", "trainer.progress=false", "trainer.epochs=1",
+                       "trainer.max_steps=60", "trainer.batch_size=16", "trainer.checkpoint_every=0",
+                       f"hydra.run.dir={run_dir}"], tmp_path)
+    try:
+        fleet.wait_line("rank 0 of 2", timeout=90)
+        # Master: coordinator, heartbeats, data plane; worker: its data plane. Seen while training.
+        deadline = time.monotonic() + 10
+        while len(sockets := _listening(fleet.proc.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code = fleet.wait(120)
+    finally:
+        fleet.kill()
+    assert len({pid for pid, _, _ in sockets}) == 2 and len(sockets) >= 4, sockets
+    assert all(addr == "127.0.0.1" for _, addr, _ in sockets), sockets
+    assert code == 0, fleet.text()[-3000:]
+    assert "left (" not in fleet.text(), fleet.text()[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["world_size"] == 2
