@@ -17,16 +17,18 @@ for the same settings:
 * ``dataset``: name, task, sizes, classes or vocabulary, input shape, the labels of the first
   items and the mean magnitude of their inputs (3 significant digits, so a float rounding
   difference between two machines does not count, but another normalisation does);
-* ``optimizer``: its class and hyperparameters, from one built on a probe parameter.
+* ``optimizer``: its class and hyperparameters (read from the factory, see `describe_optimizer`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional
 
 PER_NODE = (
@@ -43,6 +45,9 @@ SAMPLE_ITEMS = 16
 """Dataset items whose labels and input magnitude go into the fingerprint."""
 LISTED = 40
 """A refusal names at most this many differences (a different model would list every layer)."""
+MODEL_ENTRIES = 2000
+"""Above this many layers + tensors a model is described by two digests instead, so a very deep
+model's join message stays far below the control plane's 1 MB."""
 _OPTIMIZER_IMPL = ("foreach", "fused", "capturable", "differentiable")
 
 
@@ -61,10 +66,10 @@ def _canonical(value: Any) -> Any:
         if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             return int(value)
         return value
-    if isinstance(value, (list, tuple)):
-        return [_canonical(v) for v in value]
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # dict, or OmegaConf's DictConfig inside a Hydra partial
         return {str(k): _canonical(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, bytes):  # tuple, list, ListConfig
+        return [_canonical(v) for v in value]
     if hasattr(value, "item") and callable(value.item):  # a 0-d tensor (torch's lr may be one)
         return _canonical(value.item())
     return str(value)
@@ -120,6 +125,8 @@ def describe_model(model) -> dict:
             leaves[name or "(root)"] = f"{type(module).__name__}({module.extra_repr()})"
     tensors = {name: f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}"
                for name, t in model.state_dict(keep_vars=True).items()}
+    if len(leaves) + len(tensors) > MODEL_ENTRIES:
+        leaves, tensors = (hashlib.sha256(json.dumps(d).encode()).hexdigest()[:16] for d in (leaves, tensors))
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "parameters": sum(p.numel() for p in model.parameters()), "layers": leaves, "tensors": tensors}
 
@@ -133,7 +140,10 @@ def _items_summary(ds) -> dict:
     n = min(SAMPLE_ITEMS, len(ds))
     if n == 0:
         return {}
-    batch = SeededBatches(ds, 0).__getitems__([(0, i) for i in range(n)])
+    try:
+        batch = SeededBatches(ds, 0).__getitems__([(0, i) for i in range(n)])
+    except Exception as exc:  # noqa: BLE001 - items the loader cannot batch: described by their sizes only
+        return {"unbatchable": type(exc).__name__}
     out = {}
     for i, t in enumerate(batch if isinstance(batch, (list, tuple)) else [batch]):
         if not isinstance(t, torch.Tensor):
@@ -154,20 +164,36 @@ def describe_dataset(bundle) -> dict:
             "test_items": _items_summary(test) if test is not None else {}}
 
 
-def describe_optimizer(build: Callable[[list], Any]) -> dict:
-    """Class and hyperparameters of the optimizer `build(params)` makes (built on a probe)."""
-    import torch
+def describe_optimizer(factory: Callable[[list], Any]) -> dict:
+    """Class and hyperparameters of the optimizer `factory(params)` builds: the class's signature
+    defaults overridden by a partial's keywords (Hydra's `_partial_: true` and the trainer's
+    default are partials), so none is built (the first optimizer built imports torch._dynamo,
+    seconds on the critical path of every join). Any other factory is built on a probe parameter."""
+    import inspect
 
-    opt = build([torch.nn.Parameter(torch.zeros(1))])
-    return {"class": f"{type(opt).__module__}.{type(opt).__qualname__}",
-            **{k: v for k, v in opt.defaults.items() if k not in _OPTIMIZER_IMPL}}
+    if isinstance(factory, functools.partial) and isinstance(factory.func, type) and not factory.args:
+        cls, given = factory.func, dict(factory.keywords)
+    else:
+        import torch
+
+        try:
+            opt = factory([torch.nn.Parameter(torch.zeros(1))])
+        except Exception as exc:  # noqa: BLE001 - a factory that wants the real parameters: its name only
+            return {"factory": getattr(factory, "__qualname__", type(factory).__name__), "probe": type(exc).__name__}
+        cls, given = type(opt), dict(opt.defaults)
+    params = inspect.signature(cls).parameters
+    hyper = {k: given.get(k, p.default) for k, p in params.items()
+             if k != "params" and k not in _OPTIMIZER_IMPL and p.kind != p.VAR_KEYWORD
+             and (k in given or p.default is not p.empty)}
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **hyper}
 
 
-def setup(training, compression, cluster, model, dataset, build_optimizer: Callable[[list], Any]) -> dict:
-    """The setup dict `fingerprint` reads, the same for a train.py node and a Python-API node."""
+def setup(training, compression, cluster, model, dataset, optimizer: Callable[[list], Any]) -> dict:
+    """The setup dict `fingerprint` reads, the same for a train.py node and a Python-API node;
+    `optimizer` is the factory the trainer will call with the model's parameters."""
     return {"trainer": dataclasses.asdict(training), "compression": dataclasses.asdict(compression),
             "cluster": dataclasses.asdict(cluster), "model": describe_model(model),
-            "dataset": describe_dataset(dataset), "optimizer": describe_optimizer(build_optimizer)}
+            "dataset": describe_dataset(dataset), "optimizer": describe_optimizer(optimizer)}
 
 
 __all__ = ["PER_NODE", "fingerprint", "diff", "setup", "describe_model", "describe_dataset", "describe_optimizer"]

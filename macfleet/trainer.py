@@ -11,6 +11,7 @@ Only rank 0 writes: logs, metrics.json, W&B and checkpoints.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -53,10 +54,15 @@ def build_scheduler(optimizer, tc: TrainingConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def default_optimizer(params, tc: TrainingConfig) -> torch.optim.Optimizer:
+def default_optimizer_factory(tc: TrainingConfig) -> Callable[..., torch.optim.Optimizer]:
+    """The optimizer `tc` names, as a partial of params (the fingerprint reads it unbuilt)."""
     if tc.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    return torch.optim.SGD(params, lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay)
+        return functools.partial(torch.optim.AdamW, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    return functools.partial(torch.optim.SGD, lr=tc.learning_rate, momentum=tc.momentum, weight_decay=tc.weight_decay)
+
+
+def default_optimizer(params, tc: TrainingConfig) -> torch.optim.Optimizer:
+    return default_optimizer_factory(tc)(params)
 
 
 def _as_bundle(dataset):
@@ -100,8 +106,7 @@ class Trainer:
         # What a joining node must share with the master, computed the same way for train.py and
         # the Python API (macfleet/fingerprint.py): a `fingerprint` argument replaces it.
         self.fingerprint = fingerprint or fleet_fingerprint(setup(
-            self.tc, self.comp, self.cc, model, self.data,
-            self.optimizer_factory or (lambda params: default_optimizer(params, self.tc))))
+            self.tc, self.comp, self.cc, model, self.data, self.optimizer_factory or default_optimizer_factory(self.tc)))
         self.metrics: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- set-up

@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatClient
-from macfleet.cluster.protocol import (client_handshake_keyed, decode, encode, make_socket,
+from macfleet.cluster.protocol import (Complaints, client_handshake_keyed, decode, encode, make_socket,
                                        route_address, tcp)
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, PeerLeftError, PeerLostError
@@ -282,6 +282,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
         if answer["t"] != "accepted":
             raise JoinRefusedError(f"unexpected answer {answer['t']!r} from the master")
         last_said = 0.0
+        complain = Complaints("join")
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -293,7 +294,7 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
                 try:
                     msg = decode(sock.recv(), ("welcome", "refuse", "error", "accepted"))
                 except FrameError as exc:
-                    say(f"ignored a malformed message from the master: {exc}")
+                    complain("malformed message from the master", str(exc))
                     continue
                 if msg["t"] in ("refuse", "error"):
                     raise JoinRefusedError(msg["reason"])

@@ -233,7 +233,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
                 "hb_port": _PORT, "peer_id": _PEER_ID, "proto": _int()},
     "status": {"nodes": _list(_map(_SCALAR, max_len=64)), "kind": _str(32), "generation": _int(),
                "run": _map(_SCALAR, max_len=64), "job_id": _opt(_str(128))},
-    "log": {"line": _str(65536), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
+    "log": {"line": _str(MAX_MESSAGE_BYTES), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
     # agents (agent.py)
     "registered": {"hb_port": _PORT, "peer_id": _PEER_ID, "label": _str(256)},
     "job": {"job_id": _str(128), "config_yaml": _str(MAX_MESSAGE_BYTES)},
