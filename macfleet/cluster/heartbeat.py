@@ -185,7 +185,8 @@ class HeartbeatServer:
     def _reject(self, sock: zmq.Socket, ident: bytes, what: str, detail: str) -> None:
         self._complain(what, detail)
         try:
-            sock.send_multipart([ident, encode("error", reason=f"{what}: {detail}"[:1000])], zmq.NOBLOCK)
+            # The sender hears what was wrong, not whom it concerned (it may not be a member).
+            sock.send_multipart([ident, encode("error", reason=what)], zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
 

@@ -122,7 +122,8 @@ def test_fuzzed_control_messages_are_answered_and_the_master_keeps_serving():
         big = make_socket(ctx, zmq.DEALER)
         big.connect(tcp("127.0.0.1", port))
         big.send(b"x" * (3 << 20))
-        big.close(0)
+        big.setsockopt(zmq.LINGER, 3000)  # sent before it closes
+        big.close()
 
         assert master.proc.poll() is None, "".join(master.stderr)
         out = _status(port)
