@@ -185,7 +185,7 @@ class Coordinator:
                     f"only {count} of cluster.nodes={self.cfg.nodes} nodes joined within "
                     f"cluster.wait_timeout={self.cfg.wait_timeout:g} s (workers in: {hosts}); start "
                     f"`macfleet launch --role worker` or the worker command on the missing Macs, check "
-                    f"they reach {self.cfg.master_addr}:{self.port} with the same token, or lower cluster.nodes")
+                    f"they reach {self.cfg.master_addr}:{self.port} with the same token, or lower cluster.nodes (nodes=1 trains alone)")
         if self._form_error is not None:
             raise self._form_error
         assert self._membership is not None
