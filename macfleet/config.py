@@ -131,8 +131,9 @@ class ClusterConfig:
     """Advertise / find the master with zeroconf (Bonjour) instead of master_addr."""
     mode: Optional[str] = None
     """single: one process; local: a fleet of `nodes` processes on this machine; direct: this
-    process joins a master over the network; agent: the job is sent to running agents. Unset:
-    direct when `role` is given, else single."""
+    process joins a master over the network; agent: the job is sent to running agents; torchrun:
+    a rank of a torchrun job, on torch's own backends (see `backend`). Unset: direct when `role`
+    is given, else single."""
     nodes: Optional[int] = None
     """How many nodes the master waits for (itself included). Unset: 2 in a fleet, 1 alone."""
     weight: Any = 1.0
@@ -155,6 +156,9 @@ class ClusterConfig:
     ddp: str = "auto"
     """Gradient path: torch (PyTorch DDP's reducer + MacFleet comm hook), flat (all gradients
     through the same hook after backward), auto (torch on cpu/cuda, flat on mps)."""
+    backend: str = "auto"
+    """cluster=torchrun only: the torch.distributed backend (auto: nccl on cuda, gloo on cpu;
+    or macfleet)."""
     allreduce: str = "auto"
     """all_reduce algorithm for 3+ nodes, chosen by the master for every rank: direct (two rounds,
     every pair of nodes at once: best for a few Macs, a Thunderbolt mesh or a switch), ring
@@ -175,8 +179,10 @@ class ClusterConfig:
                 self.role = NodeRole(self.role.lower())
             except ValueError:
                 raise ConfigError(f"cluster.role={self.role!r}: choose master or worker") from None
-        if self.mode not in ("single", "local", "direct", "agent"):
-            raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct or agent")
+        if self.mode not in ("single", "local", "direct", "agent", "torchrun"):
+            raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct, agent or torchrun")
+        if self.backend not in ("auto", "nccl", "gloo", "macfleet"):
+            raise ConfigError(f"cluster.backend={self.backend!r}: choose auto, nccl, gloo or macfleet")
         if self.nodes < 1:
             raise ConfigError("cluster.nodes must be >= 1")
         if self.ddp not in ("auto", "torch", "flat"):

@@ -155,7 +155,8 @@ class Trainer:
         speed = None
         if self.cc.mode != "single" and self.cc.weights is None and self.cc.weight == "auto":
             speed = self.calibrate(device)
-        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict, samples_per_s=speed)
+        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict, samples_per_s=speed,
+                       device=device)
 
     def calibrate(self, device, steps: int = 10, budget_s: float = 2.0) -> float:
         """Measured training samples/s of this node (forward + backward on a copy of the model),
