@@ -107,6 +107,9 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
     p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
+    p.add_argument("--train-py", action="store_true",
+                   help="ddp: also run train.py cluster=torchrun per backend (same model, global batch and steps; "
+                        "synthetic CIFAR-format data through the trainer's DataLoader)")
     p.add_argument("overrides", nargs="*",
                    help="scaling: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
                         "trainer.batch_size=256 (default: the digits CNN on digits, batch 64)")
