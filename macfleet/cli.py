@@ -72,14 +72,17 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
                 "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
-                "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling"], required=True,
+                "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
+                "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
+                "  macfleet benchmark --type loader --model resnet18 --workers 0,2")
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "loader"], required=True,
                    help="scaling: training samples/s of a fleet vs each node alone, per codec; ddp: a plain DDP "
-                        "script under torchrun per backend vs one process")
+                        "script under torchrun per backend vs one process; loader: train.py's samples/s per DataLoader "
+                        "worker count")
     p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7,
-                   help="bandwidth, allreduce, compression, ddp: timed runs per figure, >= 1 (the median is reported)")
+                   help="bandwidth, allreduce, compression, ddp, loader: timed runs per figure, >= 1 (the median is reported)")
     p.add_argument("--json", default=None, help="write JSON rows to this file")
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
@@ -90,9 +93,9 @@ def _add_benchmark(sub) -> None:
                    help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16)")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
     p.add_argument("--device", default="cpu",
-                   help="compression: device for codec timing; scaling and ddp: the device every run trains on: cpu, "
+                   help="compression: device for codec timing; scaling, ddp and loader: the device every run trains on: cpu, "
                         "cuda or mps")
-    p.add_argument("--steps", type=int, default=30, help="scaling, ddp: timed training steps per run")
+    p.add_argument("--steps", type=int, default=30, help="scaling, ddp, loader: timed training steps per run")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
@@ -104,9 +107,10 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG")
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
-    p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
-    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
+    p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
+    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
+    p.add_argument("--workers", default=None, help="loader: DataLoader worker counts to compare (default 0,2)")
     p.add_argument("--train-py", action="store_true",
                    help="ddp: also run train.py cluster=torchrun per backend (same model, global batch and steps; "
                         "synthetic CIFAR-format data through the trainer's DataLoader)")

@@ -134,25 +134,40 @@ def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
 
 def _run_train_py(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
     """`torchrun train.py cluster=torchrun` with the plain loop's model, global batch and steps."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    return run_train_py(args, workdir, torchrun, ["cluster=torchrun", f"cluster.backend={backend}",
+                                                  f"trainer.batch_size={args.batch * nodes}", "trainer.num_workers=4"])
+
+
+def write_synthetic_cifar(args, workdir: Path, global_batch: int) -> None:
+    """Enough CIFAR-format images (never a download) for every step of one run in one epoch."""
+    from macfleet.data.cifar10 import write_cifar_format
+
+    steps = (10 if args.warmup_steps is None else args.warmup_steps) + args.steps
+    write_cifar_format(workdir / "data", train_per_batch=-(-global_batch * steps // 5), test_size=64)
+
+
+def run_train_py(args, workdir: Path, prefix: list[str], overrides: list[str]) -> dict:
+    """train.py on the synthetic CIFAR data in `workdir`, `args.steps` timed after the warm-up;
+    metrics.json's samples/s and step time. `prefix` launches it (torchrun, or plain python)."""
     from macfleet.benchmark.scaling import ROOT
 
-    run_dir = workdir / f"train-{backend}-{time.monotonic_ns()}"
+    run_dir = workdir / f"train-{time.monotonic_ns()}"
     warmup = 10 if args.warmup_steps is None else args.warmup_steps
     total = warmup + args.steps
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
-           "--master-addr", "127.0.0.1", "--master-port", str(port), str(ROOT / "train.py"),
-           "cluster=torchrun", f"cluster.backend={backend}", f"model={args.model}", "dataset=cifar10",
+    cmd = [*prefix, str(ROOT / "train.py"), f"model={args.model}", "dataset=cifar10",
            f"dataset.root={workdir / 'data'}", "dataset.download=false", "dataset.verify_checksums=false",
-           "compression=none", "logger=none", f"trainer.batch_size={args.batch * nodes}", f"trainer.max_steps={total}",
-           f"trainer.epochs={total}", f"trainer.log_every={total}", f"trainer.timing_warmup_steps={warmup}",
-           f"trainer.device={args.device}", "trainer.resume=none", "trainer.progress=false",
-           "trainer.checkpoint_every=0", "trainer.num_workers=4", f"hydra.run.dir={run_dir}"]
+           "compression=none", "logger=none", f"trainer.max_steps={total}", f"trainer.epochs={total}",
+           f"trainer.log_every={total}", f"trainer.timing_warmup_steps={warmup}", f"trainer.device={args.device}",
+           "trainer.resume=none", "trainer.progress=false", "trainer.checkpoint_every=0", f"hydra.run.dir={run_dir}",
+           *overrides]
     env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     metrics = run_dir / "metrics.json"
     if proc.returncode != 0 or not metrics.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-        raise ConfigError(f"train.py cluster=torchrun on {backend} failed (exit {proc.returncode}):\n{tail}")
+        raise ConfigError(f"train.py {' '.join(overrides)} failed (exit {proc.returncode}):\n{tail}")
     m = json.loads(metrics.read_text())
     return {"samples_per_s": m["samples_per_s"], "step_s": m["step_s"]}
 
@@ -171,10 +186,7 @@ def run_ddp_benchmark(args) -> int:
     got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
     with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
         if getattr(args, "train_py", False):
-            from macfleet.data.cifar10 import write_cifar_format
-
-            steps = (10 if args.warmup_steps is None else args.warmup_steps) + args.steps
-            write_cifar_format(Path(tmp) / "data", train_per_batch=-(-args.batch * args.nodes * steps // 5), test_size=64)
+            write_synthetic_cifar(args, Path(tmp), args.batch * args.nodes)
         for rep in range(args.repeats):
             for backend, nodes in runs:
                 if backend.startswith("train.py:"):
