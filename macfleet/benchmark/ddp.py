@@ -217,11 +217,16 @@ def run_ddp_benchmark(args) -> int:
         table.add_row(r["backend"], str(r["nodes"]), f"{r['samples_per_s']:.0f}", f"{r['vs_one_node']:.2f}x",
                       "" if r["vs_gloo"] is None else f"{r['vs_gloo']:.2f}x",
                       "" if r["vs_plain_ddp"] is None else f"{r['vs_plain_ddp']:.2f}x")
+    return print_and_save(console, table, rows, args.json)
+
+
+def print_and_save(console, table, rows: list[dict], path: str | None) -> int:
+    """Print the table; write the rows as JSON when asked."""
     console.print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        console.print(f"JSON: {args.json}")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=2))
+        console.print(f"JSON: {path}")
     return 0
 
 

@@ -8,13 +8,12 @@ thread). JSON rows: {"workers", "model", "batch", "device", "samples_per_s", "st
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
-from macfleet.benchmark.ddp import run_train_py, write_synthetic_cifar
+from macfleet.benchmark.ddp import print_and_save, run_train_py, write_synthetic_cifar
 from macfleet.errors import ConfigError
 
 
@@ -50,9 +49,4 @@ def run_loader_benchmark(args) -> int:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["workers"]), f"{r['samples_per_s']:.0f}", f"{1e3 * r['step_s']:.1f}", f"{r['vs_0_workers']:.2f}x")
-    console.print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        console.print(f"JSON: {args.json}")
-    return 0
+    return print_and_save(console, table, rows, args.json)
