@@ -26,10 +26,6 @@ class PeerLostError(MacFleetError):
         self.address = address
 
 
-class CommTimeoutError(PeerLostError):
-    """A blocking communication call passed its timeout."""
-
-
 class JoinRefusedError(MacFleetError):
     """The coordinator refused a node (token, protocol version or config mismatch)."""
 
