@@ -706,23 +706,23 @@ def _fmt(value, kind: str) -> str:
     return str(value)
 
 
-def _master(args, name: str) -> tuple[str, int]:
-    """--master/--master-port, or the first master of cluster `name` that zeroconf finds."""
+def _master(args, name: str, kind: Optional[str]) -> tuple[str, int]:
+    """--master/--master-port, or the first master of cluster `name` (and `kind`) zeroconf finds."""
     if args.master:
         return args.master, args.master_port
     from macfleet.cluster.discovery import browse
 
-    found = [(a, s["port"]) for s in browse(name, timeout=args.timeout) for a in s["addresses"]]
+    found = [(a, s["port"]) for s in browse(name, timeout=args.timeout, kind=kind) for a in s["addresses"]]
     if not found:
-        raise MacFleetError(f"no MacFleet master of cluster {name!r} answered on zeroconf within "
-                            f"{args.timeout:g} s; pass --master ADDR")
+        raise MacFleetError(f"no MacFleet {'master agent' if kind else 'master'} of cluster {name!r} answered on "
+                            f"zeroconf within {args.timeout:g} s; pass --master ADDR")
     return found[0]
 
 
-def _ask(args, purpose: str) -> tuple[str, dict]:
+def _ask(args, purpose: str, kind: Optional[str] = None) -> tuple[str, dict]:
     """One authenticated request to the master; ("host:port", its answer)."""
     name = getattr(args, "name", "macfleet")
-    host, port = _master(args, name)
+    host, port = _master(args, name, kind)
     ctx = zmq.Context()
     try:
         return f"{host}:{port}", request(ctx, host, port, join_token(args.token), name, purpose, {},
@@ -754,7 +754,7 @@ def status_main(args) -> int:
 
 def cancel_main(args) -> int:
     """`macfleet cancel`: stop the job the master agent runs, on every node; returns once they stopped."""
-    where, answer = _ask(args, "cancel")
+    where, answer = _ask(args, "cancel", kind="agent")
     if answer["t"] != "cancelled":
         raise MacFleetError(f"unexpected answer {answer['t']!r} from the master agent at {where}")
     if answer.get("job_id") is None:

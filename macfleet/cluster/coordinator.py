@@ -98,7 +98,9 @@ def say_refused(frame: zmq.Frame, msg: dict, reason: str, by_node: bool = False)
     host = facts.get("host") if isinstance(facts, dict) else None
     who = peer_address(frame) + (f" ({host})" if host else "")
     what = _ASKED.get(msg.get("purpose"), f"a {str(msg.get('purpose'))[:40]!r} request")
-    say(f"{what} from {who} refused this master: {reason}" if by_node else f"refused {what} from {who}: {reason}")
+    line = f"{what} from {who} refused this master: {reason}" if by_node else f"refused {what} from {who}: {reason}"
+    # Parts of it come from the network: one line, no control characters.
+    say("".join(c if c.isprintable() else "?" for c in line))
 
 
 def answer_hello(shake: Handshake, ident: bytes, msg: dict, frame: zmq.Frame) -> bytes:

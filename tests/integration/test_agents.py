@@ -388,18 +388,24 @@ print("coordinator up", flush=True)
 sys.stdin.read()
 """
 
+# A node of another release: a worker joining the training master, then a worker agent's
+# registration (WorkerAgent's handshake, without its torch import for facts) at the master agent.
 _OTHER_VERSION = """
 import sys
+import zmq
 import macfleet.config
-macfleet.config.PROTOCOL_VERSION += 1  # before the protocol module reads it: a node of another release
-from macfleet.cluster.agent import WorkerAgent
+macfleet.config.PROTOCOL_VERSION += 1  # before the protocol module reads it
 from macfleet.cluster.membership import join
+from macfleet.cluster.protocol import request
 from macfleet.config import ClusterConfig
 from macfleet.errors import JoinRefusedError
-for port, agent in ((int(sys.argv[1]), False), (int(sys.argv[2]), True)):
-    cfg = ClusterConfig(role="worker", master_addr="127.0.0.1", master_port=port, token=sys.argv[3], wait_timeout=20)
+coord_port, agent_port, token = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+cfg = ClusterConfig(role="worker", master_addr="127.0.0.1", master_port=coord_port, token=token, wait_timeout=20)
+for attempt in (lambda: join(cfg, {"model": "digits_cnn", "global_batch": "64"}, {}, ":1"),
+                lambda: request(zmq.Context(), "127.0.0.1", agent_port, token, "macfleet", "agent",
+                                {"facts": {"host": "air"}, "master_addr": "127.0.0.1"}, timeout=20)):
     try:
-        WorkerAgent(cfg).serve_forever() if agent else join(cfg, {"model": "digits_cnn", "global_batch": "64"}, {}, ":1")
+        attempt()
     except JoinRefusedError as exc:
         print("refused:", exc, flush=True)
 """
