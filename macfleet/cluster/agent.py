@@ -453,7 +453,8 @@ class MasterAgent:
     def _never_joined(self, job: dict, rank: int, code: int, cause: Optional[str]) -> str:
         """The error of a job that did not start, naming the ranks that never joined and what to do."""
         if cause is None:
-            cause = f"rank 0 stopped first (exit code {code})" if rank == 0 else f"its job exited first (exit code {code})"
+            cause = (f"rank 0 stopped first (exit code {code})" if rank == 0
+                     else f"its job exited first (exit code {code})")
         # Match the hosts the job's coordinator saw join against each rank's agent.
         hosts = list(job["joined_hosts"])
         if rank and job["ranks"][rank]["host"] in hosts:

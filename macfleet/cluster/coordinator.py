@@ -14,8 +14,9 @@ every key that differs, with both values), queues admitted nodes, forms the memb
 run facts and the heartbeat port), prints workers' log lines as ``[rank N host] line`` and
 answers `macfleet status`. Every refused node or request (protocol version, cluster name, token,
 config fingerprint, a full or started run) is also logged here, one line naming its address and
-the reason (`say_refused`), never the token; the node prints its own line. Heartbeats run in their own thread and socket (heartbeat.py); a lost
-peer reaches the master's Membership callbacks and, through heartbeat answers, every worker.
+the reason (`say_refused`, which the master agent uses too), never the token; the node prints
+its own line. Heartbeats run in their own thread and socket (heartbeat.py); a lost peer reaches
+the master's Membership callbacks and, through heartbeat answers, every worker.
 
 Generations: each formed membership gets the next generation number and heartbeat ids carry
 it, so a later release can form generation g+1 from the survivors and admit a rejoining node at

@@ -322,8 +322,8 @@ def test_a_job_whose_worker_never_joins_fails_naming_it(fleet):
                    timeout=30, on_line=lines.append)
     message = str(err.value)
     assert (f"did not start: rank 1 (agent {fleet.label}) never joined: rank 0 stopped first (exit code 1). "
-            f"See the [rank 0] and [rank 1] lines above, check that `macfleet launch --role worker` runs on {fleet.label} and "
-            f"reaches 127.0.0.1:") in message, message
+            f"See the [rank 0] and [rank 1] lines above, check that `macfleet launch --role worker` runs on "
+            f"{fleet.label} and reaches 127.0.0.1:") in message, message
     assert message.endswith("(cluster.master_addr, firewall), then submit again"), message
     # Output comes back labelled by rank, never by host.
     assert "[rank 1] rank 1 hangs before joining" in lines, lines
@@ -416,8 +416,9 @@ def test_refused_joins_are_logged_on_both_sides_never_the_token(fleet, tmp_path)
     env.pop("MACFLEET_TOKEN", None)
     mark = len(fleet.master.lines)
     port = free_port("127.0.0.1")
-    coordinator = subprocess.Popen([sys.executable, "-c", _MASTER_PROGRAM, str(port), TOKEN], stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    coordinator = subprocess.Popen([sys.executable, "-c", _MASTER_PROGRAM, str(port), TOKEN], env=env,
+                                   cwd=str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
     wrong = "wrong-" + TOKEN
     # A worker agent with the wrong token, and a node of another protocol version trying the
     # training master, then the master agent; both refused with the reason.
