@@ -1,4 +1,4 @@
-"""The `macfleet` command: launch, status, benchmark, info.
+"""The `macfleet` command: launch, status, cancel, benchmark, info.
 
 Training options come from conf/ (Hydra); this parser only covers the CLI's own commands.
 Each subcommand lives in the module that owns it and is imported lazily, so `macfleet info`
@@ -34,7 +34,11 @@ def _add_launch(sub) -> None:
                 "them on every idle worker agent. Unless --no-discovery is given, the master advertises itself on\n"
                 "the local network with zeroconf (Bonjour, _macfleet._tcp.local.) and a worker without --master\n"
                 "finds it that way; with --no-discovery nothing is advertised or browsed, and a worker needs\n"
-                "--master ADDR. The join token comes from --token, $MACFLEET_TOKEN or conf/local/secrets.yaml.",
+                "--master ADDR. The join token comes from --token, $MACFLEET_TOKEN or conf/local/secrets.yaml.\n"
+                "Stop an agent with Ctrl-C or SIGTERM: a worker stops its job and says goodbye, and the master\n"
+                "drops it at once; one killed with -9 is dropped when its heartbeats stop (1.75 x\n"
+                "--heartbeat-interval). The master logs every refused agent or request (wrong token, another\n"
+                "protocol version or cluster name) with its address, never the token.",
                 "  macfleet launch --role master                                    # on the Pro\n"
                 "  macfleet launch --role worker --master 10.0.0.1                  # on the Air\n"
                 "  macfleet launch --role worker --master 10.0.0.1 --no-discovery   # no zeroconf at all")
@@ -48,20 +52,39 @@ def _add_launch(sub) -> None:
     p.add_argument("--no-discovery", action="store_true",
                    help="do not advertise (master) or browse for (worker) the master with zeroconf")
     p.add_argument("--host", default="0.0.0.0", help="interface the master binds to")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between an agent's heartbeats; one silent for 1.75x this is dropped")
 
 
 def _add_status(sub) -> None:
     p = _parser(sub, "status", "show the nodes of a running cluster",
                 "Asks the master (found with zeroconf unless --master is given) for every node's host, chip,\n"
-                "device, weight, state, last heartbeat, step and samples/s.",
+                "device, weight, state, last heartbeat, step and samples/s. A master agent lists its worker\n"
+                "agents (idle or running; a stopped agent is gone from the list), or the running job's ranks.",
                 "  macfleet status\n"
                 "  macfleet status --master 10.0.0.1 --json")
+    _add_master_options(p, 5.0, "seconds to wait for the master")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_master_options(p, timeout: float, timeout_help: str) -> None:
+    """How `status` and `cancel` reach the master: address (or zeroconf), port, token, patience."""
     p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
     p.add_argument("--master-port", type=int, default=50051, help="control-plane port")
     p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
     p.add_argument("--name", default="macfleet", help="cluster name (for discovery)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the master")
+    p.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+
+
+def _add_cancel(sub) -> None:
+    p = _parser(sub, "cancel", "cancel the job the master agent is running",
+                "Stops the job that `python train.py` submitted to the master agent, on every node: each rank's\n"
+                "process gets SIGTERM, then SIGKILL after 5 s. Returns once they stopped; the submitter exits with\n"
+                "an error saying the job was cancelled, and the agents take the next job. Ctrl-C on the\n"
+                "submitter does the same. The master agent is found with zeroconf unless --master is given.",
+                "  macfleet cancel\n"
+                "  macfleet cancel --master 10.0.0.1 --master-port 50051")
+    _add_master_options(p, 15.0, "seconds to wait for the master agent and for the job's processes to stop")
 
 
 def _add_benchmark(sub) -> None:
@@ -131,13 +154,14 @@ def _add_info(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="macfleet", description=__doc__.splitlines()[0], formatter_class=_Help,
-        epilog="examples:\n  macfleet info\n  macfleet launch --role master\n  macfleet status\n"
+        epilog="examples:\n  macfleet info\n  macfleet launch --role master\n  macfleet status\n  macfleet cancel\n"
                "  macfleet benchmark --type allreduce --nodes 2\n\n"
                "Training itself: python train.py (options from conf/, Hydra). `macfleet <command> --help` for more.")
     parser.add_argument("--version", action="store_true", help="print version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_launch(sub)
     _add_status(sub)
+    _add_cancel(sub)
     _add_benchmark(sub)
     _add_info(sub)
     return parser
@@ -163,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from macfleet.cluster.agent import status_main
 
             return status_main(args) or 0
+        if args.command == "cancel":
+            from macfleet.cluster.agent import cancel_main
+
+            return cancel_main(args) or 0
         if args.command == "benchmark":
             from macfleet.benchmark import benchmark_main
 

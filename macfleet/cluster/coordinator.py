@@ -12,8 +12,11 @@ token challenge (protocol.py), checks protocol version and config fingerprint (a
 every key that differs, with both values), queues admitted nodes, forms the membership when
 ``cfg.nodes`` are in (WELCOME carries rank, world size, generation, data addresses, weights,
 run facts and the heartbeat port), prints workers' log lines as ``[rank N host] line`` and
-answers `macfleet status`. Heartbeats run in their own thread and socket (heartbeat.py); a lost
-peer reaches the master's Membership callbacks and, through heartbeat answers, every worker.
+answers `macfleet status`. Every refused node or request (protocol version, cluster name, token,
+config fingerprint, a full or started run) is also logged here, one line naming its address and
+the reason (`say_refused`, which the master agent uses too), never the token; the node prints
+its own line. Heartbeats run in their own thread and socket (heartbeat.py); a lost peer reaches
+the master's Membership callbacks and, through heartbeat answers, every worker.
 
 Generations: each formed membership gets the next generation number and heartbeat ids carry
 it, so a later release can form generation g+1 from the survivors and admit a rejoining node at
@@ -75,6 +78,46 @@ def fingerprint_diff(master: dict, node: dict) -> list[str]:
                 a, b = _narrow(a, b)
             out.append(f"{key}: master {a!r}, this node {b!r}")
     return out
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address as libzmq saw it, "?" where it cannot tell."""
+    try:
+        return frame.get("Peer-Address") or "?"
+    except (zmq.ZMQError, ValueError, TypeError):
+        return "?"
+
+
+_ASKED = {"join": "a node's join", "agent": "a worker agent", "status": "a status request", "submit": "a job",
+          "cancel": "a cancel request"}
+
+
+def say_refused(frame: zmq.Frame, msg: dict, reason: str, by_node: bool = False) -> None:
+    """The master's one line for a refused node or request (the node prints its own line).
+    `by_node`: the node refused this master (it could not verify the master's token proof)."""
+    facts = msg.get("facts")
+    host = facts.get("host") if isinstance(facts, dict) else None
+    who = peer_address(frame) + (f" ({host})" if host else "")
+    what = _ASKED.get(msg.get("purpose"), f"a {str(msg.get('purpose'))[:40]!r} request")
+    line = f"{what} from {who} refused this master: {reason}" if by_node else f"refused {what} from {who}: {reason}"
+    # Parts of it come from the network: one line, no control characters.
+    say("".join(c if c.isprintable() else "?" for c in line))
+
+
+def answer_hello(shake: Handshake, ident: bytes, msg: dict, frame: zmq.Frame) -> bytes:
+    """`shake.on_hello`, with a refusal (protocol version, cluster name) logged on this side too."""
+    answer = shake.on_hello(ident, msg)
+    reply = decode(answer)
+    if reply["t"] == "refuse":
+        say_refused(frame, msg, reply["reason"])
+    return answer
+
+
+def answer_node_refusal(frame: zmq.Frame, msg: dict) -> bytes:
+    """A node that could not verify this master's token proof says so before it gives up; log it
+    and answer, so the node knows its word arrived before it closes its socket."""
+    say_refused(frame, msg, str(msg.get("reason", ""))[:500], by_node=True)
+    return encode("refuse", reason="noted")
 
 
 def compute_weights(cfg: ClusterConfig, weights: list, speeds: list) -> list[float]:
@@ -261,17 +304,18 @@ class Coordinator:
                 if not sock.poll(100, zmq.POLLIN):
                     continue
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    # Frames, not bytes: a refusal is logged with the sender's address.
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
                 if len(frames) != 2:
                     continue
-                ident, frame = frames
+                ident, frame = frames[0].bytes, frames[1]
                 try:
-                    msg = decode(frame)
+                    msg = decode(frame.bytes)
                 except FrameError:
                     continue
-                self._handle(sock, shake, ident, msg, gave_up)
+                self._handle(sock, shake, ident, msg, gave_up, frame)
         finally:
             sock.close(0)
 
@@ -281,10 +325,18 @@ class Coordinator:
         except zmq.ZMQError:
             pass  # that peer is gone or not reading; the heartbeat deadline handles members
 
-    def _handle(self, sock, shake: Handshake, ident: bytes, msg: dict, gave_up: bool) -> None:
+    def _handle(self, sock, shake: Handshake, ident: bytes, msg: dict, gave_up: bool, frame: zmq.Frame) -> None:
         t = msg["t"]
+
+        def refuse(reason: str) -> None:
+            say_refused(frame, msg, reason)
+            self._send(sock, ident, encode("refuse", reason=reason))
+
         if t == "hello":
-            self._send(sock, ident, shake.on_hello(ident, msg))
+            self._send(sock, ident, answer_hello(shake, ident, msg, frame))
+            return
+        if t == "refuse":
+            self._send(sock, ident, answer_node_refusal(frame, msg))
             return
         if t == "log":
             rank = msg.get("rank")
@@ -298,7 +350,7 @@ class Coordinator:
             return
         reason = shake.check_auth(ident, msg)
         if reason is not None:
-            self._send(sock, ident, encode("refuse", reason=reason))
+            refuse(reason)
             return
         purpose = msg.get("purpose")
         if purpose == "status":
@@ -306,22 +358,20 @@ class Coordinator:
                                            generation=self.generation, run=self.run))
             return
         if purpose != "join":
-            self._send(sock, ident, encode("refuse", reason=f"this master runs a training job, not an agent; "
-                                                             f"{purpose!r} requests go to `macfleet launch --role master`"))
+            refuse(f"this master runs a training job, not an agent; {purpose!r} requests go to "
+                   f"`macfleet launch --role master`")
             return
         diff = fingerprint_diff(self.fingerprint, {str(k): str(v) for k, v in dict(msg.get("fingerprint", {})).items()})
         if diff:
-            self._send(sock, ident, encode("refuse", reason=(
-                "this node's config differs from the master's in what must match: " + "; ".join(diff)
-                + ". Use the same conf/ and overrides on every node")))
+            refuse("this node's config differs from the master's in what must match: " + "; ".join(diff)
+                   + ". Use the same conf/ and overrides on every node")
             return
         if gave_up:
-            self._send(sock, ident, encode("refuse", reason="the master stopped waiting for nodes; restart the run"))
+            refuse("the master stopped waiting for nodes; restart the run")
             return
         if self._formed.is_set():
-            self._send(sock, ident, encode("refuse", reason=(
-                f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
-                f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")))
+            refuse(f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
+                   f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")
             return
         node = {"ident": ident, "facts": dict(msg.get("facts", {})), "tensor_addr": str(msg.get("tensor_addr", "")),
                 "weight": msg.get("weight", 1.0)}
@@ -335,8 +385,7 @@ class Coordinator:
                 self._pending[ident] = node
                 full = False
         if full:
-            self._send(sock, ident, encode("refuse", reason=(
-                f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")))
+            refuse(f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")
             return
         self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes))
 

@@ -16,7 +16,8 @@ Owns everything the coordinator, the heartbeat threads and the agents say to eac
       master -> the purpose's answer (WELCOME, STATUS, ...) or REFUSE {reason}
 
   The node checks the master's proof first, so a node never hands its config or facts to a
-  master that does not know the token. Proofs are compared with `hmac.compare_digest`.
+  master that does not know the token; it tells the master it gives up (REFUSE {reason}, answered
+  by the master), so both sides log the refusal. Proofs are compared with `hmac.compare_digest`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import json
 import os
 import socket
 import time
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import zmq
 
@@ -194,19 +195,30 @@ def client_handshake(sock: zmq.Socket, token: Optional[str], name: str, purpose:
     snonce = str(challenge.get("snonce", ""))
     if token:
         if not challenge.get("has_token"):
-            raise JoinRefusedError(
-                "the master has no join token but this node has one; set the same cluster.token "
-                "(or MACFLEET_TOKEN) on the master, or remove it here")
+            _refuse_master(sock, purpose, timeout,
+                           "the master has no join token but this node has one; set the same cluster.token "
+                           "(or MACFLEET_TOKEN) on the master, or remove it here")
         if not hmac.compare_digest(proof(token, "master", cnonce, snonce), str(challenge.get("proof", ""))):
-            raise JoinRefusedError(
-                "the master could not prove it knows the join token (wrong token on one side, or "
-                "not a MacFleet master); use the same cluster.token on every node")
+            _refuse_master(sock, purpose, timeout,
+                           "the master could not prove it knows the join token (wrong token on one side, or "
+                           "not a MacFleet master); use the same cluster.token on every node")
     sock.send(encode("auth", purpose=purpose, has_token=bool(token),
                      proof=proof(token, "node", snonce, cnonce), **payload))
     answer = _recv(sock, timeout, None)
     if answer["t"] == "refuse":
         raise JoinRefusedError(answer.get("reason", "refused"))
     return answer
+
+
+def _refuse_master(sock: zmq.Socket, purpose: str, timeout: float, reason: str) -> NoReturn:
+    """Tell the master why this node gives up, so it logs the refusal too, then raise. Its answer
+    means our word arrived before the caller closes the socket (linger 0 would drop it)."""
+    sock.send(encode("refuse", purpose=purpose, reason=reason))
+    try:
+        _recv(sock, min(timeout, 1.0), None)
+    except (TimeoutError, FrameError):
+        pass  # an older master says nothing
+    raise JoinRefusedError(reason)
 
 
 def _recv(sock: zmq.Socket, timeout: float, expect: Optional[tuple]) -> dict:
