@@ -38,7 +38,6 @@ import os
 import queue
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -139,12 +138,6 @@ class JobProcess:
             self.proc.wait(timeout=STOP_GRACE + 2)
         except subprocess.TimeoutExpired:
             pass
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in ("", "*") else "0.0.0.0", 0))
-        return s.getsockname()[1]
 
 
 class MasterAgent:
@@ -327,7 +320,9 @@ class MasterAgent:
                 f"run `macfleet launch --role worker --master <this Mac>` on {nodes - 1 - len(idle)} more Mac(s)"))
             return
         job_id = f"job-{int(time.time())}-{os.urandom(2).hex()}"
-        port = free_port(self.cfg.host)
+        from macfleet.comm.launch import free_ports
+
+        port = free_ports(1, self.cfg.host if self.cfg.host not in ("", "*") else "0.0.0.0")[0]
         master_addr = self.cfg.host if self.cfg.host not in ("0.0.0.0", "", "*") else "127.0.0.1"
         # Rank 0 is this Mac; ranks 1..n-1 the chosen agents, in label order.
         ranks = {0: {"label": self.facts["host"], "host": self.facts.get("host"), "ident": None, "peer_id": None,
