@@ -77,6 +77,24 @@ def _worker_writes_nothing(argv: list[str]) -> list[str]:
     return argv
 
 
+def _torchrun_ranks_agree(argv: list[str]) -> list[str]:
+    """Under torchrun (`cluster=torchrun`), every rank takes rank 0's run id before Hydra makes
+    the run dir, and only rank 0 writes one."""
+    import os
+
+    from macfleet.cluster.torchrun import agree_run_id, under_torchrun
+    from macfleet.config import process_run_id
+
+    if "cluster=torchrun" not in argv or not under_torchrun():
+        return argv
+    if not any(a.startswith("run_id=") for a in argv):
+        argv = argv + [f"run_id={agree_run_id(process_run_id)}"]
+    if os.environ["RANK"] != "0":
+        argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging="))]
+        argv = argv + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return argv
+
+
 if __name__ == "__main__":
-    sys.argv = _worker_writes_nothing(_token_to_environment(sys.argv))
+    sys.argv = _torchrun_ranks_agree(_worker_writes_nothing(_token_to_environment(sys.argv)))
     main()

@@ -17,6 +17,10 @@ def __getattr__(name):
         from macfleet.trainer import Trainer
 
         return Trainer
+    if name == "DatasetBundle":
+        from macfleet.data import DatasetBundle
+
+        return DatasetBundle
     if name == "run":
         from macfleet.run import run
 
@@ -24,4 +28,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Trainer", "TrainingConfig", "ClusterConfig", "CompressionConfig", "NodeRole", "MacFleetError", "run"]
+__all__ = ["Trainer", "TrainingConfig", "ClusterConfig", "CompressionConfig", "NodeRole", "MacFleetError", "DatasetBundle", "run"]

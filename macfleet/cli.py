@@ -1,4 +1,4 @@
-"""The `macfleet` command: launch, status, benchmark, info.
+"""The `macfleet` command: launch, status, cancel, benchmark, info.
 
 Training options come from conf/ (Hydra); this parser only covers the CLI's own commands.
 Each subcommand lives in the module that owns it and is imported lazily, so `macfleet info`
@@ -34,7 +34,11 @@ def _add_launch(sub) -> None:
                 "them on every idle worker agent. Unless --no-discovery is given, the master advertises itself on\n"
                 "the local network with zeroconf (Bonjour, _macfleet._tcp.local.) and a worker without --master\n"
                 "finds it that way; with --no-discovery nothing is advertised or browsed, and a worker needs\n"
-                "--master ADDR. The join token comes from --token, $MACFLEET_TOKEN or conf/local/secrets.yaml.",
+                "--master ADDR. The join token comes from --token, $MACFLEET_TOKEN or conf/local/secrets.yaml.\n"
+                "Stop an agent with Ctrl-C or SIGTERM: a worker stops its job and says goodbye, and the master\n"
+                "drops it at once; one killed with -9 is dropped when its heartbeats stop (1.75 x\n"
+                "--heartbeat-interval). The master logs every refused agent or request (wrong token, another\n"
+                "protocol version or cluster name) with its address, never the token.",
                 "  macfleet launch --role master                                    # on the Pro\n"
                 "  macfleet launch --role worker --master 10.0.0.1                  # on the Air\n"
                 "  macfleet launch --role worker --master 10.0.0.1 --no-discovery   # no zeroconf at all")
@@ -48,20 +52,39 @@ def _add_launch(sub) -> None:
     p.add_argument("--no-discovery", action="store_true",
                    help="do not advertise (master) or browse for (worker) the master with zeroconf")
     p.add_argument("--host", default="0.0.0.0", help="interface the master binds to")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0,
+                   help="seconds between an agent's heartbeats; one silent for 1.75x this is dropped")
 
 
 def _add_status(sub) -> None:
     p = _parser(sub, "status", "show the nodes of a running cluster",
                 "Asks the master (found with zeroconf unless --master is given) for every node's host, chip,\n"
-                "device, weight, state, last heartbeat, step and samples/s.",
+                "device, weight, state, last heartbeat, step and samples/s. A master agent lists its worker\n"
+                "agents (idle or running; a stopped agent is gone from the list), or the running job's ranks.",
                 "  macfleet status\n"
                 "  macfleet status --master 10.0.0.1 --json")
+    _add_master_options(p, 5.0, "seconds to wait for the master")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def _add_master_options(p, timeout: float, timeout_help: str) -> None:
+    """How `status` and `cancel` reach the master: address (or zeroconf), port, token, patience."""
     p.add_argument("--master", default=None, help="master address (default: discover with zeroconf)")
     p.add_argument("--master-port", type=int, default=50051, help="control-plane port")
     p.add_argument("--token", default=None, help="join token (default: $MACFLEET_TOKEN)")
     p.add_argument("--name", default="macfleet", help="cluster name (for discovery)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the master")
+    p.add_argument("--timeout", type=float, default=timeout, help=timeout_help)
+
+
+def _add_cancel(sub) -> None:
+    p = _parser(sub, "cancel", "cancel the job the master agent is running",
+                "Stops the job that `python train.py` submitted to the master agent, on every node: each rank's\n"
+                "process gets SIGTERM, then SIGKILL after 5 s. Returns once they stopped; the submitter exits with\n"
+                "an error saying the job was cancelled, and the agents take the next job. Ctrl-C on the\n"
+                "submitter does the same. The master agent is found with zeroconf unless --master is given.",
+                "  macfleet cancel\n"
+                "  macfleet cancel --master 10.0.0.1 --master-port 50051")
+    _add_master_options(p, 15.0, "seconds to wait for the master agent and for the job's processes to stop")
 
 
 def _add_benchmark(sub) -> None:
@@ -72,14 +95,17 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
                 "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
-                "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling"], required=True,
+                "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
+                "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
+                "  macfleet benchmark --type loader --model resnet18 --workers 0,2")
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "loader"], required=True,
                    help="scaling: training samples/s of a fleet vs each node alone, per codec; ddp: a plain DDP "
-                        "script under torchrun per backend vs one process")
+                        "script under torchrun per backend vs one process; loader: train.py's samples/s per DataLoader "
+                        "worker count")
     p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7,
-                   help="bandwidth, allreduce, compression, ddp: timed runs per figure, >= 1 (the median is reported)")
+                   help="bandwidth, allreduce, compression, ddp, loader: timed runs per figure, >= 1 (the median is reported)")
     p.add_argument("--json", default=None, help="write JSON rows to this file")
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
@@ -90,9 +116,9 @@ def _add_benchmark(sub) -> None:
                    help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16)")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
     p.add_argument("--device", default="cpu",
-                   help="compression: device for codec timing; scaling and ddp: the device every run trains on: cpu, "
+                   help="compression: device for codec timing; scaling, ddp and loader: the device every run trains on: cpu, "
                         "cuda or mps")
-    p.add_argument("--steps", type=int, default=30, help="scaling, ddp: timed training steps per run")
+    p.add_argument("--steps", type=int, default=30, help="scaling, ddp, loader: timed training steps per run")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
@@ -104,9 +130,13 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG")
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
-    p.add_argument("--model", default="resnet50", help="ddp: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic batches)")
-    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step")
+    p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
+    p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
+    p.add_argument("--workers", default=None, help="loader: DataLoader worker counts to compare (default 0,2)")
+    p.add_argument("--train-py", action="store_true",
+                   help="ddp: also run train.py cluster=torchrun per backend (same model, global batch and steps; "
+                        "synthetic CIFAR-format data through the trainer's DataLoader)")
     p.add_argument("overrides", nargs="*",
                    help="scaling: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
                         "trainer.batch_size=256 (default: the digits CNN on digits, batch 64)")
@@ -124,13 +154,14 @@ def _add_info(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="macfleet", description=__doc__.splitlines()[0], formatter_class=_Help,
-        epilog="examples:\n  macfleet info\n  macfleet launch --role master\n  macfleet status\n"
+        epilog="examples:\n  macfleet info\n  macfleet launch --role master\n  macfleet status\n  macfleet cancel\n"
                "  macfleet benchmark --type allreduce --nodes 2\n\n"
                "Training itself: python train.py (options from conf/, Hydra). `macfleet <command> --help` for more.")
     parser.add_argument("--version", action="store_true", help="print version and exit")
     sub = parser.add_subparsers(dest="command")
     _add_launch(sub)
     _add_status(sub)
+    _add_cancel(sub)
     _add_benchmark(sub)
     _add_info(sub)
     return parser
@@ -156,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             from macfleet.cluster.agent import status_main
 
             return status_main(args) or 0
+        if args.command == "cancel":
+            from macfleet.cluster.agent import cancel_main
+
+            return cancel_main(args) or 0
         if args.command == "benchmark":
             from macfleet.benchmark import benchmark_main
 

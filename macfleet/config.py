@@ -116,8 +116,10 @@ class CompressionConfig:
 class ClusterConfig:
     """Who trains together and how they find each other."""
 
-    role: NodeRole = NodeRole.MASTER
-    """master runs the coordinator and is rank 0; worker joins a master."""
+    role: Optional[NodeRole] = None
+    """master runs the coordinator and is rank 0; worker joins a master. Naming a role means a
+    fleet: with `mode` unset it is direct, and the master waits for `nodes` (2 unless set;
+    nodes=1 trains alone). Unset: master of a single-process run."""
     master_addr: str = "127.0.0.1"
     """Address of the master (the Thunderbolt bridge IP on Macs, e.g. 10.0.0.1); "auto" finds it
     with zeroconf when discovery_enabled."""
@@ -127,11 +129,13 @@ class ClusterConfig:
     """Data-plane port (gradients)."""
     discovery_enabled: bool = False
     """Advertise / find the master with zeroconf (Bonjour) instead of master_addr."""
-    mode: str = "single"
+    mode: Optional[str] = None
     """single: one process; local: a fleet of `nodes` processes on this machine; direct: this
-    process joins a master over the network; agent: the job is sent to running agents."""
-    nodes: int = 1
-    """How many nodes the master waits for (itself included)."""
+    process joins a master over the network; agent: the job is sent to running agents; torchrun:
+    a rank of a torchrun job, on torch's own backends (see `backend`). Unset: direct when `role`
+    is given, else single."""
+    nodes: Optional[int] = None
+    """How many nodes the master waits for (itself included). Unset: 2 in a fleet, 1 alone."""
     weight: Any = 1.0
     """This node's compute weight (share of the global batch), or 'auto' to calibrate."""
     weights: Optional[list] = None
@@ -152,19 +156,33 @@ class ClusterConfig:
     ddp: str = "auto"
     """Gradient path: torch (PyTorch DDP's reducer + MacFleet comm hook), flat (all gradients
     through the same hook after backward), auto (torch on cpu/cuda, flat on mps)."""
+    backend: str = "auto"
+    """cluster=torchrun only: the torch.distributed backend (auto: nccl on cuda, gloo on cpu;
+    or macfleet)."""
     allreduce: str = "auto"
     """all_reduce algorithm for 3+ nodes, chosen by the master for every rank: direct (two rounds,
     every pair of nodes at once: best for a few Macs, a Thunderbolt mesh or a switch), ring
     (neighbours only: for a daisy chain, or many nodes), auto (direct up to 4 nodes, then ring)."""
 
     def __post_init__(self) -> None:
+        # An explicit role means a fleet (the seed's API: role=MASTER on one Mac, role=WORKER on
+        # the other); only a config that names neither role nor mode is one process.
+        fleet_by_role = self.role is not None
+        if self.role is None:
+            self.role = NodeRole.MASTER
+        if self.mode is None:
+            self.mode = "direct" if fleet_by_role else "single"
+        if self.nodes is None:
+            self.nodes = 1 if self.mode == "single" else 2
         if isinstance(self.role, str):
             try:
                 self.role = NodeRole(self.role.lower())
             except ValueError:
                 raise ConfigError(f"cluster.role={self.role!r}: choose master or worker") from None
-        if self.mode not in ("single", "local", "direct", "agent"):
-            raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct or agent")
+        if self.mode not in ("single", "local", "direct", "agent", "torchrun"):
+            raise ConfigError(f"cluster.mode={self.mode!r}: choose single, local, direct, agent or torchrun")
+        if self.backend not in ("auto", "nccl", "gloo", "macfleet"):
+            raise ConfigError(f"cluster.backend={self.backend!r}: choose auto, nccl, gloo or macfleet")
         if self.nodes < 1:
             raise ConfigError("cluster.nodes must be >= 1")
         if self.ddp not in ("auto", "torch", "flat"):

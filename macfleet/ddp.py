@@ -49,19 +49,22 @@ class _DenseReducer:
         load_counters(self.stats, state or {})
 
 
-def make_reducer(cfg: CompressionConfig, group):
+def make_reducer(cfg: CompressionConfig, group, redoable: bool = False):
     if cfg.name == "none":
         return _DenseReducer(group)
     from macfleet.compression import GradientCompressor
 
-    return GradientCompressor(cfg, group)
+    return GradientCompressor(cfg, group, redoable=redoable)
 
 
 class MacFleetDDP(torch.nn.Module):
     """Wraps `module` for data-parallel training over a macfleet Group (None: one process)."""
 
     def __init__(self, module: torch.nn.Module, group, share: float, compression: CompressionConfig,
-                 device: torch.device, use_torch_ddp: bool | None = None, bucket_cap_mb: float = 25.0):
+                 device: torch.device, use_torch_ddp: bool | None = None, bucket_cap_mb: float = 25.0,
+                 redoable: bool = False):
+        """`redoable`: a step may be dropped and redone (an elastic fleet): `rollback()` undoes
+        its error-feedback updates."""
         super().__init__()
         self.module = module
         self.group = group
@@ -75,7 +78,7 @@ class MacFleetDDP(torch.nn.Module):
         they never reach the output, and `sync_buffers` (before evaluation and checkpoints) gives
         every rank rank 0's, which evolved the same either way. Skipping it removes a collective
         per step that the host must wait for (on an accelerator it stalls the queue of kernels)."""
-        self.reducer = make_reducer(compression, group)
+        self.reducer = make_reducer(compression, group, redoable)
         self._names = {id(p): n for n, p in module.named_parameters()}
         self._segments_cache: dict[tuple, list] = {}
         self.ddp = None
@@ -189,6 +192,28 @@ class MacFleetDDP(torch.nn.Module):
             out["comm/staging_s"] = stager_for(self.device).seconds
         return out
 
+    def rollback(self) -> None:
+        """The step in flight failed on some rank (a node was lost): drop its gradients and its
+        error-feedback updates, so the step can be redone on the next generation."""
+        if self._buckets is not None:
+            self._buckets.disarm()
+        if hasattr(self.reducer, "rollback"):
+            self.reducer.rollback()
+        for p in self.module.parameters():
+            p.grad = None
+
+    def retire(self) -> None:
+        """This generation is over: detach from the model (PyTorch DDP's hooks, the flat path's)
+        so a MacFleetDDP for the next generation can wrap the same module."""
+        if self._buckets is not None:
+            self._buckets.retire()
+        if self.ddp is not None:
+            import torch.distributed as dist
+
+            self.ddp = None  # its reducer removes its autograd hooks when freed
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def state_dict(self, *args, **kwargs):  # the compressor's per-rank state (error-feedback residuals)
         return self.reducer.state_dict()
 
@@ -235,8 +260,7 @@ class _Buckets:
         self._reset()
         self.launch_times: list[float] = []
         """perf_counter() of each bucket's launch in the current step (the ordering test reads it)."""
-        for p in params:
-            p.register_post_accumulate_grad_hook(self._on_grad)
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in params]
 
     def _reset(self) -> None:
         self._missing = [len(b) for b in self.buckets]
@@ -249,6 +273,17 @@ class _Buckets:
         self.launch_times = []
         self._step = step
         self._armed = True
+
+    def disarm(self) -> None:
+        """Forget the step in flight (its futures may never complete: a lost peer)."""
+        self._armed = False
+        self._reset()
+
+    def retire(self) -> None:
+        self.disarm()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
         if not self._armed:

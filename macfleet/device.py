@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from macfleet.errors import ConfigError
@@ -14,7 +16,7 @@ def pick_device(name: str = "auto") -> torch.device:
         if mps_ok:
             return torch.device("mps")
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _local_cuda()
         return torch.device("cpu")
     if name == "mps" and not mps_ok:
         raise ConfigError("trainer.device=mps but MPS is not available here (needs Apple Silicon and macOS 12.3+); use device=auto")
@@ -22,7 +24,17 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("trainer.device=cuda but no CUDA GPU is visible; use device=auto or cpu")
     if name not in ("mps", "cuda", "cpu"):
         raise ConfigError(f"unknown device {name!r}; choose auto, mps, cuda or cpu")
-    return torch.device(name)
+    return _local_cuda() if name == "cuda" else torch.device(name)
+
+
+def _local_cuda() -> torch.device:
+    """cuda, or under torchrun (LOCAL_RANK set) this process's own GPU of the host's."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return torch.device("cuda")
+    index = int(local) % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def synchronize(device: torch.device) -> None:

@@ -35,10 +35,6 @@ class PeerLeftError(PeerLostError):
         self.reason = reason
 
 
-class CommTimeoutError(PeerLostError):
-    """A blocking communication call passed its timeout."""
-
-
 class JoinRefusedError(MacFleetError):
     """The coordinator refused a node (token, protocol version or config mismatch)."""
 

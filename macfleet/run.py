@@ -89,7 +89,8 @@ def _is_local(addr: str) -> bool:
 
 def submit_to_agents(cfg: DictConfig, output_dir: str | None = None) -> float:
     """Send the resolved config to the master agent, which runs it on every agent; their output
-    streams back here. The job's rank 0 runs beside the master agent and writes the run dir."""
+    streams back here as "[rank N] line". The job's rank 0 runs beside the master agent and writes
+    the run dir. Ctrl-C here cancels the job on every agent (MacFleetError: the run fails)."""
     from macfleet.cluster.agent import submit_job
 
     cluster = cfg.cluster

@@ -65,14 +65,45 @@ def default_optimizer(params, tc: TrainingConfig) -> torch.optim.Optimizer:
     return default_optimizer_factory(tc)(params)
 
 
-def _as_bundle(dataset):
+def _as_bundle(dataset, val_dataset=None, loss_fn=None):
+    """The trainer's view of the data: a DatasetBundle, or a torch Dataset of (input, target)
+    pairs. The task decides the default loss: integer targets are class labels (cross-entropy);
+    any other target needs `loss_fn`, and the data is refused before training, never trained on
+    with the wrong loss."""
+    import dataclasses
+
     from macfleet.data import DatasetBundle
 
     if isinstance(dataset, DatasetBundle):
-        return dataset
-    if isinstance(dataset, torch.utils.data.Dataset):
-        return DatasetBundle(name=type(dataset).__name__, train=dataset, test=None, task="classification")
-    raise ConfigError(f"dataset must be a macfleet DatasetBundle or a torch Dataset, not {type(dataset).__name__}")
+        bundle = dataset
+    elif isinstance(dataset, torch.utils.data.Dataset):
+        bundle = DatasetBundle(name=type(dataset).__name__, train=dataset, test=None,
+                               task="custom" if loss_fn is not None else "classification")
+    else:
+        raise ConfigError(f"dataset must be a macfleet DatasetBundle or a torch Dataset, not {type(dataset).__name__}")
+    if val_dataset is not None:
+        if not isinstance(val_dataset, torch.utils.data.Dataset):
+            raise ConfigError(f"val_dataset must be a torch Dataset, not {type(val_dataset).__name__}")
+        bundle = dataclasses.replace(bundle, test=val_dataset)
+    if loss_fn is not None and bundle.task == "classification":
+        bundle = dataclasses.replace(bundle, task="custom")
+    for split, data in (("dataset", bundle.train), ("val_dataset", bundle.test)):
+        if data is not None and len(data):
+            _check_item(split, data[0], bundle.task)
+    return bundle
+
+
+def _check_item(split: str, item, task: str) -> None:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise ConfigError(f"{split}[0] is a {type(item).__name__}: items must be (input, target) pairs, "
+                          "as a TensorDataset(inputs, targets) gives")
+    target = torch.as_tensor(item[1])
+    if task in ("classification", "lm") and (target.dtype.is_floating_point or target.is_complex()):
+        raise ConfigError(
+            f"{split} has {target.dtype} targets (shape {tuple(target.shape)}), but the default loss is "
+            "cross-entropy over integer class labels. For regression or any other objective pass "
+            "loss_fn=..., e.g. Trainer(model, data, loss_fn=torch.nn.functional.mse_loss); for "
+            "classification give the labels as integers (targets.long()).")
 
 
 class Trainer:
@@ -90,9 +121,17 @@ class Trainer:
         logger_config: LoggerConfig | None = None,
         config_dict: dict | None = None,
         fingerprint: dict | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        val_dataset=None,
     ):
+        """`dataset`: a torch Dataset of (input, target) pairs or a `DatasetBundle`. Integer
+        targets train a classifier with cross-entropy (test accuracy is reported); for any other
+        objective pass `loss_fn(output, target) -> mean loss over the batch`, and the test metric is
+        that loss. `val_dataset` is evaluated after every epoch, split across the nodes."""
         self.model = model
-        self.data = _as_bundle(dataset)
+        self.loss_fn = loss_fn
+        self.data = _as_bundle(dataset, val_dataset, loss_fn)
+        self._labels_checked = False
         self.tc = training_config or TrainingConfig()
         self.cc = cluster_config or ClusterConfig()
         self.comp = compression_config or CompressionConfig(name=self.tc.compression, ratio=self.tc.topk_ratio)
@@ -121,7 +160,8 @@ class Trainer:
         speed = None
         if self.cc.mode != "single" and self.cc.weights is None and self.cc.weight == "auto":
             speed = self.calibrate(device)
-        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict, samples_per_s=speed)
+        return connect(self.cc, self.fingerprint, seed=self.tc.seed, config_dict=self.config_dict, samples_per_s=speed,
+                       device=device)
 
     def calibrate(self, device, steps: int = 10, budget_s: float = 2.0) -> float:
         """Measured training samples/s of this node (forward + backward on a copy of the model),
@@ -323,9 +363,26 @@ class Trainer:
 
     # ----------------------------------------------------------------- pieces
     def _loss(self, out, y):
+        if self.loss_fn is not None:
+            return self.loss_fn(out, y)
         if self.data.task == "lm":
             return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+        if not self._labels_checked:
+            self._check_labels(out, y)
         return F.cross_entropy(out, y)
+
+    def _check_labels(self, out, y) -> None:
+        """Once, on the first batch: labels index the model's outputs (a bad label is otherwise a
+        device-side assert on a GPU, or a silent probability-target loss)."""
+        self._labels_checked = True
+        if out.dim() != y.dim() + 1 or out.shape[0] != y.shape[0]:
+            raise ConfigError(f"classification needs outputs of shape (batch, classes, ...) and integer labels of "
+                              f"shape (batch, ...); got outputs {tuple(out.shape)} and labels {tuple(y.shape)}. Pass "
+                              "loss_fn=... for another objective.")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= out.shape[1]:
+            raise ConfigError(f"labels run from {lo} to {hi}, but the model has {out.shape[1]} outputs: "
+                              f"give the model {hi + 1} outputs (num_classes) or relabel to 0..{out.shape[1] - 1}")
 
     @torch.no_grad()
     def evaluate(self, model, world, device) -> dict[str, float]:
@@ -340,6 +397,10 @@ class Trainer:
         for start in range(lo, hi, bs):
             x, y = (t.to(device) for t in fetch(test, list(range(start, min(hi, start + bs)))))
             out = model(x)
+            if self.loss_fn is not None:
+                sums[0] += float(self.loss_fn(out, y)) * len(y)
+                sums[2] += len(y)
+                continue
             if self.data.task == "lm":
                 out = out.reshape(-1, out.shape[-1])
                 y = y.reshape(-1)
@@ -352,7 +413,7 @@ class Trainer:
         res = {"loss": float(sums[0]) / n}
         if self.data.task == "lm":
             res["perplexity"] = math.exp(min(50.0, res["loss"]))
-        else:
+        elif self.data.task == "classification":
             res["accuracy"] = float(sums[1]) / n
         return res
 

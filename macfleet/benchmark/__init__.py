@@ -19,6 +19,10 @@ def benchmark_main(args) -> int:
         from macfleet.benchmark.comm import run_comm_benchmark
 
         return run_comm_benchmark(args)
+    if args.type == "loader":
+        from macfleet.benchmark.loader import run_loader_benchmark
+
+        return run_loader_benchmark(args)
     if args.type == "ddp":
         from macfleet.benchmark.ddp import run_ddp_benchmark
 

@@ -132,6 +132,46 @@ def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
     return json.loads(out.read_text())
 
 
+def _run_train_py(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
+    """`torchrun train.py cluster=torchrun` with the plain loop's model, global batch and steps."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    return run_train_py(args, workdir, torchrun, ["cluster=torchrun", f"cluster.backend={backend}",
+                                                  f"trainer.batch_size={args.batch * nodes}", "trainer.num_workers=4"])
+
+
+def write_synthetic_cifar(args, workdir: Path, global_batch: int) -> None:
+    """Enough CIFAR-format images (never a download) for every step of one run in one epoch."""
+    from macfleet.data.cifar10 import write_cifar_format
+
+    steps = (10 if args.warmup_steps is None else args.warmup_steps) + args.steps
+    write_cifar_format(workdir / "data", train_per_batch=-(-global_batch * steps // 5), test_size=64)
+
+
+def run_train_py(args, workdir: Path, prefix: list[str], overrides: list[str]) -> dict:
+    """train.py on the synthetic CIFAR data in `workdir`, `args.steps` timed after the warm-up;
+    metrics.json's samples/s and step time. `prefix` launches it (torchrun, or plain python)."""
+    from macfleet.benchmark.scaling import ROOT
+
+    run_dir = workdir / f"train-{time.monotonic_ns()}"
+    warmup = 10 if args.warmup_steps is None else args.warmup_steps
+    total = warmup + args.steps
+    cmd = [*prefix, str(ROOT / "train.py"), f"model={args.model}", "dataset=cifar10",
+           f"dataset.root={workdir / 'data'}", "dataset.download=false", "dataset.verify_checksums=false",
+           "compression=none", "logger=none", f"trainer.max_steps={total}", f"trainer.epochs={total}",
+           f"trainer.log_every={total}", f"trainer.timing_warmup_steps={warmup}", f"trainer.device={args.device}",
+           "trainer.resume=none", "trainer.progress=false", "trainer.checkpoint_every=0", f"hydra.run.dir={run_dir}",
+           *overrides]
+    env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    metrics = run_dir / "metrics.json"
+    if proc.returncode != 0 or not metrics.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise ConfigError(f"train.py {' '.join(overrides)} failed (exit {proc.returncode}):\n{tail}")
+    m = json.loads(metrics.read_text())
+    return {"samples_per_s": m["samples_per_s"], "step_s": m["step_s"]}
+
+
 def run_ddp_benchmark(args) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -141,11 +181,18 @@ def run_ddp_benchmark(args) -> int:
     backends = _check(args)
     console = Console()
     runs = [("gloo", 1)] + [(b, args.nodes) for b in backends]
+    if getattr(args, "train_py", False):
+        runs += [(f"train.py:{b}", args.nodes) for b in backends]
     got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
     with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
+        if getattr(args, "train_py", False):
+            write_synthetic_cifar(args, Path(tmp), args.batch * args.nodes)
         for rep in range(args.repeats):
             for backend, nodes in runs:
-                res = _run_once(args, backend, nodes, Path(tmp), free_ports(1)[0])
+                if backend.startswith("train.py:"):
+                    res = _run_train_py(args, backend.split(":", 1)[1], nodes, Path(tmp), free_ports(1)[0])
+                else:
+                    res = _run_once(args, backend, nodes, Path(tmp), free_ports(1)[0])
                 got[(backend, nodes)].append(res)
                 console.print(f"[dim]round {rep + 1}/{args.repeats}: {backend} x{nodes}: "
                               f"{res['samples_per_s']:.0f} samples/s[/dim]")
@@ -155,23 +202,31 @@ def run_ddp_benchmark(args) -> int:
     rows = []
     for backend, nodes in runs:
         sps = med[(backend, nodes)]
-        rows.append({"backend": "none (1 process)" if nodes == 1 else backend, "nodes": nodes, "device": args.device,
+        label = f"train.py cluster=torchrun, {backend[9:]}" if backend.startswith("train.py:") else backend
+        rows.append({"backend": "none (1 process)" if nodes == 1 else label, "nodes": nodes, "device": args.device,
                      "model": args.model, "batch_per_rank": args.batch, "samples_per_s": sps,
                      "step_s": statistics.median(x["step_s"] for x in got[(backend, nodes)]),
                      "vs_one_node": sps / one, "vs_gloo": (sps / gloo) if gloo and nodes > 1 else None,
+                     "vs_plain_ddp": (sps / med[(backend[9:], nodes)]) if backend.startswith("train.py:") else None,
                      "repeats": args.repeats})
     table = Table(title=f"plain DDP under torchrun: {args.model}, {args.batch} per rank, {args.device}, "
                         f"median of {args.repeats}")
-    for col in ("backend", "nodes", "samples/s", "vs 1 node", "vs gloo"):
+    for col in ("backend", "nodes", "samples/s", "vs 1 node", "vs gloo", "vs plain DDP, same backend"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in rows:
         table.add_row(r["backend"], str(r["nodes"]), f"{r['samples_per_s']:.0f}", f"{r['vs_one_node']:.2f}x",
-                      "" if r["vs_gloo"] is None else f"{r['vs_gloo']:.2f}x")
+                      "" if r["vs_gloo"] is None else f"{r['vs_gloo']:.2f}x",
+                      "" if r["vs_plain_ddp"] is None else f"{r['vs_plain_ddp']:.2f}x")
+    return print_and_save(console, table, rows, args.json)
+
+
+def print_and_save(console, table, rows: list[dict], path: str | None) -> int:
+    """Print the table; write the rows as JSON when asked."""
     console.print(table)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-        console.print(f"JSON: {args.json}")
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(rows, indent=2))
+        console.print(f"JSON: {path}")
     return 0
 
 

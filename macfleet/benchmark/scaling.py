@@ -153,8 +153,8 @@ def plan_nodes(args) -> list[Node]:
     if args.netns:
         for tool in ["ip"] + (["tc"] if args.rate else []):
             if shutil.which(tool) is None:
-                raise ConfigError(f"`{tool}` (iproute2) is not on PATH: install iproute2 or put its `ip` and `tc` "
-                                  f"on PATH (../shared/tools/pack-iproute2.sh), or drop --netns")
+                raise ConfigError(f"`{tool}` (iproute2) is not on PATH: install iproute2 (apt install iproute2) or "
+                                  f"put a copy of its `ip` and `tc` on PATH, or drop --netns")
     available = sorted(os.sched_getaffinity(0))
     if nodes > len(available):
         raise ConfigError(f"--nodes {nodes} needs a core per node and this machine has {len(available)}: lower --nodes")

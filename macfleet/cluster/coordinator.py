@@ -9,15 +9,17 @@ Contract the trainer codes against::
 
 One service thread owns the control ROUTER for the coordinator's whole life: it answers the
 token challenge (protocol.py), checks protocol version and config fingerprint (a refusal names
-every key that differs, with both values, to the node and in the master's log), queues
-admitted nodes, forms the membership when ``cfg.nodes`` are in (WELCOME carries rank, world
-size, generation, data addresses, weights, run facts and the heartbeat port), prints workers'
-log lines as ``[rank N host] line`` and answers `macfleet status`. Every message is checked
-against its schema before use (protocol.decode); a bad one gets an ``error`` answer and a
-rate-limited log line, and the thread goes on, so `macfleet status` keeps answering whatever
-arrives. Heartbeats run in their own thread and socket (heartbeat.py), signed with the key each
-node's join derived; a lost or departed peer reaches the master's Membership callbacks and,
-through heartbeat answers, every worker.
+every key that differs, with both values), queues admitted nodes, forms the membership when
+``cfg.nodes`` are in (WELCOME carries rank, world size, generation, data addresses, weights,
+run facts and the heartbeat port), prints workers' log lines as ``[rank N host] line`` and
+answers `macfleet status`. Every refused node or request (protocol version, cluster name, token,
+config fingerprint, a full or started run) is also logged here, one line naming its address and
+the reason (`say_refused`, which the master agent uses too), never the token; the node prints
+its own line. Every message is checked against its schema before use (protocol.decode); a bad
+one gets an ``error`` answer and a rate-limited log line, and the thread goes on, so `macfleet
+status` keeps answering whatever arrives. Heartbeats run in their own thread and socket
+(heartbeat.py), signed with the key each node's join derived; a lost or departed peer reaches
+the master's Membership callbacks and, through heartbeat answers, every worker.
 
 Generations: each formed membership gets the next generation number and heartbeat ids carry
 it, so a later release can form generation g+1 from the survivors and admit a rejoining node at
@@ -61,6 +63,46 @@ def _join_problem(msg: dict) -> str:
     if speed is not None and (type(speed) not in (int, float) or not 0 < speed < 1e12):
         return f"facts.samples_per_s must be a number > 0, got {str(speed)[:40]!r}"
     return ""
+
+
+def peer_address(frame: zmq.Frame) -> str:
+    """The sender's IP address as libzmq saw it, "?" where it cannot tell."""
+    try:
+        return frame.get("Peer-Address") or "?"
+    except (zmq.ZMQError, ValueError, TypeError):
+        return "?"
+
+
+_ASKED = {"join": "a node's join", "agent": "a worker agent", "status": "a status request", "submit": "a job",
+          "cancel": "a cancel request"}
+
+
+def say_refused(frame: zmq.Frame, msg: dict, reason: str, by_node: bool = False) -> None:
+    """The master's one line for a refused node or request (the node prints its own line).
+    `by_node`: the node refused this master (it could not verify the master's token proof)."""
+    facts = msg.get("facts")
+    host = facts.get("host") if isinstance(facts, dict) else None
+    who = peer_address(frame) + (f" ({host})" if host else "")
+    what = _ASKED.get(msg.get("purpose"), f"a {str(msg.get('purpose'))[:40]!r} request")
+    line = f"{what} from {who} refused this master: {reason}" if by_node else f"refused {what} from {who}: {reason}"
+    # Parts of it come from the network: one line, no control characters.
+    say("".join(c if c.isprintable() else "?" for c in line))
+
+
+def answer_hello(shake: Handshake, ident: bytes, msg: dict, frame: zmq.Frame) -> bytes:
+    """`shake.on_hello`, with a refusal (protocol version, cluster name) logged on this side too."""
+    answer = shake.on_hello(ident, msg)
+    reply = decode(answer)
+    if reply["t"] == "refuse":
+        say_refused(frame, msg, reply["reason"])
+    return answer
+
+
+def answer_node_refusal(frame: zmq.Frame, msg: dict) -> bytes:
+    """A node that could not verify this master's token proof says so before it gives up; log it
+    and answer, so the node knows its word arrived before it closes its socket."""
+    say_refused(frame, msg, str(msg.get("reason", ""))[:500], by_node=True)
+    return encode("refuse", reason="noted")
 
 
 def compute_weights(cfg: ClusterConfig, weights: list, speeds: list) -> list[float]:
@@ -175,7 +217,7 @@ class Coordinator:
                     f"only {count} of cluster.nodes={self.cfg.nodes} nodes joined within "
                     f"cluster.wait_timeout={self.cfg.wait_timeout:g} s (workers in: {hosts}); start "
                     f"`macfleet launch --role worker` or the worker command on the missing Macs, check "
-                    f"they reach {self.cfg.master_addr}:{self.port} with the same token, or lower cluster.nodes")
+                    f"they reach {self.cfg.master_addr}:{self.port} with the same token, or lower cluster.nodes (nodes=1 trains alone)")
         if self._form_error is not None:
             raise self._form_error
         assert self._membership is not None
@@ -255,7 +297,8 @@ class Coordinator:
                 if not sock.poll(100, zmq.POLLIN):
                     continue
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                    # Frames, not bytes: a refusal is logged with the sender's address.
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     continue
                 self._receive(sock, shake, frames, gave_up)
@@ -264,17 +307,17 @@ class Coordinator:
 
     def _receive(self, sock, shake: Handshake, frames: list, gave_up: bool) -> None:
         """Validate one message and handle it; a bad one is answered and logged, never fatal."""
-        ident = frames[0]
+        ident = frames[0].bytes
         try:
             if len(frames) != 2:
                 raise FrameError(f"a control message is 1 frame, this one has {len(frames) - 1}")
-            msg = decode(frames[1])
+            msg = decode(frames[1].bytes)
         except FrameError as exc:
             self._complain("malformed message", str(exc))
             self._send(sock, ident, encode("error", reason=f"malformed message: {exc}"[:2000]))
             return
         try:
-            self._handle(sock, shake, ident, msg, gave_up)
+            self._handle(sock, shake, ident, msg, gave_up, frames[1])
         except Exception as exc:  # noqa: BLE001 - the coordinator outlives any one message
             self._complain("message handling failed", f"{msg['t']}: {exc!r}")
             self._send(sock, ident, encode("error", reason=f"the master could not handle this {msg['t']} message"))
@@ -285,10 +328,18 @@ class Coordinator:
         except zmq.ZMQError:
             pass  # that peer is gone or not reading; the heartbeat deadline handles members
 
-    def _handle(self, sock, shake: Handshake, ident: bytes, msg: dict, gave_up: bool) -> None:
+    def _handle(self, sock, shake: Handshake, ident: bytes, msg: dict, gave_up: bool, frame: zmq.Frame) -> None:
         t = msg["t"]
+
+        def refuse(reason: str) -> None:
+            say_refused(frame, msg, reason)
+            self._send(sock, ident, encode("refuse", reason=reason))
+
         if t == "hello":
-            self._send(sock, ident, shake.on_hello(ident, msg))
+            self._send(sock, ident, answer_hello(shake, ident, msg, frame))
+            return
+        if t == "refuse":
+            self._send(sock, ident, answer_node_refusal(frame, msg))
             return
         if t == "log":
             rank = msg.get("rank")
@@ -306,8 +357,7 @@ class Coordinator:
             return
         reason, key = shake.authenticate(ident, msg)
         if reason is not None:
-            self._complain("refused a node", reason)
-            self._send(sock, ident, encode("refuse", reason=reason))
+            refuse(reason)
             return
         purpose = msg.get("purpose")
         if purpose == "status":
@@ -315,8 +365,8 @@ class Coordinator:
                                            generation=self.generation, run=self.run))
             return
         if purpose != "join":
-            self._send(sock, ident, encode("refuse", reason=f"this master runs a training job, not an agent; "
-                                                             f"{purpose!r} requests go to `macfleet launch --role master`"))
+            refuse(f"this master runs a training job, not an agent; {purpose!r} requests go to "
+                   f"`macfleet launch --role master`")
             return
         problem = _join_problem(msg)
         if problem:
@@ -325,19 +375,15 @@ class Coordinator:
             return
         diff = fingerprint_diff(self.fingerprint, msg["fingerprint"])
         if diff:
-            where = f"{msg['facts'].get('host', '?')} ({msg['tensor_addr']})"
-            log.warning("refused the node %s: its config differs from this master's: %s", where, "; ".join(diff))
-            self._send(sock, ident, encode("refuse", reason=(
-                "this node's config differs from the master's in what must match: " + "; ".join(diff)
-                + ". Use the same conf/ and overrides on every node")))
+            refuse("this node's config differs from the master's in what must match: " + "; ".join(diff)
+                   + ". Use the same conf/ and overrides on every node")
             return
         if gave_up:
-            self._send(sock, ident, encode("refuse", reason="the master stopped waiting for nodes; restart the run"))
+            refuse("the master stopped waiting for nodes; restart the run")
             return
         if self._formed.is_set():
-            self._send(sock, ident, encode("refuse", reason=(
-                f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
-                f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")))
+            refuse(f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
+                   f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")
             return
         node = {"ident": ident, "facts": dict(msg["facts"]), "tensor_addr": msg["tensor_addr"],
                 "weight": msg["weight"]}
@@ -353,8 +399,7 @@ class Coordinator:
                 self._keys[ident] = key
                 full = False
         if full:
-            self._send(sock, ident, encode("refuse", reason=(
-                f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")))
+            refuse(f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")
             return
         self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes))
 

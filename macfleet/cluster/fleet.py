@@ -54,14 +54,50 @@ class SoloWorld:
 
 
 def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None,
-            samples_per_s: float | None = None):
+            samples_per_s: float | None = None, device: torch.device | None = None):
     """Join (or form) the cluster `cfg` describes; returns the world the trainer runs in."""
+    if cfg.mode == "torchrun":
+        from macfleet.cluster.torchrun import TorchrunWorld
+
+        return TorchrunWorld(cfg, device or torch.device("cpu"),
+                             run={"run_id": (config_dict or {}).get("run_id"), "seed": seed})
     if cfg.mode == "single" or (cfg.nodes == 1 and cfg.role.value == "master" and cfg.mode != "agent"):
         return SoloWorld(run={"run_id": (config_dict or {}).get("run_id"), "seed": seed})
     return ClusterWorld.connect(cfg, fingerprint, seed=seed, config_dict=config_dict, samples_per_s=samples_per_s)
 
 
-class ClusterWorld:
+class GroupWorld:
+    """What a multi-process world computes with its `group` (rank, world_size set by the subclass)."""
+
+    group = None
+    rank = 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        buf = t.to(torch.float32) if t.dtype == torch.float64 else t
+        self.group.all_reduce(buf, op="sum")
+        return buf.to(t.dtype)
+
+    def weighted_mean(self, value: float, share: float) -> float:
+        t = torch.tensor([value * share], dtype=torch.float32)
+        return float(self.group.all_reduce(t, op="sum")[0])
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank (packed without pickle, see statepack)."""
+        blob = statepack.pack(obj) if self.rank == 0 else None
+        n = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
+        self.group.broadcast(n, src=0)
+        if blob is None:
+            blob = torch.empty(int(n[0]), dtype=torch.uint8)
+        self.group.broadcast(blob, src=0)
+        return obj if self.rank == 0 else statepack.unpack(blob)
+
+    def gather_object(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        parts = self.group.gather(statepack.pack(obj), dst=0)
+        return [statepack.unpack(p) for p in parts] if parts is not None else None
+
+
+class ClusterWorld(GroupWorld):
     """A node of a multi-node run: its Membership (control plane) and Group (data plane).
 
     A peer lost by the heartbeats, or one that left (its bye), aborts the Group, so a step
@@ -151,30 +187,6 @@ class ClusterWorld:
 
     def report(self, step: int, samples_per_s: float) -> None:
         self.membership.report(step, samples_per_s)
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        buf = t.to(torch.float32) if t.dtype == torch.float64 else t
-        self.group.all_reduce(buf, op="sum")
-        return buf.to(t.dtype)
-
-    def weighted_mean(self, value: float, share: float) -> float:
-        t = torch.tensor([value * share], dtype=torch.float32)
-        return float(self.group.all_reduce(t, op="sum")[0])
-
-    def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank (packed without pickle, see statepack)."""
-        blob = statepack.pack(obj) if self.rank == 0 else None
-        n = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
-        self.group.broadcast(n, src=0)
-        if blob is None:
-            blob = torch.empty(int(n[0]), dtype=torch.uint8)
-        self.group.broadcast(blob, src=0)
-        return obj if self.rank == 0 else statepack.unpack(blob)
-
-    def gather_object(self, obj) -> list | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
-        parts = self.group.gather(statepack.pack(obj), dst=0)
-        return [statepack.unpack(p) for p in parts] if parts is not None else None
 
     def close(self, reason: str | None = None) -> None:
         """Leave the run, saying why in the bye: `reason`, else the exception propagating

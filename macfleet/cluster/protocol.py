@@ -19,7 +19,8 @@ Owns everything the coordinator, the heartbeat threads and the agents say to eac
       master -> the purpose's answer (WELCOME, STATUS, ...) or REFUSE {reason}
 
   The node checks the master's proof first, so a node never hands its config or facts to a
-  master that does not know the token. Proofs are compared with `hmac.compare_digest`.
+  master that does not know the token; it tells the master it gives up (REFUSE {reason}, answered
+  by the master), so both sides log the refusal. Proofs are compared with `hmac.compare_digest`.
 * Both sides of a handshake derive the same `session_key` = HMAC(token, "heartbeat" | cnonce |
   snonce): fresh per join, never sent, logged or saved. Heartbeats and byes are signed with it
   (`sign` / `verify`: a second frame holding HMAC-SHA256(key, direction | body), the body
@@ -39,7 +40,7 @@ import os
 import re
 import socket
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import zmq
 
@@ -236,10 +237,13 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "log": {"line": _str(MAX_MESSAGE_BYTES), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
     # agents (agent.py)
     "registered": {"hb_port": _PORT, "peer_id": _PEER_ID, "label": _str(256)},
-    "job": {"job_id": _str(128), "config_yaml": _str(MAX_MESSAGE_BYTES)},
+    "job": {"job_id": _str(128), "config_yaml": _str(MAX_MESSAGE_BYTES), "rank": _opt(_int(0, 65535))},
     "job_started": {"job_id": _str(128), "nodes": _list(_str(256))},
-    "exit": {"code": _int(-65536, 65536), "job_id": _opt(_str(128)), "node": _str(256)},
-    "job_done": {"job_id": _str(128), "exit_codes": _map(_int(-65536, 65536), max_len=4096)},
+    "exit": {"code": _int(-65536, 65536), "job_id": _opt(_str(128)), "node": _str(256), "rank": _opt(_int(0, 65535))},
+    "job_done": {"job_id": _str(128), "exit_codes": _map(_int(-65536, 65536), max_len=4096),
+                 "error": _opt(_str(65536))},
+    "cancel": {"job_id": _opt(_str(128))},
+    "cancelled": {"job_id": _opt(_str(128)), "exit_codes": _map(_int(-65536, 65536), max_len=4096)},
     # heartbeats (heartbeat.py)
     "hb": {"peer": _PEER_ID, "n": _int(), "step": _opt(_int()), "samples_per_s": _opt(_num()),
            "state": _str(32), "gone": _map(_GONE, max_len=4096, key_len=128)},
@@ -262,6 +266,7 @@ REQUIRED: dict[str, tuple] = {
     "job_started": ("job_id", "nodes"),
     "exit": ("code",),
     "job_done": ("job_id", "exit_codes"),
+    "cancelled": ("exit_codes",),
 }
 
 
@@ -452,19 +457,30 @@ def client_handshake_keyed(sock: zmq.Socket, token: Optional[str], name: str, pu
     snonce = str(challenge.get("snonce", ""))
     if token:
         if not challenge.get("has_token"):
-            raise JoinRefusedError(
-                "the master has no join token but this node has one; set the same cluster.token "
-                "(or MACFLEET_TOKEN) on the master, or remove it here")
+            _refuse_master(sock, purpose, timeout,
+                           "the master has no join token but this node has one; set the same cluster.token "
+                           "(or MACFLEET_TOKEN) on the master, or remove it here")
         if not hmac.compare_digest(proof(token, "master", cnonce, snonce), str(challenge.get("proof", ""))):
-            raise JoinRefusedError(
-                "the master could not prove it knows the join token (wrong token on one side, or "
-                "not a MacFleet master); use the same cluster.token on every node")
+            _refuse_master(sock, purpose, timeout,
+                           "the master could not prove it knows the join token (wrong token on one side, or "
+                           "not a MacFleet master); use the same cluster.token on every node")
     sock.send(encode("auth", purpose=purpose, has_token=bool(token),
                      proof=proof(token, "node", snonce, cnonce), **payload))
     answer = _recv(sock, timeout, None)
     if answer["t"] in ("refuse", "error"):
         raise JoinRefusedError(answer["reason"])
     return answer, session_key(token, cnonce, snonce)
+
+
+def _refuse_master(sock: zmq.Socket, purpose: str, timeout: float, reason: str) -> NoReturn:
+    """Tell the master why this node gives up, so it logs the refusal too, then raise. Its answer
+    means our word arrived before the caller closes the socket (linger 0 would drop it)."""
+    sock.send(encode("refuse", purpose=purpose, reason=reason))
+    try:
+        _recv(sock, min(timeout, 1.0), None)
+    except (TimeoutError, FrameError):
+        pass  # an older master says nothing
+    raise JoinRefusedError(reason)
 
 
 def _recv(sock: zmq.Socket, timeout: float, expect: Optional[tuple]) -> dict:

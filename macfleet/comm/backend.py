@@ -43,6 +43,7 @@ from torch._C._distributed_c10d import (
 
 from macfleet.comm.framing import random_session
 from macfleet.comm.group import Group
+from macfleet.comm.launch import free_ports
 from macfleet.comm.registration import BACKEND_NAME, register
 from macfleet.errors import MacFleetError
 
@@ -173,15 +174,6 @@ def _local_host_towards(remote: str | None) -> str:
         probe.close()
 
 
-def _free_port(host: str) -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
 def create_process_group(store, rank: int, world_size: int, timeout: datetime.timedelta) -> MacFleetProcessGroup:
     """The backend's creator: torch.distributed calls it (through registration.py) for each new group."""
     global _pending_group
@@ -189,7 +181,7 @@ def create_process_group(store, rank: int, world_size: int, timeout: datetime.ti
         group, _pending_group = _pending_group, None
     if group is None:
         host = _local_host_towards(_store_host(store))
-        port = int(os.environ.get("MACFLEET_TENSOR_PORT", "0")) or _free_port(host)
+        port = int(os.environ.get("MACFLEET_TENSOR_PORT", "0")) or free_ports(1, host)[0]
         store.set(f"macfleet/addr/{rank}", f"{host}:{port}")
         if rank == 0:
             store.set(SESSION_KEY, str(random_session()))

@@ -48,7 +48,7 @@ def _done(value: torch.Tensor) -> torch.futures.Future:
 class GradientCompressor:
     """One node's codec, error-feedback state and wire statistics."""
 
-    def __init__(self, cfg: CompressionConfig, group=None):
+    def __init__(self, cfg: CompressionConfig, group=None, redoable: bool = False):
         self.cfg = cfg
         self.group = group
         self.codec: Codec = build_codec(cfg)
@@ -56,7 +56,7 @@ class GradientCompressor:
             raise ConfigError("compression.momentum_correction needs a top-k codec and "
                               "compression.error_feedback=true (the velocity is accumulated in the residual)")
         self.feedback: Optional[ErrorFeedback] = (
-            ErrorFeedback(cfg) if cfg.lossy and cfg.error_feedback else None
+            ErrorFeedback(cfg, redoable=redoable) if cfg.lossy and cfg.error_feedback else None
         )
         self.stats = {"calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compress_s": 0.0, "decompress_s": 0.0}
         """Totals since construction: payload bytes this node sent, the dense fp32 bytes they
@@ -82,6 +82,8 @@ class GradientCompressor:
         views = _segment_views(flat, segments)
         codec = self.codec
         ratio = self.ratio_at(step)
+        if self.feedback:
+            self.feedback.begin(step)
         if isinstance(codec, TopKCodec) and ratio >= 1.0:
             self._fold_dense(flat, views)
             dense = "none" if codec.name == "topk" else "fp16"
@@ -140,6 +142,12 @@ class GradientCompressor:
         self.stats["bytes_sent"] += payload.numel() * payload.element_size()
         self.stats["dense_bytes"] += flat.numel() * 4
         self.stats["compress_s"] += time.perf_counter() - start
+
+    def rollback(self) -> None:
+        """This step's exchange did not complete on every rank: its residual updates never
+        happened (a redoable compressor; see ErrorFeedback)."""
+        if self.feedback is not None:
+            self.feedback.rollback()
 
     def state_dict(self) -> dict:
         """Residuals (and DGC velocities) per parameter name, as tensor copies, and the byte

@@ -33,9 +33,18 @@ def warmup_ratio(cfg: CompressionConfig, step: int) -> float:
 
 
 class ErrorFeedback:
-    """Per-parameter residuals (and DGC velocities) of one node."""
+    """Per-parameter residuals (and DGC velocities) of one node.
 
-    def __init__(self, cfg: CompressionConfig):
+    Redoable (an elastic fleet): a step's new residuals are written beside the current ones and
+    take effect at the next step, unless `rollback()` says the step's exchange failed somewhere.
+    A redone step then starts from the same residuals, so no gradient is counted twice. It costs
+    a second residual buffer per bucket and no copy (the two swap)."""
+
+    def __init__(self, cfg: CompressionConfig, redoable: bool = False):
+        self.redoable = redoable
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bounds: list["Bound"] = []
+        self._pending_step: Optional[int] = None
         self.momentum = float(cfg.momentum) if cfg.momentum_correction else 0.0
         self.residuals: dict[str, torch.Tensor] = {}
         self.velocities: dict[str, torch.Tensor] = {}
@@ -55,7 +64,10 @@ class ErrorFeedback:
         key = (names, starts, numels, padded, like.device, like.dtype)
         b = self._bound.get(key)
         if b is not None and all(self._owner.get(n) is key for n in names):
+            if b.pending:  # the same bucket again: a new step, so the last one counted
+                self.settle()
             return b
+        self.settle()
         r = torch.zeros(padded, dtype=like.dtype, device=like.device)
         u = torch.zeros_like(r) if self.momentum else None
         for name, start, n in zip(names, starts, numels):
@@ -68,16 +80,47 @@ class ErrorFeedback:
                     view.copy_(old.reshape(-1))
                 store[name] = view
             self._owner[name] = key
-        b = self._bound[key] = Bound(r, u, self.momentum)
+        b = self._bound[key] = Bound(r, u, self.momentum, self if self.redoable else None,
+                                     [(name, start, n) for name, start, n in zip(names, starts, numels)])
         live = set(self._owner.values())
         for stale in [k for k in self._bound if k not in live]:
             del self._bound[stale]
         return b
 
+    # -- steps that can be redone -----------------------------------------------------------------
+    def begin(self, step: int) -> None:
+        """A bucket of `step` is about to be reduced: a different step means the last one
+        completed everywhere, so its residuals take effect."""
+        if self._pending_step is not None and step != self._pending_step:
+            self.settle()
+        self._pending_step = step
+
+    def settle(self) -> None:
+        """The pending step's new residuals become the residuals."""
+        for name, value in self._pending.items():
+            self.residuals[name].copy_(value)
+        for b in self._pending_bounds:
+            b.swap()
+            for name, start, n in b.names:
+                self.residuals[name] = b.residual[start : start + n]
+                if b.velocity is not None:
+                    self.velocities[name] = b.velocity[start : start + n]
+        self._pending.clear()
+        self._pending_bounds.clear()
+
+    def rollback(self) -> None:
+        """The step's exchange failed on some rank: forget its new residuals (it will be redone)."""
+        for b in self._pending_bounds:
+            b.pending = False
+        self._pending.clear()
+        self._pending_bounds.clear()
+
     def accumulate(self, name: str, grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out = residual of `name` + this step's `grad` (with momentum correction: + the velocity
         u = m*u + grad); select from `out`. The residual itself changes only in `commit`.
         `out` may be `grad` itself; the buffers stay on the gradient's device."""
+        if name in self._pending:  # the same parameter again: a new step
+            self.settle()
         grad = grad.reshape(-1)
         if self.momentum:
             u = self._buffer(self.velocities, name, grad)
@@ -88,7 +131,10 @@ class ErrorFeedback:
     def commit(self, name: str, residual: torch.Tensor, sent: Optional[torch.Tensor] = None) -> None:
         """The residual of `name` becomes `residual` (what was accumulated and not sent, exactly);
         with momentum correction also zero the velocity where `sent` (a bool mask; None: everywhere)."""
-        self.residuals[name].copy_(residual)
+        if self.redoable:
+            self._pending[name] = residual.detach().clone()
+        else:
+            self.residuals[name].copy_(residual)
         if self.momentum:
             u = self.velocities[name]
             if sent is None:
@@ -108,6 +154,7 @@ class ErrorFeedback:
 
     def state_dict(self) -> dict:
         # copies: the live buffers change in place next step, maybe while a checkpoint is written.
+        self.settle()  # a checkpoint is taken at a step boundary, after the step completed
         return {
             "version": STATE_VERSION,
             "residuals": {k: v.detach().clone() for k, v in self.residuals.items()},
@@ -123,29 +170,54 @@ class ErrorFeedback:
         self.velocities = {k: v.detach().clone() for k, v in state.get("velocities", {}).items()}
         self._bound.clear()
         self._owner.clear()
+        self._pending.clear()
+        self._pending_bounds.clear()
 
 
 class Bound:
-    """One bucket's residual buffer (and DGC velocity buffer) in workspace layout; see bind()."""
+    """One bucket's residual buffer (and DGC velocity buffer) in workspace layout; see bind().
+    Redoable (`owner` set): commit writes into spare buffers that `swap` makes current."""
 
-    __slots__ = ("residual", "velocity", "momentum")
+    __slots__ = ("residual", "velocity", "momentum", "owner", "names", "pending", "_spare_r", "_spare_u")
 
-    def __init__(self, residual: torch.Tensor, velocity: Optional[torch.Tensor], momentum: float):
+    def __init__(self, residual: torch.Tensor, velocity: Optional[torch.Tensor], momentum: float,
+                 owner: Optional[ErrorFeedback] = None, names: Optional[list] = None):
         self.residual, self.velocity, self.momentum = residual, velocity, momentum
+        self.owner, self.names, self.pending = owner, names or [], False
+        self._spare_r = torch.empty_like(residual) if owner is not None else None
+        self._spare_u = torch.empty_like(velocity) if owner is not None and velocity is not None else None
 
     def accumulate(self, work: torch.Tensor) -> torch.Tensor:
         """work (this step's gradient, in workspace layout) becomes residual + gradient, or with
         momentum correction residual + (u = m*u + gradient)."""
         if self.velocity is not None:
-            self.velocity.mul_(self.momentum).add_(work)
-            return torch.add(self.residual, self.velocity, out=work)
+            if self._spare_u is not None:  # the new velocity goes beside the current one
+                u = torch.mul(self.velocity, self.momentum, out=self._spare_u).add_(work)
+            else:
+                u = self.velocity.mul_(self.momentum).add_(work)
+            return torch.add(self.residual, u, out=work)
         return work.add_(self.residual)
 
     def commit(self, unsent: torch.Tensor, sent: Optional[torch.Tensor] = None) -> None:
         """The residual becomes `unsent`; the velocity is zeroed where `sent` (a bool mask)."""
+        if self.owner is not None:
+            self._spare_r.copy_(unsent)
+            if self._spare_u is not None:
+                self._spare_u.zero_() if sent is None else self._spare_u.masked_fill_(sent, 0.0)
+            self.pending = True
+            self.owner._pending_bounds.append(self)
+            return
         self.residual.copy_(unsent)
         if self.velocity is not None:
             if sent is None:
                 self.velocity.zero_()
             else:
                 self.velocity.masked_fill_(sent, 0.0)
+
+    def swap(self) -> None:
+        if not self.pending:
+            return
+        self.residual, self._spare_r = self._spare_r, self.residual
+        if self._spare_u is not None:
+            self.velocity, self._spare_u = self._spare_u, self.velocity
+        self.pending = False

@@ -28,7 +28,8 @@ class DatasetBundle:
     test: Optional[Dataset]
     """Held-out split, or None when the dataset has none."""
     task: str
-    """classification | lm (decides the loss and the metric)."""
+    """classification (cross-entropy, accuracy) | lm (token cross-entropy, perplexity) | custom
+    (the Trainer's `loss_fn`; the test metric is that loss)."""
     num_classes: Optional[int] = None
     """Number of classes (classification)."""
     vocab_size: Optional[int] = None
@@ -39,8 +40,8 @@ class DatasetBundle:
     """Image channels (classification on images); fills a model's `in_channels`."""
 
     def __post_init__(self) -> None:
-        if self.task not in ("classification", "lm"):
-            raise ValueError(f"DatasetBundle.task={self.task!r}: must be classification or lm")
+        if self.task not in ("classification", "lm", "custom"):
+            raise ValueError(f"DatasetBundle.task={self.task!r}: must be classification, lm or custom")
 
     def describe(self) -> str:
         """One log line: name, sizes and the numbers a model builder takes from us."""

@@ -18,11 +18,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_ddp_rows_beside_one_process(tmp_path):
     out = tmp_path / "ddp.json"
     proc = _cli("--backends", "macfleet", "--model", "resnet18", "--batch", "2", "--steps", "1",
-                "--warmup-steps", "1", "--repeats", "1", "--json", str(out))
+                "--warmup-steps", "1", "--repeats", "1", "--train-py", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet", 2)]
-    one, fleet = rows
+    assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet", 2),
+                                                          ("train.py cluster=torchrun, macfleet", 2)]
+    one, fleet, train_py = rows
+    # train.py's row: the same job under torchrun on the macfleet backend, beside the plain loop
+    assert train_py["vs_plain_ddp"] == pytest.approx(train_py["samples_per_s"] / fleet["samples_per_s"])
     for r in rows:
         assert r["samples_per_s"] > 0 and r["step_s"] > 0
         assert (r["model"], r["batch_per_rank"], r["device"]) == ("resnet18", 2, "cpu")
@@ -30,6 +33,12 @@ def test_ddp_rows_beside_one_process(tmp_path):
     assert fleet["vs_one_node"] == pytest.approx(fleet["samples_per_s"] / one["samples_per_s"])
     assert fleet["vs_gloo"] is None  # gloo was not run: no ratio is made up
     assert "macfleet" in proc.stdout and "vs 1 node" in proc.stdout
+
+
+def test_loader_refuses_bad_worker_counts():
+    proc = subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "loader", "--workers", "two"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "--workers 'two': give worker counts, e.g. 0,2,4" in proc.stderr
 
 
 def test_nccl_on_cpu_is_refused_in_one_line():

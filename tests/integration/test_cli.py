@@ -17,6 +17,7 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("command, default", [
     ("launch", "(default: 50051)"),
     ("status", "(default: 5.0)"),
+    ("cancel", "(default: 15.0)"),
     ("benchmark", "(default: 1MB,10MB,100MB)"),
     ("info", None),  # its one option is a flag: nothing to default
 ])

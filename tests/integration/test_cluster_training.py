@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -143,6 +144,23 @@ def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == nodes and metrics["steps"] == 8
     assert_same_model(final_model(tmp_path), one_process)
+
+
+def test_train_py_under_torchrun_equals_one_process(tmp_path, one_process):
+    """`cluster=torchrun`: the same train.py as ranks of the real torchrun, on gloo, with
+    weighted shares; one run id, one run dir written by rank 0 only."""
+    torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run([*torchrun, *EXACT, "cluster=torchrun", "cluster.weights=[0.62,0.38]",
+                          f"hydra.run.dir={tmp_path / 'run'}"], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 8
+    assert_same_model(final_model(tmp_path / "run"), one_process)
+    ids = set(re.findall(r"\| run (\S+)", res.stdout + res.stderr))
+    assert len(ids) == 1 and metrics["run_id"] in ids, ids  # both ranks logged the one run id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # rank 1 made no dir of its own
 
 
 # ------------------------------------------------------------------------------ BatchNorm
@@ -278,7 +296,8 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
         lr = "optimizer.lr: master 0.05, this node 0.5; trainer.learning_rate: master 0.05, this node 0.5"
         assert f"what must match: {lr}. Use the same" in procs["lr"].text("err"), procs["lr"].text("err")
         # The master says so too (it used to take that worker and train a wrong model).
-        assert any("refused the node" in line and lr in line for line in master.text().splitlines()), master.text()
+        assert any("refused a node's join from 127.0.0.1" in line and lr in line for line in master.text().splitlines()), \
+            master.text()
         # The refusals did not disturb the master: a matching worker still joins and the run finishes.
         good = TrainProc(direct_args("worker", port, short), tmp_path / "good")
         assert good.wait(180) == 0, good.text()[-3000:]

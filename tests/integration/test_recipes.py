@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from macfleet.comm.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,17 +38,6 @@ def test_resnet50_cifar10_smoke(tmp_path):
     assert metrics["steps"] == 3 and metrics["compression"] == "topk_fp16"
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 3
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @pytest.mark.timeout(240)

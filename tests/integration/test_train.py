@@ -35,7 +35,7 @@ def _api_run(out: Path, epochs: int, **kw):
     torch.manual_seed(0)
     model = cnn(num_classes=10, in_channels=1)
     tc = TrainingConfig(epochs=epochs, batch_size=64, learning_rate=0.05, output_dir=str(out), progress=False, **kw)
-    metrics = Trainer(model, digits(), tc, ClusterConfig(role=NodeRole.MASTER)).fit()
+    metrics = Trainer(model, digits(), tc, ClusterConfig()).fit()
     return model, metrics
 
 

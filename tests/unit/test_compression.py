@@ -222,3 +222,30 @@ def test_a_rank_with_another_config_is_a_frame_error():
         # torch's Future.then wraps what the callback raised in a RuntimeError naming it
         assert isinstance(exc, (FrameError, RuntimeError)) and "FrameError" in repr(exc) + type(exc).__name__, exc
         assert "same compression config" in str(exc)
+
+
+@pytest.mark.parametrize("cfg", [
+    CompressionConfig(name="topk_fp16", ratio=0.05),
+    CompressionConfig(name="topk", ratio=0.1, granularity="element", momentum_correction=True),
+    CompressionConfig(name="topk_fp16", ratio=0.05, warmup_steps=2),  # the per-name (ratio 1.0) path first
+])
+def test_a_rolled_back_step_redone_counts_its_gradient_once(cfg):
+    """An elastic fleet redoes a step whose exchange failed: the redone step must start from the
+    residuals before it, so the result equals a run where the step never failed."""
+    torch.manual_seed(0)
+    segs = [("a", 0, 300), ("b", 300, 1000)]
+    grads = [torch.randn(1300) for _ in range(4)]
+    plain = GradientCompressor(cfg, None)
+    redo = GradientCompressor(cfg, None, redoable=True)
+    for step, g in enumerate(grads):
+        want = plain.reduce(g.clone(), segs, step).value()
+        if step in (1, 2):  # the first attempt fails after its encode; the step is redone
+            redo.reduce(g.clone() * 3.0, segs, step).value()
+            redo.rollback()
+        got = redo.reduce(g.clone(), segs, step).value()
+        assert torch.equal(got, want), step
+    a, b = plain.state_dict()["feedback"], redo.state_dict()["feedback"]
+    for key in ("residuals", "velocities"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
