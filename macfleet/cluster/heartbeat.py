@@ -292,8 +292,9 @@ class HeartbeatClient:
     """Node side: one thread, one DEALER toward the master's heartbeat port.
 
     ``on_gone(record)``, when given, hears every departure: the master's own bye as
-    ``{"rank": 0, "kind": "left", "msg", "reason", "after"}`` and each peer the master reports gone. Without
-    it (the agents), a lost peer reaches ``on_lost(message)`` and the master's bye ``on_bye()``.
+    ``{"rank": 0, "kind": "left", "msg", "reason", "after"}`` and each peer the master reports
+    gone. Without it (the agents) only the master matters: its silence reaches
+    ``on_lost(message)``, its bye ``on_bye()``.
     """
 
     def __init__(self, ctx: zmq.Context, host: str, port: int, peer_id: str, interval: float,
@@ -423,22 +424,13 @@ class HeartbeatClient:
             elif self._on_bye is not None:
                 self._on_bye()
             return True
-        new = []
+        if self._on_gone is None:
+            return False  # an agent: the other agents' comings and goings are not its business
         for pid, rec in (msg.get("gone") or {}).items():
             if (pid, rec["kind"]) not in self._seen:
                 self._seen.add((pid, rec["kind"]))
-                new.append(rec)
-        if not new:
-            return False
-        if self._on_gone is not None:
-            # Heartbeats go on: this node still says bye when it stops, and hears the master.
-            for rec in new:
+                # Heartbeats go on: this node still says bye when it stops, and hears the master.
                 self._on_gone(rec)
-            return False
-        lost = [rec["msg"] for rec in new if rec["kind"] == "lost"]
-        if lost:
-            self.lost = True
-            self._on_lost("; ".join(lost))
-        return bool(lost)
+        return False
 
 

@@ -68,8 +68,8 @@ def decode(frame: bytes, expect: Optional[tuple] = None) -> dict:
     """Parse and validate one control frame against its kind's schema; FrameError on anything
     malformed, of an unknown kind, or not in `expect`.
 
-    A HELLO of another protocol version is passed through (the handshake refuses it by name);
-    any other message of another version is a FrameError.
+    A HELLO, REFUSE or ERROR of another protocol version is passed through (that is how two
+    versions tell each other why they part); any other message of another version is a FrameError.
     """
     if len(frame) > MAX_MESSAGE_BYTES:
         raise FrameError(f"control message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}")
@@ -85,7 +85,7 @@ def decode(frame: bytes, expect: Optional[tuple] = None) -> dict:
         raise FrameError(f"unknown control message kind {kind[:40]!r}")
     if expect is not None and kind not in expect:
         raise FrameError(f"expected a {'/'.join(expect)} message, got {kind!r}")
-    if msg["v"] != PROTOCOL_VERSION and kind != "hello":
+    if msg["v"] != PROTOCOL_VERSION and kind not in ("hello", "refuse", "error"):
         raise FrameError(f"{kind} message of MacFleet protocol {msg['v']}; this node speaks {PROTOCOL_VERSION}")
     for name, check in SCHEMAS[kind].items():
         if name in msg:
@@ -205,8 +205,8 @@ _ADDR_SHAPE = _str(300, pattern=r"(\[[0-9A-Fa-f:.%\w]*\]|[\w.\-]*):\d{1,5}")
 def _addr(v: Any, where: str) -> None:
     # "host:port"; the host may be empty (the receiver fills in where it reached the sender).
     _ADDR_SHAPE(v, where)
-    if not 1 <= int(v.rpartition(":")[2]) <= 65535:
-        raise _bad(where, "host:port with a port in [1, 65535]", v)
+    if not 0 <= int(v.rpartition(":")[2]) <= 65535:
+        raise _bad(where, "host:port with a port in [0, 65535]", v)
 
 
 _ADDR = _addr

@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import zmq
 
-from macfleet.cluster.agent import free_port, submit_job
+from macfleet.cluster.agent import submit_job
+from macfleet.comm.launch import free_ports
 from macfleet.cluster.membership import join
 from macfleet.cluster.protocol import request
 from macfleet.config import ClusterConfig
@@ -230,7 +231,7 @@ class Fleet:
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.port = free_port("127.0.0.1")
+        self.port = free_ports(1, "127.0.0.1")[0]
         self.started: list[Proc] = []
 
     def launch(self, role: str, token: str = TOKEN) -> Proc:
@@ -415,7 +416,7 @@ def test_refused_joins_are_logged_on_both_sides_never_the_token(fleet, tmp_path)
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path))
     env.pop("MACFLEET_TOKEN", None)
     mark = len(fleet.master.lines)
-    port = free_port("127.0.0.1")
+    port = free_ports(1, "127.0.0.1")[0]
     coordinator = subprocess.Popen([sys.executable, "-c", _MASTER_PROGRAM, str(port), TOKEN], env=env,
                                    cwd=str(tmp_path), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, text=True)

@@ -67,7 +67,7 @@ def test_valid_messages_pass_and_every_mutation_is_a_frame_error_or_valid():
     (encode("boom"), "unknown control message kind 'boom'"),
     (encode("welcome", rank=2, world_size=2, generation=1, addrs=[":1", ":2"], weights=[0.5, 0.5], run={},
             nodes=[{}, {}], hb_port=3, peer_id="p"), "inconsistent"),
-    (encode("auth", purpose="join", has_token=False, proof="", tensor_addr="h:70000"), "port in [1, 65535]"),
+    (encode("auth", purpose="join", has_token=False, proof="", tensor_addr="h:70000"), "port in [0, 65535]"),
     (encode("hb", samples_per_s=float("nan")), "finite number"),
 ])
 def test_hostile_frames_name_what_is_wrong(frame, words):
