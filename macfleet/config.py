@@ -127,7 +127,7 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULE_NAMES:
-            raise ConfigError(f"scheduler.name={self.name!r}: choose {', '.join(SCHEDULE_NAMES)} (scheduler=cosine)")
+            raise ConfigError(f"scheduler.name={self.name!r}: choose {', '.join(SCHEDULE_NAMES)}, e.g. scheduler=step")
         if self.warmup_steps < 0:
             raise ConfigError("scheduler.warmup_steps must be >= 0")
 
@@ -255,11 +255,11 @@ class TrainingConfig:
     eval_batch_size: int = 256
     """Batch size for evaluation."""
     lr_schedule: str = "cosine"
-    """constant | cosine | step (x0.1 at 50% and 75%): the Python API's `SchedulerConfig.name`
-    (train.py: the scheduler group, `scheduler=cosine`)."""
+    """constant | cosine | step (x0.1 at 50% and 75%): `SchedulerConfig.name`. train.py's config
+    takes it from the scheduler group (`scheduler=step`)."""
     warmup_steps: int = 0
-    """Linear LR warm-up steps: the Python API's `SchedulerConfig.warmup_steps`
-    (train.py: `scheduler.warmup_steps`)."""
+    """Linear LR warm-up steps: `SchedulerConfig.warmup_steps`. train.py's config takes it from the
+    scheduler group (`scheduler.warmup_steps=100`)."""
     weight_decay: float = 0.0
     """Optimizer weight decay."""
     momentum: float = 0.9
@@ -405,7 +405,8 @@ TYPED_GROUPS = {"trainer": TrainingConfig, "cluster": ClusterConfig, "compressio
                 "scheduler": SchedulerConfig, "logger": LoggerConfig}
 FOLLOWS = {"lr_schedule": "scheduler.name", "warmup_steps": "scheduler.warmup_steps",
            "compression": "compression.name", "topk_ratio": "compression.ratio"}
-"""The Python API's trainer fields that train.py's config takes from a group (conf/trainer/ follows it)."""
+"""Trainer fields of the Python API that train.py's config takes from a group: conf/trainer/default.yaml
+interpolates them, and `check_keys` refuses one set apart from its group."""
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 
@@ -460,7 +461,7 @@ def check_keys(cfg) -> None:
 
 
 def _check_follows(cfg) -> None:
-    """Each option has one source: a trainer field that the group decides must agree with it."""
+    """One source per option: a trainer field that a group decides must agree with the group."""
     from omegaconf import OmegaConf
 
     for key, source in FOLLOWS.items():
