@@ -30,7 +30,8 @@ def test_resnet50_recipe_composes_the_real_conf(monkeypatch, tmp_path):
     from _shared import recipe_config
 
     cfg = recipe_config(mod.OVERRIDES, None, [], str(tmp_path))
-    assert (cfg.model._target_, cfg.dataset._target_) == ("macfleet.models.resnet.resnet50", "macfleet.data.cifar10.build")
+    assert cfg.model._target_ == "macfleet.models.resnet.resnet50"
+    assert cfg.dataset._target_ == "macfleet.data.cifar10.build"
     assert (cfg.optimizer._target_, cfg.compression.name) == ("torch.optim.SGD", "topk_fp16")
     assert (cfg.scheduler.name, cfg.scheduler.warmup_steps) == ("cosine", 200)
     assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.learning_rate) == (30, 256, 0.1)
@@ -106,8 +107,9 @@ def test_gpt2_finetune_smoke_as_master_and_worker(tmp_path):
             cwd=ROOT, env=env, stdout=out, stderr=err, text=True,
         )
         try:
-            worker = run_recipe("gpt2_finetune.py", *common, "cluster.role=worker", f"cluster.tensor_port={tensor_worker}",
-                                f"trainer.output_dir={tmp_path / 'worker'}", env=env, timeout=180)
+            worker = run_recipe("gpt2_finetune.py", *common, "cluster.role=worker",
+                                f"cluster.tensor_port={tensor_worker}", f"trainer.output_dir={tmp_path / 'worker'}",
+                                env=env, timeout=180)
             master.wait(timeout=60)
         finally:
             if master.poll() is None:

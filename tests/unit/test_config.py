@@ -221,7 +221,8 @@ def test_train_py_hands_the_trainer_the_schedule_group(monkeypatch):
                                  "group sets it; use scheduler.warmup_steps=100"),
     ("trainer.compression=fp16", "trainer.compression=fp16 disagrees with compression.name=topk_fp16: the "
                                  "compression group sets it; use compression=fp16"),
-    ("trainer.optimizer=adamw", "trainer.optimizer=adamw: the optimizer group builds the optimizer; use optimizer=adamw"),
+    ("trainer.optimizer=adamw", "trainer.optimizer=adamw: the optimizer group builds the optimizer; "
+                                "use optimizer=adamw"),
 ])
 def test_a_trainer_field_set_apart_from_its_group_names_the_option(override, line):
     with pytest.raises(ConfigError) as err:
