@@ -148,7 +148,7 @@ def thermal() -> dict:
 
 
 def describe_thermal(value: Optional[dict]) -> str:
-    """One line for a table: "heavy, CPU speed limit 62% (throttled)"."""
+    """One line for a table: "heavy, CPU speed limit 62% (throttled: ...)"."""
     value = value or UNKNOWN
     text = value.get("level", "unknown")
     limit = value.get("cpu_speed_limit")
@@ -160,6 +160,7 @@ def describe_thermal(value: Optional[dict]) -> str:
 
 
 def is_throttled(value: dict) -> bool:
+    """Pressure above nominal, or a CPU speed limit below 100%."""
     limit = value.get("cpu_speed_limit")
     return value.get("level") in PRESSURE_LEVELS[1:] or (limit is not None and limit < 100)
 
@@ -169,7 +170,7 @@ class ThermalCache:
 
     `get()` never waits on a command (heartbeat threads call it): it returns the last reading
     (UNKNOWN before the first one lands) and, when that is older than `max_age` and no refresh
-    is running, starts one.
+    is running, starts one; so a reading is at most `max_age` plus one call interval old.
     """
 
     def __init__(self, read=thermal, max_age: float = 5.0):
@@ -202,12 +203,18 @@ class ThermalCache:
             self._value, self._at, self._busy = dict(value), time.monotonic(), False
         return dict(value)
 
+    def _after_fork(self) -> None:
+        # A child forked mid-refresh has the lock or the busy flag but not the thread.
+        self._lock, self._busy = threading.Lock(), False
+
 
 _THERMAL = ThermalCache()
+os.register_at_fork(after_in_child=_THERMAL._after_fork)
 
 
 def thermal_cached() -> dict:
-    """This Mac's thermal state, at most ~5 s old; microseconds, never blocks on a command."""
+    """This Mac's thermal state, refreshed in the background once 5 s old; microseconds, never
+    blocks on a command (UNKNOWN until the first reading lands, and off macOS)."""
     if sys.platform != "darwin":
         return dict(UNKNOWN)
     return _THERMAL.get()

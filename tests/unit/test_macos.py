@@ -100,6 +100,19 @@ def test_thermal_cache_survives_a_failing_read():
     assert cache.refresh() == UNKNOWN and cache.get() == UNKNOWN
 
 
+def test_a_child_forked_mid_refresh_can_refresh_again():
+    from macfleet.cluster import macos
+
+    with macos._THERMAL._lock:  # as when the reading thread holds it at fork time
+        macos._THERMAL._busy = True
+        pid = os.fork()
+        if pid == 0:  # the child: the lock and the flag must be free again
+            ok = macos._THERMAL._lock.acquire(timeout=1) and not macos._THERMAL._busy
+            os._exit(0 if ok else 1)
+    macos._THERMAL._busy = False
+    assert os.waitpid(pid, 0)[1] == 0
+
+
 @not_mac
 def test_thermal_cached_off_macos_is_unknown_and_instant():
     t0 = time.perf_counter()
@@ -154,6 +167,17 @@ def test_check_route_off_macos_says_nothing():
 
 # --- keep awake ---------------------------------------------------------------------------------
 
+@pytest.fixture
+def helpers():
+    """Processes a test started; any still running when it ends (a failure) are killed."""
+    procs: list = []
+    yield procs
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _stand_in(tmp_path: Path, ignore_term: bool = False) -> Path:
     """An executable that records its argv and pid, then sleeps: what caffeinate does, minus -w."""
     script = tmp_path / "caffeinate"
@@ -182,10 +206,11 @@ def _gone(pid: int) -> bool:
     return False
 
 
-def test_keep_awake_starts_and_stops_the_helper(tmp_path, caplog):
+def test_keep_awake_starts_and_stops_the_helper(tmp_path, caplog, helpers):
     caplog.set_level(logging.INFO, logger="macfleet")
     script = _stand_in(tmp_path)
     with keep_awake(command=[str(script), "-i"]) as proc:
+        helpers.append(proc)
         seen = _started(script)
         assert seen == {"argv": ["-i", "-w", str(os.getpid())], "pid": proc.pid}
         assert proc.poll() is None
@@ -195,19 +220,21 @@ def test_keep_awake_starts_and_stops_the_helper(tmp_path, caplog):
                      "no idle sleep until this run ends"]
 
 
-def test_keep_awake_stops_the_helper_after_an_exception(tmp_path):
+def test_keep_awake_stops_the_helper_after_an_exception(tmp_path, helpers):
     script = _stand_in(tmp_path)
     with pytest.raises(RuntimeError, match="step failed"):
         with keep_awake(pid=4242, command=[str(script)]) as proc:
+            helpers.append(proc)
             assert _started(script)["argv"] == ["-w", "4242"]
             raise RuntimeError("step failed")
     assert proc.returncode is not None and _gone(proc.pid)
 
 
-def test_keep_awake_kills_a_helper_that_ignores_sigterm(tmp_path):
+def test_keep_awake_kills_a_helper_that_ignores_sigterm(tmp_path, helpers):
     script = _stand_in(tmp_path, ignore_term=True)
     t0 = time.monotonic()
     with keep_awake(command=[str(script)], grace=0.3) as proc:
+        helpers.append(proc)
         _started(script)  # the SIGTERM handler is in place once it has written its argv
     assert proc.returncode == -signal.SIGKILL and _gone(proc.pid)
     assert time.monotonic() - t0 < 10
