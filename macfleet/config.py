@@ -112,6 +112,26 @@ class CompressionConfig:
         return self.name in ("topk", "topk_fp16")
 
 
+SCHEDULE_NAMES = ("constant", "cosine", "step")
+
+
+@dataclass
+class SchedulerConfig:
+    """The learning-rate schedule: a multiplier of the peak LR at every optimizer step."""
+
+    name: str = "cosine"
+    """constant | cosine (to 0 at the last step) | step (x0.1 at 50% and again at 75% of the steps)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 1/warmup_steps of the peak LR to the peak over this many steps, before
+    the schedule starts."""
+
+    def __post_init__(self) -> None:
+        if self.name not in SCHEDULE_NAMES:
+            raise ConfigError(f"scheduler.name={self.name!r}: choose {', '.join(SCHEDULE_NAMES)}, e.g. scheduler=step")
+        if self.warmup_steps < 0:
+            raise ConfigError("scheduler.warmup_steps must be >= 0")
+
+
 @dataclass
 class ClusterConfig:
     """Who trains together and how they find each other."""
@@ -235,15 +255,18 @@ class TrainingConfig:
     eval_batch_size: int = 256
     """Batch size for evaluation."""
     lr_schedule: str = "cosine"
-    """constant | cosine | step (x0.1 at 50% and 75%)."""
+    """constant | cosine | step (x0.1 at 50% and 75%): `SchedulerConfig.name`. train.py's config
+    takes it from the scheduler group (`scheduler=step`)."""
     warmup_steps: int = 0
-    """Linear LR warm-up steps."""
+    """Linear LR warm-up steps: `SchedulerConfig.warmup_steps`. train.py's config takes it from the
+    scheduler group (`scheduler.warmup_steps=100`)."""
     weight_decay: float = 0.0
     """Optimizer weight decay."""
     momentum: float = 0.9
     """SGD momentum (ignored by AdamW)."""
-    optimizer: str = "sgd"
-    """sgd | adamw (used when no optimizer factory is passed)."""
+    optimizer: Optional[str] = "sgd"
+    """sgd | adamw: what the trainer builds when no optimizer is passed. Null in train.py's config,
+    where the optimizer group builds it (`optimizer=adamw`)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0: run all epochs). Smoke tests use it."""
     grad_clip: float = 0.0
@@ -272,9 +295,11 @@ class TrainingConfig:
             )
         if self.device not in DEVICE_NAMES:
             raise ConfigError(f"trainer.device={self.device!r}: choose one of {', '.join(DEVICE_NAMES)}")
-        if self.lr_schedule not in ("constant", "cosine", "step"):
-            raise ConfigError("trainer.lr_schedule: choose constant, cosine or step")
-        if self.optimizer not in ("sgd", "adamw"):
+        if self.lr_schedule not in SCHEDULE_NAMES:
+            raise ConfigError(f"trainer.lr_schedule={self.lr_schedule!r}: choose {', '.join(SCHEDULE_NAMES)}")
+        if self.warmup_steps < 0:
+            raise ConfigError("trainer.warmup_steps must be >= 0")
+        if self.optimizer not in (None, "sgd", "adamw"):
             raise ConfigError("trainer.optimizer: choose sgd or adamw")
         if self.keep_checkpoints < 1:
             raise ConfigError("trainer.keep_checkpoints must be >= 1")
@@ -315,6 +340,7 @@ class Config:
     trainer: TrainingConfig = field(default_factory=TrainingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     model: Any = None
     """A `_target_` node that builds an nn.Module."""
@@ -359,6 +385,7 @@ def register_configs() -> None:
     cs.store(group="trainer", name="base_trainer", node=TrainingConfig)
     cs.store(group="cluster", name="base_cluster", node=ClusterConfig)
     cs.store(group="compression", name="base_compression", node=CompressionConfig)
+    cs.store(group="scheduler", name="base_scheduler", node=SchedulerConfig)
     cs.store(group="logger", name="base_logger", node=LoggerConfig)
 
 
@@ -375,7 +402,11 @@ def to_dataclass(cls, node) -> Any:
 
 
 TYPED_GROUPS = {"trainer": TrainingConfig, "cluster": ClusterConfig, "compression": CompressionConfig,
-                "logger": LoggerConfig}
+                "scheduler": SchedulerConfig, "logger": LoggerConfig}
+FOLLOWS = {"lr_schedule": "scheduler.name", "warmup_steps": "scheduler.warmup_steps",
+           "compression": "compression.name", "topk_ratio": "compression.ratio"}
+"""Trainer fields of the Python API that train.py's config takes from a group: conf/trainer/default.yaml
+interpolates them, and `check_keys` refuses one set apart from its group."""
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 
 
@@ -403,7 +434,8 @@ def _options(node, cls=None) -> list[str] | None:
 
 def check_keys(cfg) -> None:
     """Refuse a key no component takes (`+trainer.epoch=2`: Hydra's `+` adds keys past the schema),
-    with one line naming the closest option, before anything is built."""
+    with one line naming the closest option, and a trainer field set apart from the group it
+    follows (`trainer.lr_schedule=step`: use `scheduler=step`), before anything is built."""
     import difflib
 
     from omegaconf import DictConfig
@@ -425,3 +457,22 @@ def check_keys(cfg) -> None:
             hint = (f"did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close
                     else f"the options are {', '.join(options)}")
             raise ConfigError(f"{where} is not an option; {hint}")
+    _check_follows(cfg)
+
+
+def _check_follows(cfg) -> None:
+    """One source per option: a trainer field that a group decides must agree with the group."""
+    from omegaconf import OmegaConf
+
+    for key, source in FOLLOWS.items():
+        mine, theirs = OmegaConf.select(cfg, f"trainer.{key}"), OmegaConf.select(cfg, source)
+        if mine is None or theirs is None or mine == theirs:
+            continue
+        group, field_name = source.split(".")
+        use = f"{group}={mine}" if field_name == "name" else f"{source}={mine}"
+        raise ConfigError(f"trainer.{key}={mine} disagrees with {source}={theirs}: the {group} group "
+                          f"sets it; use {use}")
+    chosen = OmegaConf.select(cfg, "trainer.optimizer")
+    if chosen is not None and OmegaConf.select(cfg, "optimizer") is not None:
+        raise ConfigError(f"trainer.optimizer={chosen}: the optimizer group builds the optimizer; "
+                          f"use optimizer={chosen}")

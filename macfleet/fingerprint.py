@@ -11,13 +11,15 @@ for every kind of node, from the typed configs and the built objects (a `train.p
 Python-API `Trainer` node hold the same things there), so both compute the same fingerprint
 for the same settings:
 
-* ``trainer``, ``compression``, ``cluster``: the dataclasses' fields, defaults filled in;
+* ``trainer``, ``compression``, ``scheduler``, ``cluster``: the dataclasses' fields, defaults
+  filled in (TrainingConfig's copies of the other groups left out: `DESCRIBED_ELSEWHERE`);
 * ``model``: its class, parameter count, every leaf module as it prints (``Dropout(p=0.1)``)
   and every parameter and buffer's dtype and shape;
 * ``dataset``: name, task, sizes, classes or vocabulary, input shape, the labels of the first
   items and the mean magnitude of their inputs (3 significant digits, so a float rounding
   difference between two machines does not count, but another normalisation does);
-* ``optimizer``: its class and hyperparameters (read from the factory, see `describe_optimizer`).
+* ``optimizer``: its class and hyperparameters (read from the factory, see `describe_optimizer`);
+* ``loss_fn``: the Python API's own loss function, by name (null: the task's loss).
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ PER_NODE = (
     "logger", "run_id", "hydra",
 )
 """Keys (and whole sections) that may differ between the nodes of one run."""
+DESCRIBED_ELSEWHERE = ("trainer.optimizer", "trainer.compression", "trainer.topk_ratio", "trainer.lr_schedule",
+                       "trainer.warmup_steps")
+"""TrainingConfig's copies of other groups: the `optimizer`, `compression` and `scheduler`
+sections say what is used (train.py leaves trainer.optimizer null and builds the group's)."""
 SAMPLE_ITEMS = 16
 """Dataset items whose labels and input magnitude go into the fingerprint."""
 LISTED = 40
@@ -52,7 +58,7 @@ _OPTIMIZER_IMPL = ("foreach", "fused", "capturable", "differentiable")
 
 
 def _exempt(key: str) -> bool:
-    return any(key == p or key.startswith(p + ".") for p in PER_NODE)
+    return any(key == p or key.startswith(p + ".") for p in (*PER_NODE, *DESCRIBED_ELSEWHERE))
 
 
 def _canonical(value: Any) -> Any:
@@ -188,12 +194,17 @@ def describe_optimizer(factory: Callable[[list], Any]) -> dict:
     return {"class": f"{cls.__module__}.{cls.__qualname__}", **hyper}
 
 
-def setup(training, compression, cluster, model, dataset, optimizer: Callable[[list], Any]) -> dict:
+def setup(training, compression, scheduler, cluster, model, dataset, optimizer: Callable[[list], Any],
+          loss_fn: Optional[Callable] = None) -> dict:
     """The setup dict `fingerprint` reads, the same for a train.py node and a Python-API node;
-    `optimizer` is the factory the trainer will call with the model's parameters."""
+    `optimizer` is the factory the trainer will call with the model's parameters, `loss_fn` the
+    Python API's own loss (None: the task's)."""
+    loss = None if loss_fn is None else (
+        f"{getattr(loss_fn, '__module__', '?')}.{getattr(loss_fn, '__qualname__', type(loss_fn).__name__)}")
     return {"trainer": dataclasses.asdict(training), "compression": dataclasses.asdict(compression),
-            "cluster": dataclasses.asdict(cluster), "model": describe_model(model),
-            "dataset": describe_dataset(dataset), "optimizer": describe_optimizer(optimizer)}
+            "scheduler": dataclasses.asdict(scheduler), "cluster": dataclasses.asdict(cluster),
+            "model": describe_model(model), "dataset": describe_dataset(dataset),
+            "optimizer": describe_optimizer(optimizer), "loss_fn": loss}
 
 
 __all__ = ["PER_NODE", "fingerprint", "diff", "setup", "describe_model", "describe_dataset", "describe_optimizer"]

@@ -23,6 +23,7 @@ from macfleet.config import (
     join_token,
     redact_token,
     LoggerConfig,
+    SchedulerConfig,
     TrainingConfig,
     to_dataclass,
 )
@@ -113,12 +114,22 @@ def submit_to_agents(cfg: DictConfig, output_dir: str | None = None) -> float:
 
 
 def run(cfg: DictConfig, output_dir: str | None = None) -> float:
-    """Build data, model and optimizer from `cfg`, train, and return the sweep metric."""
+    """Train `cfg` (see `fit`) and return the sweep metric: test accuracy, else test loss."""
+    metrics = fit(cfg, output_dir)
+    if "test_accuracy" in metrics:
+        return float(metrics["test_accuracy"])
+    return float(metrics.get("test_loss", float("nan")))
+
+
+def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
+    """Build data, model, optimizer and LR schedule from `cfg` and train: this process's metrics
+    (none when the job went to running agents). train.py and the recipes both come here."""
     import torch
 
     check_keys(cfg)
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
-        return submit_to_agents(cfg, output_dir)
+        submit_to_agents(cfg, output_dir)
+        return {}
 
     from macfleet.trainer import Trainer
 
@@ -137,6 +148,7 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
         tc,
         to_dataclass(ClusterConfig, cfg.cluster),
         compression_config=to_dataclass(CompressionConfig, cfg.compression),
+        scheduler_config=to_dataclass(SchedulerConfig, cfg.scheduler),
         optimizer=optimizer,
         logger_config=to_dataclass(LoggerConfig, cfg.logger),
         # Saved in checkpoints, sent to W&B and to local workers: never the token (workers get it
@@ -145,10 +157,7 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
         # No fingerprint here: the Trainer computes it from these configs and objects, as it does
         # for a Python-API node (macfleet/fingerprint.py), so the two kinds of node can join.
     )
-    metrics = trainer.fit()
-    if "test_accuracy" in metrics:
-        return float(metrics["test_accuracy"])
-    return float(metrics.get("test_loss", float("nan")))
+    return trainer.fit()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from macfleet import checkpoint as ckpt
-from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, TrainingConfig
+from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, SchedulerConfig, TrainingConfig
 from macfleet.data.loader import build_loader, fetch
 from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError
@@ -36,18 +36,20 @@ from macfleet.tracking import build_tracker
 log = logging.getLogger("macfleet")
 
 
-def build_scheduler(optimizer, tc: TrainingConfig, total_steps: int):
-    """LR multiplier per step: linear warm-up, then constant, cosine or step decay."""
+def build_scheduler(optimizer, cfg: SchedulerConfig, total_steps: int):
+    """The LR schedule of `cfg` (train.py: the scheduler group; the Python API: TrainingConfig's
+    lr_schedule and warmup_steps) over `total_steps`: a multiplier of the peak LR per step, linear
+    warm-up, then constant, cosine or step decay."""
     total = max(1, total_steps)
-    warm = tc.warmup_steps
+    warm = cfg.warmup_steps
 
     def factor(step: int) -> float:
         if warm and step < warm:
             return (step + 1) / warm
         frac = min(1.0, (step - warm) / max(1, total - warm))
-        if tc.lr_schedule == "cosine":
+        if cfg.name == "cosine":
             return 0.5 * (1.0 + math.cos(math.pi * frac))
-        if tc.lr_schedule == "step":
+        if cfg.name == "step":
             return 0.01 if frac >= 0.75 else 0.1 if frac >= 0.5 else 1.0
         return 1.0
 
@@ -117,6 +119,7 @@ class Trainer:
         cluster_config: ClusterConfig | None = None,
         *,
         compression_config: CompressionConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         logger_config: LoggerConfig | None = None,
         config_dict: dict | None = None,
@@ -135,6 +138,7 @@ class Trainer:
         self.tc = training_config or TrainingConfig()
         self.cc = cluster_config or ClusterConfig()
         self.comp = compression_config or CompressionConfig(name=self.tc.compression, ratio=self.tc.topk_ratio)
+        self.schedule = scheduler_config or SchedulerConfig(name=self.tc.lr_schedule, warmup_steps=self.tc.warmup_steps)
         self.optimizer_factory = optimizer
         self.logger_cfg = logger_config
         self.config_dict = config_dict or {
@@ -145,7 +149,8 @@ class Trainer:
         # What a joining node must share with the master, computed the same way for train.py and
         # the Python API (macfleet/fingerprint.py): a `fingerprint` argument replaces it.
         self.fingerprint = fingerprint or fleet_fingerprint(setup(
-            self.tc, self.comp, self.cc, model, self.data, self.optimizer_factory or default_optimizer_factory(self.tc)))
+            self.tc, self.comp, self.schedule, self.cc, model, self.data,
+            self.optimizer_factory or default_optimizer_factory(self.tc), loss_fn))
         self.metrics: dict[str, Any] = {}
 
     # ----------------------------------------------------------------- set-up
@@ -236,7 +241,7 @@ class Trainer:
             for g in opt.param_groups:
                 g["momentum"] = 0.0
             log.info("compression.momentum_correction: SGD momentum set to 0 (applied inside the compressor)")
-        sched = build_scheduler(opt, tc, steps_per_epoch * tc.epochs)
+        sched = build_scheduler(opt, self.schedule, steps_per_epoch * tc.epochs)
         log.info("model %s: %.2fM params | optimizer %s | compression %s | local batch %d of %d",
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
                  type(opt).__name__, self.comp.name, sampler.local_batch, tc.batch_size)

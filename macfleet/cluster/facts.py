@@ -15,8 +15,8 @@ import sys
 from typing import Optional
 
 
-def _run(cmd: list[str], timeout: float = 2.0) -> str:
-    """stdout of a short command, '' when it is missing or fails."""
+def run_command(cmd: list[str], timeout: float = 2.0) -> str:
+    """stdout of a short command, '' when it is missing, fails or outlives `timeout` s."""
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False).stdout
     except (OSError, subprocess.SubprocessError):
@@ -26,7 +26,7 @@ def _run(cmd: list[str], timeout: float = 2.0) -> str:
 def chip_name() -> str:
     """'Apple M2 Pro' on a Mac, the CPU model name elsewhere."""
     if sys.platform == "darwin":
-        name = _run(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
+        name = run_command(["sysctl", "-n", "machdep.cpu.brand_string"]).strip()
         if name:
             return name
     try:
@@ -57,7 +57,7 @@ def gpu_cores_fast() -> Optional[int]:
         return None
     from macfleet.cluster.info import parse_ioreg_gpu_cores
 
-    return parse_ioreg_gpu_cores(_run(["ioreg", "-rc", "AGXAccelerator", "-d", "1"]))
+    return parse_ioreg_gpu_cores(run_command(["ioreg", "-rc", "AGXAccelerator", "-d", "1"]))
 
 
 def best_device() -> str:

@@ -2,9 +2,10 @@
 
 On macOS it reads `sw_vers`, `sysctl` (chip, performance/efficiency cores, memory),
 `system_profiler SPDisplaysDataType` (GPU cores), `networksetup -listallhardwareports` and
-`ifconfig` (interfaces; the "Thunderbolt Bridge" port is marked). Each parser takes the command's
-text, so tests run them on recorded outputs (tests/unit/fixtures/macos/). Elsewhere it reports
-what psutil and /proc give. `describe()` returns a JSON-safe dict; `info_main` prints it.
+`ifconfig` (interfaces; the "Thunderbolt Bridge" port is marked), and `pmset -g therm` with
+`notifyutil` (thermal pressure, parsed in macos.py). Each parser takes the command's text, so
+tests run them on recorded outputs (tests/unit/fixtures/macos/). Elsewhere it reports what psutil
+and /proc give. `describe()` returns a JSON-safe dict; `info_main` prints it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import json
 import platform
 import re
 import socket
-import subprocess
 import sys
 from typing import Optional
+
+from macfleet.cluster.facts import run_command
 
 SYSCTL_KEYS = ("machdep.cpu.brand_string", "hw.ncpu", "hw.perflevel0.physicalcpu",
                "hw.perflevel1.physicalcpu", "hw.memsize", "hw.model")
@@ -104,8 +106,10 @@ def interfaces_macos(ifconfig_text: str, ports_text: str) -> list[dict]:
 
 
 def describe_macos(sysctl_text: str, sw_vers_text: str, displays_text: str, ifconfig_text: str,
-                   ports_text: str) -> dict:
+                   ports_text: str, pmset_therm_text: str = "", pressure_text: str = "") -> dict:
     """Everything `macfleet info` shows on a Mac, from the commands' outputs."""
+    from macfleet.cluster.macos import parse_thermal
+
     sc = parse_sysctl(sysctl_text)
     return {
         "os": parse_sw_vers(sw_vers_text),
@@ -117,11 +121,13 @@ def describe_macos(sysctl_text: str, sw_vers_text: str, displays_text: str, ifco
         "gpu_cores": parse_gpu_cores(displays_text),
         "memory_bytes": sc.get("hw.memsize"),
         "interfaces": interfaces_macos(ifconfig_text, ports_text),
+        "thermal": parse_thermal(pmset_therm_text, pressure_text),
     }
 
 
 def describe_linux() -> dict:
     from macfleet.cluster.facts import chip_name, memory_bytes
+    from macfleet.cluster.macos import thermal
 
     interfaces = []
     try:
@@ -138,7 +144,7 @@ def describe_linux() -> dict:
         pass
     return {"os": f"{platform.system()} {platform.release()}", "model": platform.machine(), "chip": chip_name(),
             "cpu_cores": __import__("os").cpu_count(), "performance_cores": None, "efficiency_cores": None,
-            "gpu_cores": None, "memory_bytes": memory_bytes(), "interfaces": interfaces}
+            "gpu_cores": None, "memory_bytes": memory_bytes(), "interfaces": interfaces, "thermal": thermal()}
 
 
 def torch_info() -> dict:
@@ -156,18 +162,18 @@ def torch_info() -> dict:
 
 
 def _run(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=15, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return run_command(cmd, timeout=15)
 
 
 def describe() -> dict:
     """This machine, from live commands (macOS) or psutil (elsewhere), plus torch."""
     if sys.platform == "darwin":
+        from macfleet.cluster.macos import PRESSURE_KEY
+
         info = describe_macos(_run(["sysctl", *SYSCTL_KEYS]), _run(["sw_vers"]),
                               _run(["system_profiler", "SPDisplaysDataType"]), _run(["ifconfig"]),
-                              _run(["networksetup", "-listallhardwareports"]))
+                              _run(["networksetup", "-listallhardwareports"]), _run(["pmset", "-g", "therm"]),
+                              _run(["notifyutil", "-g", PRESSURE_KEY]))
     else:
         info = describe_linux()
     info["host"] = socket.gethostname()
@@ -178,6 +184,8 @@ def describe() -> dict:
 
 def render(info: dict) -> str:
     """Plain-text report (what `macfleet info` prints)."""
+    from macfleet.cluster.macos import describe_thermal
+
     gib = info.get("memory_bytes")
     cores = str(info.get("cpu_cores"))
     if info.get("performance_cores"):
@@ -189,6 +197,7 @@ def render(info: dict) -> str:
         f"cpu cores: {cores}",
         f"gpu cores: {info.get('gpu_cores') if info.get('gpu_cores') is not None else '-'}",
         f"memory:    {gib / 2**30:.1f} GiB" if gib else "memory:    ?",
+        f"thermal:   {describe_thermal(info.get('thermal'))}",
         f"torch:     {info.get('torch')}  devices: {', '.join(info.get('devices', []))}",
         "interfaces:",
     ]
@@ -201,7 +210,11 @@ def render(info: dict) -> str:
     return "\n".join(lines)
 
 
+def format_info(info: dict, as_json: bool = False) -> str:
+    """What `macfleet info` prints: the table, or JSON with --json."""
+    return json.dumps(info, indent=2) if as_json else render(info)
+
+
 def info_main(args) -> int:
-    info = describe()
-    print(json.dumps(info, indent=2) if getattr(args, "json", False) else render(info))
+    print(format_info(describe(), getattr(args, "json", False)))
     return 0

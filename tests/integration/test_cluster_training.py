@@ -32,7 +32,7 @@ from tests.conftest import PY, ROOT, run_train
 
 TOKEN = "cluster-test-token"
 # Equivalence needs a deterministic model and schedule: no BatchNorm, no dropout, constant LR.
-EXACT = ["compression=none", "model.batchnorm=false", "model.dropout=0", "trainer.lr_schedule=constant",
+EXACT = ["compression=none", "model.batchnorm=false", "model.dropout=0", "scheduler=constant",
          "trainer.progress=false", "trainer.max_steps=8", "trainer.seed=3"]
 # Generous where liveness is not the point: two shared cores can stall a process for a second.
 RELAXED = ["cluster.heartbeat_interval=3.0", "cluster.wait_timeout=120"]

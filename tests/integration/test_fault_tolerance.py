@@ -27,7 +27,7 @@ DETECT_LIMIT_S = 2 * INTERVAL + 0.5
 TOTAL_STEPS = 300
 # Long enough that the kill lands mid-training, tiny batches so a step is a few milliseconds.
 LONG = ["trainer.epochs=100", f"trainer.max_steps={TOTAL_STEPS}", "trainer.checkpoint_every=0",
-        "trainer.checkpoint_every_steps=10", "trainer.lr_schedule=constant", f"cluster.heartbeat_interval={INTERVAL}",
+        "trainer.checkpoint_every_steps=10", "scheduler=constant", f"cluster.heartbeat_interval={INTERVAL}",
         "cluster.wait_timeout=120", "trainer.log_every=50"]
 
 

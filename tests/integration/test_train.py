@@ -202,7 +202,7 @@ def _files_holding(root: Path, needle: str) -> list[str]:
 @pytest.mark.parametrize("cluster,source", [
     ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
     ("cluster=local", "conf/local"),
-    ("cluster=single", "composed yaml"),    # against advice, composed into the config: Hydra saved it
+    ("cluster=single", "composed yaml"),    # cluster.token in conf/local/default.yaml: composed, Hydra saved it
 ])
 def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
     run_dir = tmp_path / "run"
@@ -211,10 +211,10 @@ def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
     env = {"WANDB_MODE": "offline"}
     if source == "override":
         args.append(f"cluster.token={TOKEN}")
-    elif source == "composed yaml":
+    elif source == "composed yaml":  # a conf/local/default.yaml of its own, found on the search path
         (tmp_path / "extra" / "local").mkdir(parents=True)
-        (tmp_path / "extra" / "local" / "mine.yaml").write_text(f"# @package _global_\ncluster:\n  token: {TOKEN}\n")
-        args = ["--config-dir", str(tmp_path / "extra"), *args, "+local=mine"]
+        (tmp_path / "extra" / "local" / "default.yaml").write_text(f"# @package _global_\ncluster:\n  token: {TOKEN}\n")
+        args = [*args, f"hydra.searchpath=[file://{tmp_path / 'extra'}]"]
     else:  # git-ignored conf/local/secrets.yaml under the working directory
         (tmp_path / "conf" / "local").mkdir(parents=True)
         (tmp_path / "conf" / "local" / "secrets.yaml").write_text(f"token: {TOKEN}\n")
@@ -226,5 +226,7 @@ def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
         assert "join token: required" in (run_dir / "train.log").read_text()
     assert list(run_dir.glob("checkpoints/step-*/meta.json")) and list(run_dir.glob("wandb/offline-run-*"))
     assert (run_dir / ".hydra" / "config.yaml").is_file()
+    if source == "composed yaml":  # it was composed, and scrubbed from what Hydra saved
+        assert "token: <redacted>" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert _files_holding(run_dir, TOKEN) == []
     assert TOKEN not in res.stdout + res.stderr

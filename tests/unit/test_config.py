@@ -6,11 +6,20 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, NodeRole, TrainingConfig, to_dataclass
+from macfleet.config import (
+    ClusterConfig,
+    CompressionConfig,
+    LoggerConfig,
+    NodeRole,
+    SchedulerConfig,
+    TrainingConfig,
+    check_keys,
+    to_dataclass,
+)
 from macfleet.errors import ConfigError, DatasetMissingError
 from tests.conftest import CONF, compose
 
-GROUPS = ["trainer", "model", "dataset", "optimizer", "compression", "cluster", "logger"]
+GROUPS = ["trainer", "model", "dataset", "optimizer", "scheduler", "compression", "cluster", "logger"]
 
 
 def _options(group: str) -> list[str]:
@@ -24,12 +33,14 @@ def test_every_group_has_options():
     assert {"digits", "cifar10", "text"} <= set(_options("dataset"))
     assert {"none", "fp16", "topk", "topk_fp16"} <= set(_options("compression"))
     assert {"sgd", "adamw"} <= set(_options("optimizer"))
+    assert {"constant", "cosine", "step"} <= set(_options("scheduler"))
     assert {"none", "wandb"} <= set(_options("logger"))
 
 
-@pytest.mark.parametrize("group", ["trainer", "compression", "cluster", "logger"])
+@pytest.mark.parametrize("group", ["trainer", "compression", "scheduler", "cluster", "logger"])
 def test_typed_groups_compose_into_their_dataclass(group):
-    cls = {"trainer": TrainingConfig, "compression": CompressionConfig, "cluster": ClusterConfig, "logger": LoggerConfig}[group]
+    cls = {"trainer": TrainingConfig, "compression": CompressionConfig, "scheduler": SchedulerConfig,
+           "cluster": ClusterConfig, "logger": LoggerConfig}[group]
     for option in _options(group):
         cfg = compose([f"{group}={option}"])
         obj = to_dataclass(cls, cfg[group])
@@ -128,8 +139,6 @@ def test_default_job_is_a_two_node_compressed_fleet():
 
 
 def test_every_option_and_experiment_passes_the_key_check():
-    from macfleet.config import check_keys
-
     for group in GROUPS:
         for option in _options(group):
             check_keys(compose([f"{group}={option}"]))
@@ -144,7 +153,98 @@ def test_every_option_and_experiment_passes_the_key_check():
     ("+optimizer.momentun=0.5", "optimizer.momentun is not an option; did you mean optimizer.momentum?"),
 ])
 def test_an_added_key_no_component_takes_names_the_closest_option(override, line):
-    from macfleet.config import check_keys
-
     with pytest.raises(ConfigError, match=line.replace(".", r"\.").replace("?", r"\?")):
         check_keys(compose([override]))
+
+
+def _lrs(schedule: SchedulerConfig, total: int) -> list[float]:
+    """The LR multiplier at each of `total` steps, from the builder the trainer calls."""
+    import torch
+
+    from macfleet.trainer import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, schedule, total)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_the_schedule_group_and_the_api_fields_build_one_schedule():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from macfleet.trainer import Trainer
+
+    cfg = compose(["scheduler=step", "scheduler.warmup_steps=2"])
+    group = to_dataclass(SchedulerConfig, cfg.scheduler)
+    assert group == SchedulerConfig(name="step", warmup_steps=2)
+    tc = to_dataclass(TrainingConfig, cfg.trainer)  # the API's fields follow the group
+    assert (tc.lr_schedule, tc.warmup_steps) == ("step", 2)
+    data = TensorDataset(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    api = Trainer(torch.nn.Linear(2, 2), data, TrainingConfig(lr_schedule="step", warmup_steps=2)).schedule
+    assert api == group
+    # Warm-up, then x0.1 at 50% and x0.01 at 75% of the 8 steps after it.
+    assert _lrs(group, 10) == pytest.approx([0.5, 1.0, 1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert _lrs(to_dataclass(SchedulerConfig, compose(["scheduler=constant"]).scheduler), 5) == [1.0] * 5
+    cosine = _lrs(to_dataclass(SchedulerConfig, compose([]).scheduler), 5)  # the default
+    assert cosine[0] == 1.0 and cosine == sorted(cosine, reverse=True) and cosine[-1] < 0.1
+    with pytest.raises(ConfigError, match="scheduler.warmup_steps must be >= 0"):
+        SchedulerConfig(warmup_steps=-1)
+
+
+def test_train_py_hands_the_trainer_the_schedule_group(monkeypatch):
+    from macfleet.run import run
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs, tc=args[2])
+
+        def fit(self):
+            return {"test_accuracy": 0.5}
+
+    monkeypatch.setattr("macfleet.trainer.Trainer", Recorder)
+    assert run(compose(["cluster=single", "scheduler=constant", "scheduler.warmup_steps=7"])) == 0.5
+    assert seen["scheduler_config"] == SchedulerConfig(name="constant", warmup_steps=7)
+    assert (seen["tc"].lr_schedule, seen["tc"].warmup_steps, seen["tc"].optimizer) == ("constant", 7, None)
+
+
+@pytest.mark.parametrize("override,line", [
+    ("trainer.lr_schedule=step", "trainer.lr_schedule=step disagrees with scheduler.name=cosine: the scheduler "
+                                 "group sets it; use scheduler=step"),
+    ("trainer.warmup_steps=100", "trainer.warmup_steps=100 disagrees with scheduler.warmup_steps=0: the scheduler "
+                                 "group sets it; use scheduler.warmup_steps=100"),
+    ("trainer.compression=fp16", "trainer.compression=fp16 disagrees with compression.name=topk_fp16: the "
+                                 "compression group sets it; use compression=fp16"),
+    ("trainer.optimizer=adamw", "trainer.optimizer=adamw: the optimizer group builds the optimizer; "
+                                "use optimizer=adamw"),
+])
+def test_a_trainer_field_set_apart_from_its_group_names_the_option(override, line):
+    with pytest.raises(ConfigError) as err:
+        check_keys(compose([override]))
+    assert str(err.value) == line
+
+
+def test_a_trainer_field_that_agrees_with_its_group_still_works():
+    check_keys(compose(["scheduler=step", "trainer.lr_schedule=step", "trainer.compression=topk_fp16"]))
+
+
+def test_conf_local_is_merged_when_present(tmp_path):
+    # A search path stands in for the repository's git-ignored conf/local/ (never written by tests).
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "default.yaml").write_text(
+        "# @package _global_\ncluster:\n  master_addr: 10.1.2.3\nlogger:\n  entity: my-team\n")
+    (tmp_path / "local" / "air.yaml").write_text("# @package _global_\ncluster:\n  master_addr: 10.9.9.9\n")
+    here = f"hydra.searchpath=[file://{tmp_path}]"
+    cfg = compose([here, "cluster=pro_air"])
+    assert (cfg.cluster.master_addr, cfg.cluster.master_port, cfg.logger.entity) == ("10.1.2.3", 50051, "my-team")
+    check_keys(cfg)
+    assert compose([here, "cluster=pro_air", "cluster.master_addr=10.0.0.7"]).cluster.master_addr == "10.0.0.7"
+    assert compose([here, "cluster=pro_air", "local=air"]).cluster.master_addr == "10.9.9.9"
+    assert compose([here, "cluster=pro_air", "~local"]).cluster.master_addr == "10.0.0.1"
+    assert compose(["cluster=pro_air"]).cluster.master_addr == "10.0.0.1"  # none there: nothing merged

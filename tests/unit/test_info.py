@@ -9,16 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from macfleet.cluster.info import (describe_macos, parse_hardware_ports, parse_ioreg_gpu_cores, parse_sysctl,
-                                   render)
+from macfleet.cluster.info import (describe_macos, format_info, parse_hardware_ports, parse_ioreg_gpu_cores,
+                                   parse_sysctl, render)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "macos"
 
 
-def _mac(name: str) -> dict:
+def _mac(name: str, thermal: str = "") -> dict:
     d = FIXTURES / name
     return describe_macos(*(d.joinpath(f).read_text() for f in (
-        "sysctl.txt", "sw_vers.txt", "system_profiler_displays.txt", "ifconfig.txt", "networksetup.txt")))
+        "sysctl.txt", "sw_vers.txt", "system_profiler_displays.txt", "ifconfig.txt", "networksetup.txt",
+        f"pmset_therm{thermal}.txt", f"notifyutil_thermal{thermal}.txt")))
 
 
 @pytest.mark.parametrize("name, chip, perf, eff, gpu, mem_gib, bridge_ip, os_name", [
@@ -38,6 +39,18 @@ def test_recorded_macs(name, chip, perf, eff, gpu, mem_gib, bridge_ip, os_name):
     assert bridge_ip in bridge_line and "<- Thunderbolt Bridge" in bridge_line
     assert f"{perf} performance + {eff} efficiency" in text and f"gpu cores: {gpu}" in text
     assert sum("<- Thunderbolt Bridge" in line for line in text.splitlines()) == 1
+    assert info["thermal"]["level"] == "nominal" and "thermal:   nominal" in text
+
+
+def test_info_json_and_table_show_thermal_pressure():
+    hot = _mac("m1air", "_throttled")
+    shown = json.loads(format_info(dict(hot, host="air", torch="2.3.0", devices=["mps", "cpu"]), as_json=True))
+    assert shown["thermal"] == {"level": "heavy", "cpu_speed_limit": 62}
+    assert shown["chip"] == "Apple M1" and shown["interfaces"] == hot["interfaces"]
+    table = format_info(hot)
+    assert "thermal:   heavy, CPU speed limit 62% (throttled" in table
+    pro = json.loads(format_info(_mac("m2pro"), as_json=True))
+    assert pro["thermal"] == {"level": "nominal", "cpu_speed_limit": 100}
 
 
 def test_parsers_edge_cases():
@@ -55,3 +68,6 @@ def test_info_command_on_this_machine():
     info = json.loads(out.stdout)
     assert info["cpu_cores"] >= 1 and info["memory_bytes"] > 0 and info["torch"]
     assert "cpu" in info["devices"] and any(i["name"] == "lo" or i["name"] == "lo0" for i in info["interfaces"])
+    assert set(info["thermal"]) == {"level", "cpu_speed_limit"}
+    if sys.platform != "darwin":
+        assert info["thermal"] == {"level": "unknown", "cpu_speed_limit": None}
