@@ -291,8 +291,8 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
         assert "use the same cluster.token on every node" in procs["token"].text("err")
         # Every key that differs is named with both values, and nothing else: the API master and
         # train.py agree on everything else.
-        assert ("what must match: compression.name: master none, this node fp16; trainer.compression: master none, "
-                "this node fp16. Use the same") in procs["compression"].text("err")
+        assert "what must match: compression.name: master none, this node fp16. Use the same" \
+            in procs["compression"].text("err")
         lr = "optimizer.lr: master 0.05, this node 0.5; trainer.learning_rate: master 0.05, this node 0.5"
         assert f"what must match: {lr}. Use the same" in procs["lr"].text("err"), procs["lr"].text("err")
         # The master says so too (it used to take that worker and train a wrong model).

@@ -19,7 +19,7 @@ from tests.integration.test_cluster_training import TOKEN, TrainProc, direct_arg
 
 # Long enough to be interrupted mid-training; a checkpoint every 10 steps says training is under way.
 ENDLESS = ["trainer.epochs=1000", "trainer.max_steps=100000", "trainer.checkpoint_every=0",
-           "trainer.checkpoint_every_steps=10", "trainer.lr_schedule=constant", "trainer.batch_size=32",
+           "trainer.checkpoint_every_steps=10", "scheduler=constant", "trainer.batch_size=32",
            "cluster.heartbeat_interval=1.0", "cluster.wait_timeout=60", "trainer.log_every=5"]
 PROMPT_S = 1.5
 """'Within about a second': the bye's trip plus a step on a loaded 2-core machine."""

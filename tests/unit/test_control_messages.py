@@ -97,12 +97,14 @@ def test_fingerprint_is_canonical_and_leaves_per_node_keys_out():
 
 
 def test_diff_names_every_key_with_both_values_settings_first():
-    master = fingerprint({"trainer": {"learning_rate": 0.1, "optimizer": "sgd"}, "model": {"layers": {"fc": "Linear(2)"}}})
-    node = fingerprint({"trainer": {"learning_rate": 0.5, "optimizer": "adamw"}, "model": {"layers": {"fc": "Linear(3)"}},
-                        "compression": {"name": "fp16"}})
+    master = fingerprint({"trainer": {"learning_rate": 0.1, "optimizer": "sgd"}, "model": {"layers": {"fc": "Linear(2)"}},
+                          "optimizer": {"class": "torch.optim.sgd.SGD"}})
+    node = fingerprint({"trainer": {"learning_rate": 0.5, "optimizer": None}, "model": {"layers": {"fc": "Linear(3)"}},
+                        "compression": {"name": "fp16"}, "optimizer": {"class": "torch.optim.adamw.AdamW"}})
+    # trainer.optimizer is a copy of the optimizer group (null in train.py): the built one counts.
     assert diff(master, node) == ["compression.name: master (unset), this node fp16",
+                                  "optimizer.class: master torch.optim.sgd.SGD, this node torch.optim.adamw.AdamW",
                                   "trainer.learning_rate: master 0.1, this node 0.5",
-                                  "trainer.optimizer: master sgd, this node adamw",
                                   "model.layers.fc: master Linear(2), this node Linear(3)"]
     many = diff({f"k{i}": "1" for i in range(LISTED + 5)}, {})
     assert len(many) == LISTED + 1 and many[-1] == "and 5 more differences"
