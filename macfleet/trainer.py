@@ -340,6 +340,7 @@ class Trainer:
                     step_in_epoch = 0
                 ddp.sync_buffers()  # every rank evaluates and checkpoints rank 0's BatchNorm statistics
                 if vote.stop:
+                    progress.update(step, f"epoch {epoch + 1}/{tc.epochs} stopped by Ctrl-C")
                     # No evaluation (it may take long); a checkpoint if it fits the time budget
                     # and holds a step this run took.
                     why = ("no step since the start" if step == start_step else
