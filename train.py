@@ -53,7 +53,10 @@ def main(cfg: DictConfig) -> float:
         sys.exit(1)
     except TrainingInterrupted as stop:
         worker = str(cfg.cluster.role).lower().endswith("worker")
-        print(f"macfleet: {stop}; resume with: {_resume_command(None if worker else stop.out_dir)}", file=sys.stderr)
+        # A sweep's job resumes as a run of its own: its overrides, not the sweep's.
+        args = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else _USER_ARGS
+        print(f"macfleet: {stop}; resume with: {_resume_command(args, None if worker else stop.out_dir)}",
+              file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         _interrupted_early()
@@ -68,13 +71,13 @@ def _arg_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
-def _resume_command(run_dir) -> str:
-    """The command that continues this run: this one's arguments, its run dir and resume=auto."""
+def _resume_command(args: list[str], run_dir) -> str:
+    """The command that continues this run: its arguments, its run dir and resume=auto."""
     import shlex
 
     from macfleet.trainer import _shown
 
-    keep = [a for a in _USER_ARGS if _arg_key(a) not in ("hydra.run.dir", "trainer.resume", "run_id")]
+    keep = [a for a in args if _arg_key(a) not in ("hydra.run.dir", "trainer.resume", "run_id")]
     where = [f"hydra.run.dir={_shown(run_dir)}"] if run_dir else []
     return shlex.join(["python", sys.argv[0], *keep, *where, "trainer.resume=auto"])
 
@@ -99,7 +102,10 @@ def _resume_in_place(argv: list[str]) -> list[str]:
         newest = ckpt.latest(run_dir / "checkpoints")
         if newest is None or not (run_dir / ".hydra" / "config.yaml").is_file():
             return argv
-        meta = json.loads((newest / ckpt.META).read_text())
+        try:
+            meta = json.loads((newest / ckpt.META).read_text())
+        except (OSError, ValueError):  # the trainer's load says what is wrong with it
+            return argv
     else:
         try:
             cfg, outputs_root = _compose(args)

@@ -8,11 +8,11 @@
 
 Only rank 0 writes: logs, metrics.json, W&B and checkpoints.
 
-Ctrl-C: the first SIGINT only asks to stop. Every rank votes on stopping at step boundaries
-(`_StopVote`), so all of them stop at the same step, rank 0 saves a checkpoint there when that
-fits in about 2 s, writes metrics.json, history.json and curves.png for the steps done, and
-`fit` raises `TrainingInterrupted`, whose text is the one line to show. A second Ctrl-C stops at
-once, keeping the newest checkpoint.
+Ctrl-C (`_CtrlC`): the first SIGINT only asks to stop. Every rank votes on stopping at step
+boundaries (`_StopVote`), so all of them stop at the same step, rank 0 saves a checkpoint there
+when that fits in about 2 s, writes metrics.json, history.json and curves.png for the steps
+done, and `fit` raises `TrainingInterrupted`, whose text is the one line to show. A second
+Ctrl-C aborts the collectives and stops at once, keeping the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -205,7 +205,11 @@ class Trainer:
         device = pick_device(tc.device)
         world = self._connect(device)
         # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
-        with _CtrlC() as ctrl_c:
+        def abort() -> None:
+            if world.group is not None:
+                world.group.abort(MacFleetError("stopped by a second Ctrl-C"))
+
+        with _CtrlC(on_second=abort) as ctrl_c:
             try:
                 return self._fit(world, device, t_start, ctrl_c)
             finally:
@@ -284,6 +288,8 @@ class Trainer:
                     batches = iter(loader)
                 # Iterate steps, not batches, so a step's time includes waiting for its batch.
                 for _ in range(len(loader)):
+                    if ctrl_c.hard:
+                        raise KeyboardInterrupt("a second Ctrl-C")
                     if vote.due(step) and vote(step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s)):
                         stop = True
                         break
@@ -364,7 +370,8 @@ class Trainer:
             # keep the newest checkpoint, and still write what the steps done measured.
             if ctrl_c.at is None:
                 raise
-            interrupted = TrainingInterrupted(step, world.rank, saved=False, why="stopped at once",
+            why = "stopped at once by a second Ctrl-C" if ctrl_c.hard else "a peer stopped before the others"
+            interrupted = TrainingInterrupted(step, world.rank, saved=False, why=why,
                                               checkpoint=ckpt.latest(ckpt_dir) if is_master else None,
                                               out_dir=out_dir if is_master else None)
         finally:
@@ -519,8 +526,9 @@ class Trainer:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training at a step boundary every rank agreed on, after rank 0 wrote what it
-    could. `str()` is the one line to show; train.py adds the command that resumes."""
+    """Ctrl-C stopped training (at a step boundary every rank agreed on, or at once after a second
+    one), after rank 0 wrote what it could. `str()` is the one line to show; train.py adds the
+    command that resumes. A KeyboardInterrupt, so API callers that catch Ctrl-C still do."""
 
     def __init__(self, step: int, rank: int, saved: bool, why: str = "", checkpoint: Path | None = None,
                  out_dir: Path | None = None):
@@ -551,31 +559,56 @@ def _shown(path) -> str:
 
 
 class _CtrlC:
-    """SIGINT while training. The first only records when it came (`at`), so the loop can stop at
-    a step boundary all ranks agree on and save; a second raises KeyboardInterrupt at once.
-    Installed only on the main thread (where Python runs signal handlers)."""
+    """SIGINT while training. The first only records when it came (`at`), so the loop stops at a
+    step boundary all ranks agree on and saves; the second sets `hard` and calls `on_second`
+    (which aborts the group's collectives), so this rank stops without waiting for the others.
+
+    Python runs signal handlers on the main thread between bytecodes, never while it waits
+    inside C++ (backward waiting on the comm hook's collective): the handler does nothing, and a
+    watcher thread counts the signals from the wakeup fd, which the C-level handler writes at
+    once. Installed only when `fit` runs on the main thread."""
 
     BUDGET_S = 2.0
     """A checkpoint is written after a Ctrl-C only if it is expected to be done this soon after it."""
 
-    def __init__(self):
+    def __init__(self, on_second: Callable[[], None] | None = None):
         self.at: float | None = None
+        self.hard = False
+        self._on_second = on_second
         self._installed = False
 
     def __enter__(self) -> "_CtrlC":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._write, False)  # set_wakeup_fd's rule: a handler never blocks
+            self._previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, name="macfleet-ctrl-c", daemon=True)
+            self._watcher.start()
             self._installed = True
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._installed:  # None: the previous handler was not set from Python
-            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        if not self._installed:
+            return
+        signal.set_wakeup_fd(self._previous_fd)
+        # None: the previous handler was not set from Python.
+        signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        os.close(self._write)  # the watcher reads end-of-file and returns
+        self._watcher.join(5)
+        os.close(self._read)
 
-    def _handle(self, signum, frame) -> None:
-        if self.at is not None:
-            raise KeyboardInterrupt
-        self.at = time.monotonic()
+    def _watch(self) -> None:
+        while data := os.read(self._read, 64):
+            for signum in data:
+                if signum != signal.SIGINT:
+                    continue
+                if self.at is None:
+                    self.at = time.monotonic()
+                elif not self.hard:
+                    self.hard = True
+                    if self._on_second is not None:
+                        self._on_second()
 
     def save_fits(self, last_save_s: float) -> bool:
         """Whether a checkpoint taking as long as the last one ends within the budget."""
