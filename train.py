@@ -34,7 +34,6 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from macfleet.run import run
-
     from macfleet.trainer import TrainingInterrupted
 
     hc = HydraConfig.get()
@@ -52,11 +51,10 @@ def main(cfg: DictConfig) -> float:
         print(f"macfleet: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except TrainingInterrupted as stop:
-        worker = str(cfg.cluster.role).lower().endswith("worker")
-        # A sweep's job resumes as a run of its own: its overrides, not the sweep's.
+        # A sweep's job resumes as a run of its own: its overrides, not the sweep's. Only rank 0
+        # names a run dir (out_dir); another rank's command is its own one with resume=auto.
         args = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else _USER_ARGS
-        print(f"macfleet: {stop}; resume with: {_resume_command(args, None if worker else stop.out_dir)}",
-              file=sys.stderr)
+        print(f"macfleet: {stop}; resume with: {_resume_command(args, stop.out_dir)}", file=sys.stderr)
         sys.exit(130)
     except KeyboardInterrupt:
         _interrupted_early()
