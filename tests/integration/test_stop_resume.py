@@ -91,10 +91,11 @@ def test_ctrl_c_on_a_local_fleet_saves_and_says_how_to_resume(tmp_path):
 
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory):
-    """A one-process run under <cwd>/outputs/, stopped by Ctrl-C after its first checkpoints:
-    (cwd, its arguments, the master's line, history.json and .hydra/overrides.yaml as it left them)."""
+    """A one-process run started with trainer.resume=auto where there is no run yet, stopped by
+    Ctrl-C after its first checkpoints: (cwd, its arguments, its output, the master's line,
+    history.json and .hydra/overrides.yaml as it left them)."""
     cwd = tmp_path_factory.mktemp("interrupted")
-    args = ["cluster=single", "trainer.epochs=4", *SMALL]
+    args = ["cluster=single", "trainer.epochs=2", *SMALL, "trainer.resume=auto"]
     proc = TrainProc(args, cwd, group=True)
     try:
         _interrupt_after_first_checkpoint(proc, str(cwd / "outputs"))
@@ -103,25 +104,39 @@ def interrupted_run(tmp_path_factory):
         proc.kill()
     m = _master_line(proc)
     run_dir = cwd / m[3]
-    return cwd, args, m, (run_dir / "history.json").read_text(), (run_dir / ".hydra" / "overrides.yaml").read_text()
+    return (cwd, args, proc.text(), m, (run_dir / "history.json").read_text(),
+            (run_dir / ".hydra" / "overrides.yaml").read_text())
 
 
-def test_resume_auto_continues_the_newest_run_of_this_config(tmp_path, interrupted_run):
-    src, args, line, history_before, overrides_before = interrupted_run
-    shutil.copytree(src / "outputs", tmp_path / "outputs")
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory, interrupted_run):
+    """The same command again, on a terminal (a pty: rich draws a live bar): (cwd, what it showed)."""
+    src, args, *_ = interrupted_run
+    cwd = tmp_path_factory.mktemp("resumed")
+    shutil.copytree(src / "outputs", cwd / "outputs")
+    code, shown = _run_in_a_terminal(args, cwd)
+    assert code == 0, shown[-4000:]
+    return cwd, shown
+
+
+def test_resume_auto_says_when_no_run_of_this_config_has_a_checkpoint(interrupted_run):
+    # Runs of other configs are not taken either (tests/unit/test_checkpoint.py covers which count).
+    _, _, out, line, _, _ = interrupted_run
+    assert "trainer.resume=auto: no run of this config under outputs/ has a checkpoint; starting a new run" in out
+    assert "resumed from" not in out and line[3].startswith("outputs/")
+
+
+def test_resume_auto_continues_the_newest_run_of_this_config(interrupted_run, resumed_run):
+    _, _, _, line, history_before, overrides_before = interrupted_run
+    cwd, shown = resumed_run
     step = int(line[1])
-    run_dir = tmp_path / line[3]
+    run_dir = cwd / line[3]
     run_id = run_dir.name
-    proc = TrainProc([*args, "trainer.resume=auto", "trainer.progress=false"], tmp_path)  # progress: not identity
-    try:
-        assert proc.wait(60) == 0, proc.text()[-4000:]
-    finally:
-        proc.kill()
     assert (f"trainer.resume=auto: continuing run {run_id} in outputs/{run_id} from step-{step:08d}, "
-            "the newest run of this config with a checkpoint") in proc.text()
-    assert [p.name for p in (tmp_path / "outputs").iterdir()] == [run_id]  # no new run dir
+            "the newest run of this config with a checkpoint") in shown
+    assert [p.name for p in (cwd / "outputs").iterdir()] == [run_id]  # no new run dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["run_id"] == run_id and metrics["steps"] == 88 and "interrupted" not in metrics
+    assert metrics["run_id"] == run_id and metrics["steps"] == 44 and "interrupted" not in metrics
     # The first start's overrides stay; the resumption is added beside them.
     assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides_before
     resumes = (run_dir / ".hydra" / "resumes.yaml").read_text()
@@ -130,25 +145,20 @@ def test_resume_auto_continues_the_newest_run_of_this_config(tmp_path, interrupt
     history = json.loads((run_dir / "history.json").read_text())
     before = [h for h in json.loads(history_before) if h["step"] <= step]
     assert history[: len(before)] == before
-    assert _train_steps(history) == list(range(5, 88, 5)) + [88]
+    assert _train_steps(history) == list(range(5, 44, 5)) + [44]
 
 
-def test_resume_auto_says_when_no_run_of_this_config_has_a_checkpoint(tmp_path, interrupted_run):
-    src, args, line, _, _ = interrupted_run
-    shutil.copytree(src / "outputs", tmp_path / "outputs")
-    before = {p.name for p in (tmp_path / "outputs").iterdir()}
-    # Another seed is another run: not continued, even though its checkpoints are there.
-    proc = TrainProc([*args, "trainer.seed=1", "trainer.max_steps=1", "trainer.resume=auto"], tmp_path)
-    try:
-        assert proc.wait(60) == 0, proc.text()[-4000:]
-    finally:
-        proc.kill()
-    assert ("trainer.resume=auto: no run of this config under outputs/ has a checkpoint; starting a new run"
-            in proc.text())
-    new = {p.name for p in (tmp_path / "outputs").iterdir()} - before
-    assert len(new) == 1
-    assert json.loads((tmp_path / "outputs" / new.pop() / "metrics.json").read_text())["steps"] == 1
-    assert "resumed from" not in proc.text()
+def test_log_lines_print_above_the_bar_and_numbers_read_well(resumed_run):
+    _, shown = resumed_run
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # what a person sees, line by line
+    lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
+    logged = [ln for ln in lines if "[macfleet" in ln]
+    assert logged and all(ln.startswith("[20") for ln in logged), [ln for ln in logged if not ln.startswith("[20")]
+    assert any(re.search(r"epoch 2/2 train loss \d\.\d{4}", ln) for ln in lines if ln.startswith("train")), lines[-5:]
+    assert [ln for ln in logged if re.search(r"epoch 2: test loss \d\.\d{4} test accuracy \d\.\d{4}$", ln)]
+    summary = {m[1]: m[2] for m in (re.match(r"^│ (\S+)\s+│\s+(.+?) │$", ln) for ln in lines) if m}
+    assert re.fullmatch(r"[\d,]+", summary["samples/s"]), summary
+    assert re.fullmatch(r"\d+\.\d MB", summary["bytes_sent"]) and re.fullmatch(r"\d+\.\d ms", summary["step_s"]), summary
 
 
 def test_a_killed_save_is_cleared_and_the_run_resumes_with_its_history(tmp_path):
@@ -246,17 +256,3 @@ def _run_in_a_terminal(args: list[str], cwd: Path, columns: int = 200, timeout: 
             proc.kill()
         os.close(master)
     return code, shown.decode(errors="replace")
-
-
-def test_log_lines_print_above_the_bar_and_numbers_read_well(tmp_path):
-    code, shown = _run_in_a_terminal(["cluster=single", "trainer.epochs=2", f"hydra.run.dir={tmp_path}"], tmp_path)
-    assert code == 0, shown[-3000:]
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown)  # what a person sees, line by line
-    lines = [ln for ln in re.split(r"[\r\n]+", text) if ln.strip()]
-    logged = [ln for ln in lines if "[macfleet" in ln]
-    assert logged and all(ln.startswith("[20") for ln in logged), [ln for ln in logged if not ln.startswith("[20")]
-    assert any(re.search(r"epoch 2/2 train loss \d\.\d{4}", ln) for ln in lines if ln.startswith("train")), lines[-5:]
-    assert [ln for ln in logged if re.search(r"epoch 2: test loss \d\.\d{4} test accuracy \d\.\d{4}$", ln)]
-    summary = {m[1]: m[2] for m in (re.match(r"^│ (\S+)\s+│\s+(.+?) │$", ln) for ln in lines) if m}
-    assert re.fullmatch(r"[\d,]+", summary["samples/s"]), summary
-    assert re.fullmatch(r"\d+\.\d MB", summary["bytes_sent"]) and re.fullmatch(r"\d+\.\d ms", summary["step_s"]), summary
