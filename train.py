@@ -111,8 +111,8 @@ def _resume_in_place(argv: list[str]) -> list[str]:
             return argv
         found = ckpt.find_resumable(outputs_root, cfg)
         if found is None:
-            _RESUMING["note"] = (f"trainer.resume=auto: no run of this config under {outputs_root}/ has a checkpoint; "
-                                 "starting a new run")
+            _RESUMING["note"] = (f"trainer.resume=auto: no unfinished run of this config under {outputs_root}/ has a "
+                                 "checkpoint; starting a new run")
             return argv
         run_dir, newest, meta = found
         _RESUMING["note"] = (f"trainer.resume=auto: continuing run {meta.get('run_id') or run_dir.name} in "
@@ -131,17 +131,17 @@ def _compose(args: list[str]) -> tuple[dict, str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf, open_dict
 
-    config_dir = str(Path(__file__).resolve().parent / "conf")
+    flags = {"config_dir": str(Path(__file__).resolve().parent / "conf"), "config_name": "config"}
+    names = {"--config-dir": "config_dir", "-cd": "config_dir", "--config-name": "config_name", "-cn": "config_name"}
     overrides, it = [], iter(args)
     for a in it:
-        if a in ("--config-dir", "-cd"):
-            config_dir = str(Path(next(it)).resolve())
-        elif a.startswith(("--config-dir=", "-cd=")):
-            config_dir = str(Path(a.split("=", 1)[1]).resolve())
+        flag, eq, value = a.partition("=")
+        if flag in names:
+            flags[names[flag]] = value if eq else next(it)
         elif not a.startswith("-"):
             overrides.append(a)
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(Path(flags["config_dir"]).resolve()), version_base="1.3"):
+        cfg = compose(config_name=flags["config_name"], overrides=overrides, return_hydra_config=True)
     outputs_root = str(Path(OmegaConf.select(cfg, "hydra.run.dir", default="outputs/x")).parent)
     with open_dict(cfg):
         del cfg["hydra"]

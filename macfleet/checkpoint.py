@@ -212,9 +212,16 @@ def run_identity(config: dict) -> dict:
     return out
 
 
+def finished(meta: dict) -> bool:
+    """Whether the checkpoint with this meta.json ends its run (its last epoch, or max_steps)."""
+    trainer = (meta.get("config") or {}).get("trainer") or {}
+    epochs, max_steps = trainer.get("epochs"), trainer.get("max_steps")
+    return (epochs is not None and meta.get("epoch", 0) >= epochs) or bool(max_steps and meta.get("step", 0) >= max_steps)
+
+
 def find_resumable(outputs_root: str | os.PathLike, config: dict) -> tuple[Path, Path, dict] | None:
-    """The newest run under `outputs_root` whose checkpoints were written with the same config
-    (see `run_identity`), as (run dir, its newest complete checkpoint, that checkpoint's meta)."""
+    """The newest unfinished run under `outputs_root` whose checkpoints were written with the same
+    config (see `run_identity`), as (run dir, its newest complete checkpoint, that checkpoint's meta)."""
     root = Path(outputs_root)
     if not root.is_dir():
         return None
@@ -228,7 +235,7 @@ def find_resumable(outputs_root: str | os.PathLike, config: dict) -> tuple[Path,
             meta = json.loads((newest / META).read_text())
         except (OSError, ValueError):
             continue
-        if run_identity(meta.get("config") or {}) != want:
+        if run_identity(meta.get("config") or {}) != want or finished(meta):
             continue
         if best is None or meta.get("time", 0) > best[2].get("time", 0):
             best = (run_dir, newest, meta)

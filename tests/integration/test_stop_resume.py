@@ -122,7 +122,7 @@ def resumed_run(tmp_path_factory, interrupted_run):
 def test_resume_auto_says_when_no_run_of_this_config_has_a_checkpoint(interrupted_run):
     # Runs of other configs are not taken either (tests/unit/test_checkpoint.py covers which count).
     _, _, out, line, _, _ = interrupted_run
-    assert "trainer.resume=auto: no run of this config under outputs/ has a checkpoint; starting a new run" in out
+    assert "trainer.resume=auto: no unfinished run of this config under outputs/ has a checkpoint; starting a new run" in out
     assert "resumed from" not in out and line[3].startswith("outputs/")
 
 

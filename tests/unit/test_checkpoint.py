@@ -58,16 +58,18 @@ def test_clean_removes_only_what_killed_writers_left(tmp_path):
 
 
 def test_find_resumable_takes_the_newest_run_of_the_same_config(tmp_path):
-    config = {"run_id": "a", "trainer": {"seed": 0, "resume": "none", "progress": True}, "model": {"width": 32},
-              "cluster": {"role": "master", "master_port": 50051, "nodes": 2}}
-    def run(name, step, **changes):
+    config = {"run_id": "a", "trainer": {"seed": 0, "resume": "none", "progress": True, "epochs": 2, "max_steps": 0},
+              "model": {"width": 32}, "cluster": {"role": "master", "master_port": 50051, "nodes": 2}}
+    def run(name, step, epoch=0, **changes):
         cfg = {k: dict(v, **changes.get(k, {})) if isinstance(v, dict) else v for k, v in config.items()}
-        ckpt.save(tmp_path / name / "checkpoints", step, _state(1.0), {"config": dict(cfg, run_id=name), "run_id": name})
+        ckpt.save(tmp_path / name / "checkpoints", step, _state(1.0),
+                  {"config": dict(cfg, run_id=name), "run_id": name, "epoch": epoch})
 
     run("old", 5)
     run("other-seed", 9, trainer={"seed": 1})
     run("other-nodes", 9, cluster={"nodes": 3})
     run("new", 3, cluster={"master_port": 6000})  # where it listened is not what it is
+    run("finished", 44, epoch=2)  # nothing left to continue
     (tmp_path / "no-checkpoint").mkdir()
     # What this command resolves to: another run id, resume=auto, no progress bar.
     want = dict(config, run_id="fresh", trainer=dict(config["trainer"], resume="auto", progress=False))
@@ -75,6 +77,8 @@ def test_find_resumable_takes_the_newest_run_of_the_same_config(tmp_path):
     assert run_dir.name == "new" and newest.name == "step-00000003" and meta["run_id"] == "new"
     assert ckpt.find_resumable(tmp_path, dict(want, model={"width": 64})) is None
     assert ckpt.find_resumable(tmp_path / "nowhere", want) is None
+    with_max = {"config": {"trainer": {"epochs": 2, "max_steps": 7}}, "epoch": 0}
+    assert ckpt.finished(dict(with_max, step=7)) and not ckpt.finished(dict(with_max, step=6))
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
