@@ -377,7 +377,7 @@ class Trainer:
         finally:
             progress.close()
 
-        if not timed_steps:
+        if not timed_steps and interrupted is None:
             log.warning("no step was timed: trainer.timing_warmup_steps=%d covers all %d steps run; samples_per_s is 0",
                         tc.timing_warmup_steps, steps_run)
         wall = time.perf_counter() - t_start

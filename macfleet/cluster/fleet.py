@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import torch
 
@@ -255,8 +256,10 @@ class LocalFleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        # 130: stopped by Ctrl-C, which the worker said itself.
-        bad = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.returncode not in (0, 130, None)]
+        # 130: stopped by Ctrl-C, which the worker said itself; -SIGINT: a Ctrl-C came while its
+        # interpreter was still starting, before it could say anything.
+        bad = [(r + 1, p.returncode) for r, p in enumerate(self.procs)
+               if p.returncode not in (0, 130, -signal.SIGINT, None)]
         if bad:
             log.warning("local fleet: worker(s) exited with %s", bad)
         if self._tmp is not None:
