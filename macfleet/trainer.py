@@ -649,8 +649,8 @@ class _StopVote:
 
 class _sigint_ignored_by_children:
     """DataLoader workers started inside inherit an ignored SIGINT. A spawned worker (macOS's
-    default) would otherwise die of the first Ctrl-C, and the loop's next batch with it; forked
-    ones inherit the trainer's handler and need nothing."""
+    default) would otherwise die of the first Ctrl-C, and the loop's next batch with it; a forked
+    one (Linux) would write its Ctrl-C into the trainer's wakeup fd, counted as a second one."""
 
     def __init__(self, active: bool):
         self.active = active and threading.current_thread() is threading.main_thread()
