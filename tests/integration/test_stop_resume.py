@@ -30,7 +30,7 @@ from tests.conftest import PY, ROOT
 from tests.integration.test_cluster_training import TrainProc
 
 # A run long enough to be interrupted, checkpointing every few steps.
-SMALL = ["trainer.checkpoint_every_steps=5", "trainer.log_every=5", "trainer.lr_schedule=constant"]
+SMALL = ["trainer.checkpoint_every_steps=5", "trainer.log_every=5"]
 INTERRUPT = re.compile(r"^macfleet: interrupted at step (\d+): saved checkpoint (\S+) and metrics\.json, "
                        r"history\.json, curves\.png in (\S+); resume with: (.+)$")
 
@@ -167,7 +167,7 @@ def test_a_killed_save_is_cleared_and_the_run_resumes_with_its_history(tmp_path)
     # under way most of the time.
     args = ["cluster=single", "compression=none", "model.width=96", "trainer.batch_size=8", "trainer.epochs=1",
             "trainer.checkpoint_every_steps=1", "trainer.log_every=1", "trainer.progress=false",
-            "trainer.lr_schedule=constant", f"hydra.run.dir={run_dir}"]
+            f"hydra.run.dir={run_dir}"]
     proc = TrainProc(args, tmp_path, group=True)
     ckpts = run_dir / "checkpoints"
     try:
