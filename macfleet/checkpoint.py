@@ -216,7 +216,8 @@ def finished(meta: dict) -> bool:
     """Whether the checkpoint with this meta.json ends its run (its last epoch, or max_steps)."""
     trainer = (meta.get("config") or {}).get("trainer") or {}
     epochs, max_steps = trainer.get("epochs"), trainer.get("max_steps")
-    return (epochs is not None and meta.get("epoch", 0) >= epochs) or bool(max_steps and meta.get("step", 0) >= max_steps)
+    return ((epochs is not None and meta.get("epoch", 0) >= epochs)
+            or bool(max_steps and meta.get("step", 0) >= max_steps))
 
 
 def find_resumable(outputs_root: str | os.PathLike, config: dict) -> tuple[Path, Path, dict] | None:

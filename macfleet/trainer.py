@@ -353,8 +353,8 @@ class Trainer:
                            "" if vote.save else f"no time to save within {_CtrlC.BUDGET_S:g} s")
                     saved = None if why else self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched,
                                                         ddp, history)
-                    interrupted = TrainingInterrupted(step, world.rank, saved=not why, why=why,
-                                                      checkpoint=saved or (ckpt.latest(ckpt_dir) if is_master else None),
+                    newest = saved or (ckpt.latest(ckpt_dir) if is_master else None)
+                    interrupted = TrainingInterrupted(step, world.rank, saved=not why, why=why, checkpoint=newest,
                                                       out_dir=out_dir if is_master else None)
                     break
                 last_eval = self.evaluate(model, world, device)
@@ -540,8 +540,8 @@ class TrainingInterrupted(KeyboardInterrupt):
     def describe(self) -> str:
         head = f"interrupted at step {self.step}" + (f" ({self.why})" if self.why else "")
         if self.rank != 0:
-            return (f"rank {self.rank} {head}: " +
-                    (f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"))
+            said = f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"
+            return f"rank {self.rank} {head}: {said}"
         written = f"metrics.json, history.json, curves.png in {_shown(self.out_dir)}"
         if self.saved:
             return f"{head}: saved checkpoint {_shown(self.checkpoint)} and {written}"
@@ -722,10 +722,11 @@ class _ConsoleHandler(logging.Handler):
         on the root and macfleet loggers; returns what to undo."""
         import sys
 
+        terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
         swapped = []
         for logger in (logging.getLogger(), log):
             for h in list(logger.handlers):
-                if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+                if type(h) is logging.StreamHandler and h.stream in terminal:
                     mine = cls(console, h)
                     logger.removeHandler(h)
                     logger.addHandler(mine)

@@ -198,6 +198,9 @@ class ClusterWorld(GroupWorld):
             self.coordinator.stop()
 
 
+FLEET_TMP_PREFIX = "macfleet-fleet-"
+
+
 class LocalFleet:
     """The worker processes of `cluster=local`: ranks 1..N-1 of the master's own run, on this
     machine, started from the resolved config (`python -m macfleet.run`), their output prefixed.
@@ -267,9 +270,6 @@ class LocalFleet:
             self._tmp = None
 
 
-FLEET_TMP_PREFIX = "macfleet-fleet-"
-
-
 def _remove_dead_fleet_dirs(tmp_root: str) -> None:
     """Remove the temp dirs of local fleets whose master process is gone."""
     import shutil
@@ -278,7 +278,9 @@ def _remove_dead_fleet_dirs(tmp_root: str) -> None:
 
     for entry in os.scandir(tmp_root):
         pid = entry.name[len(FLEET_TMP_PREFIX):].split("-", 1)[0]
-        if entry.name.startswith(FLEET_TMP_PREFIX) and pid.isdigit() and entry.is_dir() and not psutil.pid_exists(int(pid)):
+        if not (entry.name.startswith(FLEET_TMP_PREFIX) and pid.isdigit() and entry.is_dir()):
+            continue
+        if not psutil.pid_exists(int(pid)):
             shutil.rmtree(entry.path, ignore_errors=True)
             if not os.path.exists(entry.path):  # another user's is not ours to remove
                 log.info("local fleet: removed %s, left by a killed run (pid %s)", entry.path, pid)

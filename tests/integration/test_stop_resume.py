@@ -71,7 +71,8 @@ def test_ctrl_c_on_a_local_fleet_saves_and_says_how_to_resume(tmp_path):
     step, saved, where, command = int(m[1]), tmp_path / m[2], tmp_path / m[3], m[4]
     # One line from the worker as well, naming the same step.
     worker = [ln for ln in out.splitlines() if ln.startswith("[rank 1]") and "interrupted" in ln]
-    assert worker == [f"[rank 1] macfleet: rank 1 interrupted at step {step}: rank 0 saved checkpoint step-{step:08d}"], out
+    said = f"[rank 1] macfleet: rank 1 interrupted at step {step}: rank 0 saved checkpoint step-{step:08d}"
+    assert worker == [said], out
     assert not [ln for ln in out.splitlines() if ln.startswith("[rank 1]") and "interrupted" not in ln], out[-3000:]
     # The checkpoint is at the step both stopped at, complete, and was written within ~2 s of the Ctrl-C.
     assert saved == run_dir / "checkpoints" / f"step-{step:08d}" and where == run_dir
@@ -122,7 +123,8 @@ def resumed_run(tmp_path_factory, interrupted_run):
 def test_resume_auto_says_when_no_run_of_this_config_has_a_checkpoint(interrupted_run):
     # Runs of other configs are not taken either (tests/unit/test_checkpoint.py covers which count).
     _, _, out, line, _, _ = interrupted_run
-    assert "trainer.resume=auto: no unfinished run of this config under outputs/ has a checkpoint; starting a new run" in out
+    assert ("trainer.resume=auto: no unfinished run of this config under outputs/ has a checkpoint; "
+            "starting a new run") in out
     assert "resumed from" not in out and line[3].startswith("outputs/")
 
 
@@ -158,7 +160,8 @@ def test_log_lines_print_above_the_bar_and_numbers_read_well(resumed_run):
     assert [ln for ln in logged if re.search(r"epoch 2: test loss \d\.\d{4} test accuracy \d\.\d{4}$", ln)]
     summary = {m[1]: m[2] for m in (re.match(r"^│ (\S+)\s+│\s+(.+?) │$", ln) for ln in lines) if m}
     assert re.fullmatch(r"[\d,]+", summary["samples/s"]), summary
-    assert re.fullmatch(r"\d+\.\d MB", summary["bytes_sent"]) and re.fullmatch(r"\d+\.\d ms", summary["step_s"]), summary
+    assert re.fullmatch(r"\d+\.\d MB", summary["bytes_sent"]), summary
+    assert re.fullmatch(r"\d+\.\d ms", summary["step_s"]), summary
 
 
 def test_a_killed_save_is_cleared_and_the_run_resumes_with_its_history(tmp_path):

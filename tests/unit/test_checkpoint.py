@@ -53,7 +53,8 @@ def test_clean_removes_only_what_killed_writers_left(tmp_path):
     (tmp_path / f".tmp-step-00000005-{dead}").mkdir()
     ckpt.save(tmp_path, 5, _state(5.0), {})
     ckpt.save(tmp_path, 5, _state(6.0), {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-step-00000002-{live}", "step-00000001", "step-00000005"]
+    left = [f".tmp-step-00000002-{live}", "step-00000001", "step-00000005"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == left
     assert torch.equal(ckpt.load(tmp_path / "step-00000005")[0]["model"]["w"], torch.full((4, 4), 6.0))
 
 
