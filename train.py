@@ -73,10 +73,10 @@ def _resume_command(args: list[str], run_dir) -> str:
     """The command that continues this run: its arguments, its run dir and resume=auto."""
     import shlex
 
-    from macfleet.trainer import _shown
+    from macfleet.trainer import shown_path
 
     keep = [a for a in args if _arg_key(a) not in ("hydra.run.dir", "trainer.resume", "run_id")]
-    where = [f"hydra.run.dir={_shown(run_dir)}"] if run_dir else []
+    where = [f"hydra.run.dir={shown_path(run_dir)}"] if run_dir else []
     return shlex.join(["python", sys.argv[0], *keep, *where, "trainer.resume=auto"])
 
 

@@ -542,14 +542,14 @@ class TrainingInterrupted(KeyboardInterrupt):
         if self.rank != 0:
             said = f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"
             return f"rank {self.rank} {head}: {said}"
-        written = f"metrics.json, history.json, curves.png in {_shown(self.out_dir)}"
+        written = f"metrics.json, history.json, curves.png in {shown_path(self.out_dir)}"
         if self.saved:
-            return f"{head}: saved checkpoint {_shown(self.checkpoint)} and {written}"
-        newest = f"newest checkpoint {_shown(self.checkpoint)}" if self.checkpoint else "no checkpoint yet"
+            return f"{head}: saved checkpoint {shown_path(self.checkpoint)} and {written}"
+        newest = f"newest checkpoint {shown_path(self.checkpoint)}" if self.checkpoint else "no checkpoint yet"
         return f"{head}: saved {written}; {newest}"
 
 
-def _shown(path) -> str:
+def shown_path(path) -> str:
     """`path` relative to the working directory when it is under it (as a user typed it), else absolute."""
     path = Path(path).resolve()
     try:
