@@ -176,8 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     except MacFleetError as exc:
         print(f"macfleet: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as exc:  # Ctrl-C reaches a local fleet's workers too: one line each
+        from macfleet.trainer import TrainingInterrupted
+
+        said = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted before the first step: nothing saved"
+        print(f"macfleet: {said}", file=sys.stderr)
+        return 130
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # while importing, before main could catch it
+        print("macfleet: interrupted before the first step: nothing saved", file=sys.stderr)
+        sys.exit(130)

@@ -7,6 +7,12 @@
     -> every rank holds the global-batch mean gradient  ->  identical optimizer.step()
 
 Only rank 0 writes: logs, metrics.json, W&B and checkpoints.
+
+Ctrl-C (`_CtrlC`): the first SIGINT only asks to stop. Every rank votes on stopping at step
+boundaries (`_StopVote`), so all of them stop at the same step, rank 0 saves a checkpoint there
+when that fits in about 2 s, writes metrics.json, history.json and curves.png for the steps
+done, and `fit` raises `TrainingInterrupted`, whose text is the one line to show. A second
+Ctrl-C aborts the collectives and stops at once, keeping the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -202,12 +210,18 @@ class Trainer:
         tc = self.tc
         device = pick_device(tc.device)
         world = self._connect(device)
-        try:
-            return self._fit(world, device, t_start)
-        finally:
-            world.close()
+        # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
+        def abort() -> None:
+            if world.group is not None:
+                world.group.abort(MacFleetError("stopped by a second Ctrl-C"))
 
-    def _fit(self, world, device, t_start) -> dict[str, Any]:
+        with _CtrlC(on_second=abort) as ctrl_c:
+            try:
+                return self._fit(world, device, t_start, ctrl_c)
+            finally:
+                world.close()
+
+    def _fit(self, world, device, t_start, ctrl_c: "_CtrlC") -> dict[str, Any]:
         from macfleet.ddp import MacFleetDDP
 
         tc, data = self.tc, self.data
@@ -217,6 +231,7 @@ class Trainer:
         run_id = world.run.get("run_id") or new_run_id()
         out_dir = self._output_dir(run_id)
         ckpt_dir = Path(tc.checkpoint_dir) if tc.checkpoint_dir else out_dir / "checkpoints"
+        self._out_dir = out_dir
         if is_master:
             out_dir.mkdir(parents=True, exist_ok=True)
         log.info("device %s | rank %d of %d | weights %s | run %s", device, rank, world.world_size,
@@ -246,12 +261,17 @@ class Trainer:
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
                  type(opt).__name__, self.comp.name, sampler.local_batch, tc.batch_size)
 
-        step, epoch, step_in_epoch = 0, 0, 0
+        step, epoch, step_in_epoch, history = 0, 0, 0, []
+        if is_master:
+            removed = ckpt.clean(ckpt_dir)
+            if removed:
+                log.info("removed what killed runs left in %s: %s", ckpt_dir, ", ".join(p.name for p in removed))
         resume_path = ckpt.resolve_resume(tc.resume, ckpt_dir) if is_master else None
         resume = world.broadcast_object({"path": str(resume_path) if resume_path else None})
         if resume["path"]:
-            step, epoch, step_in_epoch = self._restore(world, resume["path"], model, opt, sched, ddp)
+            step, epoch, step_in_epoch, history = self._restore(world, resume["path"], model, opt, sched, ddp)
             log.info("resumed from %s at epoch %d step %d", resume["path"], epoch, step)
+        start_step = step
 
         tracker = build_tracker(self.logger_cfg, self.config_dict, str(out_dir), run_id) if is_master else build_tracker(None, {}, "", None)
         progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=step)
@@ -259,18 +279,26 @@ class Trainer:
         # only after this process's first `timing_warmup_steps` (allocators, kernels, connections).
         # On a GPU the timed window starts and ends with the device idle: a synchronize at its two
         # boundaries, none in between, so queued kernels are neither lost nor waited on per step.
-        timed_steps, timed_samples, timed_s, history = 0, 0, 0.0, []
+        timed_steps, timed_samples, timed_s = 0, 0, 0.0
         steps_run = 0
         window_samples, window_s = 0, 0.0
         last_eval: dict[str, float] = {}
         stop = False
+        vote = _StopVote(world)
+        interrupted = None  # the TrainingInterrupted to raise once everything is written
         try:
             while epoch < tc.epochs and not stop:
                 sampler.set_epoch(epoch, step_in_epoch)
                 model.train()
-                batches = iter(loader)
+                with _sigint_ignored_by_children(tc.num_workers > 0):
+                    batches = iter(loader)
                 # Iterate steps, not batches, so a step's time includes waiting for its batch.
                 for _ in range(len(loader)):
+                    if ctrl_c.hard:
+                        raise KeyboardInterrupt("a second Ctrl-C")
+                    if vote.due(step) and vote(step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s)):
+                        stop = True
+                        break
                     timed = steps_run >= tc.timing_warmup_steps
                     if steps_run == tc.timing_warmup_steps:
                         synchronize(device)
@@ -313,9 +341,9 @@ class Trainer:
                         history.append({"step": step, **row})
                         tracker.log(row, step)
                         world.report(step, sps)
-                        progress.update(step, f"epoch {epoch + 1}/{tc.epochs} loss {gl:.4f}")
+                        progress.update(step, f"epoch {epoch + 1}/{tc.epochs} train loss {gl:.4f}")
                     if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
-                        self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp)
+                        self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history)
                     if tc.max_steps and step >= tc.max_steps:
                         stop = True
                         break
@@ -323,18 +351,39 @@ class Trainer:
                     epoch += 1
                     step_in_epoch = 0
                 ddp.sync_buffers()  # every rank evaluates and checkpoints rank 0's BatchNorm statistics
+                if vote.stop:
+                    progress.update(step, f"epoch {epoch + 1}/{tc.epochs} stopped by Ctrl-C")
+                    # No evaluation (it may take long); a checkpoint if it fits the time budget
+                    # and holds a step this run took.
+                    why = ("no step since the start" if step == start_step else
+                           "" if vote.save else f"no time to save within {_CtrlC.BUDGET_S:g} s")
+                    saved = None if why else self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched,
+                                                        ddp, history)
+                    newest = saved or (ckpt.latest(ckpt_dir) if is_master else None)
+                    interrupted = TrainingInterrupted(step, world.rank, saved=not why, why=why, checkpoint=newest,
+                                                      out_dir=out_dir if is_master else None)
+                    break
                 last_eval = self.evaluate(model, world, device)
                 if last_eval:
                     tracker.log({f"test/{k}": v for k, v in last_eval.items()}, step)
                     history.append({"step": step, **{f"test/{k}": v for k, v in last_eval.items()}})
-                    log.info("epoch %d: %s", epoch, " ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+                    log.info("epoch %d: %s", epoch, " ".join(f"test {k} {v:.4f}" for k, v in last_eval.items()))
                 epoch_done = not stop
                 if (epoch_done and tc.checkpoint_every and epoch % tc.checkpoint_every == 0) or stop or epoch >= tc.epochs:
-                    self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp)
+                    self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history)
+        except (KeyboardInterrupt, MacFleetError):
+            # A second Ctrl-C, or a peer that a Ctrl-C stopped before it could vote: stop here,
+            # keep the newest checkpoint, and still write what the steps done measured.
+            if ctrl_c.at is None:
+                raise
+            why = "stopped at once by a second Ctrl-C" if ctrl_c.hard else "a peer stopped before the others"
+            interrupted = TrainingInterrupted(step, world.rank, saved=False, why=why,
+                                              checkpoint=ckpt.latest(ckpt_dir) if is_master else None,
+                                              out_dir=out_dir if is_master else None)
         finally:
             progress.close()
 
-        if not timed_steps:
+        if not timed_steps and interrupted is None:
             log.warning("no step was timed: trainer.timing_warmup_steps=%d covers all %d steps run; samples_per_s is 0",
                         tc.timing_warmup_steps, steps_run)
         wall = time.perf_counter() - t_start
@@ -352,18 +401,22 @@ class Trainer:
             "run_id": run_id,
             **{k.replace("comm/", ""): v for k, v in ddp.wire_stats().items()},
         }
+        if interrupted is not None:
+            metrics["interrupted"] = True
         self.metrics = metrics
         if is_master:
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-            (out_dir / "history.json").write_text(json.dumps(history))
+            _write_history(out_dir, history)
             from macfleet.plots import plot_history
 
             plot_history(history, out_dir / "curves.png",
                          title=f"{type(model).__name__} on {data.name}, {world.world_size} node(s), {self.comp.name}")
             tracker.summary(metrics)
             tracker.finish()
-            if tc.progress:
+            if tc.progress and interrupted is None:
                 _print_summary(metrics, out_dir)
+        if interrupted is not None:
+            raise interrupted
         return metrics
 
     # ----------------------------------------------------------------- pieces
@@ -422,10 +475,16 @@ class Trainer:
             res["accuracy"] = float(sums[1]) / n
         return res
 
-    def _save(self, world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp) -> None:
+    _save_s = 0.0
+    """Seconds the last checkpoint took on rank 0: whether one more fits after a Ctrl-C."""
+
+    def _save(self, world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history) -> Path | None:
+        """A checkpoint at this step boundary (a collective: every rank calls it); rank 0 writes
+        it and history.json (so a killed run's history survives to its resume). Rank 0 returns its path."""
+        t0 = time.perf_counter()
         per_rank = world.gather_object({"rng": ckpt.rng_state(), "compression": ddp.state_dict()})
         if world.rank != 0:
-            return
+            return None
         state = {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -434,6 +493,7 @@ class Trainer:
             "step": step,
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,
+            "history": history,
         }
         meta = {
             "epoch": epoch,
@@ -444,12 +504,18 @@ class Trainer:
             "config": self.config_dict,
         }
         path = ckpt.save(ckpt_dir, step, state, meta, keep=self.tc.keep_checkpoints)
-        log.info("checkpoint %s", path)
+        _write_history(self._out_dir, history)
+        self._save_s = time.perf_counter() - t0
+        size = sum(f.stat().st_size for f in path.iterdir())
+        log.info("checkpoint %s (%s in %.2f s)", path, _megabytes(size), self._save_s)
+        return path
 
-    def _restore(self, world, path, model, opt, sched, ddp) -> tuple[int, int, int]:
-        state = None
+    def _restore(self, world, path, model, opt, sched, ddp) -> tuple[int, int, int, list]:
+        """Load a checkpoint on every rank; returns (step, epoch, step in epoch, history up to the step)."""
+        state, history = None, []
         if world.rank == 0:
             state, _ = ckpt.load(path)
+            history = state.pop("history", None) or []  # rank 0's alone: not sent to the others
             saved_ws = len(state["per_rank"])
             if saved_ws != world.world_size:
                 log.warning("checkpoint was written by %d nodes, now %d: error-feedback residuals and RNG of "
@@ -462,11 +528,161 @@ class Trainer:
         if mine is not None:
             ckpt.set_rng_state(mine["rng"])
             ddp.load_state_dict(mine["compression"])
-        return int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+        return int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"]), history
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training (at a step boundary every rank agreed on, or at once after a second
+    one), after rank 0 wrote what it could. `str()` is the one line to show; train.py adds the
+    command that resumes. A KeyboardInterrupt, so API callers that catch Ctrl-C still do."""
+
+    def __init__(self, step: int, rank: int, saved: bool, why: str = "", checkpoint: Path | None = None,
+                 out_dir: Path | None = None):
+        self.step, self.rank, self.saved, self.why = step, rank, saved, why
+        self.checkpoint = checkpoint  # rank 0: the one saved now, else the newest (None if there is none)
+        self.out_dir = out_dir        # rank 0: the run dir
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        head = f"interrupted at step {self.step}" + (f" ({self.why})" if self.why else "")
+        if self.rank != 0:
+            said = f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"
+            return f"rank {self.rank} {head}: {said}"
+        written = f"metrics.json, history.json, curves.png in {shown_path(self.out_dir)}"
+        if self.saved:
+            return f"{head}: saved checkpoint {shown_path(self.checkpoint)} and {written}"
+        newest = f"newest checkpoint {shown_path(self.checkpoint)}" if self.checkpoint else "no checkpoint yet"
+        return f"{head}: saved {written}; {newest}"
+
+
+def shown_path(path) -> str:
+    """`path` relative to the working directory when it is under it (as a user typed it), else absolute."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class _CtrlC:
+    """SIGINT while training. The first only records when it came (`at`), so the loop stops at a
+    step boundary all ranks agree on and saves; the second sets `hard` and calls `on_second`
+    (which aborts the group's collectives), so this rank stops without waiting for the others.
+
+    Python runs signal handlers on the main thread between bytecodes, never while it waits
+    inside C++ (backward waiting on the comm hook's collective): the handler does nothing, and a
+    watcher thread counts the signals from the wakeup fd, which the C-level handler writes at
+    once. Installed only when `fit` runs on the main thread."""
+
+    BUDGET_S = 2.0
+    """A checkpoint is written after a Ctrl-C only if it is expected to be done this soon after it."""
+
+    def __init__(self, on_second: Callable[[], None] | None = None):
+        self.at: float | None = None
+        self.hard = False
+        self._on_second = on_second
+        self._installed = False
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._write, False)  # set_wakeup_fd's rule: a handler never blocks
+            self._previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+            self._watcher = threading.Thread(target=self._watch, name="macfleet-ctrl-c", daemon=True)
+            self._watcher.start()
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._installed:
+            return
+        signal.set_wakeup_fd(self._previous_fd)
+        # None: the previous handler was not set from Python.
+        signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        os.close(self._write)  # the watcher reads end-of-file and returns
+        self._watcher.join(5)
+        os.close(self._read)
+
+    def _watch(self) -> None:
+        while data := os.read(self._read, 64):
+            for signum in data:
+                if signum != signal.SIGINT:
+                    continue
+                if self.at is None:
+                    self.at = time.monotonic()
+                elif not self.hard:
+                    self.hard = True
+                    if self._on_second is not None:
+                        self._on_second()
+
+    def save_fits(self, last_save_s: float) -> bool:
+        """Whether a checkpoint taking as long as the last one ends within the budget."""
+        return self.at is None or time.monotonic() - self.at + last_save_s <= self.BUDGET_S
+
+
+class _StopVote:
+    """Stop or go, decided by all ranks together at a step boundary: a Ctrl-C seen by any rank
+    (all of them on one machine, one Mac of two) stops every rank at the same step, which the
+    checkpoint (a collective) needs. One all_reduce of 3 floats; rank 0 spaces the votes about
+    `every_s` of training apart (the gap at most doubling from one vote to the next, so slow
+    first steps are measured first), and decides whether a checkpoint still fits in the Ctrl-C
+    budget."""
+
+    def __init__(self, world, every_s: float = 0.2):
+        self.world, self.every_s = world, every_s
+        self.next_step = 0  # the first vote is before the first step
+        self._t, self._step, self._gap = time.perf_counter(), None, 1
+        self.stop = self.save = False
+
+    def due(self, step: int) -> bool:
+        return step >= self.next_step
+
+    def __call__(self, step: int, asked: bool, save_fits: bool) -> bool:
+        gap = 0
+        if self.world.rank == 0:
+            now = time.perf_counter()
+            if self._step is not None and step > self._step:
+                per_step = (now - self._t) / (step - self._step)
+                self._gap = max(1, min(2 * self._gap, int(self.every_s / max(per_step, 1e-6))))
+            self._t, self._step, gap = now, step, self._gap
+        own = [float(asked), float(gap), float(save_fits) if self.world.rank == 0 else 0.0]
+        total = self.world.all_reduce_sum(torch.tensor(own, dtype=torch.float32)).tolist()
+        self.stop, self.save = total[0] > 0, total[2] > 0
+        self.next_step = step + max(1, int(total[1]))
+        return self.stop
+
+
+class _sigint_ignored_by_children:
+    """DataLoader workers started inside inherit an ignored SIGINT. A spawned worker (macOS's
+    default) would otherwise die of the first Ctrl-C, and the loop's next batch with it; a forked
+    one (Linux) would write its Ctrl-C into the trainer's wakeup fd, counted as a second one."""
+
+    def __init__(self, active: bool):
+        self.active = active and threading.current_thread() is threading.main_thread()
+
+    def __enter__(self):
+        if self.active:
+            self._previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        if self.active:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _write_history(out_dir: Path, history: list[dict]) -> None:
+    tmp = out_dir / "history.json.tmp"
+    tmp.write_text(json.dumps(history))
+    os.replace(tmp, out_dir / "history.json")
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
 
 
 class _Progress:
-    """A rich progress bar on rank 0; nothing elsewhere or when disabled."""
+    """A rich progress bar on rank 0; nothing elsewhere or when disabled. While it shows, log lines
+    print through its console, above the bar, instead of into it."""
 
     def __init__(self, enabled: bool, total: int, start: int = 0):
         self.bar = None
@@ -478,6 +694,7 @@ class _Progress:
                             TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
         self.bar.start()
         self.task = self.bar.add_task("", total=total, completed=start)
+        self._routed = _ConsoleHandler.route(self.bar.console)
 
     def update(self, step: int, text: str) -> None:
         if self.bar is not None:
@@ -486,7 +703,64 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            _ConsoleHandler.unroute(self._routed)
             self.bar = None
+
+
+class _ConsoleHandler(logging.Handler):
+    """Stands in for a terminal log handler while the bar shows: the same lines, same format,
+    printed by the bar's console (which lifts the bar above them), never wrapped."""
+
+    def __init__(self, console, replaced: logging.Handler):
+        super().__init__(replaced.level)
+        self.setFormatter(replaced.formatter)
+        self.console, self.replaced = console, replaced
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except Exception:  # noqa: BLE001 - logging's own rule: a failed log line never stops the run
+            self.handleError(record)
+
+    @classmethod
+    def route(cls, console) -> list[tuple[logging.Logger, "_ConsoleHandler"]]:
+        """Swap the stream handlers writing to the terminal (Hydra's console handler, basicConfig's)
+        on the root and macfleet loggers; returns what to undo."""
+        import sys
+
+        terminal = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+        swapped = []
+        for logger in (logging.getLogger(), log):
+            for h in list(logger.handlers):
+                if type(h) is logging.StreamHandler and h.stream in terminal:
+                    mine = cls(console, h)
+                    logger.removeHandler(h)
+                    logger.addHandler(mine)
+                    swapped.append((logger, mine))
+        return swapped
+
+    @staticmethod
+    def unroute(swapped) -> None:
+        for logger, mine in swapped:
+            logger.removeHandler(mine)
+            logger.addHandler(mine.replaced)
+
+
+def _shown_value(key: str, v) -> str:
+    """A metric as people read it: bytes in MB, rates in whole samples/s, times with units."""
+    if not isinstance(v, float):
+        return str(v)
+    if "bytes" in key:
+        return _megabytes(v)
+    if key.endswith("per_s"):
+        return f"{v:,.0f}"
+    if key == "step_s":
+        return f"{v * 1e3:.1f} ms"
+    if key.endswith("_s"):
+        return f"{v:.1f} s"
+    if key.endswith("ratio"):
+        return f"{v:.2%}"
+    return f"{v:.4f}"
 
 
 def _print_summary(metrics: dict, out_dir: Path) -> None:
@@ -497,9 +771,9 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in metrics.items():
-        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+        table.add_row(k.replace("samples_per_s", "samples/s"), _shown_value(k, v))
     table.add_row("output dir", str(out_dir))
     Console().print(table)
 
 
-__all__ = ["Trainer", "MacFleetError"]
+__all__ = ["Trainer", "MacFleetError", "TrainingInterrupted"]

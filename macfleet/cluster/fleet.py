@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -212,9 +213,18 @@ class ClusterWorld(GroupWorld):
             self.coordinator.stop()
 
 
+FLEET_TMP_PREFIX = "macfleet-fleet-"
+
+
 class LocalFleet:
     """The worker processes of `cluster=local`: ranks 1..N-1 of the master's own run, on this
-    machine, started from the resolved config (`python -m macfleet.run`), their output prefixed."""
+    machine, started from the resolved config (`python -m macfleet.run`), their output prefixed.
+
+    The config goes into a temp dir named after the master's pid (`macfleet-fleet-<pid>-*`); one
+    whose master is dead (killed: no cleanup ran) is removed when the next fleet starts.
+    Workers share the terminal's process group, so a Ctrl-C reaches them as well: each stops at
+    the step its master stops at and says so in one line (exit code 130, not reported as a failure).
+    """
 
     def __init__(self, cfg: ClusterConfig, config_dict: dict):
         self.cfg = cfg
@@ -232,7 +242,8 @@ class LocalFleet:
 
         from macfleet.comm.launch import free_ports
 
-        self._tmp = tempfile.TemporaryDirectory(prefix="macfleet-fleet-")
+        _remove_dead_fleet_dirs(tempfile.gettempdir())
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{FLEET_TMP_PREFIX}{os.getpid()}-")
         path = os.path.join(self._tmp.name, "config.yaml")
         OmegaConf.save(OmegaConf.create(redact_token(self.config_dict)), path)
         ports = free_ports(self.cfg.nodes - 1)
@@ -263,9 +274,28 @@ class LocalFleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        bad = [(r + 1, p.returncode) for r, p in enumerate(self.procs) if p.returncode not in (0, None)]
+        # 130: stopped by Ctrl-C, which the worker said itself; -SIGINT: a Ctrl-C came while its
+        # interpreter was still starting, before it could say anything.
+        bad = [(r + 1, p.returncode) for r, p in enumerate(self.procs)
+               if p.returncode not in (0, 130, -signal.SIGINT, None)]
         if bad:
             log.warning("local fleet: worker(s) exited with %s", bad)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+def _remove_dead_fleet_dirs(tmp_root: str) -> None:
+    """Remove the temp dirs of local fleets whose master process is gone."""
+    import shutil
+
+    import psutil
+
+    for entry in os.scandir(tmp_root):
+        pid = entry.name[len(FLEET_TMP_PREFIX):].split("-", 1)[0]
+        if not (entry.name.startswith(FLEET_TMP_PREFIX) and pid.isdigit() and entry.is_dir()):
+            continue
+        if not psutil.pid_exists(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            if not os.path.exists(entry.path):  # another user's is not ours to remove
+                log.info("local fleet: removed %s, left by a killed run (pid %s)", entry.path, pid)

@@ -61,15 +61,20 @@ def direct_args(role: str, port: int, extra: list[str] = (), addr: str = "127.0.
 class TrainProc:
     """`python train.py ARGS` (or another `script`) running in the background; every output line
     is kept with the monotonic time it arrived, so tests can wait for a line and time what
-    follows it."""
+    follows it.
+
+    With `group=True` it leads a process group of its own, as a job in a terminal does: signals
+    (a Ctrl-C's SIGINT, kill) then reach it and every process it started, e.g. a local fleet."""
 
     def __init__(self, args: list[str], cwd: Path, prefix: list[str] = (), env: dict | None = None,
-                 script: Path = ROOT / "train.py"):
+                 group: bool = False, script: Path = ROOT / "train.py"):
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT), **(env or {}))
         env.pop("WANDB_API_KEY", None)
         cwd.mkdir(parents=True, exist_ok=True)
+        self.group = group
         self.proc = subprocess.Popen([*prefix, PY, str(script), *args], cwd=str(cwd), env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=group)
         self.lines: list[tuple[float, str, str]] = []  # (arrival, "out" | "err", line)
         self._cond = threading.Condition()
         self._readers = [threading.Thread(target=self._read, args=(s, n), daemon=True)
@@ -111,11 +116,18 @@ class TrainProc:
             return "\n".join(line for _, name, line in self.lines if stream in (None, name))
 
     def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
+        if self.group:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:  # the whole group is gone
+                pass
+        elif self.proc.poll() is None:
             self.proc.send_signal(sig)
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.group:
+            self.signal(signal.SIGKILL)
+        elif self.proc.poll() is None:
             self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
         self.proc.wait(10)
