@@ -33,7 +33,6 @@ every node says 'auto' the weights follow ``facts["samples_per_s"]``; normalised
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -42,13 +41,11 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
-from macfleet.cluster.membership import FINISHED, Membership, WaitCallback, fill_host, say
+from macfleet.cluster.membership import Membership, WaitCallback, fill_host, say
 from macfleet.cluster.protocol import Complaints, Handshake, bind, decode, encode, make_socket
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLeftError, PeerLostError
 from macfleet.fingerprint import diff as fingerprint_diff
-
-log = logging.getLogger("macfleet")
 
 
 def _join_problem(msg: dict) -> str:
@@ -464,8 +461,6 @@ class Coordinator:
 
     def _on_peer_left(self, peer_id: str, record: dict) -> None:
         rank, addr = self._address(peer_id)
-        if record["reason"] != FINISHED:
-            log.warning("%s", record["msg"])
         if self._membership is not None:
             self._membership._peer_left(PeerLeftError(record["msg"], rank=rank, address=addr, reason=record["reason"]),
                                         record["after"])

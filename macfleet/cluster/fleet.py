@@ -191,8 +191,9 @@ class ClusterWorld(GroupWorld):
 
     def close(self, reason: str | None = None) -> None:
         """Leave the run, saying why in the bye: `reason`, else the exception propagating
-        (Ctrl-C, an error), else "finished its run". When leaving early the group is aborted,
-        so neither this node nor its peers wait out a collective."""
+        (Ctrl-C, an error), else "finished its run". Leaving in the middle of a collective aborts
+        the group, so neither this node nor its peers wait it out (membership.py says when the
+        others count this node as gone)."""
         if self._closed:
             return
         self._closed = True
@@ -201,9 +202,10 @@ class ClusterWorld(GroupWorld):
         from macfleet.cluster.membership import leave_reason
 
         reason = reason or leave_reason(sys.exc_info()[1])
-        if reason is not None:
-            self.group.abort(MacFleetError(f"this node is leaving the run ({reason})"))
-        self.membership.close(reason)
+        settled = self.group.settled
+        if not settled:
+            self.group.abort(MacFleetError(f"this node is leaving the run ({reason or 'finished'})"))
+        self.membership.close(reason, settled=settled)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         self.group.close()

@@ -11,12 +11,14 @@ Contract the trainer codes against::
     membership.report(step, samples_per_s, state="training")   # rides on heartbeats
     membership.log(line)           # forwarded to the master, printed as "[rank N host] line"
     membership.track(progress)     # progress() -> collectives this node has started
-    membership.close(reason=None)  # leave: the others hear a signed bye with the reason
+    membership.close(reason=None, settled=True)   # leave: the others hear a signed bye with the reason
 
 A peer that leaves is a departure (`PeerLeftError`, "rank 1 left (Ctrl-C) ..."), reported as a
-loss is: at once when it left early (Ctrl-C, an error), or, when it finished its run after `n`
-collectives, as soon as this node starts collective n+1, which that peer will never join. Nodes
-that finish together therefore never abort each other's last exchange.
+loss is. A peer that left with every collective it started completed (`settled`: the end of its
+run, a Ctrl-C stop all ranks agreed on, an error between steps) says after how many, `n`; it
+counts as gone here as soon as this node starts collective n+1, which that peer will never join.
+So nodes that stop together never abort each other's last exchange, and a node that goes on
+stops at its next one. A peer that left in the middle of a collective counts as gone at once.
 
 `join` finds the master (``cfg.master_addr``, or zeroconf when ``cfg.discovery_enabled`` and
 ``master_addr`` is "" or "auto"), retries with a message until ``cfg.wait_timeout``, runs the
@@ -115,16 +117,14 @@ class Membership:
         docstring); without it, a peer that finished is never a departure here."""
         self._progress = progress
 
-    def close(self, reason: Optional[str] = None) -> None:
-        """Leave, telling the others why in a signed bye: `reason` (e.g. "Ctrl-C"), or None when
-        this node finished its run (then it counts only where a peer needs more). Idempotent."""
+    def close(self, reason: Optional[str] = None, settled: bool = True) -> None:
+        """Leave, telling the others why in a signed bye: `reason` (e.g. "Ctrl-C"; None: this node
+        finished its run) and, when `settled` (every collective it started has completed), after
+        how many collectives (see the module docstring). Idempotent."""
         link, self._link = self._link, None
         self._closed.set()
         if link is not None:
-            if reason is None:
-                link.close(FINISHED, self._progress())
-            else:
-                link.close(reason, None)
+            link.close(reason or FINISHED, self._progress() if settled else None)
 
     def _peer_left(self, exc: PeerLeftError, after: Optional[int]) -> None:
         """A peer said bye: a departure now, or once this node starts collective `after` + 1."""

@@ -103,6 +103,12 @@ class Group:
         """Collectives started so far; every rank starts the same ones in the same order."""
         return self._seq
 
+    @property
+    def settled(self) -> bool:
+        """No collective queued or running, and none failed: every one started has completed."""
+        with self._state_lock:
+            return self._pending == 0 and self._abort_exc is None
+
     def set_step(self, step: int) -> None:
         """Frames carry this step; a peer at another step is a FrameError, not a silent mix."""
         # Queued, so collectives already issued keep the step they were issued with.

@@ -64,6 +64,10 @@ def _node_main(role: str, master_addr: str, nodes: int, port: int = PORT, interv
             m.close()
             emit(event="closed")
             return
+        if cmd == "leave":  # as a Ctrl-C in the middle of a collective leaves
+            m.close("Ctrl-C", settled=False)
+            emit(event="closed")
+            return
         if cmd == "status" and coord is not None:
             emit(event="status", nodes=coord.status())
         if role == "worker":
