@@ -206,20 +206,23 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-        t_start = time.perf_counter()
-        tc = self.tc
-        device = pick_device(tc.device)
-        world = self._connect(device)
-        # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
-        def abort() -> None:
-            if world.group is not None:
-                world.group.abort(MacFleetError("stopped by a second Ctrl-C"))
+        from macfleet.cluster.macos import keep_awake
 
-        with _CtrlC(on_second=abort) as ctrl_c:
-            try:
-                return self._fit(world, device, t_start, ctrl_c)
-            finally:
-                world.close()
+        t_start = time.perf_counter()
+        with keep_awake():  # a Mac with its lid open must not idle-sleep mid-run (caffeinate; nothing elsewhere)
+            device = pick_device(self.tc.device)
+            world = self._connect(device)
+
+            # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
+            def abort() -> None:
+                if world.group is not None:
+                    world.group.abort(MacFleetError("stopped by a second Ctrl-C"))
+
+            with _CtrlC(on_second=abort) as ctrl_c:
+                try:
+                    return self._fit(world, device, t_start, ctrl_c)
+                finally:
+                    world.close()
 
     def _fit(self, world, device, t_start, ctrl_c: "_CtrlC") -> dict[str, Any]:
         from macfleet.ddp import MacFleetDDP

@@ -164,8 +164,13 @@ class ClusterWorld(GroupWorld):
                 coordinator.stop()
                 raise
         else:
+            from macfleet.cluster.macos import check_route
             from macfleet.cluster.membership import join
 
+            if cfg.master_addr not in ("", "auto"):
+                warning = check_route(cfg.master_addr)  # None off macOS or on the Thunderbolt bridge
+                if warning:
+                    log.warning("%s", warning)
             membership = join(cfg, fingerprint, facts, tensor_addr)
         try:
             # Every rank of this run and generation derives the same session; another run's frames

@@ -51,7 +51,7 @@ def keep_awake(pid: Optional[int] = None, command: Optional[Sequence[str]] = Non
     pid = os.getpid() if pid is None else pid
     if command is None:
         if sys.platform != "darwin":
-            log.info("keep awake: not macOS (%s), nothing to do", sys.platform)
+            log.debug("keep awake: not macOS (%s), nothing to do", sys.platform)
             yield None
             return
         command = CAFFEINATE

@@ -250,7 +250,7 @@ def test_keep_awake_without_the_helper_goes_on(tmp_path, caplog):
 
 @not_mac
 def test_keep_awake_is_a_no_op_off_macos(caplog):
-    caplog.set_level(logging.INFO, logger="macfleet")
+    caplog.set_level(logging.DEBUG, logger="macfleet")
     with keep_awake() as proc:
         assert proc is None
     assert [r.getMessage() for r in caplog.records if r.name == "macfleet"] == [
