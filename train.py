@@ -205,28 +205,39 @@ def _worker_writes_nothing(argv: list[str]) -> list[str]:
 
 def _torchrun_ranks_agree(argv: list[str]) -> list[str]:
     """Under torchrun (`cluster=torchrun`), every rank takes rank 0's run id before Hydra makes
-    the run dir, and only rank 0 writes one."""
+    the run dir, and only rank 0 writes one. Rank 0 decides `trainer.resume=auto` first, so a
+    resumed run keeps its dir and its id on every rank."""
     import os
 
-    from macfleet.cluster.torchrun import agree_run_id, under_torchrun
+    from macfleet.cluster.torchrun import agree_run_id
     from macfleet.config import process_run_id
 
-    if "cluster=torchrun" not in argv or not under_torchrun():
-        return argv
-    if not any(a.startswith("run_id=") for a in argv):
-        argv = argv + [f"run_id={agree_run_id(process_run_id)}"]
+    if os.environ["RANK"] == "0":
+        argv = _resume_in_place(argv)
+    mine = [a.split("=", 1)[1] for a in argv if a.startswith("run_id=")]
+    if not any(a.startswith("run_id=") for a in _USER_ARGS):
+        agreed = agree_run_id(lambda: mine[-1] if mine else process_run_id())
+        if not mine:
+            argv = argv + [f"run_id={agreed}"]
     if os.environ["RANK"] != "0":
         argv = [a for a in argv if not a.startswith(("hydra.run.dir=", "hydra.output_subdir=", "hydra/job_logging="))]
         argv = argv + ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
     return argv
 
 
+def _under_torchrun(argv: list[str]) -> bool:
+    from macfleet.cluster.torchrun import under_torchrun
+
+    return "cluster=torchrun" in argv and under_torchrun()
+
+
 if __name__ == "__main__":
     try:
         argv = _token_to_environment(sys.argv)
         _USER_ARGS[:] = argv[1:]
-        # Under torchrun the ranks' agreed run id comes first; a resumed run keeps its dir then.
-        sys.argv = _resume_in_place(_torchrun_ranks_agree(_worker_writes_nothing(argv)))
+        argv = _worker_writes_nothing(argv)
+        # Under torchrun rank 0 decides the resume and the run id for every rank.
+        sys.argv = _torchrun_ranks_agree(argv) if _under_torchrun(argv) else _resume_in_place(argv)
         main()
     except KeyboardInterrupt:  # before Hydra called main (composing, importing)
         _interrupted_early()
