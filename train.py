@@ -241,3 +241,7 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # before Hydra called main (composing, importing)
         _interrupted_early()
+    else:
+        from macfleet.run import exit_fast
+
+        exit_fast(0)  # a finished run: skip Python's second-long teardown of torch
