@@ -54,29 +54,24 @@ def _check_rows(rows: list[dict], codecs: list[str]) -> None:
         assert by_codec["topk_fp16"]["wire_ratio"] < 0.2  # the codec really ran in the fleet
 
 
-def test_scaling_two_nodes_on_loopback(tmp_path):
+def test_scaling_rows_table_plot_and_cleanup(tmp_path):
+    """One fleet benchmark, as root (CI) in network namespaces with a CPU quota on node 1,
+    elsewhere on loopback: rows, the table, the plot, and nothing left behind."""
+    root = os.geteuid() == 0
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    extra = ["--netns", "--cpu-quota", "1.0,0.7"] if root else []
     proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "4", "--warmup-steps", "2",
-                    "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png))
+                    "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png), *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     _check_rows(rows, ["topk_fp16"])
-    assert all(r["link"] == "loopback" and r["cpu_quota"] == [None] * r["nodes"] for r in rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait"):
         assert label in proc.stdout  # a progress line per run, then the table
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
-
-
-@pytest.mark.root
-@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cgroups need root (CI runs as root)")
-def test_scaling_in_namespaces_with_a_cpu_quota(tmp_path):
-    out = tmp_path / "scaling.json"
-    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "4", "--warmup-steps", "2",
-                    "--codecs", "none", "--netns", "--cpu-quota", "1.0,0.7", "--json", str(out))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(out.read_text())
-    _check_rows(rows, ["none"])
+    if not root:
+        assert all(r["link"] == "loopback" and r["cpu_quota"] == [None] * r["nodes"] for r in rows)
+        return
     assert rows[1]["link"] == "veth" and rows[1]["cpu_quota"] == [1.0, 0.7]
     assert "core 1, 0.7 of them" in proc.stdout
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
