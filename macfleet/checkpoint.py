@@ -100,7 +100,7 @@ def save(directory: str | os.PathLike, step: int, state: dict[str, Any], meta: d
     except BaseException:  # a second Ctrl-C mid-write: leave no partial copy behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune(root, keep)
+    prune(root, keep, keep_path=final)
     clean(root)
     return final
 
@@ -151,10 +151,24 @@ def latest(directory: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def prune(directory: Path, keep: int) -> None:
-    found = complete_checkpoints(directory)
-    for old in found[: max(0, len(found) - keep)]:
+def prune(directory: Path, keep: int, keep_path: Path | None = None) -> None:
+    found = [p for p in complete_checkpoints(directory) if p != keep_path]
+    for old in found[: max(0, len(found) - keep + (keep_path is not None))]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def set_aside(directory: str | os.PathLike) -> Path | None:
+    """A run that starts afresh in a checkpoint dir holding another run's checkpoints moves them
+    into `earlier-<time>/` there: kept, but never pruned in place of the new run's, nor taken
+    by a later `resume=auto` for this run's. Returns where they went (None: nothing there)."""
+    found = complete_checkpoints(directory)
+    if not found:
+        return None
+    aside = Path(directory) / time.strftime("earlier-%Y%m%d-%H%M%S")
+    aside.mkdir(exist_ok=True)
+    for p in found:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def load(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -194,7 +208,7 @@ NOT_IDENTITY = {
     "trainer": ("resume", "output_dir", "checkpoint_dir", "progress", "log_every", "device", "num_workers",
                 "timing_warmup_steps", "eval_batch_size"),
     "cluster": ("role", "master_addr", "master_port", "tensor_port", "host", "token", "weight", "wait_timeout",
-                "heartbeat_interval", "comm_timeout", "discovery_enabled"),
+                "heartbeat_interval", "comm_timeout", "discovery_enabled", "elastic", "min_nodes"),
     "dataset": ("root", "download"),
     "logger": None,
 }

@@ -171,6 +171,15 @@ class ClusterConfig:
     """Seconds between heartbeats; a node silent for 1.75x this is declared lost (reported within 2x)."""
     comm_timeout: float = 60.0
     """Deadline for one collective before the peer is declared lost."""
+    elastic: bool = True
+    """A worker that is lost (killed, frozen, cut off) or leaves (a bye, Ctrl-C on that Mac) does
+    not end the run: the others drop the step in flight, form the next generation with shares
+    recomputed, and redo the step with the same global batch. A node started with the same
+    command joins the running fleet at a step boundary. false: any departure stops the run
+    (resume from the last checkpoint). The master cannot leave: the run lives on it."""
+    min_nodes: int = 1
+    """Elastic: fewer nodes than this (the master included) and the run waits, saying so, up to
+    `wait_timeout` for nodes to join; then it stops."""
     host: str = "0.0.0.0"
     """Interface the master binds to."""
     ddp: str = "auto"
@@ -219,6 +228,8 @@ class ClusterConfig:
             raise ConfigError(f"cluster.weights={list(self.weights)} must all be > 0")
         if self.heartbeat_interval <= 0:
             raise ConfigError("cluster.heartbeat_interval must be > 0")
+        if not 1 <= int(self.min_nodes) <= max(1, self.nodes):
+            raise ConfigError(f"cluster.min_nodes={self.min_nodes} must be between 1 and cluster.nodes={self.nodes}")
         self.token = join_token(self.token)
 
 

@@ -195,10 +195,18 @@ class MacFleetDDP(torch.nn.Module):
     def rollback(self) -> None:
         """The step in flight failed on some rank (a node was lost): drop its gradients and its
         error-feedback updates, so the step can be redone on the next generation."""
+        self._drop_step("rollback")
+
+    def settle(self) -> None:
+        """The step in flight completed on every rank after all (another rank finished it): its
+        error-feedback updates take effect; its gradients here are dropped."""
+        self._drop_step("settle")
+
+    def _drop_step(self, residuals: str) -> None:
         if self._buckets is not None:
             self._buckets.disarm()
-        if hasattr(self.reducer, "rollback"):
-            self.reducer.rollback()
+        if hasattr(self.reducer, residuals):
+            getattr(self.reducer, residuals)()
         for p in self.module.parameters():
             p.grad = None
 
@@ -278,6 +286,16 @@ class _Buckets:
         """Forget the step in flight (its futures may never complete: a lost peer)."""
         self._armed = False
         self._reset()
+
+    def settle(self) -> None:
+        """The step in flight completed on every rank after all (another rank finished it): its
+        error-feedback updates take effect; its gradients here are dropped."""
+        if self._buckets is not None:
+            self._buckets.disarm()
+        if hasattr(self.reducer, "settle"):
+            self.reducer.settle()
+        for p in self.module.parameters():
+            p.grad = None
 
     def retire(self) -> None:
         self.disarm()

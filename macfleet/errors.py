@@ -41,3 +41,8 @@ class JoinRefusedError(MacFleetError):
 
 class CheckpointError(MacFleetError):
     """A checkpoint could not be written or read."""
+
+
+class NodeDroppedError(PeerLostError):
+    """The master dropped this node from an elastic run (it was silent past the deadline: frozen,
+    asleep or cut off) and the others went on without it."""

@@ -38,7 +38,7 @@ PER_NODE = (
     "cluster.token", "cluster.weight", "cluster.weights", "cluster.mode", "cluster.discovery_enabled",
     "cluster.wait_timeout",
     # Decided by the master for every rank (sent in WELCOME or broadcast): a worker's value is unused.
-    "cluster.allreduce", "trainer.resume",
+    "cluster.allreduce", "cluster.elastic", "cluster.min_nodes", "trainer.resume",
     "trainer.device", "trainer.output_dir", "trainer.checkpoint_dir", "trainer.progress", "trainer.num_workers",
     "logger", "run_id", "hydra",
 )

@@ -211,6 +211,9 @@ class Trainer:
         t_start = time.perf_counter()
         with keep_awake():  # a Mac with its lid open must not idle-sleep mid-run (caffeinate; nothing elsewhere)
             device = pick_device(self.tc.device)
+            # Model, optimizer and schedule before joining: a node joining a run in progress is
+            # then ready when the others take it in (the first optimizer imports torch._dynamo, 2-3 s).
+            state = self._prepare(device)
             world = self._connect(device)
 
             # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
@@ -220,15 +223,27 @@ class Trainer:
 
             with _CtrlC(on_second=abort) as ctrl_c:
                 try:
-                    return self._fit(world, device, t_start, ctrl_c)
+                    return self._fit(world, device, t_start, ctrl_c, state)
                 finally:
                     world.close()
 
-    def _fit(self, world, device, t_start, ctrl_c: "_CtrlC") -> dict[str, Any]:
-        from macfleet.ddp import MacFleetDDP
+    def _prepare(self, device) -> "TrainState":
+        """The model on `device`, its optimizer and LR schedule, at step 0."""
+        tc = self.tc
+        model = self.model.to(device)
+        params = model.parameters()
+        opt = self.optimizer_factory(params) if self.optimizer_factory else default_optimizer(params, tc)
+        if self.comp.momentum_correction and isinstance(opt, torch.optim.SGD):
+            # DGC: the compressor already applies momentum before selecting; SGD must not add it again.
+            for g in opt.param_groups:
+                g["momentum"] = 0.0
+            log.info("compression.momentum_correction: SGD momentum set to 0 (applied inside the compressor)")
+        steps_per_epoch = len(self.data.train) // tc.batch_size
+        return TrainState(model, opt, build_scheduler(opt, self.schedule, steps_per_epoch * tc.epochs))
 
+    def _fit(self, world, device, t_start, ctrl_c: "_CtrlC", state: "TrainState") -> dict[str, Any]:
         tc, data = self.tc, self.data
-        rank, is_master = world.rank, world.rank == 0
+        is_master = world.rank == 0  # the master is rank 0 in every generation
         from macfleet.config import new_run_id
 
         run_id = world.run.get("run_id") or new_run_id()
@@ -237,97 +252,144 @@ class Trainer:
         self._out_dir = out_dir
         if is_master:
             out_dir.mkdir(parents=True, exist_ok=True)
-        log.info("device %s | rank %d of %d | weights %s | run %s", device, rank, world.world_size,
-                 [round(w, 3) for w in world.weights], run_id)
+        log.info("device %s | rank %d of %d | weights %s | run %s%s", device, world.rank, world.world_size,
+                 [round(w, 3) for w in world.weights], run_id, " (joining it in progress)" if world.running else "")
 
         torch.manual_seed(tc.seed)
-        sampler = WeightedBatchSampler(len(data.train), tc.batch_size, world.weights, rank=rank, seed=tc.seed)
-        # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
-        loader = build_loader(data.train, sampler, tc.seed, tc.num_workers, pin_memory=device.type == "cuda")
-        steps_per_epoch = sampler.steps_per_epoch()
+        fleet = _Parallel(self, world, device)
+        steps_per_epoch = fleet.sampler.steps_per_epoch()
         total_steps = steps_per_epoch * tc.epochs
         if tc.max_steps:
             total_steps = min(total_steps, tc.max_steps)
 
-        model = self.model.to(device)
-        ddp = MacFleetDDP(model, world.group, share=sampler.share, compression=self.comp, device=device,
-                          use_torch_ddp={"auto": None, "torch": True, "flat": False}[self.cc.ddp])
-        params = model.parameters()
-        opt = self.optimizer_factory(params) if self.optimizer_factory else default_optimizer(params, tc)
-        if self.comp.momentum_correction and isinstance(opt, torch.optim.SGD):
-            # DGC: the compressor already applies momentum before selecting; SGD must not add it again.
-            for g in opt.param_groups:
-                g["momentum"] = 0.0
-            log.info("compression.momentum_correction: SGD momentum set to 0 (applied inside the compressor)")
-        sched = build_scheduler(opt, self.schedule, steps_per_epoch * tc.epochs)
+        model, opt, sched = state.model, state.optimizer, state.scheduler
+        history: list[dict] = []
+        if world.running:
+            # Joined a run in progress: a survivor sends the training state, then DDP is built.
+            fleet.agree(state, None)
+            fleet.build(state)
+            log.info("joined the run at epoch %d step %d (generation %d)", state.epoch, state.step, world.generation)
+        else:
+            fleet.build(state)
+            if is_master:
+                removed = ckpt.clean(ckpt_dir)
+                if removed:
+                    log.info("removed what killed runs left in %s: %s", ckpt_dir, ", ".join(p.name for p in removed))
+            resume_path = ckpt.resolve_resume(tc.resume, ckpt_dir) if is_master else None
+            if is_master and resume_path is None and (aside := ckpt.set_aside(ckpt_dir)) is not None:
+                log.warning("%s held checkpoints of an earlier run; this run starts afresh (trainer.resume=%s), so "
+                            "they were moved to %s", ckpt_dir, tc.resume, aside)
+            resume = world.broadcast_object({"path": str(resume_path) if resume_path else None})
+            if resume["path"]:
+                history = self._restore(world, resume["path"], state, fleet.ddp)
+                log.info("resumed from %s at epoch %d step %d", resume["path"], state.epoch, state.step)
         log.info("model %s: %.2fM params | optimizer %s | compression %s | local batch %d of %d",
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
-                 type(opt).__name__, self.comp.name, sampler.local_batch, tc.batch_size)
-
-        step, epoch, step_in_epoch, history = 0, 0, 0, []
-        if is_master:
-            removed = ckpt.clean(ckpt_dir)
-            if removed:
-                log.info("removed what killed runs left in %s: %s", ckpt_dir, ", ".join(p.name for p in removed))
-        resume_path = ckpt.resolve_resume(tc.resume, ckpt_dir) if is_master else None
-        resume = world.broadcast_object({"path": str(resume_path) if resume_path else None})
-        if resume["path"]:
-            step, epoch, step_in_epoch, history = self._restore(world, resume["path"], model, opt, sched, ddp)
-            log.info("resumed from %s at epoch %d step %d", resume["path"], epoch, step)
-        start_step = step
+                 type(opt).__name__, self.comp.name, fleet.sampler.local_batch, tc.batch_size)
+        start_step = state.step
 
         tracker = build_tracker(self.logger_cfg, self.config_dict, str(out_dir), run_id) if is_master else build_tracker(None, {}, "", None)
-        progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=step)
-        # Throughput counts time inside training steps only (not evaluation or checkpoints), and
-        # only after this process's first `timing_warmup_steps` (allocators, kernels, connections).
-        # On a GPU the timed window starts and ends with the device idle: a synchronize at its two
-        # boundaries, none in between, so queued kernels are neither lost nor waited on per step.
+        progress = _Progress(enabled=is_master and tc.progress, total=total_steps, start=state.step)
+        # Throughput counts time inside training steps only (not evaluation, checkpoints or
+        # regrouping), and only after this process's first `timing_warmup_steps` (allocators,
+        # kernels, connections). On a GPU the timed window starts and ends with the device idle:
+        # a synchronize at its two boundaries, none in between, so queued kernels are neither lost
+        # nor waited on per step.
         timed_steps, timed_samples, timed_s = 0, 0, 0.0
         steps_run = 0
         window_samples, window_s = 0, 0.0
         last_eval: dict[str, float] = {}
         stop = False
         vote = _StopVote(world)
+        leave_alone = world.elastic and self.cc.mode == "direct"
         interrupted = None  # the TrainingInterrupted to raise once everything is written
+        epoch_end = False   # the step loop of this epoch is over: sync, evaluate, save
+        batches = None
+        lost: BaseException | None = None   # the departure that ended the last generation
+        admit = False                       # rank 0 takes waiting joiners in at this boundary
+        recovery_s = 0.0
         try:
-            while epoch < tc.epochs and not stop:
-                sampler.set_epoch(epoch, step_in_epoch)
-                model.train()
-                with _sigint_ignored_by_children(tc.num_workers > 0):
-                    batches = iter(loader)
-                # Iterate steps, not batches, so a step's time includes waiting for its batch.
-                for _ in range(len(loader)):
+            while state.epoch < tc.epochs and not (stop and not epoch_end):
+                try:
+                    if lost is not None or admit:
+                        t_regroup = time.perf_counter()
+                        why = lost
+                        lost, admit, batches = None, False, None
+                        world_record = fleet.regroup(state, admit=is_master and why is None)
+                        vote.next_step = 0  # every rank votes at the next boundary (a joiner's first)
+                        if fleet.loaded:
+                            epoch_end = False  # the state came from a node further on: go on from there
+                        recovery_s += time.perf_counter() - t_regroup
+                        event = {"step": state.step, "event": world_record.get("why") or "new generation",
+                                 "generation": world.generation, "world_size": world.world_size}
+                        history.append(event)
+                        tracker.log({"fleet/generation": world.generation, "fleet/world_size": world.world_size},
+                                    state.step)
+                        log.info("generation %d: %d node(s), rank %d, local batch %d of %d; %s step %d (%.2f s)",
+                                 world.generation, world.world_size, world.rank, fleet.sampler.local_batch,
+                                 tc.batch_size, "redoing" if why is not None else "going on at", state.step,
+                                 time.perf_counter() - t_regroup)
+                    if epoch_end:
+                        # Redoable as a whole: the epoch moves on at its end. Every rank evaluates
+                        # and checkpoints rank 0's BatchNorm statistics.
+                        fleet.ddp.sync_buffers()
+                        if vote.stop:
+                            progress.update(state.step, f"epoch {state.epoch + 1}/{tc.epochs} stopped by Ctrl-C")
+                            # No evaluation (it may take long); a checkpoint if it fits the time
+                            # budget and holds a step this run took.
+                            why = ("no step since the start" if state.step == start_step else
+                                   "" if vote.save else f"no time to save within {_CtrlC.BUDGET_S:g} s")
+                            saved = None if why else self._save(world, ckpt_dir, state, fleet.ddp, history)
+                            newest = saved or (ckpt.latest(ckpt_dir) if is_master else None)
+                            interrupted = TrainingInterrupted(state.step, world.rank, saved=not why, why=why,
+                                                              checkpoint=newest, out_dir=out_dir if is_master else None)
+                            break
+                        ended = state.epoch + (0 if stop else 1)  # the epoch a resume starts in
+                        last_eval = self.evaluate(model, world, device)
+                        if last_eval:
+                            tracker.log({f"test/{k}": v for k, v in last_eval.items()}, state.step)
+                            history.append({"step": state.step, **{f"test/{k}": v for k, v in last_eval.items()}})
+                            log.info("epoch %d: %s", ended, " ".join(f"test {k} {v:.4f}" for k, v in last_eval.items()))
+                        if (not stop and tc.checkpoint_every and ended % tc.checkpoint_every == 0) or stop \
+                                or ended >= tc.epochs:
+                            self._save(world, ckpt_dir, state, fleet.ddp, history, epoch=ended)
+                        if not stop:
+                            state.epoch, state.step_in_epoch = ended, 0
+                        epoch_end = False
+                        batches = None
+                        continue
+                    if tc.max_steps and state.step >= tc.max_steps:
+                        stop = epoch_end = True
+                        continue
+                    if state.step_in_epoch >= steps_per_epoch:
+                        epoch_end = True
+                        continue
+                    if batches is None:
+                        fleet.sampler.set_epoch(state.epoch, state.step_in_epoch)
+                        model.train()
+                        with _sigint_ignored_by_children(tc.num_workers > 0):
+                            batches = iter(fleet.loader)
                     if ctrl_c.hard:
                         raise KeyboardInterrupt("a second Ctrl-C")
-                    if vote.due(step) and vote(step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s)):
-                        stop = True
+                    if vote.due(state.step) and vote(state.step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s),
+                                                     leave_alone=leave_alone, joiners=world.joiners()):
+                        stop = epoch_end = True
+                        continue
+                    if world.rank in vote.leaving:
+                        interrupted = TrainingInterrupted(state.step, world.rank, saved=False, why="", left=True)
                         break
+                    if vote.leaving or vote.admit:
+                        vote.leaving, vote.admit = [], False
+                        admit = True
+                        continue
                     timed = steps_run >= tc.timing_warmup_steps
                     if steps_run == tc.timing_warmup_steps:
                         synchronize(device)
                     t_step = time.perf_counter()
-                    world.check()
-                    x, y = (t.to(device, non_blocking=True) for t in next(batches))
-                    ddp.set_step(step)
-                    opt.zero_grad(set_to_none=True)
-                    loss = self._loss(ddp(x), y)
-                    try:
-                        loss.backward()
-                        ddp.finish_gradients()
-                    except RuntimeError:
-                        # DDP's C++ reducer turns a failed comm hook (a lost peer) into a bare
-                        # RuntimeError: raise the MacFleetError behind it, which says what to do.
-                        world.check()
-                        raise
-                    if tc.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                    opt.step()
-                    sched.step()
-                    step += 1
-                    step_in_epoch += 1
+                    loss = self.train_step(state, fleet, world, next(batches), device)
                     steps_run += 1
                     window_samples += tc.batch_size
-                    if step == total_steps:
+                    if state.step == total_steps:
                         synchronize(device)
                     dt = time.perf_counter() - t_step
                     window_s += dt
@@ -335,57 +397,37 @@ class Trainer:
                         timed_steps += 1
                         timed_samples += tc.batch_size
                         timed_s += dt
+                    step = state.step
                     if step % tc.log_every == 0 or step == total_steps:
                         sps = window_samples / max(1e-9, window_s)
                         window_samples, window_s = 0, 0.0
-                        gl = world.weighted_mean(float(loss.detach()), sampler.share)
-                        row = {"train/loss": gl, "lr": sched.get_last_lr()[0], "samples_per_s": sps, "epoch": epoch}
-                        row.update(ddp.wire_stats())
+                        gl = world.weighted_mean(float(loss.detach()), fleet.sampler.share)
+                        row = {"train/loss": gl, "lr": sched.get_last_lr()[0], "samples_per_s": sps, "epoch": state.epoch}
+                        row.update(fleet.ddp.wire_stats())
                         history.append({"step": step, **row})
                         tracker.log(row, step)
                         world.report(step, sps)
-                        progress.update(step, f"epoch {epoch + 1}/{tc.epochs} train loss {gl:.4f}")
+                        progress.update(step, f"epoch {state.epoch + 1}/{tc.epochs} train loss {gl:.4f}")
                     if tc.checkpoint_every_steps and step % tc.checkpoint_every_steps == 0:
-                        self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history)
-                    if tc.max_steps and step >= tc.max_steps:
-                        stop = True
-                        break
-                if not stop:
-                    epoch += 1
-                    step_in_epoch = 0
-                ddp.sync_buffers()  # every rank evaluates and checkpoints rank 0's BatchNorm statistics
-                if vote.stop:
-                    progress.update(step, f"epoch {epoch + 1}/{tc.epochs} stopped by Ctrl-C")
-                    # No evaluation (it may take long); a checkpoint if it fits the time budget
-                    # and holds a step this run took.
-                    why = ("no step since the start" if step == start_step else
-                           "" if vote.save else f"no time to save within {_CtrlC.BUDGET_S:g} s")
-                    saved = None if why else self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched,
-                                                        ddp, history)
-                    newest = saved or (ckpt.latest(ckpt_dir) if is_master else None)
-                    interrupted = TrainingInterrupted(step, world.rank, saved=not why, why=why, checkpoint=newest,
-                                                      out_dir=out_dir if is_master else None)
-                    break
-                last_eval = self.evaluate(model, world, device)
-                if last_eval:
-                    tracker.log({f"test/{k}": v for k, v in last_eval.items()}, step)
-                    history.append({"step": step, **{f"test/{k}": v for k, v in last_eval.items()}})
-                    log.info("epoch %d: %s", epoch, " ".join(f"test {k} {v:.4f}" for k, v in last_eval.items()))
-                epoch_done = not stop
-                if (epoch_done and tc.checkpoint_every and epoch % tc.checkpoint_every == 0) or stop or epoch >= tc.epochs:
-                    self._save(world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history)
+                        self._save(world, ckpt_dir, state, fleet.ddp, history)
+                except (MacFleetError, RuntimeError) as exc:
+                    lost = fleet.departure(exc, asked_to_stop=ctrl_c.at is not None)
+                    if lost is None:
+                        raise
+                    log.warning("%s", lost)
         except (KeyboardInterrupt, MacFleetError):
             # A second Ctrl-C, or a peer that a Ctrl-C stopped before it could vote: stop here,
             # keep the newest checkpoint, and still write what the steps done measured.
             if ctrl_c.at is None:
                 raise
             why = "stopped at once by a second Ctrl-C" if ctrl_c.hard else "a peer stopped before the others"
-            interrupted = TrainingInterrupted(step, world.rank, saved=False, why=why,
+            interrupted = TrainingInterrupted(state.step, world.rank, saved=False, why=why,
                                               checkpoint=ckpt.latest(ckpt_dir) if is_master else None,
                                               out_dir=out_dir if is_master else None)
         finally:
             progress.close()
 
+        step, epoch = state.step, state.epoch
         if not timed_steps and interrupted is None:
             log.warning("no step was timed: trainer.timing_warmup_steps=%d covers all %d steps run; samples_per_s is 0",
                         tc.timing_warmup_steps, steps_run)
@@ -402,8 +444,10 @@ class Trainer:
             "compression": self.comp.name,
             "device": str(device),
             "run_id": run_id,
-            **{k.replace("comm/", ""): v for k, v in ddp.wire_stats().items()},
+            **{k.replace("comm/", ""): v for k, v in fleet.ddp.wire_stats().items()},
         }
+        if world.generation > 1 or fleet.regroups:
+            metrics.update({"generation": world.generation, "regroups": fleet.regroups, "recovery_s": recovery_s})
         if interrupted is not None:
             metrics["interrupted"] = True
         self.metrics = metrics
@@ -421,6 +465,31 @@ class Trainer:
         if interrupted is not None:
             raise interrupted
         return metrics
+
+    def train_step(self, state: "TrainState", fleet: "_Parallel", world, batch, device) -> torch.Tensor:
+        """One optimizer step on this rank's share of the global batch; returns the local loss.
+
+        Redoable: until the step's exchange completed on every rank nothing is committed. A
+        departure mid-step raises (PeerLostError); the caller drops the step (`_Parallel.regroup`
+        rolls the codec's residuals back) and runs it again with the same global batch in the
+        next generation. `state.step` moves only when the optimizer stepped."""
+        ddp, model, opt = fleet.ddp, state.model, state.optimizer
+        world.check()
+        x, y = (t.to(device, non_blocking=True) for t in batch)
+        ddp.set_step(state.step)
+        opt.zero_grad(set_to_none=True)
+        fleet.in_flight = True
+        loss = self._loss(ddp(x), y)
+        loss.backward()
+        ddp.finish_gradients()
+        fleet.in_flight = False
+        if self.tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
+        opt.step()
+        state.scheduler.step()
+        state.step += 1
+        state.step_in_epoch += 1
+        return loss
 
     # ----------------------------------------------------------------- pieces
     def _loss(self, out, y):
@@ -481,57 +550,172 @@ class Trainer:
     _save_s = 0.0
     """Seconds the last checkpoint took on rank 0: whether one more fits after a Ctrl-C."""
 
-    def _save(self, world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history) -> Path | None:
+    def _save(self, world, ckpt_dir, state: "TrainState", ddp, history, epoch: int | None = None) -> Path | None:
         """A checkpoint at this step boundary (a collective: every rank calls it); rank 0 writes
-        it and history.json (so a killed run's history survives to its resume). Rank 0 returns its path."""
+        it and history.json (so a killed run's history survives to its resume). `epoch`: the
+        epoch a resume starts in, when an epoch just ended (its step in that epoch is then 0).
+        Rank 0 returns its path."""
         t0 = time.perf_counter()
         per_rank = world.gather_object({"rng": ckpt.rng_state(), "compression": ddp.state_dict()})
         if world.rank != 0:
             return None
-        state = {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "per_rank": per_rank,
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "history": history,
-        }
+        shared = state.state_dict()
+        if epoch is not None and epoch != state.epoch:
+            shared.update(epoch=epoch, step_in_epoch=0)
+        saved = {**shared, "per_rank": per_rank, "history": history}
         meta = {
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
+            "epoch": shared["epoch"],
+            "step_in_epoch": shared["step_in_epoch"],
             "world_size": world.world_size,
             "generation": world.generation,
             "run_id": world.run.get("run_id"),
             "config": self.config_dict,
         }
-        path = ckpt.save(ckpt_dir, step, state, meta, keep=self.tc.keep_checkpoints)
+        path = ckpt.save(ckpt_dir, state.step, saved, meta, keep=self.tc.keep_checkpoints)
         _write_history(self._out_dir, history)
         self._save_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir())
         log.info("checkpoint %s (%s in %.2f s)", path, _megabytes(size), self._save_s)
         return path
 
-    def _restore(self, world, path, model, opt, sched, ddp) -> tuple[int, int, int, list]:
-        """Load a checkpoint on every rank; returns (step, epoch, step in epoch, history up to the step)."""
-        state, history = None, []
+    def _restore(self, world, path, state: "TrainState", ddp) -> list:
+        """Load a checkpoint on every rank; returns the history up to its step (rank 0's)."""
+        saved, history = None, []
         if world.rank == 0:
-            state, _ = ckpt.load(path)
-            history = state.pop("history", None) or []  # rank 0's alone: not sent to the others
-            saved_ws = len(state["per_rank"])
+            saved, _ = ckpt.load(path)
+            history = saved.pop("history", None) or []  # rank 0's alone: not sent to the others
+            saved_ws = len(saved["per_rank"])
             if saved_ws != world.world_size:
                 log.warning("checkpoint was written by %d nodes, now %d: error-feedback residuals and RNG of "
                             "missing ranks are reset", saved_ws, world.world_size)
-        state = world.broadcast_object(state)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        mine = state["per_rank"][world.rank] if world.rank < len(state["per_rank"]) else None
+        saved = world.broadcast_object(saved)
+        state.load_state_dict(saved)
+        mine = saved["per_rank"][world.rank] if world.rank < len(saved["per_rank"]) else None
         if mine is not None:
             ckpt.set_rng_state(mine["rng"])
             ddp.load_state_dict(mine["compression"])
-        return int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"]), history
+        return history
+
+
+class TrainState:
+    """What every rank holds the same of a run at a step boundary: model, optimizer, scheduler
+    and the data position (step, epoch, step in epoch). `state_dict()` is the shared part of a
+    checkpoint and what a node joining a run in progress receives; per-rank state (RNG, the
+    codec's residuals) and the shares live beside it (checkpoint's per_rank, the World)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 step: int = 0, epoch: int = 0, step_in_epoch: int = 0):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.step, self.epoch, self.step_in_epoch = step, epoch, step_in_epoch
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+
+
+class _Parallel:
+    """One generation's data-parallel parts: this rank's sampler and loader (its share of every
+    global batch) and the MacFleetDDP wrapping the model. `regroup` moves them to the next
+    generation of an elastic run."""
+
+    def __init__(self, trainer: Trainer, world, device):
+        self.trainer, self.world, self.device = trainer, world, device
+        self.ddp = None
+        self.in_flight = False
+        """A step's exchange started on this rank and has not completed here."""
+        self.regroups = 0
+        self.loaded = False
+        """The last regroup replaced this rank's state with a node's that was further on."""
+        self._shard()
+
+    def _shard(self) -> None:
+        tc, w = self.trainer.tc, self.world
+        self.sampler = WeightedBatchSampler(len(self.trainer.data.train), tc.batch_size, w.weights, rank=w.rank,
+                                            seed=tc.seed)
+        # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
+        self.loader = build_loader(self.trainer.data.train, self.sampler, tc.seed, tc.num_workers,
+                                   pin_memory=self.device.type == "cuda")
+
+    def build(self, state: TrainState, residuals: dict | None = None) -> None:
+        from macfleet.ddp import MacFleetDDP
+
+        t = self.trainer
+        self.ddp = MacFleetDDP(state.model, self.world.group, share=self.sampler.share, compression=t.comp,
+                               device=self.device, redoable=self.world.elastic,
+                               use_torch_ddp={"auto": None, "torch": True, "flat": False}[t.cc.ddp])
+        if residuals is not None:
+            self.ddp.load_state_dict(residuals)
+
+    def departure(self, exc: BaseException, asked_to_stop: bool):
+        """The PeerLostError this run goes on after (None: `exc` ends it). DDP's C++ reducer turns
+        a failed comm hook into a bare RuntimeError: the MacFleetError behind it says what to do,
+        and is raised instead when the run cannot go on."""
+        from macfleet.errors import PeerLostError
+
+        lost = exc if isinstance(exc, PeerLostError) else None
+        if lost is None:
+            try:
+                self.world.check()
+            except PeerLostError as behind:
+                lost = behind
+            if lost is None:
+                return None
+        if asked_to_stop or not getattr(self.world, "recoverable", lambda e: False)(lost):
+            if lost is exc:
+                return None
+            raise lost from exc
+        return lost
+
+    def regroup(self, state: TrainState, admit: bool = False) -> dict:
+        """Next generation: the step in flight (if any) is dropped on every rank, the new data
+        plane opened, the ranks agree on the newest state, and sampler, loader and DDP are
+        rebuilt with the new shares. The codec's residuals carry over. Returns the generation."""
+        old = self.ddp
+        old.retire()
+        record = self.world.regroup(admit=admit)
+        self.regroups += 1
+        self._shard()
+        self.agree(state, old)
+        for p in state.model.parameters():
+            p.grad = None
+        self.build(state, old.state_dict())
+        return record
+
+    def agree(self, state: TrainState, old) -> None:
+        """Every rank of a new generation ends up with the newest state any of them holds. A rank
+        behind by the step in flight (it failed there while another completed it: every rank's
+        share had arrived) keeps that step's residuals and takes the state of the first rank that
+        is furthest on; a node joining the run (`old` None) takes it too. Otherwise the step in
+        flight never completed anywhere: its residuals are dropped and it is redone."""
+        w = self.world
+        mine = [float(state.step + 1), float(state.epoch)] if old is not None else [0.0, 0.0]
+        v = torch.zeros(2 * w.world_size, dtype=torch.float64)
+        v[2 * w.rank: 2 * w.rank + 2] = torch.tensor(mine, dtype=torch.float64)
+        v = w.all_reduce_sum(v).tolist()
+        where = [(int(v[2 * r]), int(v[2 * r + 1])) for r in range(w.world_size)]
+        top = max(where)
+        behind = (int(mine[0]), int(mine[1])) < top
+        if old is not None:
+            if behind or not self.in_flight:
+                old.settle()
+            else:
+                old.rollback()
+        self.in_flight = False
+        self.loaded = False
+        if any(x != top for x in where):
+            src = where.index(top)
+            shared = w.broadcast_object(state.state_dict() if w.rank == src else None, src=src)
+            if behind:
+                state.load_state_dict(shared)
+                self.loaded = True
+                log.info("took the training state at step %d from rank %d", state.step, src)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -540,13 +724,17 @@ class TrainingInterrupted(KeyboardInterrupt):
     command that resumes. A KeyboardInterrupt, so API callers that catch Ctrl-C still do."""
 
     def __init__(self, step: int, rank: int, saved: bool, why: str = "", checkpoint: Path | None = None,
-                 out_dir: Path | None = None):
+                 out_dir: Path | None = None, left: bool = False):
         self.step, self.rank, self.saved, self.why = step, rank, saved, why
+        self.left = left  # a worker of an elastic run that left alone: the others go on
         self.checkpoint = checkpoint  # rank 0: the one saved now, else the newest (None if there is none)
         self.out_dir = out_dir        # rank 0: the run dir
         super().__init__(self.describe())
 
     def describe(self) -> str:
+        if self.left:
+            return (f"rank {self.rank} left the run at step {self.step} (Ctrl-C); the others go on without it. "
+                    f"Start it again with the same command to rejoin")
         head = f"interrupted at step {self.step}" + (f" ({self.why})" if self.why else "")
         if self.rank != 0:
             said = f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"
@@ -637,21 +825,33 @@ class _StopVote:
         self.next_step = 0  # the first vote is before the first step
         self._t, self._step, self._gap = time.perf_counter(), None, 1
         self.stop = self.save = False
+        self.admit = False
+        """Rank 0 has nodes waiting to join: every rank moves to the next generation here."""
+        self.leaving: list[int] = []
+        """Ranks whose own Ctrl-C makes them leave an elastic run alone (direct mode)."""
 
     def due(self, step: int) -> bool:
         return step >= self.next_step
 
-    def __call__(self, step: int, asked: bool, save_fits: bool) -> bool:
+    def __call__(self, step: int, asked: bool, save_fits: bool, leave_alone: bool = False, joiners: int = 0) -> bool:
+        """`leave_alone`: a worker's Ctrl-C makes it leave, not the run stop (an elastic run in
+        direct mode, where each Mac has its own terminal). `joiners` (rank 0): nodes waiting."""
         gap = 0
+        rank, size = self.world.rank, self.world.world_size
         if self.world.rank == 0:
             now = time.perf_counter()
             if self._step is not None and step > self._step:
                 per_step = (now - self._t) / (step - self._step)
                 self._gap = max(1, min(2 * self._gap, int(self.every_s / max(per_step, 1e-6))))
             self._t, self._step, gap = now, step, self._gap
-        own = [float(asked), float(gap), float(save_fits) if self.world.rank == 0 else 0.0]
+        leaves = asked and leave_alone and rank != 0
+        own = [float(asked and not leaves), float(gap), float(save_fits) if rank == 0 else 0.0,
+               float(joiners) if rank == 0 else 0.0] + [0.0] * size
+        own[4 + rank] = float(leaves)
         total = self.world.all_reduce_sum(torch.tensor(own, dtype=torch.float32)).tolist()
         self.stop, self.save = total[0] > 0, total[2] > 0
+        self.admit = total[3] > 0
+        self.leaving = [r for r in range(size) if total[4 + r] > 0]
         self.next_step = step + max(1, int(total[1]))
         return self.stop
 

@@ -21,9 +21,16 @@ status` keeps answering whatever arrives. Heartbeats run in their own thread and
 (heartbeat.py), signed with the key each node's join derived; a lost or departed peer reaches
 the master's Membership callbacks and, through heartbeat answers, every worker.
 
-Generations: each formed membership gets the next generation number and heartbeat ids carry
-it, so a later release can form generation g+1 from the survivors and admit a rejoining node at
-a step boundary. Today a join after the run started is refused with a message saying so.
+Generations (``cluster.elastic``, on by default): each membership has a generation number. A
+worker lost or gone (its bye) ends its generation at once: this thread forms the next one from
+the others, shares renormalised over them, and announces it on every heartbeat answer
+(HeartbeatServer.set_world); the trainers drop the step in flight and redo it there. A node that
+joins a run in progress is authenticated and checked as at the start, then waits until the
+master's trainer reaches a step boundary and calls `advance()`: the next generation takes it in
+(WELCOME with ``running``) and a survivor sends it the training state. A node keeps its peer id
+(its heartbeat identity) across generations; its rank is its place in the generation's list.
+`events` keeps what happened, shown by `macfleet status`. Without elastic, a join after the
+start is refused, and any departure stops the run.
 
 Ranks: the master is 0; a node that asks for a rank (``facts["rank"]``, local fleets) gets it
 when free; the others follow in (host, data address) order, so ranks do not depend on who was
@@ -41,7 +48,7 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
-from macfleet.cluster.membership import Membership, WaitCallback, fill_host, say
+from macfleet.cluster.membership import FINISHED, Membership, WaitCallback, fill_host, say
 from macfleet.cluster.protocol import Complaints, Handshake, bind, decode, encode, make_socket
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLeftError, PeerLostError
@@ -149,12 +156,20 @@ class Coordinator:
         self._membership: Optional[Membership] = None
         self._keys: dict[bytes, bytes] = {}        # ident -> heartbeat key of an admitted node; never logged
         self._complain = Complaints("coordinator")
+        self.elastic = bool(getattr(cfg, "elastic", False))
+        self.run.setdefault("elastic", self.elastic)
+        self.events: list[dict] = []
+        """What changed the membership: {"generation", "time", "what"}, oldest first."""
+        self._world: Optional[dict] = None
+        self._world_cond = threading.Condition()
+        self._serial = 0
+        self._departed: list[dict] = []
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> "Coordinator":
         self._ctx = zmq.Context()
         self._hb = HeartbeatServer(self._ctx, self.cfg.host, self.cfg.heartbeat_interval, self._on_peer_lost,
-                                   on_left=self._on_peer_left)
+                                   on_left=self._on_peer_left, elastic=self.elastic)
         self._hb.start()
         self._thread = threading.Thread(target=self._serve, name="macfleet-coordinator", daemon=True)
         self._thread.start()
@@ -220,6 +235,30 @@ class Coordinator:
         assert self._membership is not None
         return self._membership
 
+    # -- generations (elastic) ----------------------------------------------------------------
+    def joiners(self) -> int:
+        """Nodes admitted to a run in progress, waiting for the next step boundary."""
+        with self._lock:
+            return len(self._pending) if self._formed.is_set() else 0
+
+    def advance(self, timeout: float) -> dict:
+        """Take the waiting joiners in: form the next generation now (the master's trainer calls
+        this at a step boundary); returns it."""
+        generation = self.generation
+        self._commands.put(("regen", {"admit": True}))
+        return self.next_world(generation, timeout)
+
+    def next_world(self, generation: int, timeout: float) -> dict:
+        """The newest generation after `generation`, waiting up to `timeout` s for it."""
+        deadline = time.monotonic() + timeout
+        with self._world_cond:
+            while self._world is None or self._world["generation"] <= generation:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    raise MacFleetError(f"the coordinator formed no generation after {generation} within {timeout:g} s")
+                self._world_cond.wait(min(left, 0.05))
+            return dict(self._world)
+
     def joined(self) -> int:
         """Nodes in so far, the master included."""
         with self._lock:
@@ -233,6 +272,10 @@ class Coordinator:
             if self._members:
                 for rank, node in enumerate(self._members):
                     rows.append(self._row(rank, node, hb.get(node.get("peer_id", ""))))
+                for node in self._pending.values():  # joining a run in progress at the next step boundary
+                    rows.append(self._row(None, node, None, state="joining"))
+                for node in self._departed:  # out of the run: left or lost, newest last
+                    rows.append(self._row(None, node, hb.get(node.get("peer_id", "")), state="left"))
             else:
                 rows.append(self._row(0, {"facts": self.facts, "weight": self.cfg.weight}, None))
                 for node in self._pending.values():
@@ -278,6 +321,11 @@ class Coordinator:
                         break
                     if cmd == "master":
                         master = arg
+                    elif cmd == "regen":
+                        try:
+                            self._regen(sock, **arg)
+                        except Exception as exc:  # noqa: BLE001 - the coordinator outlives a failed regroup
+                            self._complain("could not form the next generation", repr(exc))
                     elif cmd == "give_up":
                         gave_up = True
                         for ident in list(self._pending):
@@ -299,8 +347,13 @@ class Coordinator:
                 except zmq.Again:
                     continue
                 self._receive(sock, shake, frames, gave_up)
+            with self._lock:
+                waiting = list(self._pending) if self._formed.is_set() else []
+            for ident in waiting:
+                self._send(sock, ident, encode("refuse", reason="the run ended before this node could join it"))
+            sock.setsockopt(zmq.LINGER, 200)
         finally:
-            sock.close(0)
+            sock.close()
 
     def _receive(self, sock, shake: Handshake, frames: list, gave_up: bool) -> None:
         """Validate one message and handle it; a bad one is answered and logged, never fatal."""
@@ -378,9 +431,9 @@ class Coordinator:
         if gave_up:
             refuse("the master stopped waiting for nodes; restart the run")
             return
-        if self._formed.is_set():
-            refuse(f"the run already started with {len(self._members)} nodes (generation {self.generation}); "
-                   f"joining a running job is not supported yet: restart the run with cluster.nodes including this node")
+        if self._formed.is_set() and not self.elastic:
+            refuse(f"the run already started with {len(self._members)} nodes (generation {self.generation}) and "
+                   f"cluster.elastic is false on the master: restart the run with cluster.nodes including this node")
             return
         node = {"ident": ident, "facts": dict(msg["facts"]), "tensor_addr": msg["tensor_addr"],
                 "weight": msg["weight"]}
@@ -389,16 +442,24 @@ class Coordinator:
             for other in [i for i, n in self._pending.items() if n["tensor_addr"] == node["tensor_addr"]]:
                 del self._pending[other]
                 self._keys.pop(other, None)
-            if len(self._pending) + 1 >= self.cfg.nodes:
-                full = True
+            if self._formed.is_set():
+                # a run in progress takes nodes back up to the size it was started for
+                full = len(self._members) + len(self._pending) >= self.cfg.nodes
             else:
+                full = len(self._pending) + 1 >= self.cfg.nodes
+            if not full:
                 self._pending[ident] = node
                 self._keys[ident] = key
                 full = False
         if full:
-            refuse(f"the master already has cluster.nodes={self.cfg.nodes} nodes; raise cluster.nodes on the master")
+            refuse(f"the master already has cluster.nodes={self.cfg.nodes} nodes" + (
+                " in its running run" if self._formed.is_set() else "") + "; raise cluster.nodes on the master")
             return
-        self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes))
+        if self._formed.is_set():
+            say(f"node {node['facts'].get('host', '?')} ({node['tensor_addr']}) asks to join the running run: "
+                f"it joins at the next step boundary")
+        self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes,
+                                       running=self._formed.is_set()))
 
     def _form(self, sock, master: dict) -> None:
         """Assign ranks and weights, send WELCOME to every worker, build rank 0's Membership."""
@@ -431,8 +492,8 @@ class Coordinator:
         addrs = [n["tensor_addr"] for n in members]
         nodes = [n["facts"] for n in members]
         for rank, node in enumerate(members):
-            node["norm_weight"] = weights[rank]
-            node["peer_id"] = f"g{self.generation}-r{rank}"
+            node["norm_weight"] = node["raw_weight"] = weights[rank]
+            node["peer_id"] = f"g{self.generation}-r{rank}" if rank else "master"
         with self._lock:
             self._members = members
         for rank, node in enumerate(members[1:], start=1):
@@ -448,19 +509,122 @@ class Coordinator:
                                       addrs=[fill_host(a, here) for a in addrs],
                                       weights=weights, run=dict(self.run), nodes=nodes, _link=_MasterLink(self))
         self._master_state["state"] = "running"
+        self._event(f"formed with {size} nodes")
+        if self.elastic:
+            self._announce("formed")
         self._formed.set()
+
+    def _event(self, what: str) -> None:
+        self.events.append({"generation": self.generation, "time": time.time(), "what": what})
+        del self.events[:-50]
+
+    def _announce(self, why: str, joined: tuple = ()) -> None:
+        """Publish the current generation: heartbeat answers carry it; the master's trainer waits on it."""
+        with self._lock:
+            members = list(self._members)
+        world = {"generation": self.generation, "peers": [n["peer_id"] for n in members],
+                 "addrs": [n["tensor_addr"] for n in members], "weights": [n["norm_weight"] for n in members],
+                 "nodes": [n["facts"] for n in members], "joined": list(joined), "why": why[:1024]}
+        self._hb.set_world(world)
+        with self._world_cond:
+            self._world = world
+            self._world_cond.notify_all()
+
+    def _regen(self, sock, drop: Optional[str] = None, why: str = "", admit: bool = False) -> None:
+        """Form the next generation: without peer `drop`, and with the waiting joiners when `admit`."""
+        with self._lock:
+            members = [n for n in self._members if n["peer_id"] != drop]
+            dropped = len(members) < len(self._members)
+            if dropped:
+                self._departed = (self._departed + [n for n in self._members if n["peer_id"] == drop])[-16:]
+            joiners = list(self._pending.values()) if admit else []
+            if admit:
+                self._pending.clear()
+        if not dropped and not joiners:
+            if admit:
+                self._announce_same()
+            return
+        self.generation += 1
+        mean = sum(n["raw_weight"] for n in members) / max(1, len(members))
+        for node in joiners:
+            self._serial += 1
+            node["peer_id"] = f"g{self.generation}-r{len(members)}-{self._serial}"
+            node["raw_weight"] = self._joiner_weight(node, members, mean)
+            members.append(node)
+        total = sum(n["raw_weight"] for n in members)
+        for rank, node in enumerate(members):
+            node["norm_weight"] = node["raw_weight"] / total
+        with self._lock:
+            self._members = members
+            self._peer_rank = {n["peer_id"]: rank for rank, n in enumerate(members) if rank}
+        for rank, node in enumerate(members[1:], start=1):
+            if node not in joiners:
+                self._hb.relabel(node["peer_id"], rank,
+                                 f"node rank {rank} ({node['facts'].get('host', '?')}, {node['tensor_addr']})")
+        addrs = [n["tensor_addr"] for n in members]
+        nodes = [n["facts"] for n in members]
+        weights = [n["norm_weight"] for n in members]
+        for node in joiners:
+            rank = members.index(node)
+            label = f"node rank {rank} ({node['facts'].get('host', '?')}, {node['tensor_addr']})"
+            self._hb.expect(node["peer_id"], label, key=self._keys.pop(node["ident"], None), rank=rank)
+            self._send(sock, node["ident"], encode(
+                "welcome", rank=rank, world_size=len(members), generation=self.generation, addrs=addrs,
+                weights=weights, run=self.run, nodes=nodes, hb_port=self._hb.port, peer_id=node["peer_id"],
+                proto=PROTOCOL_VERSION, running=True))
+        what = []
+        if dropped:
+            what.append(why or f"{drop} left")
+        if joiners:
+            what.append(", ".join(f"{n['facts'].get('host', '?')} joined as rank {members.index(n)}" for n in joiners))
+        line = f"generation {self.generation}: {'; '.join(what)}; {len(members)} node(s), shares " \
+               f"{[round(w, 3) for w in weights]}"
+        self._event(line)
+        say(line)
+        self._announce(line, tuple(n["peer_id"] for n in joiners))
+
+    def _announce_same(self) -> None:
+        with self._world_cond:
+            self._world_cond.notify_all()
+
+    def _joiner_weight(self, node: dict, members: list, mean: float) -> float:
+        """A joiner's share before normalisation: its cluster.weights entry for its rank, its
+        measured speed next to the others' when every node measured one, else the members' mean."""
+        speeds = [n["facts"].get("samples_per_s") for n in members] + [node["facts"].get("samples_per_s")]
+        if str(node.get("weight")) == "auto" and all(speeds) and all(str(n.get("weight")) == "auto" for n in members):
+            per_weight = sum(n["raw_weight"] for n in members) / sum(float(v) for v in speeds[:-1])
+            return float(speeds[-1]) * per_weight
+        if self.cfg.weights is None and str(node.get("weight")) != "auto" \
+                and all(str(n.get("weight")) != "auto" for n in members):
+            # fixed per-node weights: in the units of the others'
+            fixed = [float(n["weight"]) for n in members]
+            return float(node["weight"]) * sum(n["raw_weight"] for n in members) / sum(fixed)
+        return mean
 
     def _address(self, peer_id: str) -> tuple[Optional[int], Optional[str]]:
         rank = self._peer_rank.get(peer_id)
         return rank, self._members[rank]["tensor_addr"] if rank is not None and rank < len(self._members) else None
 
+    def _member(self, peer_id: str) -> bool:
+        with self._lock:
+            return any(n.get("peer_id") == peer_id for n in self._members)
+
     def _on_peer_lost(self, peer_id: str, message: str) -> None:
+        if not self._member(peer_id):
+            return  # already out of the current generation
         rank, addr = self._address(peer_id)
+        if self.elastic and rank:
+            self._commands.put(("regen", {"drop": peer_id, "why": f"rank {rank} lost"}))
         if self._membership is not None:
             self._membership._peer_lost(PeerLostError(message, rank=rank, address=addr))
 
     def _on_peer_left(self, peer_id: str, record: dict) -> None:
+        if not self._member(peer_id):
+            return
         rank, addr = self._address(peer_id)
+        if self.elastic and rank and record["reason"] != FINISHED:
+            # (a node that finished its run leaves with the others: no generation for the last moment)
+            self._commands.put(("regen", {"drop": peer_id, "why": f"rank {rank} left ({record['reason']})"}))
         if self._membership is not None:
             self._membership._peer_left(PeerLeftError(record["msg"], rank=rank, address=addr, reason=record["reason"]),
                                         record["after"])

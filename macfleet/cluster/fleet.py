@@ -27,6 +27,11 @@ class SoloWorld:
     world_size = 1
     generation = 0
     group = None
+    elastic = False
+    running = False
+
+    def joiners(self) -> int:
+        return 0
 
     def __init__(self, weights=None, run: dict | None = None):
         self.weights = [1.0]
@@ -82,15 +87,21 @@ class GroupWorld:
         t = torch.tensor([value * share], dtype=torch.float32)
         return float(self.group.all_reduce(t, op="sum")[0])
 
-    def broadcast_object(self, obj):
-        """Rank 0's `obj` on every rank (packed without pickle, see statepack)."""
-        blob = statepack.pack(obj) if self.rank == 0 else None
+    elastic = False
+    running = False
+
+    def joiners(self) -> int:
+        return 0
+
+    def broadcast_object(self, obj, src: int = 0):
+        """Rank `src`'s `obj` on every rank (packed without pickle, see statepack)."""
+        blob = statepack.pack(obj) if self.rank == src else None
         n = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
-        self.group.broadcast(n, src=0)
+        self.group.broadcast(n, src=src)
         if blob is None:
             blob = torch.empty(int(n[0]), dtype=torch.uint8)
-        self.group.broadcast(blob, src=0)
-        return obj if self.rank == 0 else statepack.unpack(blob)
+        self.group.broadcast(blob, src=src)
+        return obj if self.rank == src else statepack.unpack(blob)
 
     def gather_object(self, obj) -> list | None:
         """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
@@ -106,22 +117,73 @@ class ClusterWorld(GroupWorld):
     timeout. `close` says bye with the reason this node leaves (the exception propagating, if any).
     """
 
-    def __init__(self, membership, group, coordinator=None, fleet=None):
+    def __init__(self, membership, group, coordinator=None, fleet=None, cfg: ClusterConfig | None = None):
         self.membership = membership
         self.group = group
         self.coordinator = coordinator
         self.fleet = fleet
+        self.cfg = cfg
         self.rank = membership.rank
         self.world_size = membership.world_size
         self.generation = membership.generation
         self.weights = [float(w) for w in membership.weights]
         self.run = dict(membership.run)
-        membership.track(lambda: group.collectives)
+        self.elastic = bool(self.run.get("elastic"))
+        self.running = bool(membership.running)
+        """This node joined a run in progress: the others send it the training state."""
+        membership.track(lambda: self.group.collectives)
         membership.on_lost(self._lost)
         self._closed = False
 
     def _lost(self, exc) -> None:
         self.group.abort(exc)
+
+    # -- generations (elastic) ------------------------------------------------------------------
+    def joiners(self) -> int:
+        """Rank 0: nodes waiting to join at the next step boundary."""
+        return self.coordinator.joiners() if self.coordinator is not None else 0
+
+    def recoverable(self, exc: BaseException) -> bool:
+        """Whether this node goes on after `exc` in the next generation: a worker lost or gone in an
+        elastic run. The master's loss, or this node being dropped, ends the run here."""
+        from macfleet.errors import NodeDroppedError, PeerLostError
+
+        return (self.elastic and isinstance(exc, PeerLostError) and not isinstance(exc, NodeDroppedError)
+                and exc.rank not in (None, 0))
+
+    def regroup(self, admit: bool = False) -> dict:
+        """Move to the next generation at a step boundary, or after a step failed: wait for the
+        master to announce it (`admit`, on rank 0: form it now with the waiting joiners), close
+        this generation's data plane, take the new rank, size and shares, and open the next one.
+        Returns the generation's record (its `joined` peers need the training state)."""
+        from macfleet.comm import Group, session_id
+
+        hb = self.cfg.heartbeat_interval if self.cfg is not None else 1.0
+        timeout = max(10.0, 6 * hb)
+        old = self.generation
+        if self.coordinator is not None:
+            if admit and self.coordinator.joiners() == 0:
+                admit = False
+            world = self.coordinator.advance(timeout) if admit else self.coordinator.next_world(old, timeout)
+        else:
+            def master_gone():
+                exc = self.membership._lost_exc
+                return exc if exc is not None and not self.recoverable(exc) else None
+
+            world = self.membership.next_world(old, timeout, give_up=master_gone)
+        if not self.group.settled:
+            self.group.abort(MacFleetError(f"generation {old} ended"))
+        self.group.close()
+        self.membership.advance(world)
+        m = self.membership
+        self.rank, self.world_size, self.generation = m.rank, m.world_size, m.generation
+        self.weights = [float(w) for w in m.weights]
+        session = session_id(self.run.get("run_id"), m.generation)
+        self.group = Group(m.rank, m.world_size, m.addrs, generation=m.generation,
+                           timeout=self.cfg.comm_timeout if self.cfg is not None else 60.0, session=session,
+                           algorithm=self.run.get("allreduce", "auto"))
+        self.running = False
+        return world
 
     @classmethod
     def connect(cls, cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: dict | None = None,
@@ -184,7 +246,7 @@ class ClusterWorld(GroupWorld):
             if coordinator is not None:
                 coordinator.stop()
             raise
-        return cls(membership, group, coordinator, fleet)
+        return cls(membership, group, coordinator, fleet, cfg)
 
     # -- what the trainer uses
     def check(self) -> None:

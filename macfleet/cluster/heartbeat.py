@@ -24,6 +24,14 @@ that said bye (record: rank, kind "left", msg, reason, after), and says bye itse
 that sends heartbeats with the node's progress (`report`), reports the master's silence, its bye
 and the peers it reports gone, and says bye when stopped.
 
+Elastic runs (coordinator.py): the master's answers also carry the run's current generation
+(`set_world`: who is in, in rank order, their data addresses and shares); a node hears each new
+one through ``on_world(world)``. Each gone record names its ``peer`` and the ``generation`` it
+left, so a record of an earlier generation is not news to a node already in a later one, and a
+node that finds itself in the table (it was silent, e.g. frozen, while the others went on) learns
+it was dropped. A node whose own thread was suspended (SIGSTOP, a sleeping laptop) does not
+blame the master for the silence it slept through: it sends at once and waits a deadline anew.
+
 Peers are known by the ``peer`` id inside each message, never by their socket's routing id.
 With a session key (protocol.session_key, from the node's join) every message is signed, in
 each direction, and carries a counter that must grow: a forged or replayed heartbeat or bye is
@@ -49,16 +57,17 @@ TO_NODE = b"master->node"
 """Signature directions: a message signed for one way is refused the other way."""
 RESUME_ADVICE = ("the run cannot go on without it: restart that node, then every node with trainer.resume=auto "
                  "to continue from the last checkpoint")
+ELASTIC_ADVICE = "the others go on without it; start it again with the same command to rejoin the run"
 
 
 def _deadline(interval: float) -> float:
     return LOST_AFTER * interval
 
 
-def left_message(who: str, reason: str, step: Optional[int], where: str) -> str:
+def left_message(who: str, reason: str, step: Optional[int], where: str, advice: str = RESUME_ADVICE) -> str:
     """"rank 1 left (Ctrl-C) at step 37 [node rank 1 (air, 10.0.0.2:50052)]; what to do"."""
     at = f" at step {step}" if step is not None else ""
-    return f"{who} left ({reason}){at} [{where}]; {RESUME_ADVICE}"
+    return f"{who} left ({reason}){at} [{where}]; {advice}"
 
 
 def _frames(msg_type: str, key: Optional[bytes], direction: bytes, **fields) -> list:
@@ -71,8 +80,12 @@ class HeartbeatServer:
 
     def __init__(self, ctx: zmq.Context, host: str, interval: float,
                  on_lost: Callable[[str, str], None], port: int = 0,
-                 on_left: Optional[Callable[[str, dict], None]] = None):
+                 on_left: Optional[Callable[[str, dict], None]] = None, elastic: bool = False):
         self.interval = interval
+        self.advice = ELASTIC_ADVICE if elastic else RESUME_ADVICE
+        self.generation = 0
+        self._world: Optional[dict] = None
+        self._push = threading.Event()
         self._on_lost = on_lost
         self._on_left = on_left
         self._lock = threading.Lock()
@@ -104,6 +117,21 @@ class HeartbeatServer:
             self._peers[peer_id] = {"label": label, "rank": rank, "last": time.monotonic(), "left": False,
                                     "step": None, "samples_per_s": None, "state": "joined"}
             self._auth[peer_id] = {"key": key, "n_in": -1, "n_out": 0, "ident": None}
+
+    def set_world(self, world: dict) -> None:
+        """The run's generation `world` (protocol's _WORLD record): carried by every answer from
+        now on, and pushed to every live peer at once (from this server's thread)."""
+        with self._lock:
+            self._world = dict(world)
+            self.generation = int(world["generation"])
+        self._push.set()
+
+    def relabel(self, peer_id: str, rank: int, label: str) -> None:
+        """A peer's rank (and label) in a new generation."""
+        with self._lock:
+            peer = self._peers.get(peer_id)
+            if peer is not None:
+                peer["rank"], peer["label"] = rank, label
 
     def forget(self, peer_id: str) -> None:
         with self._lock:
@@ -159,6 +187,9 @@ class HeartbeatServer:
                             self._on_message(sock, frames)
                         except Exception as exc:  # noqa: BLE001 - one bad message must not end liveness
                             self._complain("message handling failed", repr(exc))
+                if self._push.is_set():
+                    self._push.clear()
+                    self._tell_everyone(sock)
                 self._check(sock)
             bye = dict(self._bye, rank=0)
             with self._lock:
@@ -240,7 +271,7 @@ class HeartbeatServer:
                 if key_name in msg:
                     peer[key_name] = msg[key_name]
             gone = dict(self._gone)
-        self._send(sock, pid, "hb", gone=gone)
+        self._send(sock, pid, "hb", gone=gone, **self._world_field())
 
     def _peer_left(self, sock: zmq.Socket, pid: str, msg: dict) -> None:
         with self._lock:
@@ -251,20 +282,26 @@ class HeartbeatServer:
             peer["state"] = "left"
             who = f"rank {peer['rank']}" if peer["rank"] is not None else peer["label"]
             reason = msg.get("reason") or "no reason given"
-            text = left_message(who, reason, msg.get("step", peer["step"]), peer["label"])
-            record = {"rank": peer["rank"], "kind": "left", "msg": text, "reason": reason, "after": msg.get("after")}
+            text = left_message(who, reason, msg.get("step", peer["step"]), peer["label"], self.advice)
+            record = {"rank": peer["rank"], "kind": "left", "msg": text, "reason": reason, "after": msg.get("after"),
+                      "generation": self.generation, "peer": pid}
             self._gone[pid] = record
         self._tell_everyone(sock)
         if self._on_left is not None:
             self._on_left(pid, dict(record))
 
     def _tell_everyone(self, sock: zmq.Socket) -> None:
-        """Push the gone table to every live peer now, not at its next heartbeat."""
+        """Push the gone table (and the generation) to every live peer now, not at its next heartbeat."""
         with self._lock:
             gone = dict(self._gone)
             ids = [pid for pid, p in self._peers.items() if not p["left"] and pid not in self._gone]
+        world = self._world_field()
         for pid in ids:
-            self._send(sock, pid, "hb", gone=gone)
+            self._send(sock, pid, "hb", gone=gone, **world)
+
+    def _world_field(self) -> dict:
+        with self._lock:
+            return {"world": dict(self._world)} if self._world is not None else {}
 
     def _check(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
@@ -278,9 +315,9 @@ class HeartbeatServer:
                 if silence > limit:
                     msg = (f"{p['label']} sent no heartbeat for {silence:.2f} s (limit {limit:.2f} s = "
                            f"{LOST_AFTER} x cluster.heartbeat_interval): it was killed, stopped or its "
-                           f"link went down. The run stops; restart that node and resume from the last "
-                           f"checkpoint (trainer.resume=auto)")
-                    self._gone[pid] = {"rank": p["rank"], "kind": "lost", "msg": msg, "after": None}
+                           f"link went down; {self.advice}")
+                    self._gone[pid] = {"rank": p["rank"], "kind": "lost", "msg": msg, "after": None,
+                                       "generation": self.generation, "peer": pid}
                     newly.append((pid, msg))
         if newly:
             self._tell_everyone(sock)
@@ -299,8 +336,11 @@ class HeartbeatClient:
 
     def __init__(self, ctx: zmq.Context, host: str, port: int, peer_id: str, interval: float,
                  on_lost: Callable[[str], None], on_bye: Optional[Callable[[], None]] = None,
-                 key: Optional[bytes] = None, on_gone: Optional[Callable[[dict], None]] = None):
+                 key: Optional[bytes] = None, on_gone: Optional[Callable[[dict], None]] = None,
+                 on_world: Optional[Callable[[dict], None]] = None):
         self.interval = interval
+        self._on_world = on_world
+        self._world_generation = -1
         self._ctx = ctx
         self._addr = tcp(host, port)
         self._master = f"{host}:{port}"
@@ -371,9 +411,15 @@ class HeartbeatClient:
         limit = _deadline(self.interval)
         last_heard = time.monotonic()
         next_send = 0.0
+        last_tick = time.monotonic()
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
+                if now - last_tick > limit:
+                    # This thread did not run for a deadline (the process was stopped, or the Mac
+                    # slept): that silence is ours, not the master's. Ask again and wait anew.
+                    last_heard, next_send = now, 0.0
+                last_tick = now
                 if now >= next_send:
                     with self._lock:
                         fields = dict(self._report)
@@ -426,6 +472,10 @@ class HeartbeatClient:
             return True
         if self._on_gone is None:
             return False  # an agent: the other agents' comings and goings are not its business
+        world = msg.get("world")
+        if world is not None and self._on_world is not None and world["generation"] > self._world_generation:
+            self._world_generation = world["generation"]
+            self._on_world(world)
         for pid, rec in (msg.get("gone") or {}).items():
             if (pid, rec["kind"]) not in self._seen:
                 self._seen.add((pid, rec["kind"]))

@@ -12,6 +12,14 @@ Contract the trainer codes against::
     membership.log(line)           # forwarded to the master, printed as "[rank N host] line"
     membership.track(progress)     # progress() -> collectives this node has started
     membership.close(reason=None, settled=True)   # leave: the others hear a signed bye with the reason
+    membership.peer_id, membership.running         # this node's id; True: it joined a run in progress
+    membership.next_world(generation, timeout)     # elastic: the first announced generation after it
+    membership.advance(world)                      # take that generation's rank, size, addresses, shares
+
+Elastic runs: the master announces each generation (who is in, in rank order) on the heartbeat
+answers. A departure of generation g reported after this node moved on to a later one is old
+news and ignored; a gone record naming this node itself means the master dropped it
+(NodeDroppedError: it was silent while the others went on).
 
 A peer that leaves is a departure (`PeerLeftError`, "rank 1 left (Ctrl-C) ..."), reported as a
 loss is. A peer that left with every collective it started completed (`settled`: the end of its
@@ -45,7 +53,7 @@ from macfleet.cluster.heartbeat import HeartbeatClient
 from macfleet.cluster.protocol import (Complaints, client_handshake_keyed, decode, encode, make_socket,
                                        route_address, tcp)
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
-from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, PeerLeftError, PeerLostError
+from macfleet.errors import FrameError, JoinRefusedError, MacFleetError, NodeDroppedError, PeerLeftError, PeerLostError
 
 WaitCallback = Callable[[int, int, float], None]
 
@@ -80,7 +88,13 @@ class Membership:
     weights: list
     run: dict
     nodes: list
+    peer_id: str = "master"
+    running: bool = False
+    """This node joined a run already in progress (it takes the training state from the others)."""
     _link: Any = field(default=None, repr=False)
+    _master_host: str = field(default="", repr=False)
+    _worlds: list = field(default_factory=list, repr=False)
+    _world_cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _lost_exc: Optional[PeerLostError] = field(default=None, repr=False)
     _callbacks: list = field(default_factory=list, repr=False)
@@ -126,6 +140,65 @@ class Membership:
         if link is not None:
             link.close(reason or FINISHED, self._progress() if settled else None)
 
+    # -- generations (elastic runs) ----------------------------------------------------------
+    def _world(self, world: dict) -> None:
+        """A generation announced by the master (heartbeat thread)."""
+        with self._world_cond:
+            self._worlds.append(dict(world))
+            self._world_cond.notify_all()
+
+    def next_world(self, generation: int, timeout: float, give_up: Callable[[], Optional[BaseException]] = lambda: None
+                   ) -> dict:
+        """The newest announced generation after `generation`, waiting up to `timeout` s for one;
+        `give_up()` returning an exception ends the wait with it (the master was lost)."""
+        deadline = time.monotonic() + timeout
+        with self._world_cond:
+            while True:
+                later = [w for w in self._worlds if w["generation"] > generation]
+                if later:
+                    return max(later, key=lambda w: w["generation"])
+                exc = give_up()
+                if exc is not None:
+                    raise exc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MacFleetError(
+                        f"the master announced no generation after {generation} within {timeout:g} s after a node "
+                        f"left; restart the run with trainer.resume=auto")
+                self._world_cond.wait(min(left, 0.05))
+
+    def advance(self, world: dict) -> None:
+        """Take generation `world`: this node's new rank, the size, addresses and shares. Departures
+        of earlier generations are forgotten (they are why this generation exists)."""
+        if self.peer_id not in world["peers"]:
+            raise NodeDroppedError(
+                f"the master left this node out of generation {world['generation']} ({world.get('why') or 'no reason given'}); "
+                f"start it again with the same command to rejoin the run", rank=self.rank)
+        with self._lock:
+            self.rank = world["peers"].index(self.peer_id)
+            self.world_size = len(world["peers"])
+            self.generation = int(world["generation"])
+            self.addrs = [fill_host(a, self._master_host or "127.0.0.1") for a in world["addrs"]]
+            self.weights = [float(w) for w in world["weights"]]
+            self.nodes = list(world["nodes"])
+            self._lost_exc = None
+            self._deferred = []
+            self._watcher = None  # a running one sees an empty list and keeps polling until close
+
+    def _gone_record(self, record: dict, lost: PeerLostError, after: Optional[int] = None) -> None:
+        """A departure reported by the master (worker side), filtered by generation."""
+        generation = record.get("generation")
+        if record.get("peer") == self.peer_id:
+            self._peer_lost(NodeDroppedError(
+                f"the master dropped this node from the run: {record['msg']}", rank=self.rank))
+            return
+        if generation is not None and generation < self.generation:
+            return  # a departure of an earlier generation: the current one is already without it
+        if isinstance(lost, PeerLeftError):
+            self._peer_left(lost, after)
+        else:
+            self._peer_lost(lost)
+
     def _peer_left(self, exc: PeerLeftError, after: Optional[int]) -> None:
         """A peer said bye: a departure now, or once this node starts collective `after` + 1."""
         if after is None or self._progress() > after:
@@ -145,7 +218,8 @@ class Membership:
                 due = [exc for after, exc in self._deferred if self._progress() > after]
             if due:
                 self._peer_lost(due[0])
-                return
+                with self._lock:
+                    self._deferred = []
 
     def _peer_lost(self, exc: PeerLostError) -> None:
         with self._lock:
@@ -308,8 +382,9 @@ def _try_join(ctx, cfg, fingerprint, facts, tensor_addr, host, port, timeout, de
             if on_wait is not None:
                 on_wait(joined, expected, time.monotonic() - start)
             elif time.monotonic() - last_said > 5.0:
-                say(f"joined the master at {host}:{port}; waiting for the run to start "
-                    f"({joined} of {expected} nodes so far)")
+                say(f"joined the master at {host}:{port}; " + (
+                    "the run is in progress: this node joins it at its next step boundary" if answer.get("running")
+                    else f"waiting for the run to start ({joined} of {expected} nodes so far)"))
                 last_said = time.monotonic()
     finally:
         if not handed_over:
@@ -321,7 +396,8 @@ def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict, key: bytes) ->
     addrs = [fill_host(a, host) for a in msg["addrs"]]
     membership = Membership(rank=rank, world_size=int(msg["world_size"]), generation=int(msg["generation"]),
                             addrs=addrs, weights=[float(w) for w in msg["weights"]], run=dict(msg["run"]),
-                            nodes=list(msg["nodes"]))
+                            nodes=list(msg["nodes"]), peer_id=str(msg["peer_id"]), running=bool(msg.get("running")),
+                            _master_host=host)
 
     def lost(text: str) -> None:
         membership._peer_lost(PeerLostError(text, rank=0, address=f"{host}:{cfg.master_port}"))
@@ -330,13 +406,14 @@ def _welcome(ctx, sock, cfg: ClusterConfig, host: str, msg: dict, key: bytes) ->
         peer = record.get("rank")
         addr = addrs[peer] if peer is not None and peer < len(addrs) else None
         if record["kind"] == "lost":
-            membership._peer_lost(PeerLostError(record["msg"], rank=peer, address=addr))
+            membership._gone_record(record, PeerLostError(record["msg"], rank=peer, address=addr))
         else:
-            membership._peer_left(PeerLeftError(record["msg"], rank=peer, address=addr,
-                                                reason=record.get("reason", "")), record.get("after"))
+            membership._gone_record(record, PeerLeftError(record["msg"], rank=peer, address=addr,
+                                                          reason=record.get("reason", "")), record.get("after"))
 
     hb = HeartbeatClient(ctx, host, int(msg["hb_port"]), str(msg["peer_id"]), cfg.heartbeat_interval, lost,
-                         key=key, on_gone=gone)
+                         key=key, on_gone=gone, on_world=membership._world)
+    hb._world_generation = membership.generation  # the generation it joined is not news
     hb.start()
     membership._link = _WorkerLink(ctx, sock, hb)
     return membership

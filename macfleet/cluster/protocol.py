@@ -213,7 +213,14 @@ _ADDR = _addr
 _WEIGHT = _any(_str(8, choices=("auto",)), _num(1e-12, 1e12), want="'auto' or a number > 0")
 _PEER_ID = _str(128)
 _GONE = _record({"rank": _opt(_int(0, 65535)), "kind": _str(8, choices=("lost", "left")), "msg": _str(4096),
-                 "reason": _str(512), "after": _opt(_int())}, required=("kind", "msg"))
+                 "reason": _str(512), "after": _opt(_int()), "generation": _opt(_int()), "peer": _opt(_PEER_ID)},
+                required=("kind", "msg"))
+_WORLD = _record({"generation": _int(), "peers": _list(_PEER_ID), "addrs": _list(_ADDR),
+                  "weights": _list(_num(0.0, 1.0)), "nodes": _list(_FACTS), "joined": _list(_PEER_ID),
+                  "why": _str(1024)},
+                 required=("generation", "peers", "addrs", "weights", "nodes"))
+"""A generation of an elastic run (heartbeat answers): who is in, in rank order, with their
+data addresses and shares; `joined`: the peers new in it (they need the training state)."""
 
 SCHEMAS: dict[str, dict[str, Check]] = {
     # handshake (protocol.py)
@@ -228,10 +235,10 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "refuse": {"reason": _str(65536)},
     "error": {"reason": _str(65536)},
     # coordinator (coordinator.py, membership.py)
-    "accepted": {"joined": _int(0, 65536), "expected": _int(1, 65536)},
+    "accepted": {"joined": _int(0, 65536), "expected": _int(1, 65536), "running": _bool},
     "welcome": {"rank": _int(0, 65535), "world_size": _int(1, 65536), "generation": _int(), "addrs": _list(_ADDR),
                 "weights": _list(_num(0.0, 1.0)), "run": _map(_SCALAR, max_len=64), "nodes": _list(_FACTS),
-                "hb_port": _PORT, "peer_id": _PEER_ID, "proto": _int()},
+                "hb_port": _PORT, "peer_id": _PEER_ID, "proto": _int(), "running": _bool},
     "status": {"nodes": _list(_map(_SCALAR, max_len=64)), "kind": _str(32), "generation": _int(),
                "run": _map(_SCALAR, max_len=64), "job_id": _opt(_str(128))},
     "log": {"line": _str(MAX_MESSAGE_BYTES), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
@@ -246,7 +253,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "cancelled": {"job_id": _opt(_str(128)), "exit_codes": _map(_int(-65536, 65536), max_len=4096)},
     # heartbeats (heartbeat.py)
     "hb": {"peer": _PEER_ID, "n": _int(), "step": _opt(_int()), "samples_per_s": _opt(_num()),
-           "state": _str(32), "gone": _map(_GONE, max_len=4096, key_len=128)},
+           "state": _str(32), "gone": _map(_GONE, max_len=4096, key_len=128), "world": _WORLD,
+           "dropped": _str(2048)},
     "bye": {"peer": _PEER_ID, "n": _int(), "reason": _str(512), "after": _opt(_int()), "step": _opt(_int()),
             "rank": _int(0, 65535)},
 }
@@ -277,7 +285,16 @@ def _check_welcome(msg: dict) -> None:
                          f"addresses, {len(msg['weights'])} weights and {len(msg['nodes'])} nodes")
 
 
-_CROSS_CHECKS: dict[str, Callable[[dict], None]] = {"welcome": _check_welcome}
+def _check_hb(msg: dict) -> None:
+    world = msg.get("world")
+    if world is not None and not len(world["peers"]) == len(world["addrs"]) == len(world["weights"]) \
+            == len(world["nodes"]) >= 1:
+        raise FrameError(f"heartbeat's world is inconsistent: {len(world['peers'])} peers with "
+                         f"{len(world['addrs'])} addresses, {len(world['weights'])} weights and "
+                         f"{len(world['nodes'])} nodes")
+
+
+_CROSS_CHECKS: dict[str, Callable[[dict], None]] = {"welcome": _check_welcome, "hb": _check_hb}
 
 
 class Complaints:

@@ -143,6 +143,11 @@ class GradientCompressor:
         self.stats["dense_bytes"] += flat.numel() * 4
         self.stats["compress_s"] += time.perf_counter() - start
 
+    def settle(self) -> None:
+        """The step in flight completed on every rank: its residual updates take effect."""
+        if self.feedback is not None:
+            self.feedback.settle()
+
     def rollback(self) -> None:
         """This step's exchange did not complete on every rank: its residual updates never
         happened (a redoable compressor; see ErrorFeedback)."""

@@ -63,7 +63,7 @@ def test_join_assigns_rank_weights_run_and_addresses(coord):
         assert master.addrs == worker.addrs == ["127.0.0.1:6000", "127.0.0.1:6001"]
         # master weight 1.0, worker 0.5, normalised.
         assert master.weights == pytest.approx([2 / 3, 1 / 3]) and worker.weights == master.weights
-        assert worker.run == {"run_id": "run-1", "seed": 3} and worker.generation == 1
+        assert worker.run == {"run_id": "run-1", "seed": 3, "elastic": True} and worker.generation == 1
         assert [n["host"] for n in worker.nodes] == ["pro", "air"]
         assert all(e == 2 for _, e in waits)
         worker.log("epoch 1 loss 0.5")
