@@ -250,6 +250,11 @@ class Trainer:
             total_steps = min(total_steps, tc.max_steps)
 
         model = self.model.to(device)
+        if self.comp.name == "auto":  # compression=auto: measure, then fix the codec for the run (compression/auto.py)
+            from macfleet.compression.auto import resolve
+
+            self.comp, self._compression_auto = resolve(self.comp, world, model, self._loss, data.train,
+                                                        sampler.local_batch, device)
         ddp = MacFleetDDP(model, world.group, share=sampler.share, compression=self.comp, device=device,
                           use_torch_ddp={"auto": None, "torch": True, "flat": False}[self.cc.ddp])
         params = model.parameters()
@@ -400,6 +405,7 @@ class Trainer:
             "wall_s": wall,
             "world_size": world.world_size,
             "compression": self.comp.name,
+            **self._compression_auto,
             "device": str(device),
             "run_id": run_id,
             **{k.replace("comm/", ""): v for k, v in ddp.wire_stats().items()},
@@ -480,6 +486,8 @@ class Trainer:
 
     _save_s = 0.0
     """Seconds the last checkpoint took on rank 0: whether one more fits after a Ctrl-C."""
+    _compression_auto: dict = {}
+    """With compression=auto, why the codec in self.comp was chosen (for metrics.json)."""
 
     def _save(self, world, ckpt_dir, step, epoch, step_in_epoch, model, opt, sched, ddp, history) -> Path | None:
         """A checkpoint at this step boundary (a collective: every rank calls it); rank 0 writes
