@@ -59,7 +59,8 @@ def _add_launch(sub) -> None:
 def _add_status(sub) -> None:
     p = _parser(sub, "status", "show the nodes of a running cluster",
                 "Asks the master (found with zeroconf unless --master is given) for every node's host, chip,\n"
-                "device, weight, state, last heartbeat, step and samples/s. A master agent lists its worker\n"
+                "device, weight, state, last heartbeat, step, samples/s and thermal pressure (nominal, moderate,\n"
+                "heavy, trapping, sleeping; '-' off macOS). A master agent lists its worker\n"
                 "agents (idle or running; a stopped agent is gone from the list), or the running job's ranks.",
                 "  macfleet status\n"
                 "  macfleet status --master 10.0.0.1 --json")
