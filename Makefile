@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/macfleet benchmark --type allreduce --nodes 4 --json outputs/bench/allreduce4.json
 	$(BIN)/macfleet benchmark --type compression --json outputs/bench/compression.json
 	$(BIN)/macfleet benchmark --type scaling --nodes 2 --json outputs/bench/scaling.json --plot outputs/bench/scaling.png
+	$(BIN)/macfleet benchmark --type convergence --nodes 2 --json outputs/bench/convergence.json --plot outputs/bench/convergence.png
 
 clean:
 	rm -rf $(VENV) outputs/* multirun

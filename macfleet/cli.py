@@ -59,7 +59,8 @@ def _add_launch(sub) -> None:
 def _add_status(sub) -> None:
     p = _parser(sub, "status", "show the nodes of a running cluster",
                 "Asks the master (found with zeroconf unless --master is given) for every node's host, chip,\n"
-                "device, weight, state, last heartbeat, step and samples/s. A master agent lists its worker\n"
+                "device, weight, state, last heartbeat, step, samples/s and thermal pressure (nominal, moderate,\n"
+                "heavy, trapping, sleeping; '-' off macOS). A master agent lists its worker\n"
                 "agents (idle or running; a stopped agent is gone from the list), or the running job's ranks.",
                 "  macfleet status\n"
                 "  macfleet status --master 10.0.0.1 --json")
@@ -88,21 +89,25 @@ def _add_cancel(sub) -> None:
 
 
 def _add_benchmark(sub) -> None:
-    p = _parser(sub, "benchmark", "measure bandwidth, all_reduce, compression, plain DDP or training scaling "
-                                  "against references from the same run",
+    p = _parser(sub, "benchmark", "measure bandwidth, all_reduce, compression, plain DDP, training scaling or "
+                                  "time to accuracy against references from the same run",
                 "Each figure is printed beside its reference, measured in the same run, as a table (and JSON\n"
                 "rows with --json). Options name the types they apply to.",
                 "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
                 "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
+                "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
                 "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
                 "  macfleet benchmark --type loader --model resnet18 --workers 0,2")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "loader"], required=True,
-                   help="scaling: training samples/s of a fleet vs each node alone, per codec; ddp: a plain DDP "
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "convergence", "loader"],
+                   required=True,
+                   help="scaling: training samples/s of a fleet vs each node alone, per codec; convergence: a fleet's "
+                        "wall time to a target test accuracy, per codec; ddp: a plain DDP "
                         "script under torchrun per backend vs one process; loader: train.py's samples/s per DataLoader "
                         "worker count")
     p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start")
+    p.add_argument("--target", type=float, default=0.95, help="convergence: the test accuracy to reach")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7,
                    help="bandwidth, allreduce, compression, ddp, loader: timed runs per figure, >= 1 (the median is reported)")
@@ -113,21 +118,24 @@ def _add_benchmark(sub) -> None:
                    help="allreduce: the engine's algorithm for 3+ ranks (auto: direct up to 4, then ring)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default=None,
-                   help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16)")
+                   help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16; "
+                        "convergence none,fp16,topk_fp16,auto)")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")
     p.add_argument("--device", default="cpu",
-                   help="compression: device for codec timing; scaling, ddp and loader: the device every run trains on: cpu, "
+                   help="compression: device for codec timing; scaling, convergence, ddp and loader: the device every run trains on: cpu, "
                         "cuda or mps")
     p.add_argument("--steps", type=int, default=30, help="scaling, ddp, loader: timed training steps per run")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
-                   help="scaling, ddp: cores pinned to each node, OMP_NUM_THREADS alike (default for scaling: this "
+                   help="scaling, convergence, ddp: cores pinned to each node, OMP_NUM_THREADS alike (default for scaling "
+                        "and convergence: this "
                         "machine's cores split evenly across --nodes; for ddp: no pinning)")
     p.add_argument("--cpu-quota", default=None,
-                   help="scaling, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
+                   help="scaling, convergence, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
                         "second Mac (a cgroup CPU quota; default: no quota)")
-    p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG")
+    p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG; "
+                                                "convergence: test accuracy against wall time per codec")
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
     p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
@@ -138,8 +146,9 @@ def _add_benchmark(sub) -> None:
                    help="ddp: also run train.py cluster=torchrun per backend (same model, global batch and steps; "
                         "synthetic CIFAR-format data through the trainer's DataLoader)")
     p.add_argument("overrides", nargs="*",
-                   help="scaling: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
-                        "trainer.batch_size=256 (default: the digits CNN on digits, batch 64)")
+                   help="scaling, convergence: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
+                        "trainer.batch_size=256 trainer.epochs=5 (default: the digits CNN on digits, batch 64; "
+                        "convergence: 10 epochs)")
 
 
 def _add_info(sub) -> None:

@@ -17,7 +17,9 @@ from macfleet.errors import ConfigError
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change to the wire or control protocol."""
 
-COMPRESSION_NAMES = ("none", "fp16", "topk", "topk_fp16")
+COMPRESSION_NAMES = ("none", "fp16", "topk", "topk_fp16", "auto")
+"""Codec names; "auto" is not a codec: the trainer measures the link and backward at start and
+picks none, fp16 or topk_fp16 for the run (macfleet/compression/auto.py)."""
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -70,9 +72,11 @@ class CompressionConfig:
     """Gradient compression applied per bucket inside the comm hook."""
 
     name: str = "none"
-    """Codec: none | fp16 | topk | topk_fp16."""
+    """Codec: none | fp16 | topk | topk_fp16 | auto (chosen at start from the measured link and
+    backward time; see macfleet/compression/auto.py)."""
     ratio: float = 0.1
-    """Fraction of gradient elements kept by the top-k codecs (0 < ratio <= 1)."""
+    """Fraction of gradient elements kept by the top-k codecs (0 < ratio <= 1); with auto, the
+    largest ratio it may pick."""
     granularity: str = "block"
     """Top-k selection unit: block (`block_size`-element blocks by L2 norm; least index overhead)
     or element (|x|); exact is an alias of element. Selection is exact per parameter either way."""
@@ -244,7 +248,7 @@ class TrainingConfig:
     learning_rate: float = 0.05
     """Peak learning rate."""
     compression: str = "none"
-    """Gradient codec: none | fp16 | topk | topk_fp16."""
+    """Gradient codec: none | fp16 | topk | topk_fp16 | auto."""
     topk_ratio: float = 0.1
     """Fraction kept by the top-k codecs."""
     checkpoint_every: int = 1

@@ -265,11 +265,17 @@ class Trainer:
         model, opt, sched = state.model, state.optimizer, state.scheduler
         history: list[dict] = []
         if world.running:
-            # Joined a run in progress: a survivor sends the training state, then DDP is built.
+            # Joined a run in progress: a survivor sends the training state (and the codec the
+            # fleet runs), then DDP is built.
             fleet.agree(state, None)
             fleet.build(state)
             log.info("joined the run at epoch %d step %d (generation %d)", state.epoch, state.step, world.generation)
         else:
+            if self.comp.name == "auto":  # compression=auto: measure, then fix the codec for the run (compression/auto.py)
+                from macfleet.compression.auto import resolve
+
+                self.comp, self._compression_auto = resolve(self.comp, world, model, self._loss, data.train,
+                                                            fleet.sampler.local_batch, device)
             fleet.build(state)
             if is_master:
                 removed = ckpt.clean(ckpt_dir)
@@ -442,6 +448,7 @@ class Trainer:
             "wall_s": wall,
             "world_size": world.world_size,
             "compression": self.comp.name,
+            **self._compression_auto,
             "device": str(device),
             "run_id": run_id,
             **{k.replace("comm/", ""): v for k, v in fleet.ddp.wire_stats().items()},
@@ -549,6 +556,8 @@ class Trainer:
 
     _save_s = 0.0
     """Seconds the last checkpoint took on rank 0: whether one more fits after a Ctrl-C."""
+    _compression_auto: dict = {}
+    """With compression=auto, why the codec in self.comp was chosen (for metrics.json)."""
 
     def _save(self, world, ckpt_dir, state: "TrainState", ddp, history, epoch: int | None = None) -> Path | None:
         """A checkpoint at this step boundary (a collective: every rank calls it); rank 0 writes
@@ -711,9 +720,16 @@ class _Parallel:
         self.loaded = False
         if any(x != top for x in where):
             src = where.index(top)
-            shared = w.broadcast_object(state.state_dict() if w.rank == src else None, src=src)
+            import dataclasses
+
+            from macfleet.config import CompressionConfig
+
+            mine = {"state": state.state_dict(), "codec": dataclasses.asdict(self.trainer.comp)}
+            shared = w.broadcast_object(mine if w.rank == src else None, src=src)
+            if old is None:  # a joiner runs the codec the fleet runs (compression=auto chose it at the start)
+                self.trainer.comp = CompressionConfig(**shared["codec"])
             if behind:
-                state.load_state_dict(shared)
+                state.load_state_dict(shared["state"])
                 self.loaded = True
                 log.info("took the training state at step %d from rank %d", state.step, src)
 

@@ -13,8 +13,12 @@ def benchmark_main(args) -> int:
         from macfleet.benchmark.scaling import run_scaling_benchmark
 
         return run_scaling_benchmark(args)
+    if args.type == "convergence":
+        from macfleet.benchmark.convergence import run_convergence_benchmark
+
+        return run_convergence_benchmark(args)
     if args.overrides:
-        raise ConfigError(f"Hydra overrides ({' '.join(args.overrides)}) are for --type scaling only")
+        raise ConfigError(f"Hydra overrides ({' '.join(args.overrides)}) are for --type scaling and convergence only")
     if args.type in ("bandwidth", "allreduce"):
         from macfleet.benchmark.comm import run_comm_benchmark
 

@@ -106,6 +106,36 @@ def parse_codecs(text: str) -> list[str]:
     return codecs
 
 
+def bench_dir(prefix: str) -> tuple[Path, Path]:
+    """A fresh temporary folder for a benchmark's runs, and its logs/ folder."""
+    bench = Path(tempfile.mkdtemp(prefix=prefix))
+    (bench / "logs").mkdir()
+    return bench, bench / "logs"
+
+
+@contextlib.contextmanager
+def removed_unless_failed(bench: Path, console):
+    """`bench` is removed when the block ends well, and kept (and named) when it fails, for its logs."""
+    try:
+        yield
+    except BaseException:
+        console.print(f"runs and logs kept in {bench}")
+        raise
+    shutil.rmtree(bench, ignore_errors=True)
+
+
+def check_can_run(args, kind: str) -> None:
+    """What a training benchmark needs before it starts anything: matplotlib for --plot, and
+    train.py (a source checkout)."""
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ConfigError("--plot needs matplotlib: pip install 'macfleet[plot]', or drop --plot") from None
+    if not (ROOT / "train.py").is_file():
+        raise ConfigError(f"--type {kind} runs train.py from a source checkout; there is none at {ROOT}")
+
+
 def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
     """'1.0,0.6' -> [1.0, 0.6]: each node's fraction of its own cores."""
     if text is None:
@@ -121,16 +151,17 @@ def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
     return quotas
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """Trailing Hydra overrides, keyed by what they set; refuses keys the benchmark sets itself."""
+def parse_overrides(items: list[str], controlled: dict[str, str] = CONTROLLED, kind: str = "scaling") -> dict[str, str]:
+    """Trailing Hydra overrides, keyed by what they set; refuses keys the benchmark sets itself
+    (`controlled`: key -> the option that sets it)."""
     out = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"{item!r} is not a Hydra override like model=resnet50 or trainer.batch_size=256")
         bare = key.lstrip("+~")
-        if bare in CONTROLLED or bare.startswith("hydra."):
-            raise ConfigError(f"{item!r}: the scaling benchmark sets {bare} itself; use {CONTROLLED.get(bare, 'its options')}")
+        if bare in controlled or bare.startswith("hydra."):
+            raise ConfigError(f"{item!r}: the {kind} benchmark sets {bare} itself; use {controlled.get(bare, 'its options')}")
         out[key] = value
     return out
 
@@ -321,13 +352,7 @@ def run_scaling_benchmark(args) -> int:
     steps, warmup = int(args.steps), int(5 if args.warmup_steps is None else args.warmup_steps)
     if steps < 1 or warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise ConfigError("--plot needs matplotlib: pip install 'macfleet[plot]', or drop --plot") from None
-    if not (ROOT / "train.py").is_file():
-        raise ConfigError(f"--type scaling runs train.py from a source checkout; there is none at {ROOT}")
+    check_can_run(args, "scaling")
     user = parse_overrides(list(args.overrides or []))
     nodes = plan_nodes(args)
     n, total = len(nodes), steps + warmup
@@ -351,9 +376,7 @@ def run_scaling_benchmark(args) -> int:
     setup = {"type": "scaling", "model": choices.model, "dataset": choices.dataset, "global_batch": batch,
              "steps": steps, "warmup_steps": warmup, "device": args.device, "link": link}
 
-    bench = Path(tempfile.mkdtemp(prefix="macfleet-scaling-"))
-    logs = bench / "logs"
-    logs.mkdir()
+    bench, logs = bench_dir("macfleet-scaling-")
     data = {}
     synthetic = ""
     if cfg.dataset.get("_target_") == "macfleet.data.cifar10.build":
@@ -378,27 +401,11 @@ def run_scaling_benchmark(args) -> int:
         run.procs.append((node, argv, node.env()))
         return run
 
-    def fleet(codec: str, addrs: list[str], ports: list[int]) -> Run:
-        run = Run(f"fleet-{codec}", bench / f"fleet-{codec}")
-        token = secrets.token_hex(16)  # in the environment only, as on two Macs; never on disk
-        for node in nodes:
-            role = {"cluster": "pro_air", "cluster.role": "master" if node.index == 0 else "worker",
-                    "cluster.nodes": str(n), "cluster.master_addr": addrs[0], "cluster.master_port": str(ports[0]),
-                    "cluster.tensor_port": str(ports[1 + node.index]), "compression": codec}
-            if not args.netns:
-                role["cluster.host"] = "127.0.0.1"  # the master listens on loopback only
-            if node.index == 0:
-                role["hydra.run.dir"] = str(run.out)
-            env = dict(node.env(), MACFLEET_TOKEN=token, MACFLEET_RANK=str(node.index))
-            run.procs.append((node, [py, train, *_overrides(DEFAULTS, user, data, timing, role)], env))
-        return run
-
     gpus = [nd.gpu for nd in nodes]
     # Each node's references run beside the other nodes' (own cores, as separate machines), unless
     # nodes share a GPU: then one at a time.
     side_by_side = args.device == "cpu" or (None not in gpus and len(set(gpus)) == n)
-    ok = False
-    try:
+    with removed_unless_failed(bench, console):
         with CpuQuotas(nodes), (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
             alone, compute = [], []
             for label, size, sink in (("alone", lambda nd: batch, alone), ("local", lambda nd: local[nd.index], compute)):
@@ -411,33 +418,52 @@ def run_scaling_benchmark(args) -> int:
             ideal = sum(a["samples_per_s"] for a in alone)
             fleets = {}
             for k, codec in enumerate(codecs):
-                if args.netns:  # every namespace has its own ports; a fresh pair per run skips TIME_WAIT
-                    run = fleet(codec, [f"10.0.0.{i + 1}" for i in range(n)], [50051 + 2 * k] + [50052 + 2 * k] * n)
-                else:
-                    from macfleet.comm.launch import free_ports
-
-                    run = fleet(codec, ["127.0.0.1"] * n, free_ports(1 + n))
+                run = fleet_run(bench / f"fleet-{codec}", nodes, codec, k, args.netns, [DEFAULTS, user, data, timing])
                 m = fleets[codec] = _wait([run], logs, console)[0]
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
-        ok = True
-    finally:
-        if ok:
-            shutil.rmtree(bench, ignore_errors=True)
-        else:
-            console.print(f"runs and logs kept in {bench}")
 
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
     rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
-    console.print(scaling_table(rows))
+    report(console, args, rows, scaling_table, plot_scaling)
+    return 0
+
+
+def report(console, args, rows: list[dict], table, plot) -> None:
+    """Print `table(rows)`, write the rows to --json and `plot(rows, path)` to --plot."""
+    console.print(table(rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
         console.print(f"wrote {len(rows)} rows to {args.json}")
     if args.plot:
-        plot_scaling(rows, args.plot)
+        plot(rows, args.plot)
         console.print(f"wrote {args.plot}")
-    return 0
+
+
+def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, layers: list[dict]) -> Run:
+    """The fleet's `k`-th run: train.py on every node as the README's two-Mac flow starts it
+    (node 0 the master, writing `out`), with the override `layers` and `codec`."""
+    n = len(nodes)
+    if netns:  # every namespace has its own ports; a fresh pair per run skips TIME_WAIT
+        addrs, ports = [f"10.0.0.{i + 1}" for i in range(n)], [50051 + 2 * k] + [50052 + 2 * k] * n
+    else:
+        from macfleet.comm.launch import free_ports
+
+        addrs, ports = ["127.0.0.1"] * n, free_ports(1 + n)
+    run = Run(out.name, out)
+    token = secrets.token_hex(16)  # in the environment only, as on two Macs; never on disk
+    for node in nodes:
+        role = {"cluster": "pro_air", "cluster.role": "master" if node.index == 0 else "worker",
+                "cluster.nodes": str(n), "cluster.master_addr": addrs[0], "cluster.master_port": str(ports[0]),
+                "cluster.tensor_port": str(ports[1 + node.index]), "compression": codec}
+        if not netns:
+            role["cluster.host"] = "127.0.0.1"  # the master listens on loopback only
+        if node.index == 0:
+            role["hydra.run.dir"] = str(out)
+        env = dict(node.env(), MACFLEET_TOKEN=token, MACFLEET_RANK=str(node.index))
+        run.procs.append((node, [sys.executable, str(ROOT / "train.py"), *_overrides(*layers, role)], env))
+    return run
 
 
 def _namespaces(nodes: list[Node], args):

@@ -289,17 +289,19 @@ class MasterAgent:
             if answer is not None:
                 return {"nodes": answer["nodes"], "kind": "job", "job_id": job["id"]}
         hb = self._hb.snapshot()
+        from macfleet.cluster.macos import thermal_level
+
         rows = [{"rank": None, "host": self.facts.get("host"), "chip": self.facts.get("chip"),
                  "device": self.facts.get("device"), "weight": self.cfg.weight,
                  "state": "running" if job else "idle", "last_heartbeat_s": 0.0, "step": None,
-                 "samples_per_s": None, "role": "master"}]
+                 "samples_per_s": None, "thermal": thermal_level(), "role": "master"}]
         with self._lock:
             for pid, agent in self._agents.items():
                 live = hb.get(pid, {})
                 f = agent["facts"]
                 rows.append({"rank": None, "host": agent["label"], "chip": f.get("chip"), "device": f.get("device"),
                              "weight": f.get("weight"), "state": agent["state"], "last_heartbeat_s": live.get("age"),
-                             "step": None, "samples_per_s": None, "role": "worker"})
+                             "step": None, "samples_per_s": None, "thermal": live.get("thermal"), "role": "worker"})
         return {"nodes": rows, "kind": "agents", "job_id": job["id"] if job else None}
 
     def _submit(self, sock, ident: bytes, config_yaml: str) -> None:
@@ -693,7 +695,7 @@ def launch_main(args) -> int:
 
 
 def _fmt(value, kind: str) -> str:
-    if value is None:
+    if value is None or (kind == "thermal" and value == "unknown"):  # unknown: off macOS, or no reading yet
         return "-"
     if kind == "age":
         return f"{float(value):.1f} s ago"
@@ -739,7 +741,7 @@ def status_main(args) -> int:
     table = Table(title=f"MacFleet {answer.get('kind', '')} at {where}")
     columns = [("rank", "rank", "str"), ("host", "host", "str"), ("chip", "chip", "str"), ("device", "device", "str"),
                ("weight", "weight", "float"), ("state", "state", "str"), ("last heartbeat", "last_heartbeat_s", "age"),
-               ("step", "step", "str"), ("samples/s", "samples_per_s", "float")]
+               ("step", "step", "str"), ("samples/s", "samples_per_s", "float"), ("thermal", "thermal", "thermal")]
     for title, _, _ in columns:
         table.add_column(title)
     for row in answer["nodes"]:

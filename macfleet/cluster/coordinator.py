@@ -40,6 +40,7 @@ every node says 'auto' the weights follow ``facts["samples_per_s"]``; normalised
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -48,11 +49,14 @@ from typing import Any, Callable, Optional
 import zmq
 
 from macfleet.cluster.heartbeat import HeartbeatServer
+from macfleet.cluster.macos import thermal_change, thermal_level
 from macfleet.cluster.membership import FINISHED, Membership, WaitCallback, fill_host, say
 from macfleet.cluster.protocol import Complaints, Handshake, bind, decode, encode, make_socket
 from macfleet.config import PROTOCOL_VERSION, ClusterConfig
 from macfleet.errors import FrameError, MacFleetError, PeerLeftError, PeerLostError
 from macfleet.fingerprint import diff as fingerprint_diff
+
+log = logging.getLogger("macfleet")
 
 
 def _join_problem(msg: dict) -> str:
@@ -286,13 +290,14 @@ class Coordinator:
     def _row(self, rank, node: dict, hb: Optional[dict], state: Optional[str] = None) -> dict:
         f = node.get("facts", {})
         if rank == 0:
-            live = dict(self._master_state, age=0.0)
+            live = dict(self._master_state, age=0.0, thermal=thermal_level())
         else:
             live = hb or {"state": state or "joined", "age": None, "step": None, "samples_per_s": None}
         return {"rank": rank, "host": f.get("host", "?"), "chip": f.get("chip", "?"),
                 "device": f.get("device", "?"), "weight": node.get("norm_weight", node.get("weight")),
                 "state": live.get("state"), "last_heartbeat_s": live.get("age"), "step": live.get("step"),
-                "samples_per_s": live.get("samples_per_s"), "generation": self.generation,
+                "samples_per_s": live.get("samples_per_s"), "thermal": live.get("thermal"),
+                "generation": self.generation,
                 "addr": node.get("tensor_addr")}
 
     def _pending_nodes(self) -> list[dict]:
@@ -635,9 +640,16 @@ class _MasterLink:
 
     def __init__(self, coord: Coordinator):
         self._coord = coord
+        self._thermal: Optional[str] = None
 
     def report(self, **fields: Any) -> None:
         self._coord._master_state.update(fields)
+        # Rank 0 has no heartbeat to its own server: its thermal changes are logged here.
+        level = thermal_level()
+        line = thermal_change(f"rank 0 ({self._coord.facts.get('host', '?')}, the master)", self._thermal, level)
+        self._thermal = level
+        if line:
+            log.warning("%s", line)
 
     def log(self, rank: int, line: str) -> None:
         host = self._coord.facts.get("host", "?")

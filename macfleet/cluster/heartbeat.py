@@ -21,8 +21,11 @@ completed; the others treat it as a departure only once they need a collective p
 (answers carry the peers already gone, lost or left, so every worker stops too), calls
 ``on_lost(peer_id, message)`` once per lost peer and ``on_left(peer_id, record)`` once per peer
 that said bye (record: rank, kind "left", msg, reason, after), and says bye itself when stopped. `HeartbeatClient` (node): a DEALER thread
-that sends heartbeats with the node's progress (`report`), reports the master's silence, its bye
-and the peers it reports gone, and says bye when stopped.
+that sends heartbeats with the node's progress (`report`) and its thermal pressure level (read
+at every heartbeat, never waiting on a command: macos.thermal_level), reports the master's
+silence, its bye and the peers it reports gone, and says bye when stopped. The server keeps each
+peer's last level for `macfleet status` and logs one line when a peer enters or leaves heavy
+thermal pressure or worse (macos.thermal_change).
 
 Elastic runs (coordinator.py): the master's answers also carry the run's current generation
 (`set_world`: who is in, in rank order, their data addresses and shares); a node hears each new
@@ -41,14 +44,19 @@ agents) send unsigned messages as before.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Callable, Optional
 
 import zmq
 
-from macfleet.cluster.protocol import Complaints, bind, decode, encode, make_socket, sign, tcp, verify
+from macfleet.cluster.macos import thermal_change, thermal_level
+from macfleet.cluster.protocol import (THERMAL_LEVELS, Complaints, bind, decode, encode, make_socket, sign, tcp,
+                                       verify)
 from macfleet.errors import FrameError
+
+log = logging.getLogger("macfleet")
 
 LOST_AFTER = 1.75
 """A peer silent for this many heartbeat intervals is lost (kept under the 2x promise)."""
@@ -115,7 +123,7 @@ class HeartbeatServer:
         only messages signed with it count."""
         with self._lock:
             self._peers[peer_id] = {"label": label, "rank": rank, "last": time.monotonic(), "left": False,
-                                    "step": None, "samples_per_s": None, "state": "joined"}
+                                    "step": None, "samples_per_s": None, "state": "joined", "thermal": None}
             self._auth[peer_id] = {"key": key, "n_in": -1, "n_out": 0, "ident": None}
 
     def set_world(self, world: dict) -> None:
@@ -267,10 +275,15 @@ class HeartbeatServer:
             self._peer_left(sock, pid, msg)
             return
         with self._lock:
-            for key_name in ("step", "samples_per_s", "state"):
+            before = peer["thermal"]
+            for key_name in ("step", "samples_per_s", "state", "thermal"):
                 if key_name in msg:
                     peer[key_name] = msg[key_name]
             gone = dict(self._gone)
+        if "thermal" in msg:
+            line = thermal_change(label, before, msg["thermal"])
+            if line:
+                log.warning("%s", line)
         self._send(sock, pid, "hb", gone=gone, **self._world_field())
 
     def _peer_left(self, sock: zmq.Socket, pid: str, msg: dict) -> None:
@@ -337,8 +350,11 @@ class HeartbeatClient:
     def __init__(self, ctx: zmq.Context, host: str, port: int, peer_id: str, interval: float,
                  on_lost: Callable[[str], None], on_bye: Optional[Callable[[], None]] = None,
                  key: Optional[bytes] = None, on_gone: Optional[Callable[[dict], None]] = None,
-                 on_world: Optional[Callable[[dict], None]] = None):
+                 on_world: Optional[Callable[[dict], None]] = None, thermal: Optional[Callable[[], str]] = None):
+        """`thermal()`: this node's thermal pressure level, read for every heartbeat (default
+        macos.thermal_level: "unknown" off macOS)."""
         self.interval = interval
+        self._thermal = thermal
         self._on_world = on_world
         self._world_generation = -1
         self._ctx = ctx
@@ -364,7 +380,8 @@ class HeartbeatClient:
         self._thread.start()
 
     def report(self, **fields) -> None:
-        """Progress that rides on the next heartbeats (step, samples_per_s, state)."""
+        """Progress that rides on the next heartbeats (step, samples_per_s, state); the thermal
+        level rides on every heartbeat by itself."""
         with self._lock:
             self._report.update(fields)
 
@@ -423,6 +440,7 @@ class HeartbeatClient:
                 if now >= next_send:
                     with self._lock:
                         fields = dict(self._report)
+                    fields["thermal"] = self._thermal_level()
                     try:
                         self._send(sock, "hb", **fields)
                     except zmq.Again:
@@ -459,6 +477,13 @@ class HeartbeatClient:
                 except zmq.ZMQError:
                     pass
             sock.close()
+
+    def _thermal_level(self) -> str:
+        try:
+            level = (self._thermal or thermal_level)()
+        except Exception:  # noqa: BLE001 - a reading must never stop the heartbeats
+            return "unknown"
+        return level if level in THERMAL_LEVELS else "unknown"
 
     def _heard(self, msg: dict) -> bool:
         """Act on a valid message from the master; True when this thread's work is over."""

@@ -4,7 +4,8 @@
   (no idle sleep while the training process lives); a no-op off macOS.
 - `thermal()` / `thermal_cached()`: {"level": nominal|moderate|heavy|trapping|sleeping|unknown,
   "cpu_speed_limit": int|None}, from `notifyutil -g com.apple.system.thermalpressurelevel` and
-  `pmset -g therm` (neither needs root).
+  `pmset -g therm` (neither needs root). `thermal_level()` is what heartbeats carry, and
+  `thermal_change` the line the master logs when a node enters or leaves heavy-or-worse.
 - `check_route(addr)`: one warning line when traffic to a peer does not cross the Thunderbolt
   cable (`route -n get`, `networksetup -listallhardwareports`), None when it does.
 
@@ -218,6 +219,28 @@ def thermal_cached() -> dict:
     if sys.platform != "darwin":
         return dict(UNKNOWN)
     return _THERMAL.get()
+
+
+def thermal_level() -> str:
+    """This Mac's thermal pressure level for a heartbeat or a status row ("unknown" off macOS);
+    never waits on a command (see `thermal_cached`)."""
+    return thermal_cached().get("level", "unknown")
+
+
+SEVERE = ("heavy", "trapping", "sleeping")
+"""Levels at which macOS slows the CPU and GPU hard: a node there holds every other node back."""
+
+
+def thermal_change(who: str, before: Optional[str], now: str) -> Optional[str]:
+    """The log line for `who`'s level going from `before` (None: no reading yet) to `now`, when
+    it enters, leaves or moves within heavy-or-worse; None for any other change."""
+    if before == now or (before not in SEVERE and now not in SEVERE):
+        return None
+    if now in SEVERE:
+        was = f" (was {before})" if before is not None else ""
+        return (f"thermal: {who} is {now}{was}: macOS is slowing it down, and its share of every batch "
+                f"holds the other nodes back until it cools (keep it on power, lid open, off soft surfaces)")
+    return f"thermal: {who} is back to {now} (was {before})"
 
 
 # ---------------------------------------------------------------------------------------------

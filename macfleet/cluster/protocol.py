@@ -212,6 +212,8 @@ def _addr(v: Any, where: str) -> None:
 _ADDR = _addr
 _WEIGHT = _any(_str(8, choices=("auto",)), _num(1e-12, 1e12), want="'auto' or a number > 0")
 _PEER_ID = _str(128)
+THERMAL_LEVELS = ("nominal", "moderate", "heavy", "trapping", "sleeping", "unknown")
+"""A heartbeat's thermal pressure level: macOS's (macos.PRESSURE_LEVELS), or unknown (off macOS)."""
 _GONE = _record({"rank": _opt(_int(0, 65535)), "kind": _str(8, choices=("lost", "left")), "msg": _str(4096),
                  "reason": _str(512), "after": _opt(_int()), "generation": _opt(_int()), "peer": _opt(_PEER_ID)},
                 required=("kind", "msg"))
@@ -253,8 +255,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "cancelled": {"job_id": _opt(_str(128)), "exit_codes": _map(_int(-65536, 65536), max_len=4096)},
     # heartbeats (heartbeat.py)
     "hb": {"peer": _PEER_ID, "n": _int(), "step": _opt(_int()), "samples_per_s": _opt(_num()),
-           "state": _str(32), "gone": _map(_GONE, max_len=4096, key_len=128), "world": _WORLD,
-           "dropped": _str(2048)},
+           "state": _str(32), "thermal": _str(16, choices=THERMAL_LEVELS),
+           "gone": _map(_GONE, max_len=4096, key_len=128), "world": _WORLD},
     "bye": {"peer": _PEER_ID, "n": _int(), "reason": _str(512), "after": _opt(_int()), "step": _opt(_int()),
             "rank": _int(0, 65535)},
 }

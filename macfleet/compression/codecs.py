@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from macfleet.config import CompressionConfig
-from macfleet.errors import FrameError
+from macfleet.errors import ConfigError, FrameError
 
 MAGIC = 0x325A464D  # b"MFZ2" little-endian
 VERSION = 2
@@ -484,6 +484,9 @@ def build_codec(cfg: CompressionConfig | str = "none", **overrides) -> Codec:
         cfg = CompressionConfig(name=cfg, **overrides)
     elif overrides:
         raise TypeError("build_codec: pass overrides only with a codec name")
+    if cfg.name == "auto":
+        raise ConfigError("compression=auto is not a codec: the trainer picks one at start (macfleet/compression/"
+                          "auto.py); name a codec here: none, fp16, topk or topk_fp16")
     if cfg.name == "none":
         return NoneCodec()
     if cfg.name == "fp16":

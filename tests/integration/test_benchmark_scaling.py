@@ -18,12 +18,25 @@ KEYS = {"type", "model", "dataset", "global_batch", "steps", "warmup_steps", "de
         "staging_s", "wire_ratio"}
 
 
-def _scaling(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    scratch = tmp_path / "scratch"  # the benchmark's temporary folder lands here: checked empty after
+def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`macfleet benchmark --type KIND ARGS`; its temporary folder lands in tmp_path/scratch."""
+    scratch = tmp_path / "scratch"  # checked empty after
     scratch.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(scratch))
-    return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "scaling", *args],
+    return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", kind, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_one_clear_line(proc: subprocess.CompletedProcess, said: str) -> None:
+    """A refused option: exit code 1 and one line on stderr saying `said`, no traceback."""
+    assert proc.returncode == 1
+    assert said in proc.stderr
+    assert proc.stderr.startswith("macfleet benchmark: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _scaling(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return run_benchmark("scaling", tmp_path, *args, timeout=timeout)
 
 
 def _check_rows(rows: list[dict], codecs: list[str]) -> None:
@@ -90,8 +103,4 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["trainer.batch_size=abc"], "a trailing override was refused"),
 ])
 def test_bad_option_is_one_clear_line(tmp_path, args, said):
-    proc = _scaling(tmp_path, *args, timeout=120)
-    assert proc.returncode == 1
-    assert said in proc.stderr
-    assert proc.stderr.startswith("macfleet benchmark: error: ") and proc.stderr.count("\n") == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert_one_clear_line(_scaling(tmp_path, *args, timeout=120), said)
