@@ -535,8 +535,9 @@ class Coordinator:
             self._world = world
             self._world_cond.notify_all()
 
-    def _regen(self, sock, drop: Optional[str] = None, why: str = "", admit: bool = False) -> None:
-        """Form the next generation: without peer `drop`, and with the waiting joiners when `admit`."""
+    def _regen(self, sock, drop: Optional[str] = None, why: str = "", admit: bool = False, quiet: bool = False) -> None:
+        """Form the next generation: without peer `drop`, and with the waiting joiners when `admit`.
+        `quiet`: not worth a line (a node that finished its run, as the others are about to)."""
         with self._lock:
             members = [n for n in self._members if n["peer_id"] != drop]
             dropped = len(members) < len(self._members)
@@ -585,7 +586,8 @@ class Coordinator:
         line = f"generation {self.generation}: {'; '.join(what)}; {len(members)} node(s), shares " \
                f"{[round(w, 3) for w in weights]}"
         self._event(line)
-        say(line)
+        if not quiet:
+            say(line)
         self._announce(line, tuple(n["peer_id"] for n in joiners))
 
     def _announce_same(self) -> None:
@@ -627,9 +629,9 @@ class Coordinator:
         if not self._member(peer_id):
             return
         rank, addr = self._address(peer_id)
-        if self.elastic and rank and record["reason"] != FINISHED:
-            # (a node that finished its run leaves with the others: no generation for the last moment)
-            self._commands.put(("regen", {"drop": peer_id, "why": f"rank {rank} left ({record['reason']})"}))
+        if self.elastic and rank:
+            self._commands.put(("regen", {"drop": peer_id, "why": f"rank {rank} left ({record['reason']})",
+                                          "quiet": record["reason"] == FINISHED}))
         if self._membership is not None:
             self._membership._peer_left(PeerLeftError(record["msg"], rank=rank, address=addr, reason=record["reason"]),
                                         record["after"])

@@ -88,13 +88,15 @@ class TrainProc:
                 self.lines.append((time.monotonic(), name, line.rstrip("\n")))
                 self._cond.notify_all()
 
-    def wait_line(self, needle: str, timeout: float, stream: str | None = None) -> float:
-        """Arrival time of the first line containing `needle` (waits up to `timeout` s)."""
+    def wait_line(self, needle, timeout: float, stream: str | None = None, after: float = 0.0) -> float:
+        """Arrival time of the first line containing `needle` (a str, or a compiled regex that
+        searches the line) that arrived after `after` (waits up to `timeout` s)."""
         deadline = time.monotonic() + timeout
+        found = needle.search if hasattr(needle, "search") else (lambda line: needle in line)
         with self._cond:
             while True:
                 for t, name, line in self.lines:
-                    if needle in line and stream in (None, name):
+                    if t > after and found(line) and stream in (None, name):
                         return t
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not any(r.is_alive() for r in self._readers)):

@@ -43,7 +43,8 @@ def test_a_node_leaving_mid_collective_is_named_at_once(leaver):
         for node in nodes:
             node.kill()
     assert lost["rank"] == leaver and lost["msg"].startswith(f"rank {leaver} left (Ctrl-C)"), lost
-    assert "trainer.resume=auto" in lost["msg"]
+    # A worker's departure leaves the master going on (elastic, the default); the master's ends the run.
+    assert ("trainer.resume=auto" if leaver == 0 else "the others go on without it") in lost["msg"], lost["msg"]
     assert lost["t"] - t0 < PROMPT_S, lost["t"] - t0
 
 
@@ -54,12 +55,41 @@ ENDLESS = ["trainer.epochs=1000", "trainer.max_steps=100000", "trainer.checkpoin
 STOPPED = re.compile(r"interrupted at step (\d+)")
 
 
-@pytest.mark.parametrize("leaver", ["worker"])  # the master's Ctrl-C: test_stop_resume.py
-def test_ctrl_c_on_one_node_stops_both_at_once_without_a_false_departure(tmp_path, leaver):
+def test_ctrl_c_on_a_worker_leaves_alone_and_the_master_goes_on(tmp_path):
+    """Elastic (the default) in direct mode, where each Mac has its own terminal: the worker's
+    Ctrl-C makes it leave at the next step boundary, and the master goes on alone at once."""
     port = free_ports(1)[0]
     run_dir = tmp_path / "run"
     master = TrainProc(direct_args("master", port, [*ENDLESS, f"hydra.run.dir={run_dir}"]), tmp_path / "m")
     worker = TrainProc(direct_args("worker", port, ENDLESS), tmp_path / "w")
+    try:
+        master.wait_line(f"checkpoint {run_dir}", timeout=90)
+        t_sig = time.monotonic()
+        worker.signal(signal.SIGINT)
+        assert worker.wait(30) == 130, worker.text()[-3000:]
+        t_on = master.wait_line("generation 2: 1 node(s), rank 0", timeout=30)
+        t_step = master.wait_line(re.compile(r"checkpoint .*step-\d+"), timeout=30, after=t_on)
+        master.signal(signal.SIGINT)
+        assert master.wait(30) == 130, master.text()[-3000:]
+    finally:
+        worker.kill()
+        master.kill()
+    left = re.search(r"rank 1 left the run at step (\d+) \(Ctrl-C\); the others go on", worker.text("err"))
+    assert left, worker.text()[-3000:]
+    assert "macfleet: error" not in master.text(), master.text()[-3000:]
+    print(f"Ctrl-C on the worker: the master went on {t_on - t_sig:.2f} s later, its next checkpoint "
+          f"{t_step - t_sig:.2f} s later")
+    assert t_on - t_sig < PROMPT_S + 2.0, f"{t_on - t_sig:.2f} s"
+
+
+@pytest.mark.parametrize("leaver", ["worker"])  # the master's Ctrl-C: test_stop_resume.py
+def test_ctrl_c_on_one_node_stops_both_at_once_without_a_false_departure(tmp_path, leaver):
+    """cluster.elastic=false: a Ctrl-C on either node stops both at the step they agree on."""
+    port = free_ports(1)[0]
+    run_dir = tmp_path / "run"
+    fixed = [*ENDLESS, "cluster.elastic=false"]
+    master = TrainProc(direct_args("master", port, [*fixed, f"hydra.run.dir={run_dir}"]), tmp_path / "m")
+    worker = TrainProc(direct_args("worker", port, fixed), tmp_path / "w")
     leaving, staying = (worker, master) if leaver == "worker" else (master, worker)
     try:
         master.wait_line(f"checkpoint {run_dir}", timeout=90)
@@ -79,7 +109,8 @@ def test_ctrl_c_on_one_node_stops_both_at_once_without_a_false_departure(tmp_pat
     assert t_end - t_sig < PROMPT_S + 2.0, f"{t_end - t_sig:.2f} s"
 
 
-def _node(rank: int, world_size: int, addrs: list[str], port: int, out: str, epochs: list[int]) -> dict:
+def _node(rank: int, world_size: int, addrs: list[str], port: int, out: str, epochs: list[int],
+          elastic: bool) -> dict:
     import time
 
     from macfleet import ClusterConfig, Trainer, TrainingConfig
@@ -91,19 +122,26 @@ def _node(rank: int, world_size: int, addrs: list[str], port: int, out: str, epo
     tc = TrainingConfig(epochs=epochs[rank], batch_size=256, progress=False, output_dir=out, device="cpu", log_every=1)
     cc = ClusterConfig(role="master" if rank == 0 else "worker", mode="direct", nodes=2, master_addr="127.0.0.1",
                        master_port=port, tensor_port=int(addrs[rank].rsplit(":", 1)[1]), token=TOKEN,
-                       heartbeat_interval=1.0, wait_timeout=60)
+                       heartbeat_interval=1.0, wait_timeout=60, elastic=elastic)
     # The same claimed fingerprint on both: the join check cannot see the different epochs.
     trainer = Trainer(cnn(num_classes=10, in_channels=1), digits(), tc, cc, fingerprint={"claimed": "same"})
     try:
         metrics = trainer.fit()
     except PeerLostError as exc:
         return {"error": str(exc), "rank": exc.rank, "t": time.time()}
-    return {"steps": metrics["steps"], "t": time.time()}
+    return {"steps": metrics["steps"], "t": time.time(), "regroups": metrics.get("regroups", 0)}
+
+
+def test_a_node_that_finishes_early_leaves_the_master_going_on_alone(tmp_path):
+    # digits: 1437 training items, 5 full steps of 256 per epoch. The worker leaves after epoch 1.
+    master, worker = spawn_local(_node, 2, (free_ports(1)[0], str(tmp_path), [3, 1], True), timeout=60)
+    assert worker["steps"] == 5, worker
+    assert master.get("steps") == 15 and master["regroups"] == 1, master
 
 
 def test_a_node_that_finishes_early_is_named_when_the_other_needs_it(tmp_path):
-    # digits: 1437 training items, 5 full steps of 256 per epoch. The worker leaves after epoch 1.
-    master, worker = spawn_local(_node, 2, (free_ports(1)[0], str(tmp_path), [3, 1]), timeout=60)
+    # cluster.elastic=false: the master stops at its next exchange, naming the worker.
+    master, worker = spawn_local(_node, 2, (free_ports(1)[0], str(tmp_path), [3, 1], False), timeout=60)
     assert worker["steps"] == 5, worker
     assert master.get("rank") == 1, master
     assert "rank 1 left (finished its run) at step 5" in master["error"], master["error"]

@@ -1,0 +1,111 @@
+"""One node of the elastic-fleet tests (test_elastic.py), as a real process: the Python API on
+scikit-learn's digits with an MLP (no BatchNorm; with compression none N nodes compute what one
+process does).
+
+- Every step this node commits (its optimizer steps) appends the sample indices it trained on
+  to $ELASTIC_RECORD, one JSON line {"step", "pid", "indices"}: the test counts them.
+- `--die-at S` kills this process with SIGKILL when it is about to run step S.
+- `--gate-at S` (master): step S waits until a node asks to join, so a rejoin lands in the epoch.
+- The master writes the final parameters to OUT/final.pt.
+
+    python -m tests.integration.elastic_node master|worker|single PORT TPORT OUT [--nodes N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+
+from macfleet import ClusterConfig, NodeRole, Trainer, TrainingConfig
+
+
+def dataset() -> TensorDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    index = torch.arange(len(x), dtype=torch.float32).unsqueeze(1)
+    return TensorDataset(torch.cat([x, index], 1), torch.tensor(d.target, dtype=torch.long))
+
+
+class IndexedMLP(torch.nn.Module):
+    """An MLP whose input's last column is the sample index: read (for the record), not used."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen = x[:, -1].long().tolist()
+        return self.body(x[:, :-1])
+
+
+MODEL = None
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that writes the indices of every step it takes (a committed step)."""
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        path = os.environ.get("ELASTIC_RECORD")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"pid": os.getpid(), "indices": MODEL.seen}) + "\n")
+        return out
+
+
+def recording_sgd(params):
+    return RecordingSGD(params, lr=0.05, momentum=0.9)
+
+
+class Node(Trainer):
+    die_at: int | None = None
+    gate_at: int | None = None
+
+    def train_step(self, state, fleet, world, batch, device):
+        if self.die_at is not None and state.step == self.die_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.gate_at is not None and world.rank == 0 and state.step == self.gate_at:
+            deadline = time.monotonic() + 120
+            while world.joiners() == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+        return super().train_step(state, fleet, world, batch, device)
+
+
+def main() -> None:
+    global MODEL
+    p = argparse.ArgumentParser()
+    p.add_argument("role", choices=("master", "worker", "single"))
+    p.add_argument("port", type=int)
+    p.add_argument("tport", type=int)
+    p.add_argument("out")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--die-at", type=int)
+    p.add_argument("--gate-at", type=int)
+    p.add_argument("--heartbeat", type=float, default=1.0)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    MODEL = IndexedMLP()
+    tc = TrainingConfig(epochs=a.epochs, batch_size=16, learning_rate=0.05, lr_schedule="constant", progress=False,
+                        output_dir=a.out, device="cpu", log_every=1000, checkpoint_every=0)
+    cc = None if a.role == "single" else ClusterConfig(
+        role=NodeRole(a.role), master_addr="127.0.0.1", master_port=a.port, tensor_port=a.tport, nodes=a.nodes,
+        heartbeat_interval=a.heartbeat, wait_timeout=60)
+    node = Node(MODEL, dataset(), tc, cc, optimizer=recording_sgd)
+    node.die_at, node.gate_at = a.die_at, a.gate_at
+    node.fit()
+    if a.role != "worker":
+        torch.save({k: v.clone() for k, v in MODEL.state_dict().items()}, os.path.join(a.out, "final.pt"))
+
+
+if __name__ == "__main__":
+    main()
