@@ -458,6 +458,8 @@ class HeartbeatClient:
                         last_heard = time.monotonic()
                         if self._heard(msg):
                             return
+                if time.monotonic() - last_tick > limit:
+                    continue  # suspended while waiting: the loop's top starts a fresh deadline
                 silence = time.monotonic() - last_heard
                 if silence > limit:
                     self.lost = True

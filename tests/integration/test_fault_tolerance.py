@@ -1,8 +1,11 @@
 """Losing a node, and nodes that never meet, through `python train.py` in direct mode on 127.0.0.1.
 
-- A worker SIGKILLed or SIGSTOPped mid-training: the master stops within 2x
-  cluster.heartbeat_interval with a PeerLostError message (no hang, no traceback), the last
-  checkpoint stays loadable, and `trainer.resume=auto` on both nodes finishes the run.
+- Elastic (the default): a worker SIGKILLed or SIGSTOPped mid-training is reported within 2x
+  cluster.heartbeat_interval and the master goes on alone at once, finishing every step; the
+  stopped worker, continued, learns it was dropped (and does not blame the master).
+- cluster.elastic=false: the master stops within 2x the interval with a PeerLostError message
+  (no hang, no traceback), the last checkpoint stays loadable, and `trainer.resume=auto` on both
+  nodes finishes the run.
 - A master alone says it waits for the configured nodes, and gives up after cluster.wait_timeout;
   a worker without a master says so and gives up after its cluster.wait_timeout.
 """
@@ -38,6 +41,49 @@ def _pair(tmp_path: Path, run_dir: Path, extra: list[str] = ()) -> tuple[TrainPr
     return master, worker
 
 
+def _master_goes_on(tmp_path: Path, sig: int) -> tuple[float, TrainProc]:
+    """Elastic: hit the worker with `sig` once training is under way; the master goes on alone
+    and finishes the run. Returns seconds from the signal to the master's first checkpoint of
+    the next generation, and the worker (still alive after SIGSTOP)."""
+    run_dir = tmp_path / "run"
+    master, worker = _pair(tmp_path, run_dir)
+    try:
+        master.wait_line(f"checkpoint {run_dir}", timeout=150)
+        assert master.proc.poll() is None, "the run finished before the worker could be lost; raise TOTAL_STEPS"
+        t_sig = time.monotonic()
+        worker.signal(sig)
+        t_on = master.wait_line("generation 2: 1 node(s), rank 0", timeout=30)
+        t_step = master.wait_line(f"checkpoint {run_dir}", timeout=30, after=t_on)
+        if sig == signal.SIGSTOP:
+            worker.signal(signal.SIGCONT)
+            assert worker.wait(30) == 1, worker.text()[-3000:]
+        assert master.wait(120) == 0, master.text()[-3000:]
+    finally:
+        worker.kill()
+        master.kill()
+    err = master.text()
+    assert "node rank 1" in err and "sent no heartbeat" in err and "the others go on without it" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] == TOTAL_STEPS and metrics["world_size"] == 1 and metrics["regroups"] == 1, metrics
+    print(f"signal {sig}: the master went on {t_on - t_sig:.2f} s later, next checkpoint {t_step - t_sig:.2f} s")
+    return t_step - t_sig, worker
+
+
+def test_killed_worker_leaves_the_master_going_on_alone(tmp_path):
+    took, _ = _master_goes_on(tmp_path, signal.SIGKILL)
+    # 2x heartbeat + 2 step times (a step is a few ms; checkpoints come every 10 steps)
+    assert took < DETECT_LIMIT_S + 1.0, f"the master went on {took:.2f} s after the kill"
+
+
+def test_frozen_worker_is_dropped_and_told_so_when_it_wakes(tmp_path):
+    took, worker = _master_goes_on(tmp_path, signal.SIGSTOP)
+    assert took < DETECT_LIMIT_S + 1.0, f"the master went on {took:.2f} s after the SIGSTOP"
+    err = worker.text("err")
+    assert "the master dropped this node from the run" in err and "rejoin" in err, err[-3000:]
+    assert "answered no heartbeat" not in err, err[-3000:]  # it slept; the master did not go silent
+
+
 def _loses_worker(tmp_path: Path, run_dir: Path, sig: int, extra: list[str] = ()) -> float:
     """Start master + worker, hit the worker with `sig` once training is under way (a checkpoint
     exists); returns seconds from the signal to the master's error line, after checking it."""
@@ -66,8 +112,9 @@ def _newest_checkpoint(run_dir: Path) -> Path:
 
 
 def test_killed_worker_stops_master_fast_and_run_resumes(tmp_path):
+    """cluster.elastic=false: any departure ends the run; resume=auto continues it."""
     run_dir = tmp_path / "run"
-    took = _loses_worker(tmp_path / "first", run_dir, signal.SIGKILL)
+    took = _loses_worker(tmp_path / "first", run_dir, signal.SIGKILL, ["cluster.elastic=false"])
     assert took < DETECT_LIMIT_S, f"master needed {took:.2f} s to report the killed worker"
     # The last checkpoint is complete and loadable, mid-run.
     last = _newest_checkpoint(run_dir)
@@ -76,7 +123,7 @@ def test_killed_worker_stops_master_fast_and_run_resumes(tmp_path):
     assert isinstance(state["model"], dict) and all(torch.isfinite(v).all() for v in state["model"].values()
                                                     if v.is_floating_point())
     # Both nodes again, resume=auto: the run picks up there and finishes the full count.
-    master, worker = _pair(tmp_path / "again", run_dir, ["trainer.resume=auto"])
+    master, worker = _pair(tmp_path / "again", run_dir, ["trainer.resume=auto", "cluster.elastic=false"])
     try:
         assert master.wait(180) == 0, master.text()[-3000:]
         assert worker.wait(60) == 0, worker.text()[-3000:]
@@ -86,12 +133,6 @@ def test_killed_worker_stops_master_fast_and_run_resumes(tmp_path):
     assert f"resumed from {last}" in master.text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == TOTAL_STEPS and metrics["world_size"] == 2
-
-
-def test_frozen_worker_is_detected_like_a_dead_one(tmp_path):
-    took = _loses_worker(tmp_path, tmp_path / "run", signal.SIGSTOP)
-    assert took < DETECT_LIMIT_S, f"master needed {took:.2f} s to report the stopped worker"
-    _newest_checkpoint(tmp_path / "run")
 
 
 def test_master_and_worker_alone_wait_then_give_up(tmp_path):
