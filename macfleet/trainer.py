@@ -314,6 +314,7 @@ class Trainer:
         lost: BaseException | None = None   # the departure that ended the last generation
         admit = False                       # rank 0 takes waiting joiners in at this boundary
         recovery_s = 0.0
+        first_step_of: dict | None = None
         try:
             while state.epoch < tc.epochs and not (stop and not epoch_end):
                 try:
@@ -327,8 +328,11 @@ class Trainer:
                             epoch_end = False  # the state came from a node further on: go on from there
                         recovery_s += time.perf_counter() - t_regroup
                         event = {"step": state.step, "event": world_record.get("why") or "new generation",
-                                 "generation": world.generation, "world_size": world.world_size}
+                                 "generation": world.generation, "world_size": world.world_size,
+                                 "t": time.time() - (time.perf_counter() - t_regroup),
+                                 "regroup_s": time.perf_counter() - t_regroup}
                         history.append(event)
+                        first_step_of = event  # its "first_step_t": when the next step completed
                         tracker.log({"fleet/generation": world.generation, "fleet/world_size": world.world_size},
                                     state.step)
                         log.info("generation %d: %d node(s), rank %d, local batch %d of %d; %s step %d (%.2f s)",
@@ -393,6 +397,8 @@ class Trainer:
                         synchronize(device)
                     t_step = time.perf_counter()
                     loss = self.train_step(state, fleet, world, next(batches), device)
+                    if first_step_of is not None:
+                        first_step_of["first_step_t"], first_step_of = time.time(), None
                     steps_run += 1
                     window_samples += tc.batch_size
                     if state.step == total_steps:

@@ -263,6 +263,11 @@ class Coordinator:
                 self._world_cond.wait(min(left, 0.05))
             return dict(self._world)
 
+    def members(self) -> list[dict]:
+        """The nodes of the current generation, in rank order."""
+        with self._lock:
+            return list(self._members)
+
     def joined(self) -> int:
         """Nodes in so far, the master included."""
         with self._lock:

@@ -277,7 +277,10 @@ class ClusterWorld(GroupWorld):
             dist.destroy_process_group()
         self.group.close()
         if self.fleet is not None:
-            self.fleet.stop()
+            members = None
+            if self.elastic and self.coordinator is not None:
+                members = {int(n["facts"]["pid"]) for n in self.coordinator.members() if "pid" in n["facts"]}
+            self.fleet.stop(members=members)
         if self.coordinator is not None:
             self.coordinator.stop()
 
@@ -334,10 +337,16 @@ class LocalFleet:
         for line in proc.stdout:
             print(f"[rank {rank}] {line.rstrip()}", flush=True)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0, members: set | None = None) -> None:
+        """Wait for the workers to end. `members`: the pids still in the run (its heartbeats
+        decide, not these child processes); one that is not, e.g. frozen and dropped, is killed
+        at once instead of waited for."""
         import subprocess
 
         for proc in self.procs:
+            if members is not None and proc.pid not in members and proc.poll() is None:
+                log.info("local fleet: worker pid %d is no longer in the run (dropped); stopping it", proc.pid)
+                proc.kill()
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:

@@ -95,7 +95,7 @@ def main() -> None:
     a = p.parse_args()
     torch.manual_seed(0)
     MODEL = IndexedMLP()
-    tc = TrainingConfig(epochs=a.epochs, batch_size=16, learning_rate=0.05, lr_schedule="constant", progress=False,
+    tc = TrainingConfig(epochs=a.epochs, batch_size=8, learning_rate=0.05, lr_schedule="constant", progress=False,
                         output_dir=a.out, device="cpu", log_every=1000, checkpoint_every=0)
     cc = None if a.role == "single" else ClusterConfig(
         role=NodeRole(a.role), master_addr="127.0.0.1", master_port=a.port, tensor_port=a.tport, nodes=a.nodes,
