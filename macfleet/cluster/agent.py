@@ -733,12 +733,14 @@ def status_main(args) -> int:
     """`macfleet status`: the node table of the master at --master (or found by zeroconf)."""
     where, answer = _ask(args, "status")
     if args.json:
-        print(json.dumps({"master": where, "kind": answer.get("kind"), "nodes": answer["nodes"]}, indent=2))
+        print(json.dumps({"master": where, "kind": answer.get("kind"), "generation": answer.get("generation"),
+                          "nodes": answer["nodes"], "events": answer.get("events", [])}, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"MacFleet {answer.get('kind', '')} at {where}")
+    generation = f", generation {answer['generation']}" if answer.get("generation") else ""
+    table = Table(title=f"MacFleet {answer.get('kind', '')} at {where}{generation}")
     columns = [("rank", "rank", "str"), ("host", "host", "str"), ("chip", "chip", "str"), ("device", "device", "str"),
                ("weight", "weight", "float"), ("state", "state", "str"), ("last heartbeat", "last_heartbeat_s", "age"),
                ("step", "step", "str"), ("samples/s", "samples_per_s", "float"), ("thermal", "thermal", "thermal")]
@@ -746,7 +748,13 @@ def status_main(args) -> int:
         table.add_column(title)
     for row in answer["nodes"]:
         table.add_row(*[_fmt(row.get(key), kind) for _, key, kind in columns])
-    Console(width=140).print(table)
+    console = Console(width=140)
+    console.print(table)
+    events = answer.get("events") or []
+    if events:
+        console.print("membership events (newest last):")
+        for e in events[-10:]:
+            console.print(f"  {time.strftime('%H:%M:%S', time.localtime(e['time']))}  {e['what']}", markup=False)
     return 0
 
 

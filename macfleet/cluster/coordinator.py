@@ -162,12 +162,16 @@ class Coordinator:
         self._complain = Complaints("coordinator")
         self.elastic = bool(getattr(cfg, "elastic", False))
         self.run.setdefault("elastic", self.elastic)
+        if self.elastic and int(getattr(cfg, "min_nodes", 1) or 1) > 1:
+            self.run.setdefault("min_nodes", int(cfg.min_nodes))  # workers wait as long as the master may
         self.events: list[dict] = []
         """What changed the membership: {"generation", "time", "what"}, oldest first."""
         self._world: Optional[dict] = None
         self._world_cond = threading.Condition()
         self._serial = 0
         self._departed: list[dict] = []
+        self._short = False
+        """Elastic: fewer than cluster.min_nodes are left; the next join forms the next generation."""
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> "Coordinator":
@@ -259,6 +263,11 @@ class Coordinator:
             while self._world is None or self._world["generation"] <= generation:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
+                    if self._short:
+                        raise MacFleetError(
+                            f"fewer than cluster.min_nodes={self.cfg.min_nodes} nodes were left and none joined within "
+                            f"{timeout:g} s; the run stops: start the missing nodes, then every node with "
+                            f"trainer.resume=auto to continue from the last checkpoint")
                     raise MacFleetError(f"the coordinator formed no generation after {generation} within {timeout:g} s")
                 self._world_cond.wait(min(left, 0.05))
             return dict(self._world)
@@ -422,7 +431,7 @@ class Coordinator:
         purpose = msg.get("purpose")
         if purpose == "status":
             self._send(sock, ident, encode("status", nodes=self.status(), kind="coordinator",
-                                           generation=self.generation, run=self.run))
+                                           generation=self.generation, run=self.run, events=self.events[-20:]))
             return
         if purpose != "join":
             refuse(f"this master runs a training job, not an agent; {purpose!r} requests go to "
@@ -468,6 +477,10 @@ class Coordinator:
         if self._formed.is_set():
             say(f"node {node['facts'].get('host', '?')} ({node['tensor_addr']}) asks to join the running run: "
                 f"it joins at the next step boundary")
+            with self._lock:
+                enough = len(self._members) + len(self._pending) >= int(getattr(self.cfg, "min_nodes", 1) or 1)
+            if self._short and enough:  # the run is stalled waiting for nodes: no step boundary to wait for
+                self._commands.put(("regen", {"admit": True}))
         self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes,
                                        running=self._formed.is_set()))
 
@@ -555,6 +568,19 @@ class Coordinator:
             if admit:
                 self._announce_same()
             return
+        min_nodes = int(getattr(self.cfg, "min_nodes", 1) or 1)
+        if len(members) + len(joiners) < min_nodes:
+            # Too few to go on: the trainers wait in their regroup until joiners make up min_nodes.
+            with self._lock:
+                self._members = members
+                self._short = True
+                self._pending.update({n["ident"]: n for n in joiners})
+            line = (f"{why or 'a node left'}: {len(members)} node(s) left, fewer than cluster.min_nodes={min_nodes}; "
+                    f"the run waits up to cluster.wait_timeout={self.cfg.wait_timeout:g} s for nodes to join")
+            self._event(line)
+            say(line)
+            return
+        self._short = False
         self.generation += 1
         mean = sum(n["raw_weight"] for n in members) / max(1, len(members))
         for node in joiners:

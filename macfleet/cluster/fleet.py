@@ -160,6 +160,8 @@ class ClusterWorld(GroupWorld):
 
         hb = self.cfg.heartbeat_interval if self.cfg is not None else 1.0
         timeout = max(10.0, 6 * hb)
+        if self.cfg is not None and int(self.run.get("min_nodes", self.cfg.min_nodes)) > 1:
+            timeout += self.cfg.wait_timeout  # the run may wait for nodes to join (cluster.min_nodes)
         old = self.generation
         if self.coordinator is not None:
             if admit and self.coordinator.joiners() == 0:

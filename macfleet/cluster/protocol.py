@@ -242,7 +242,9 @@ SCHEMAS: dict[str, dict[str, Check]] = {
                 "weights": _list(_num(0.0, 1.0)), "run": _map(_SCALAR, max_len=64), "nodes": _list(_FACTS),
                 "hb_port": _PORT, "peer_id": _PEER_ID, "proto": _int(), "running": _bool},
     "status": {"nodes": _list(_map(_SCALAR, max_len=64)), "kind": _str(32), "generation": _int(),
-               "run": _map(_SCALAR, max_len=64), "job_id": _opt(_str(128))},
+               "run": _map(_SCALAR, max_len=64), "job_id": _opt(_str(128)),
+               "events": _list(_record({"generation": _int(), "time": _num(), "what": _str(2048)},
+                                       required=("generation", "time", "what")), max_len=64)},
     "log": {"line": _str(MAX_MESSAGE_BYTES), "rank": _int(0, 65535), "job_id": _opt(_str(128))},
     # agents (agent.py)
     "registered": {"hb_port": _PORT, "peer_id": _PEER_ID, "label": _str(256)},

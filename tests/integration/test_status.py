@@ -59,6 +59,19 @@ def test_status_of_a_training_job_lists_every_rank_with_progress():
                               "--master-port", str(coord.port), "--token", "wrong"], capture_output=True, text=True,
                              timeout=60)
         assert bad.returncode == 1 and "token" in bad.stderr
+
+        # A node leaves (Ctrl-C on it): the next generation forms without it, and status says so.
+        workers["mini"].close(reason="Ctrl-C")
+        deadline = time.monotonic() + 10
+        while coord.generation < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        after = json.loads(_status([], "--master", "127.0.0.1", "--master-port", str(coord.port), "--json").stdout)
+        assert after["generation"] == 2, after
+        assert [(r["rank"], r["host"], r["state"]) for r in after["nodes"]] == [
+            (0, "pro", "training"), (1, "air", "training"), (None, "mini", "left")]
+        assert "rank 2 left (Ctrl-C)" in after["events"][-1]["what"], after["events"]
+        shown = _status([], "--master", "127.0.0.1", "--master-port", str(coord.port)).stdout
+        assert "generation 2" in shown and "membership events" in shown and "rank 2 left (Ctrl-C)" in shown, shown
     finally:
         for w in workers.values():
             w.close()
