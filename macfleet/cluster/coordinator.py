@@ -530,7 +530,8 @@ class Coordinator:
         here = self.cfg.master_addr if self.cfg.master_addr not in ("", "auto") else "127.0.0.1"
         self._membership = Membership(rank=0, world_size=size, generation=self.generation,
                                       addrs=[fill_host(a, here) for a in addrs],
-                                      weights=weights, run=dict(self.run), nodes=nodes, _link=_MasterLink(self))
+                                      weights=weights, run=dict(self.run), nodes=nodes, _link=_MasterLink(self),
+                                      _master_host=here)
         self._master_state["state"] = "running"
         self._event(f"formed with {size} nodes")
         if self.elastic:
@@ -626,8 +627,12 @@ class Coordinator:
             self._world_cond.notify_all()
 
     def _joiner_weight(self, node: dict, members: list, mean: float) -> float:
-        """A joiner's share before normalisation: its cluster.weights entry for its rank, its
-        measured speed next to the others' when every node measured one, else the members' mean."""
+        """A joiner's share before normalisation (the members' are their shares at formation): its
+        rank's cluster.weights entry, its measured speed next to the others' when every node
+        measured one, its cluster.weight next to theirs, else the members' mean."""
+        if self.cfg.weights is not None and len(members) < len(self.cfg.weights):
+            # cluster.weights names shares by rank: the joiner takes its rank's (a Mac back in its place)
+            return float(self.cfg.weights[len(members)]) / sum(float(w) for w in self.cfg.weights)
         speeds = [n["facts"].get("samples_per_s") for n in members] + [node["facts"].get("samples_per_s")]
         if str(node.get("weight")) == "auto" and all(speeds) and all(str(n.get("weight")) == "auto" for n in members):
             per_weight = sum(n["raw_weight"] for n in members) / sum(float(v) for v in speeds[:-1])
