@@ -466,7 +466,9 @@ class HeartbeatClient:
                     self._on_lost(
                         f"the master at {self._master} answered no heartbeat for {silence:.2f} s "
                         f"(limit {limit:.2f} s = {LOST_AFTER} x cluster.heartbeat_interval): it was "
-                        f"killed, stopped or the link went down. Restart the master, then this node")
+                        f"killed, stopped or the link went down. The run lives on the master (its run dir and "
+                        f"checkpoints): start it again, then this node, both with trainer.resume=auto to continue from "
+                        f"the last checkpoint")
                     return
         finally:
             if self._stop.is_set() and not self.lost:
