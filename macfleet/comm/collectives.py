@@ -96,19 +96,29 @@ def _header(tp: Transport, t: torch.Tensor, lo: int, hi: int, shape=None) -> Hea
                   lo * isz, (hi - lo) * isz, t.numel() * isz)
 
 
-def _expect(tp: Transport, h: Header, flat: torch.Tensor, lo: int, hi: int) -> None:
+def _expect_tensor(tp: Transport, h: Header, flat: torch.Tensor) -> None:
     isz = flat.element_size()
     if h.dtype != flat.dtype or h.total != flat.numel() * isz:
         raise FrameError(
             f"{tp.op} #{tp.seq}: rank {h.sender} sent {h.dtype} of {h.total} bytes, rank {tp.rank} has "
             f"{flat.dtype} of {flat.numel() * isz} bytes: every rank must pass the same shape and dtype"
         )
+
+
+def _expect(tp: Transport, h: Header, flat: torch.Tensor, lo: int, hi: int) -> None:
+    isz = flat.element_size()
+    _expect_tensor(tp, h, flat)
     if h.offset != lo * isz or h.nbytes != (hi - lo) * isz:
         raise FrameError(
             f"{tp.op} #{tp.seq}: rank {h.sender} sent bytes [{h.offset}, {h.offset + h.nbytes}) where rank "
             f"{tp.rank} expected [{lo * isz}, {hi * isz}): ranks disagree on the chunk size; use the same "
             "macfleet version and settings everywhere"
         )
+
+
+def _recv_chunk(tp: Transport, src: int, deadline: float, flat: torch.Tensor, a: int, land=None):
+    """Receive chunk [a, ...) of flat from src: by its offset, so striped chunks may arrive in any order."""
+    return tp.recv(src, deadline, land, offset=a * flat.element_size(), check=lambda h: _expect_tensor(tp, h, flat))
 
 
 def _lander(tp: Transport, flat: torch.Tensor, buf, a: int, b: int, base: int = 0):
@@ -151,7 +161,7 @@ def all_reduce(tp: Transport, t: torch.Tensor, op: str, algorithm: str, deadline
 def _recv_add(tp: Transport, src: int, deadline: float, flat: torch.Tensor, a: int, b: int) -> None:
     """Receive chunk [a, b) of flat from src and add it in place, reading libzmq's receive buffer
     directly (one pass over the bytes: no landing copy before the sum)."""
-    h, body = tp.recv(src, deadline)
+    h, body = _recv_chunk(tp, src, deadline, flat, a)
     _expect(tp, h, flat, a, b)
     if b > a:
         flat[a:b].add_(as_tensor(body, flat.dtype))
@@ -175,7 +185,7 @@ def _direct(tp: Transport, flat: torch.Tensor, deadline: float) -> None:
         if r == rank:
             parts.append(flat)
             continue
-        h, got = tp.recv(r, deadline)
+        h, got = _recv_chunk(tp, r, deadline, flat, 0)
         _expect(tp, h, flat, 0, numel)
         parts.append(as_tensor(got, flat.dtype))
     if n == 2:
@@ -206,7 +216,7 @@ def _exchange_halves(tp: Transport, flat: torch.Tensor, deadline: float, step: i
         # Only the last send is tracked: libzmq sends one socket's messages in order.
         last = tp.send(peer, _header(tp, flat, a, b), mv[a * isz:b * isz], track=i == len(own_chunks) - 1)
     for a, b in other_chunks:
-        tp.recv(peer, deadline, _lander(tp, flat, mv, a, b))
+        _recv_chunk(tp, peer, deadline, flat, a, _lander(tp, flat, mv, a, b))
     # The caller may reuse t as soon as we return: our last bytes must have left.
     tp.wait_sent(peer, last, deadline)
 
@@ -239,7 +249,7 @@ def _ring(tp: Transport, flat: torch.Tensor, deadline: float, step: int) -> None
     for s in range(n - 1):
         chunks = seg_chunks[(rank - s) % n]
         for i, (a, b) in enumerate(chunks):
-            tp.recv(left, deadline, _lander(tp, flat, mv, a, b))
+            _recv_chunk(tp, left, deadline, flat, a, _lander(tp, flat, mv, a, b))
             if s < n - 2:
                 last = send(a, b, track=s == n - 3 and i == len(chunks) - 1)
     # The caller may reuse t as soon as we return: our last bytes must have left.
@@ -273,7 +283,7 @@ def _scatter_direct(tp: Transport, flat: torch.Tensor, deadline: float, step: in
             last[peer] = sent if sent is not None else last.get(peer)
     for peer in peers:
         for a, b in seg_chunks[peer]:
-            tp.recv(peer, deadline, _lander(tp, flat, mv, a, b))
+            _recv_chunk(tp, peer, deadline, flat, a, _lander(tp, flat, mv, a, b))
     # The caller may reuse t as soon as we return: our last bytes must have left.
     for peer in peers:
         tp.wait_sent(peer, last.get(peer), deadline)
@@ -290,7 +300,7 @@ def broadcast(tp: Transport, t: torch.Tensor, src: int, deadline: float, chunk_b
     last = None
     for a, b in _ranges(0, flat.numel(), max(1, chunk_bytes // isz)):
         if rank != src:
-            tp.recv(left, deadline, _lander(tp, flat, mv, a, b))
+            _recv_chunk(tp, left, deadline, flat, a, _lander(tp, flat, mv, a, b))
         if right != src:
             last = tp.send(right, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True)
     tp.wait_sent(right, last, deadline)
@@ -328,7 +338,7 @@ def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | N
         return state["mv"][got:got + h.nbytes]
 
     while True:
-        h, _ = tp.recv(src, deadline, land)
+        h, _ = tp.recv(src, deadline, land, offset=state["got"])
         state["got"] += h.nbytes
         if state["got"] >= h.total:
             return state["out"]
