@@ -95,6 +95,7 @@ def _add_benchmark(sub) -> None:
                 "rows with --json). Options name the types they apply to.",
                 "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
                 "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
+                "  macfleet benchmark --type allreduce --nodes 2 --stripes 1,2,4 --cores-per-node 16\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
@@ -128,9 +129,12 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
-                   help="scaling, convergence, ddp: cores pinned to each node, OMP_NUM_THREADS alike (default for scaling "
-                        "and convergence: this "
-                        "machine's cores split evenly across --nodes; for ddp: no pinning)")
+                   help="scaling, convergence, ddp, bandwidth, allreduce: cores pinned to each node, OMP_NUM_THREADS "
+                        "(torch threads) alike (default for scaling and convergence: this machine's cores split evenly "
+                        "across --nodes; otherwise no pinning, and one torch thread per rank for bandwidth and allreduce)")
+    p.add_argument("--stripes", default=None,
+                   help="bandwidth, allreduce: comma list of TCP connections per peer to measure the engine with, "
+                        "interleaved in one run, e.g. 1,2,4 (default: MACFLEET_STRIPES, else 1)")
     p.add_argument("--cpu-quota", default=None,
                    help="scaling, convergence, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
                         "second Mac (a cgroup CPU quota; default: no quota)")
