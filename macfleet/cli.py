@@ -116,7 +116,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
     p.add_argument("--algorithm", choices=["auto", "ring", "direct"], default="auto",
-                   help="allreduce: the engine's algorithm for 3+ ranks (auto: direct up to 4, then ring)")
+                   help="allreduce: the engine's algorithm (3+ ranks, auto: direct up to 4, then ring; 2 ranks: direct "
+                        "exchanges whole tensors, auto and ring exchange halves)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default=None,
                    help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16; "

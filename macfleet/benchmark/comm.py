@@ -287,7 +287,7 @@ def run_comm_benchmark(args) -> int:
     where = "network namespaces" + (f" shaped to {args.rate}" if args.rate else "") if args.netns else "127.0.0.1"
     algorithm = getattr(args, "algorithm", "auto") or "auto"
     engine = ""
-    if kind == "allreduce" and nodes > 2:
+    if kind == "allreduce" and (nodes > 2 or algorithm == "direct"):
         from macfleet.comm.collectives import resolve_algorithm
 
         engine = f", engine algorithm {resolve_algorithm(algorithm, nodes)}"
