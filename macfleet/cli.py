@@ -142,7 +142,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG; "
                                                 "convergence: test accuracy against wall time per codec")
     p.add_argument("--backends", default=None,
-                   help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
+                   help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu); engine "
+                        "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct")
     p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
     p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")
