@@ -55,6 +55,11 @@ HELLO_RESEND_S = 0.5
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 IO_THREADS = 2
 MAX_STRIPES = 16
+"""Most TCP connections per peer (see Striping above)."""
+REJECTED_KEPT = 32
+MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 128 * 1024 * 1024
+_allocator_tuned = False
 
 
 def default_stripes() -> int:
@@ -69,10 +74,6 @@ def check_stripes(stripes) -> int:
     if isinstance(stripes, bool) or not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
         raise MacFleetError(f"stripes={stripes!r}: give 1..{MAX_STRIPES} TCP connections per peer")
     return stripes
-REJECTED_KEPT = 32
-MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
-MALLOC_TRIM_THRESHOLD = 128 * 1024 * 1024
-_allocator_tuned = False
 
 
 def tune_allocator() -> None:
