@@ -95,6 +95,7 @@ def _add_benchmark(sub) -> None:
                 "rows with --json). Options name the types they apply to.",
                 "  macfleet benchmark --type bandwidth --sizes 1MB,100MB\n"
                 "  macfleet benchmark --type allreduce --nodes 4 --algorithm ring --repeats 9\n"
+                "  macfleet benchmark --type allreduce --nodes 2 --stripes 1,2,4 --cores-per-node 16\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
@@ -115,7 +116,8 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--netns", action="store_true", help="as root: put ranks in network namespaces (10.0.0.x over veth)")
     p.add_argument("--rate", default=None, help="with --netns: shape links with tbf, e.g. 1gbit")
     p.add_argument("--algorithm", choices=["auto", "ring", "direct"], default="auto",
-                   help="allreduce: the engine's algorithm for 3+ ranks (auto: direct up to 4, then ring)")
+                   help="allreduce: the engine's algorithm (3+ ranks, auto: direct up to 4, then ring; 2 ranks: direct "
+                        "exchanges whole tensors, auto and ring exchange halves)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default=None,
                    help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16; "
@@ -128,16 +130,20 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,
-                   help="scaling, convergence, ddp: cores pinned to each node, OMP_NUM_THREADS alike (default for scaling "
-                        "and convergence: this "
-                        "machine's cores split evenly across --nodes; for ddp: no pinning)")
+                   help="scaling, convergence, ddp, bandwidth, allreduce: cores pinned to each node, OMP_NUM_THREADS "
+                        "(torch threads) alike (default for scaling and convergence: this machine's cores split evenly "
+                        "across --nodes; otherwise no pinning, and one torch thread per rank for bandwidth and allreduce)")
+    p.add_argument("--stripes", default=None,
+                   help="bandwidth, allreduce: comma list of TCP connections per peer to measure the engine with, "
+                        "interleaved in one run, e.g. 1,2,4 (default: MACFLEET_STRIPES, else 1)")
     p.add_argument("--cpu-quota", default=None,
                    help="scaling, convergence, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
                         "second Mac (a cgroup CPU quota; default: no quota)")
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG; "
                                                 "convergence: test accuracy against wall time per codec")
     p.add_argument("--backends", default=None,
-                   help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu)")
+                   help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu); engine "
+                        "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct")
     p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
     p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")

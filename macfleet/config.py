@@ -195,7 +195,9 @@ class ClusterConfig:
     allreduce: str = "auto"
     """all_reduce algorithm for 3+ nodes, chosen by the master for every rank: direct (two rounds,
     every pair of nodes at once: best for a few Macs, a Thunderbolt mesh or a switch), ring
-    (neighbours only: for a daisy chain, or many nodes), auto (direct up to 4 nodes, then ring)."""
+    (neighbours only: for a daisy chain, or many nodes), auto (direct up to 4 nodes, then ring).
+    2 nodes: direct sends the whole tensor both ways and each node adds (one round); auto and ring
+    exchange halves (each node sums one half and sends it back)."""
 
     def __post_init__(self) -> None:
         # An explicit role means a fleet (the seed's API: role=MASTER on one Mac, role=WORKER on

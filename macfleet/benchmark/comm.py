@@ -10,8 +10,13 @@ median of `--repeats` timed runs after a warm-up, measured on rank 0:
   exchanging the bytes both ways at once, then adding (socket_exchange); for 3+, a chunk-pipelined
   ring over sockets that receives straight into the tensor (socket_ring), the same bytes as the
   engine's ring with no framing, no queues and no extra copy.
-JSON rows, one per reference: {"type", "nodes", "size_bytes", "macfleet_s", "reference",
-"reference_s", "ratio"} with ratio = macfleet_s / reference_s.
+`--stripes 1,2,4` measures the engine once per stripe count (TCP connections per peer, see
+comm/transport.py), interleaved in the same run; the default is MACFLEET_STRIPES, else 1.
+`--cores-per-node K` pins rank i to cores [i*K, (i+1)*K) with K torch threads, as each node of a
+fleet (and each rank of the DDP benchmark) has cores of its own; without it every rank runs one
+torch thread on any core.
+JSON rows, one per engine setting and reference: {"type", "nodes", "size_bytes", "stripes",
+"macfleet_s", "reference", "reference_s", "ratio"} with ratio = macfleet_s / reference_s.
 """
 
 from __future__ import annotations
@@ -41,6 +46,21 @@ def parse_sizes(text: str) -> list[int]:
             raise ConfigError(f"--sizes item {item!r} is not a size like 1MB, 512KB or 1GiB")
         sizes.append(int(float(m.group(1)) * _UNITS[m.group(2).upper()]))
     return sizes
+
+
+def parse_stripes(text: str | None) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; None -> [MACFLEET_STRIPES or 1]."""
+    from macfleet.comm.transport import MAX_STRIPES, default_stripes
+
+    if not text:
+        return [default_stripes()]
+    out = []
+    for item in text.split(","):
+        if not item.strip().isdigit() or not 1 <= int(item) <= MAX_STRIPES:
+            raise ConfigError(f"--stripes item {item!r} is not a count of TCP connections per peer, 1..{MAX_STRIPES}")
+        if int(item) not in out:
+            out.append(int(item))
+    return out
 
 
 def _human(n: int) -> str:
@@ -165,18 +185,30 @@ class _SocketRing:
         self.right.close()
 
 
+def _engine(stripes: int) -> str:
+    return f"macfleet x{stripes}"
+
+
 def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: list[int], repeats: int,
-               algorithm: str, extra_ports: list[int]) -> dict | None:
+               algorithm: str, stripes: list[int], cores: int, extra_ports: list[int],
+               stripe_addrs: list[list[str]]) -> dict | None:
     import torch.distributed as dist
 
     from macfleet.comm import Group
+
+    if cores:
+        os.sched_setaffinity(0, range(rank * cores, (rank + 1) * cores))
+        torch.set_num_threads(cores)
 
     hosts = [a.rpartition(":")[0] for a in addrs]
     links = [name for _, name in socket.if_nameindex() if name != "lo"]
     if not hosts[0].startswith("127.") and len(links) == 1:
         # In a namespace gloo would resolve the hostname to 127.0.0.1; point it at the veth.
         os.environ["GLOO_SOCKET_IFNAME"] = links[0]
-    g = Group(rank, world_size, addrs, timeout=120, algorithm=algorithm)
+    # One Group per stripe count, each on its own ports (the first on the spawned addresses).
+    engines = {_engine(k): Group(rank, world_size, addrs if i == 0 else stripe_addrs[i - 1], timeout=120,
+                                 algorithm=algorithm, stripes=k) for i, k in enumerate(stripes)}
+    g = next(iter(engines.values()))
     sync = g.barrier
     results: dict[int, dict[str, float]] = {}
     try:
@@ -188,7 +220,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 view = memoryview(buf.numpy()).cast("B")
                 ack_byte = bytearray(1)
 
-                def zmq_once():
+                def zmq_once(g):
                     g.broadcast(buf, src=0)
                     g.broadcast(ack, src=1)
 
@@ -200,7 +232,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                         _recv_exact(conn, view)
                         conn.sendall(b"k")
 
-                results[size] = _timed({"macfleet": zmq_once, "socket": socket_once}, repeats, sync)
+                candidates = {name: (lambda e=e: zmq_once(e)) for name, e in engines.items()}
+                results[size] = _timed({**candidates, "socket": socket_once}, repeats, sync)
             conn.close()
         else:
             dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{extra_ports[1]}", rank=rank,
@@ -211,7 +244,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 numel = size // 4
                 data = torch.ones(numel, dtype=torch.float32)
                 work = data.clone()
-                candidates = {"macfleet": lambda: g.all_reduce(work), "gloo": lambda: dist.all_reduce(work)}
+                candidates = {name: (lambda e=e: e.all_reduce(work)) for name, e in engines.items()}
+                candidates["gloo"] = lambda: dist.all_reduce(work)
                 if conn is not None:
                     peer_buf = torch.empty(numel, dtype=torch.float32)
 
@@ -232,7 +266,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 ring.close()
             dist.destroy_process_group()
     finally:
-        g.close()
+        for e in engines.values():
+            e.close()
     return results if rank == 0 else None
 
 
@@ -252,32 +287,46 @@ def run_comm_benchmark(args) -> int:
     where = "network namespaces" + (f" shaped to {args.rate}" if args.rate else "") if args.netns else "127.0.0.1"
     algorithm = getattr(args, "algorithm", "auto") or "auto"
     engine = ""
-    if kind == "allreduce" and nodes > 2:
+    if kind == "allreduce" and (nodes > 2 or algorithm == "direct"):
         from macfleet.comm.collectives import resolve_algorithm
 
         engine = f", engine algorithm {resolve_algorithm(algorithm, nodes)}"
-    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}, median of {repeats} runs{engine}")
-    fn_args = (kind, sizes, repeats, algorithm)
+    stripes = parse_stripes(getattr(args, "stripes", None))
+    cores = int(getattr(args, "cores_per_node", None) or 0)
+    if cores < 0 or cores * nodes > len(os.sched_getaffinity(0)):
+        raise ConfigError(f"--cores-per-node {cores} x {nodes} ranks needs {cores * nodes} cores; "
+                          f"this process may use {len(os.sched_getaffinity(0))}")
+    pinned = f", {cores} cores per rank" if cores else ""
+    striped = f", stripes {','.join(map(str, stripes))}" if stripes != [1] else ""
+    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}{pinned}, median of {repeats} runs{engine}{striped}")
+    fn_args = (kind, sizes, repeats, algorithm, stripes, cores)
     if args.netns:
         with Netns(nodes, rate=args.rate) as ns:
             ports = [29600, 29601] + [29602] * nodes  # every namespace has its own address
-            per_rank = spawn_local(_rank_main, nodes, fn_args + (ports,), timeout=3600, netns=ns, port=29500)
+            more = [ns.addrs(29610 + i) for i in range(len(stripes) - 1)]
+            per_rank = spawn_local(_rank_main, nodes, fn_args + (ports, more), timeout=3600, netns=ns, port=29500)
     else:
-        per_rank = spawn_local(_rank_main, nodes, fn_args + (free_ports(2 + nodes),), timeout=3600)
+        ports = free_ports(2 + nodes + nodes * (len(stripes) - 1))
+        more = [[f"127.0.0.1:{p}" for p in ports[2 + nodes * i:2 + nodes * (i + 1)]] for i in range(1, len(stripes))]
+        per_rank = spawn_local(_rank_main, nodes, fn_args + (ports[:2 + nodes], more), timeout=3600)
     results = per_rank[0]
 
     rows = []
     for size in sizes:
         fig = results[size]
-        for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
-            if ref in fig:
-                rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "macfleet_s": fig["macfleet"],
-                             "reference": ref, "reference_s": fig[ref], "ratio": fig["macfleet"] / fig[ref]})
+        for k in stripes:
+            mine = fig[_engine(k)]
+            for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
+                if ref in fig:
+                    rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k, "macfleet_s": mine,
+                                 "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref]})
     table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
-    for col in ("size", "macfleet", "GB/s", "reference", "reference time", "ratio"):
+    several = len(stripes) > 1  # the column only when it tells settings apart (the table fits 80 columns)
+    for col in ("size", *(("stripes",) if several else ()), "macfleet", "GB/s", "reference", "reference time", "ratio"):
         table.add_column(col, justify="right")
     for row in rows:
-        table.add_row(_human(row["size_bytes"]), f"{row['macfleet_s'] * 1e3:.2f} ms",
+        table.add_row(_human(row["size_bytes"]), *((str(row["stripes"]),) if several else ()),
+                      f"{row['macfleet_s'] * 1e3:.2f} ms",
                       f"{row['size_bytes'] / row['macfleet_s'] / 1e9:.2f}", row["reference"],
                       f"{row['reference_s'] * 1e3:.2f} ms", f"{row['ratio']:.2f}x")
     console.print(table)

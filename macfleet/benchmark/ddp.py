@@ -7,7 +7,9 @@ synthetic batches already on the device, SGD with momentum); only the backend na
 Every rank gets its own GPU (`--device cuda`, rank i on GPU i mod count) and, with
 `--cores-per-node`, its own cores. The reference is the same loop in one process (world size 1).
 Runs are interleaved over `--repeats` rounds and the median is reported, so drift hits every
-backend alike. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
+backend alike. A backend may carry engine settings, measured as one more backend of the same run:
+`macfleet:stripes=2` (MACFLEET_STRIPES), `macfleet:allreduce=direct` (MACFLEET_ALLREDUCE), or
+both, `macfleet:stripes=2:allreduce=direct`; `--train-py` runs the plain names only. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
 "samples_per_s", "step_s", "vs_one_node", "vs_gloo"}.
 """
 
@@ -26,6 +28,7 @@ from pathlib import Path
 from macfleet.errors import ConfigError
 
 MODELS = ("resnet18", "resnet50")
+VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE"}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -97,9 +100,23 @@ def _worker(argv: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- the driver
+def backend_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """'macfleet:stripes=2:allreduce=direct' -> ('macfleet', {'MACFLEET_STRIPES': '2', 'MACFLEET_ALLREDUCE': 'direct'})."""
+    name, *opts = spec.split(":")
+    env = {}
+    for opt in opts:
+        key, sep, value = opt.partition("=")
+        if name != "macfleet" or not sep or key not in VARIANT_ENV or not value:
+            raise ConfigError(f"--backends item {spec!r}: engine settings go as macfleet:stripes=N, "
+                              "macfleet:allreduce=auto|ring|direct, or both (macfleet:stripes=2:allreduce=direct)")
+        env[VARIANT_ENV[key]] = value
+    return name, env
+
+
 def _check(args) -> list[str]:
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else (
         ["nccl", "gloo", "macfleet"] if args.device == "cuda" else ["gloo", "macfleet"])
+    names = [backend_spec(b)[0] for b in backends]
     if args.model not in MODELS:
         raise ConfigError(f"--model {args.model!r}: choose one of {', '.join(MODELS)}")
     if args.nodes < 2:
@@ -109,7 +126,7 @@ def _check(args) -> list[str]:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda, but PyTorch sees no CUDA GPU here; use --device cpu")
-    elif "nccl" in backends:
+    elif "nccl" in names:
         raise ConfigError("the nccl backend needs --device cuda")
     if args.cores_per_node and args.cores_per_node * args.nodes > (os.cpu_count() or 1):
         raise ConfigError(f"--cores-per-node {args.cores_per_node} x {args.nodes} nodes needs "
@@ -118,13 +135,14 @@ def _check(args) -> list[str]:
 
 
 def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
-    out = workdir / f"{backend}-{nodes}-{time.monotonic_ns()}.json"
+    name, variant = backend_spec(backend)
+    out = workdir / f"{name}-{nodes}-{time.monotonic_ns()}.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
            "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "macfleet.benchmark.ddp",
-           "--backend", backend, "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
+           "--backend", name, "--model", args.model, "--batch", str(args.batch), "--steps", str(args.steps),
            "--warmup", str(10 if args.warmup_steps is None else args.warmup_steps), "--device", args.device, "--cores-per-node", str(args.cores_per_node or 0),
            "--out", str(out)]
-    env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
+    env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1), **variant}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -182,7 +200,7 @@ def run_ddp_benchmark(args) -> int:
     console = Console()
     runs = [("gloo", 1)] + [(b, args.nodes) for b in backends]
     if getattr(args, "train_py", False):
-        runs += [(f"train.py:{b}", args.nodes) for b in backends]
+        runs += [(f"train.py:{b}", args.nodes) for b in backends if ":" not in b]
     got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
     with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
         if getattr(args, "train_py", False):

@@ -12,6 +12,10 @@ Rendezvous: each rank publishes its data-plane address ("host:port") in the torc
 the store's host (or MACFLEET_TENSOR_HOST), the port a free one (or MACFLEET_TENSOR_PORT).
 Rank 0 draws a random 64-bit session and publishes it under `macfleet/session`; every rank
 stamps its frames with it, so a stale socket of another run aimed at a reused port is rejected.
+Rank 0 also publishes the all_reduce algorithm under `macfleet/algorithm`, from its
+MACFLEET_ALLREDUCE (auto, ring or direct; see collectives.py), so every rank runs the same one
+(mixed algorithms would mis-file chunks). Each rank's TCP connections per peer come from its own
+MACFLEET_STRIPES (transport.py, "Striping"; default 1).
 Cluster code that already knows every address calls `init_process_group_from_group(group)`
 instead: the default group then uses that Group, with no second rendezvous port.
 
@@ -48,6 +52,7 @@ from macfleet.comm.registration import BACKEND_NAME, register
 from macfleet.errors import MacFleetError
 
 SESSION_KEY = "macfleet/session"
+ALGORITHM_KEY = "macfleet/algorithm"
 _lock = threading.Lock()
 _pending_group: Group | None = None
 
@@ -185,10 +190,12 @@ def create_process_group(store, rank: int, world_size: int, timeout: datetime.ti
         store.set(f"macfleet/addr/{rank}", f"{host}:{port}")
         if rank == 0:
             store.set(SESSION_KEY, str(random_session()))
+            store.set(ALGORITHM_KEY, os.environ.get("MACFLEET_ALLREDUCE", "").strip() or "auto")
         # store.get blocks until rank 0 has published (within the store's timeout).
         session = int(store.get(SESSION_KEY).decode())
+        algorithm = store.get(ALGORITHM_KEY).decode()
         addrs = [store.get(f"macfleet/addr/{r}").decode() for r in range(world_size)]
-        group = Group(rank, world_size, addrs, timeout=timeout.total_seconds(), session=session)
+        group = Group(rank, world_size, addrs, timeout=timeout.total_seconds(), session=session, algorithm=algorithm)
     elif (group.rank, group.world_size) != (rank, world_size):
         raise MacFleetError(
             f"init_process_group(rank={rank}, world_size={world_size}) does not match the Group "

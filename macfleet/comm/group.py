@@ -29,7 +29,7 @@ import torch
 from macfleet.comm import collectives
 from macfleet.comm.framing import check_session, dtype_code
 from macfleet.comm.staging import stager_for
-from macfleet.comm.transport import Transport
+from macfleet.comm.transport import Transport, check_stripes, default_stripes
 from macfleet.errors import MacFleetError, PeerLostError
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ class Group:
     """N ranks exchanging tensors over ZeroMQ. See the module docstring."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int = 0, timeout: float = 60.0,
-                 session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES, algorithm: str = "auto"):
+                 session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES, algorithm: str = "auto",
+                 stripes: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise MacFleetError(f"rank {rank} is not in a group of {world_size}; ranks run 0..world_size-1")
         if len(addrs) != world_size:
@@ -62,6 +63,8 @@ class Group:
         self.session = check_session(session)
         self.timeout = float(timeout)
         self.chunk_bytes = int(chunk_bytes)
+        # TCP connections per peer (transport.py, "Striping"); None: MACFLEET_STRIPES, else 1.
+        self.stripes = default_stripes() if stripes is None else check_stripes(stripes)
         try:
             self.algorithm = collectives.check_algorithm(algorithm)
         except ValueError as exc:
@@ -332,7 +335,8 @@ class Group:
     def _run(self, ready: queue.SimpleQueue) -> None:
         try:
             tp = Transport(self.rank, self.world_size, self.addrs, generation=self.generation,
-                           timeout=self.timeout, session=self.session, abort_check=self._abort_check)
+                           timeout=self.timeout, session=self.session, abort_check=self._abort_check,
+                           stripes=self.stripes)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
             ready.put(exc)
             return

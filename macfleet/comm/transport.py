@@ -1,4 +1,4 @@
-"""Data-plane sockets of one rank: one PULL socket bound on its tensor port, one PUSH per peer.
+"""Data-plane sockets of one rank: one PULL socket bound on its tensor port, `stripes` PUSH per peer.
 
 The Transport is owned by a single thread (the Group's comm worker): ZeroMQ sockets are not
 thread-safe, so every socket here is created, used and closed on that thread. It owns
@@ -13,6 +13,17 @@ thread-safe, so every socket here is created, used and closed on that thread. It
   another session (a stale socket of an earlier run still delivering to this port) are rejected
   (kept in `rejected`, logged) while the receiver keeps waiting, and a deadline turns silence into
   `PeerLostError` naming the peer's rank and address.
+
+Striping (`stripes`, default MACFLEET_STRIPES or 1): each rank opens `stripes` PUSH sockets to
+every peer, all to the peer's one tensor port, so one peer's traffic crosses `stripes` TCP
+connections served by different libzmq I/O threads (the context gets 2 per stripe): a fast link
+is no longer bound by one I/O thread's copies through the kernel. Chunks go round-robin over a
+peer's stripes and may arrive out of order, so with stripes > 1 a receive names the byte offset
+it waits for and chunks of the same collective at other offsets are parked until asked for; every
+zero-copy send is tracked, and a tracked send's tracker covers the last send on every stripe to
+that peer (the "last send is tracked" rule of one in-order socket no longer holds alone). A stripe
+that loses a chunk is silence like any other: PeerLostError at the deadline, naming the chunks
+that did arrive. With stripes == 1 every rule is that of one in-order socket.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import collections
 import ctypes
 import ctypes.util
 import logging
+import os
 import socket as pysocket
 import sys
 import time
@@ -30,7 +42,7 @@ import zmq
 
 from macfleet.comm import framing
 from macfleet.comm.framing import KIND_DATA, KIND_HELLO, Header
-from macfleet.errors import FrameError, PeerLostError
+from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +54,26 @@ HELLO_RESEND_S = 0.5
 """Longest a receive waits before looking at the abort flag again (abort answers within this)."""
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 IO_THREADS = 2
+MAX_STRIPES = 16
+"""Most TCP connections per peer (see Striping above)."""
 REJECTED_KEPT = 32
 MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
 MALLOC_TRIM_THRESHOLD = 128 * 1024 * 1024
 _allocator_tuned = False
+
+
+def default_stripes() -> int:
+    """Stripes per peer when none is given: MACFLEET_STRIPES (so a torchrun DDP job can set it), else 1."""
+    text = os.environ.get("MACFLEET_STRIPES", "").strip() or "1"
+    if not text.isdigit():
+        raise MacFleetError(f"MACFLEET_STRIPES={text!r}: give a whole number of TCP connections per peer, 1..{MAX_STRIPES}")
+    return check_stripes(int(text))
+
+
+def check_stripes(stripes) -> int:
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or not 1 <= stripes <= MAX_STRIPES:
+        raise MacFleetError(f"stripes={stripes!r}: give 1..{MAX_STRIPES} TCP connections per peer")
+    return stripes
 
 
 def tune_allocator() -> None:
@@ -117,13 +145,14 @@ class Transport:
     """Sockets and framing of one rank; used only from the thread that created it."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
-                 session: int = 0, abort_check=lambda: None):
+                 session: int = 0, abort_check=lambda: None, stripes: int | None = None):
         self.rank = rank
         self.world_size = world_size
         self.addrs = list(addrs)
         self.generation = generation
         self.session = framing.check_session(session)
         self.timeout = timeout
+        self.stripes = default_stripes() if stripes is None else check_stripes(stripes)
         self.step = 0
         self.seq = 0
         self.op = "setup"
@@ -133,6 +162,10 @@ class Transport:
         self._heard: dict[int, float] = {}
         """peer -> monotonic time of its last valid frame (who to blame for a silence)."""
         self.dropped_count = 0
+        self.reordered_count = 0
+        """Chunks that arrived before an earlier one of the same peer (striping only)."""
+        self._next: dict[int, int] = {}  # peer -> stripe of its next send
+        self._last: dict[tuple[int, int], zmq.MessageTracker] = {}  # (peer, stripe) -> last zero-copy send
         self._abort_check = abort_check
         self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
         self._hello: set[int] = set()     # peers heard from
@@ -140,9 +173,9 @@ class Transport:
         self._answered: set[int] = set()  # peers we sent an acknowledgement
         self._scratch = torch.empty(0, dtype=torch.uint8)
         tune_allocator()
-        self.ctx = zmq.Context(io_threads=IO_THREADS)
+        self.ctx = zmq.Context(io_threads=max(IO_THREADS, min(2 * self.stripes, MAX_STRIPES)))
         self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
-        self.push: dict[int, zmq.Socket] = {}
+        self.push: dict[int, list[zmq.Socket]] = {}
         try:
             host, port = split_addr(addrs[rank])
             try:
@@ -155,9 +188,12 @@ class Transport:
             for peer in range(world_size):
                 if peer != rank:
                     phost, pport = split_addr(addrs[peer])
-                    sock = make_socket(self.ctx, zmq.PUSH, timeout=timeout)
-                    sock.connect(f"tcp://{phost}:{pport}")
-                    self.push[peer] = sock
+                    self.push[peer] = []
+                    self._next[peer] = 0
+                    for _ in range(self.stripes):
+                        sock = make_socket(self.ctx, zmq.PUSH, timeout=timeout)
+                        self.push[peer].append(sock)
+                        sock.connect(f"tcp://{phost}:{pport}")
         except BaseException:
             self.close(linger=False)
             raise
@@ -237,14 +273,28 @@ class Transport:
         memory must not change until the tracker is done, or until causality proves the peer got it
         (the peer answered with data that depended on it).
         """
-        sock = self.push[dst]
+        socks = self.push[dst]
+        stripe = 0
+        if len(socks) > 1:
+            stripe = self._next[dst]
+            self._next[dst] = (stripe + 1) % len(socks)
+        sock = socks[stripe]
         copy = len(body) < COPY_THRESHOLD
+        striped = len(socks) > 1
         try:
             sock.send(framing.encode_header(header), zmq.SNDMORE)
-            result = sock.send(body, copy=copy, track=track and not copy)
+            result = sock.send(body, copy=copy, track=(track or striped) and not copy)
         except zmq.Again:
             raise self._lost(dst, "did not take data") from None
-        return result if track and not copy else None
+        if not striped:
+            return result if track and not copy else None
+        if not copy:
+            self._last[(dst, stripe)] = result
+        if not track:
+            return None
+        # Stripes send independently: the caller's buffer is free once every stripe's last send is.
+        pending = [t for k in range(len(socks)) if (t := self._last.get((dst, k))) is not None and not t.done]
+        return zmq.MessageTracker(*pending) if pending else None
 
     def wait_sent(self, dst: int, tracker, deadline: float) -> None:
         """Block until libzmq no longer needs a zero-copy body (it is in the kernel's hands)."""
@@ -259,23 +309,29 @@ class Transport:
                 tracker.wait(min(remaining, POLL_SLICE_S))
             except zmq.NotDone:
                 pass
+        for k in range(len(self.push.get(dst, ()))):
+            if (t := self._last.get((dst, k))) is not None and t.done:
+                del self._last[(dst, k)]  # keeps no sent buffer alive
 
     # -- receiving --------------------------------------------------------------------------
-    def recv(self, src: int, deadline: float, land=None) -> tuple[Header, memoryview | None]:
+    def recv(self, src: int, deadline: float, land=None, *, offset: int | None = None,
+             check=None) -> tuple[Header, memoryview | None]:
         """The next chunk from `src` for the current collective (self.seq).
 
         Without `land`, returns (header, body) with body a read-only view of the received frame.
         With `land`, a callable header -> writable memoryview of header.nbytes bytes (it may raise
         FrameError after checking the header), the body is received straight into that buffer
         (recv_into: no allocation per chunk) and (header, None) is returned.
+        With stripes > 1, `offset` names the chunk (its byte offset) and chunks of this collective
+        from `src` at other offsets are parked; `check(header)`, if given, runs on those first, so
+        a chunk that can never fit (another dtype or size) is a FrameError at once, not a timeout.
         """
-        parked = self._stash[src]
+        if self.stripes == 1:
+            offset = None  # one in-order socket: the next chunk is the one
         while True:
-            while parked:
-                header, body = parked.popleft()
-                if header.seq < self.seq:
-                    self.dropped_count += 1  # left over from a collective that failed here
-                    continue
+            parked = self._unpark(src, offset)
+            if parked is not None:
+                header, body = parked
                 self._check_current(header)
                 if land is None:
                     return header, body
@@ -284,15 +340,37 @@ class Transport:
             try:
                 # Try the socket before polling it: in a pipelined transfer the next chunk is
                 # usually queued already, and a poll per chunk is a wasted system call.
-                got = self._take(src, land, zmq.NOBLOCK)
+                got = self._take(src, land, zmq.NOBLOCK, offset, check)
             except zmq.Again:
                 if not self._poll(deadline):
-                    raise self._lost(self._silent_longest(src), "sent nothing") from None
+                    raise self._lost(self._silent_longest(src), "sent nothing", src) from None
                 continue
             if got is not None:
                 return got
             if time.monotonic() > deadline:  # a stream of other peers' frames must not hide silence
-                raise self._lost(self._silent_longest(src), "sent nothing")
+                raise self._lost(self._silent_longest(src), "sent nothing", src)
+
+    def _unpark(self, src: int, offset: int | None):
+        """The parked chunk from `src` that recv waits for, if it came already: the oldest one
+        (one in-order socket), or the one of this collective at `offset` (stripes)."""
+        parked = self._stash[src]
+        if offset is None:
+            while parked:
+                item = parked.popleft()
+                if item[0].seq >= self.seq:
+                    return item
+                self.dropped_count += 1  # left over from a collective that failed here
+            return None
+        hit = None
+        for item in list(parked):
+            header = item[0]
+            if header.seq < self.seq:
+                parked.remove(item)
+                self.dropped_count += 1
+            elif hit is None and header.seq == self.seq and header.offset == offset:
+                parked.remove(item)
+                hit = item
+        return hit
 
     def _silent_longest(self, src: int) -> int:
         """Whom to blame when `src` sent nothing in time: the peer silent longest. With 3+ ranks
@@ -332,10 +410,11 @@ class Transport:
         self.rejected.append(exc)
         log.warning("rank %d rejected a frame: %s", self.rank, exc)
 
-    def _take(self, want: int = -1, land=None, flags: int = 0) -> tuple[Header, memoryview | None] | None:
+    def _take(self, want: int = -1, land=None, flags: int = 0, offset: int | None = None,
+              check=None) -> tuple[Header, memoryview | None] | None:
         """Receive one message and file it: return it if it is the chunk from `want` that the
         current collective waits for (landed, or as a zero-copy view), else park, drop or reject it.
-        With flags=zmq.NOBLOCK, raises zmq.Again when nothing is queued."""
+        With flags=zmq.NOBLOCK, raises zmq.Again when nothing is queued. `offset`, `check`: see recv."""
         pull = self.pull
         head = pull.recv(flags)
         try:
@@ -354,8 +433,11 @@ class Transport:
             return None
         if header.generation == self.generation and header.sender != self.rank:
             self._heard[header.sender] = time.monotonic()
-        current = (header.kind == KIND_DATA and header.generation == self.generation
-                   and header.sender == want and header.seq == self.seq and not self._stash[want])
+        ours = (header.kind == KIND_DATA and header.generation == self.generation
+                and header.sender == want and header.seq == self.seq)
+        # One in-order socket: the next chunk is current unless older ones are parked. Stripes:
+        # the chunk at the awaited offset is, whatever came before it.
+        current = ours and (header.offset == offset if offset is not None else not self._stash[want])
         if current and land is not None:
             try:
                 self._check_current(header)
@@ -386,6 +468,10 @@ class Transport:
         elif header.kind == KIND_HELLO:
             self._on_hello(header)
         elif header.sender != self.rank and header.seq >= self.seq:
+            if ours and offset is not None:
+                self.reordered_count += 1
+                if check is not None:
+                    check(header)  # the body is read already, so the socket stays aligned
             self._stash[header.sender].append((header, memoryview(body.buffer)))
         else:
             self.dropped_count += 1
@@ -396,8 +482,14 @@ class Transport:
             return ""
         return f" ({self.rejected_count} frames were rejected meanwhile; last: {self.rejected[-1]})"
 
-    def _lost(self, peer: int, what: str) -> PeerLostError:
+    def _lost(self, peer: int, what: str, awaited: int | None = None) -> PeerLostError:
         note = self._rejected_note()
+        if awaited is not None and self.stripes > 1:
+            early = sorted(h.offset for h, _ in self._stash.get(awaited, ()) if h.seq == self.seq)
+            if early:
+                # Chunks behind a lost one: a stripe (one TCP connection) dropped it, or ranks disagree.
+                note += (f" (rank {awaited} striped over {self.stripes} connections; its chunks at byte offsets "
+                         f"{early[:8]} of this collective arrived, an earlier one did not)")
         return PeerLostError(
             f"rank {peer} at {self.addrs[peer]} {what} for {self.op_timeout:.1f} s during {self.op} #{self.seq} "
             f"(step {self.step}, generation {self.generation}) on rank {self.rank}: it died, hung or lost its link; "
@@ -406,9 +498,10 @@ class Transport:
         )
 
     def close(self, *, linger: bool = True) -> None:
-        for sock in [self.pull, *self.push.values()]:
+        for sock in [self.pull, *(s for socks in self.push.values() for s in socks)]:
             if not sock.closed:
                 sock.close(linger=None if linger else 0)
         self.push.clear()
+        self._last.clear()
         self._stash.clear()
         self.ctx.term()

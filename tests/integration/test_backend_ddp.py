@@ -152,3 +152,22 @@ def test_torchrun_plain_ddp_script_matches_gloo(tmp_path):
 def test_lightning_ddp_strategy_matches_gloo(tmp_path):
     # Lightning launches its second process itself: DDPStrategy(process_group_backend="macfleet").
     _assert_same_states([sys.executable, str(HERE / "lightning_ddp.py")], tmp_path)
+
+
+def _algorithm_of(rank: int, world_size: int, addrs: list[str], port: int) -> tuple[str, bool]:
+    import torch.distributed as dist
+
+    import macfleet  # noqa: F401 - registers "macfleet"
+
+    # Only rank 0's setting counts: it publishes it, so the ranks can never mix algorithms.
+    os.environ["MACFLEET_ALLREDUCE"] = "direct" if rank == 0 else "ring"
+    dist.init_process_group("macfleet", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    t = torch.arange(3_000_000, dtype=torch.float32) * (rank + 1)  # 12 MB: the whole-tensor exchange
+    dist.all_reduce(t)
+    algorithm = dist.distributed_c10d._get_default_group().group.algorithm
+    dist.destroy_process_group()
+    return algorithm, torch.equal(t, torch.arange(3_000_000, dtype=torch.float32) * 3)
+
+
+def test_rank_0_chooses_the_all_reduce_algorithm_for_every_rank():
+    assert spawn_local(_algorithm_of, 2, (free_ports(1)[0],), timeout=120) == [("direct", True)] * 2

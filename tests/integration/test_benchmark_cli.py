@@ -31,12 +31,18 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
         assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in stdout
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
-        assert set(r) == {"type", "nodes", "size_bytes", "macfleet_s", "reference", "reference_s", "ratio"}
+        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "macfleet_s", "reference", "reference_s", "ratio"}
         assert (r["type"], r["nodes"]) == ("allreduce", nodes)
         assert r["macfleet_s"] > 0 and r["reference_s"] > 0
         assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
     for ref in references:
         assert ref in stdout  # the table shows every reference beside the engine's figure
+
+
+def test_stripes_are_measured_side_by_side_on_pinned_cores(tmp_path):
+    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--sizes", "2MB", "--stripes", "1,2", "--cores-per-node", "1")
+    assert {(r["stripes"], r["reference"]) for r in rows} == {(k, ref) for k in (1, 2) for ref in ("gloo", "socket_exchange")}
+    assert "1 cores per rank" in stdout and "stripes 1,2" in stdout
 
 
 def test_bandwidth_rows(tmp_path):

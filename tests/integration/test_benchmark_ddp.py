@@ -17,13 +17,15 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_ddp_rows_beside_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    proc = _cli("--backends", "macfleet", "--model", "resnet18", "--batch", "2", "--steps", "1",
+    proc = _cli("--backends", "macfleet,macfleet:stripes=2:allreduce=direct", "--model", "resnet18", "--batch", "2", "--steps", "1",
                 "--warmup-steps", "1", "--repeats", "1", "--train-py", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
+    # An engine setting is one more backend of the same run; train.py runs the plain name only.
     assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet", 2),
+                                                          ("macfleet:stripes=2:allreduce=direct", 2),
                                                           ("train.py cluster=torchrun, macfleet", 2)]
-    one, fleet, train_py = rows
+    one, fleet, _, train_py = rows
     # train.py's row: the same job under torchrun on the macfleet backend, beside the plain loop
     assert train_py["vs_plain_ddp"] == pytest.approx(train_py["samples_per_s"] / fleet["samples_per_s"])
     for r in rows:
@@ -39,6 +41,11 @@ def test_loader_refuses_bad_worker_counts():
     proc = subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "loader", "--workers", "two"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "--workers 'two': give worker counts, e.g. 0,2,4" in proc.stderr
+
+
+def test_a_bad_engine_setting_is_refused_in_one_line():
+    proc = _cli("--backends", "gloo:stripes=2")
+    assert proc.returncode == 1 and "engine settings go as macfleet:stripes=N" in proc.stderr
 
 
 def test_nccl_on_cpu_is_refused_in_one_line():

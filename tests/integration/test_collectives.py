@@ -31,7 +31,7 @@ def _data(rank: int, numel: int, dtype: torch.dtype, case: int) -> torch.Tensor:
     return torch.randint(0, 20, (numel,), generator=g).to(dtype)
 
 
-GROUPS = ((2, "auto"), (3, "ring"), (3, "direct"), (4, "ring"), (4, "direct"))
+GROUPS = ((2, "auto"), (2, "direct"), (3, "ring"), (3, "direct"), (4, "ring"), (4, "direct"))
 
 
 def _check_all(rank, world_size, addrs, ports_by_group):

@@ -186,8 +186,9 @@ def _frame_header(**over) -> Header:
     return Header(**fields)
 
 
-def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_working():
-    groups = _groups(2, timeout=20)
+@pytest.mark.parametrize("stripes", [1, 3])
+def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_working(stripes):
+    groups = _groups(2, timeout=20, stripes=stripes)
     try:
         g0 = groups[0]
         good = _frame_header(seq=2)  # claims to be rank 1, collective #2
@@ -222,11 +223,12 @@ def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_work
             g.close()
 
 
-def test_frame_of_another_session_is_rejected_never_summed():
+@pytest.mark.parametrize("stripes", [1, 3])
+def test_frame_of_another_session_is_rejected_never_summed(stripes):
     # The hazard: a dead run's PUSH socket delivers its queue to whoever binds the port later. Its frame
     # is right in every field but the session, so before sessions rank 0 summed it as rank 1's data.
     mine, stale = framing.session_id("run-b", 0), framing.session_id("run-a", 0)
-    groups = _groups(2, timeout=20, session=mine)
+    groups = _groups(2, timeout=20, session=mine, stripes=stripes)
     try:
         g0, g1 = groups
         assert g0.session == g1.session == mine
@@ -269,8 +271,9 @@ def test_ranks_of_different_sessions_never_connect():
         assert "session" in str(err) and f"{100 + 1 - r:#018x}" in str(err), err
 
 
-def test_mismatched_step_or_shape_is_a_frame_error():
-    groups = _groups(2, timeout=5)
+@pytest.mark.parametrize("stripes", [1, 3])
+def test_mismatched_step_or_shape_is_a_frame_error(stripes):
+    groups = _groups(2, timeout=5, stripes=stripes)
     try:
         groups[1].set_step(7)
         out = _each(groups, lambda g: g.all_reduce(torch.ones(3)))
@@ -278,7 +281,7 @@ def test_mismatched_step_or_shape_is_a_frame_error():
     finally:
         for g in groups:
             g.close()
-    groups = _groups(2, timeout=5)
+    groups = _groups(2, timeout=5, stripes=stripes)
     try:
         out = _each(groups, lambda g: g.all_reduce(torch.ones(3 + g.rank)))
         assert any(isinstance(r, FrameError) and "same shape and dtype" in str(r) for r in out), out
