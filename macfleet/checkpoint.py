@@ -208,7 +208,7 @@ NOT_IDENTITY = {
     "trainer": ("resume", "output_dir", "checkpoint_dir", "progress", "log_every", "device", "num_workers",
                 "timing_warmup_steps", "eval_batch_size"),
     "cluster": ("role", "master_addr", "master_port", "tensor_port", "host", "token", "weight", "wait_timeout",
-                "heartbeat_interval", "comm_timeout", "discovery_enabled", "elastic", "min_nodes"),
+                "heartbeat_interval", "comm_timeout", "discovery_enabled", "elastic", "min_nodes", "adapt_shares"),
     "dataset": ("root", "download"),
     "logger": None,
 }

@@ -181,6 +181,12 @@ class ClusterConfig:
     recomputed, and redo the step with the same global batch. A node started with the same
     command joins the running fleet at a step boundary. false: any departure stops the run
     (resume from the last checkpoint). The master cannot leave: the run lives on it."""
+    adapt_shares: bool = False
+    """Each node measures its compute speed (samples/s of its forward passes, smoothed) and the
+    shares of the global batch follow them at step boundaries (a move only when some share
+    would change by more than 10%, and after 3 votes at the last shares). The union of the
+    shards stays the global batch, so N nodes still compute what one process does; the shares
+    go into checkpoints. For Macs that throttle (a fanless Air) or differ."""
     min_nodes: int = 1
     """Elastic: fewer nodes than this (the master included) and the run waits, saying so, up to
     `wait_timeout` for nodes to join; then it stops."""

@@ -289,6 +289,9 @@ class Trainer:
             if resume["path"]:
                 history = self._restore(world, resume["path"], state, fleet.ddp)
                 log.info("resumed from %s at epoch %d step %d", resume["path"], state.epoch, state.step)
+                if state.shares and len(state.shares) == world.world_size and list(state.shares) != world.weights:
+                    fleet.reshare(list(state.shares), 0)  # the shares the run had moved to
+                    log.info("shares as at the checkpoint: %s", [round(w, 3) for w in state.shares])
         log.info("model %s: %.2fM params | optimizer %s | compression %s | local batch %d of %d",
                  type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
                  type(opt).__name__, self.comp.name, fleet.sampler.local_batch, tc.batch_size)
@@ -382,8 +385,21 @@ class Trainer:
                     if ctrl_c.hard:
                         raise KeyboardInterrupt("a second Ctrl-C")
                     if vote.due(state.step) and vote(state.step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s),
-                                                     leave_alone=leave_alone, joiners=world.joiners()):
+                                                     leave_alone=leave_alone, joiners=world.joiners(),
+                                                     rate=fleet.speed.rate):
                         stop = epoch_end = True
+                        continue
+                    fresh, fleet.seen_votes = vote.votes > fleet.seen_votes, vote.votes
+                    if fleet.adapt and fresh and (shares := self.propose_shares(world.weights, vote.rates, state.step,
+                                                                               vote.votes - fleet.shares_vote)):
+                        before = list(world.weights)
+                        fleet.reshare(shares, vote.votes)
+                        batches = None
+                        line = (f"shares {[round(w, 3) for w in before]} -> {[round(w, 3) for w in shares]} "
+                                f"(compute {', '.join(f'{r:,.0f}' for r in vote.rates)} samples/s)")
+                        log.info("%s at step %d", line, state.step)
+                        history.append({"step": state.step, "event": line, "shares": list(shares)})
+                        tracker.log({f"fleet/share_{r}": w for r, w in enumerate(shares)}, state.step)
                         continue
                     if world.rank in vote.leaving:
                         interrupted = TrainingInterrupted(state.step, world.rank, saved=False, why="", left=True)
@@ -492,7 +508,9 @@ class Trainer:
         ddp.set_step(state.step)
         opt.zero_grad(set_to_none=True)
         fleet.in_flight = True
+        fleet.speed.start()
         loss = self._loss(ddp(x), y)
+        fleet.speed.stop(len(y))
         loss.backward()
         ddp.finish_gradients()
         fleet.in_flight = False
@@ -565,6 +583,23 @@ class Trainer:
     _compression_auto: dict = {}
     """With compression=auto, why the codec in self.comp was chosen (for metrics.json)."""
 
+    SHARE_HYSTERESIS = 0.1
+    """Adaptive shares move only when some rank's share would change by more than this (relative)."""
+    SHARE_SETTLE_VOTES = 3
+    """... and only this many votes after the last move, so speeds are measured at the new shares."""
+
+    def propose_shares(self, weights: list[float], rates: list[float], step: int, votes_since: int) -> list[float] | None:
+        """New shares from every rank's measured compute speed (`cluster.adapt_shares`), or None
+        to keep `weights`. Every rank calls it with the same numbers (they come from one
+        all_reduce), so every rank takes the same decision without another message."""
+        if votes_since < self.SHARE_SETTLE_VOTES or len(rates) != len(weights) or min(rates) <= 0:
+            return None
+        total = sum(rates)
+        new = [r / total for r in rates]
+        if max(abs(n - w) / w for n, w in zip(new, weights)) <= self.SHARE_HYSTERESIS:
+            return None
+        return new
+
     def _save(self, world, ckpt_dir, state: "TrainState", ddp, history, epoch: int | None = None) -> Path | None:
         """A checkpoint at this step boundary (a collective: every rank calls it); rank 0 writes
         it and history.json (so a killed run's history survives to its resume). `epoch`: the
@@ -574,6 +609,7 @@ class Trainer:
         per_rank = world.gather_object({"rng": ckpt.rng_state(), "compression": ddp.state_dict()})
         if world.rank != 0:
             return None
+        state.shares = list(world.weights)
         shared = state.state_dict()
         if epoch is not None and epoch != state.epoch:
             shared.update(epoch=epoch, step_in_epoch=0)
@@ -622,17 +658,20 @@ class TrainState:
                  step: int = 0, epoch: int = 0, step_in_epoch: int = 0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.step, self.epoch, self.step_in_epoch = step, epoch, step_in_epoch
+        self.shares: list[float] | None = None
+        """Every rank's share of the global batch in effect (the World's weights), when saved."""
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "step": self.step, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch}
+                "step_in_epoch": self.step_in_epoch, "shares": self.shares}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
+        self.shares = state.get("shares")
 
 
 class _Parallel:
@@ -648,7 +687,20 @@ class _Parallel:
         self.regroups = 0
         self.loaded = False
         """The last regroup replaced this rank's state with a node's that was further on."""
+        self.adapt = bool(getattr(trainer.cc, "adapt_shares", False)) and world.world_size > 1
+        self.speed = _Speed(device)
+        self.shares_vote = 0
+        """The vote count when the shares last moved."""
+        self.seen_votes = 0
         self._shard()
+
+    def reshare(self, weights: list[float], votes: int) -> None:
+        """Take new shares of the global batch at this step boundary (every rank the same)."""
+        self.world.weights = list(weights)
+        self._shard()
+        self.ddp.share = self.sampler.share
+        self.shares_vote = votes
+        self.speed.reset()
 
     def _shard(self) -> None:
         tc, w = self.trainer.tc, self.world
@@ -697,6 +749,8 @@ class _Parallel:
         record = self.world.regroup(admit=admit)
         self.regroups += 1
         self._shard()
+        self.speed.reset()
+        self.adapt = bool(getattr(self.trainer.cc, "adapt_shares", False)) and self.world.world_size > 1
         self.agree(state, old)
         for p in state.model.parameters():
             p.grad = None
@@ -738,6 +792,69 @@ class _Parallel:
                 state.load_state_dict(shared["state"])
                 self.loaded = True
                 log.info("took the training state at step %d from rank %d", state.step, src)
+
+
+class _Speed:
+    """This rank's compute speed for adaptive shares: samples per second of the forward pass,
+    smoothed. The forward pass, not the step: a step also waits for the slowest rank's gradients,
+    which would make every rank look as slow as the slowest. On CUDA and MPS the forward is timed
+    with device events, read once they completed (no synchronisation added to the step)."""
+
+    SMOOTHING = 0.2
+    SKIP = 2
+    """Passes left out after a (re)start: allocators and kernels warming up at a new batch size."""
+    MIN_PASSES = 5
+    """`rate` stays None (no vote for new shares) until this many passes were measured."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._smoothed: float | None = None
+        self._pending: list = []  # (start event, end event, samples) not yet read
+        self._t0 = 0.0
+        self._seen = 0
+
+    @property
+    def rate(self) -> float | None:
+        return self._smoothed if self._seen >= self.SKIP + self.MIN_PASSES else None
+
+    def reset(self) -> None:
+        self._smoothed = None
+        self._pending = []
+        self._seen = 0
+
+    def _event(self):
+        if self.device.type == "cuda":
+            return torch.cuda.Event(enable_timing=True)
+        if self.device.type == "mps":
+            return torch.mps.event.Event(enable_timing=True)
+        return None
+
+    def start(self) -> None:
+        ev = self._event()
+        if ev is None:
+            self._t0 = time.perf_counter()
+        else:
+            ev.record()
+            self._start = ev
+
+    def stop(self, samples: int) -> None:
+        ev = self._event()
+        if ev is None:
+            self._add(samples / max(time.perf_counter() - self._t0, 1e-9))
+            return
+        ev.record()
+        self._pending.append((self._start, ev, samples))
+        while self._pending and self._pending[0][1].query():
+            start, end, n = self._pending.pop(0)
+            self._add(n / max(start.elapsed_time(end) / 1e3, 1e-9))
+        del self._pending[:-8]
+
+    def _add(self, rate: float) -> None:
+        self._seen += 1
+        if self._seen <= self.SKIP:
+            return
+        s = self._smoothed
+        self._smoothed = rate if s is None else s + self.SMOOTHING * (rate - s)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -851,13 +968,19 @@ class _StopVote:
         """Rank 0 has nodes waiting to join: every rank moves to the next generation here."""
         self.leaving: list[int] = []
         """Ranks whose own Ctrl-C makes them leave an elastic run alone (direct mode)."""
+        self.rates: list[float] = []
+        """Every rank's compute speed as it voted (identical on every rank: one all_reduce)."""
+        self.votes = 0
 
     def due(self, step: int) -> bool:
         return step >= self.next_step
 
-    def __call__(self, step: int, asked: bool, save_fits: bool, leave_alone: bool = False, joiners: int = 0) -> bool:
+    def __call__(self, step: int, asked: bool, save_fits: bool, leave_alone: bool = False, joiners: int = 0,
+                 rate: float | None = None) -> bool:
         """`leave_alone`: a worker's Ctrl-C makes it leave, not the run stop (an elastic run in
-        direct mode, where each Mac has its own terminal). `joiners` (rank 0): nodes waiting."""
+        direct mode, where each Mac has its own terminal). `joiners` (rank 0): nodes waiting.
+        `rate`: this rank's compute speed (samples/s) for adaptive shares; every rank gets every
+        rank's in `rates` (0 where unknown)."""
         gap = 0
         rank, size = self.world.rank, self.world.world_size
         if self.world.rank == 0:
@@ -868,12 +991,15 @@ class _StopVote:
             self._t, self._step, gap = now, step, self._gap
         leaves = asked and leave_alone and rank != 0
         own = [float(asked and not leaves), float(gap), float(save_fits) if rank == 0 else 0.0,
-               float(joiners) if rank == 0 else 0.0] + [0.0] * size
+               float(joiners) if rank == 0 else 0.0] + [0.0] * (2 * size)
         own[4 + rank] = float(leaves)
+        own[4 + size + rank] = float(rate or 0.0)
         total = self.world.all_reduce_sum(torch.tensor(own, dtype=torch.float32)).tolist()
         self.stop, self.save = total[0] > 0, total[2] > 0
         self.admit = total[3] > 0
         self.leaving = [r for r in range(size) if total[4 + r] > 0]
+        self.rates = total[4 + size:]
+        self.votes += 1
         self.next_step = step + max(1, int(total[1]))
         return self.stop
 

@@ -6,6 +6,8 @@ process does).
   to $ELASTIC_RECORD, one JSON line {"step", "pid", "indices"}: the test counts them.
 - `--die-at S` kills this process with SIGKILL when it is about to run step S.
 - `--gate-at S` (master): step S waits until a node asks to join, so a rejoin lands in the epoch.
+- `--slow-ms-per-sample`: a slower node (its forward also sleeps per sample); `--adapt`: shares
+  follow speed; `--force-shares`: the shares move to given values once (a deterministic change).
 - The master writes the final parameters to OUT/final.pt.
 
     python -m tests.integration.elastic_node master|worker|single PORT TPORT OUT [--nodes N] ...
@@ -42,8 +44,13 @@ class IndexedMLP(torch.nn.Module):
         self.body = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
         self.seen: list[int] = []
 
+    slow_s_per_sample = 0.0
+    """A slower Mac: each forward also takes this long per sample (--slow-ms-per-sample)."""
+
     def forward(self, x):
         self.seen = x[:, -1].long().tolist()
+        if self.slow_s_per_sample and self.training:
+            time.sleep(self.slow_s_per_sample * len(x))
         return self.body(x[:, :-1])
 
 
@@ -57,8 +64,9 @@ class RecordingSGD(torch.optim.SGD):
         out = super().step(closure)
         path = os.environ.get("ELASTIC_RECORD")
         if path:
+            self.taken = getattr(self, "taken", 0) + 1
             with open(path, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "indices": MODEL.seen}) + "\n")
+                f.write(json.dumps({"pid": os.getpid(), "step": self.taken - 1, "indices": MODEL.seen}) + "\n")
         return out
 
 
@@ -69,6 +77,14 @@ def recording_sgd(params):
 class Node(Trainer):
     die_at: int | None = None
     gate_at: int | None = None
+    force_shares: list | None = None
+
+    def propose_shares(self, weights, rates, step, votes_since):
+        if self.force_shares is None:
+            return super().propose_shares(weights, rates, step, votes_since)
+        if step >= 5 and weights != self.force_shares:
+            return list(self.force_shares)  # once: the run keeps them after
+        return None
 
     def train_step(self, state, fleet, world, batch, device):
         if self.die_at is not None and state.step == self.die_at:
@@ -92,16 +108,26 @@ def main() -> None:
     p.add_argument("--die-at", type=int)
     p.add_argument("--gate-at", type=int)
     p.add_argument("--heartbeat", type=float, default=1.0)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=0)
+    p.add_argument("--checkpoint-every-steps", type=int, default=0)
+    p.add_argument("--resume", default="none")
+    p.add_argument("--slow-ms-per-sample", type=float, default=0.0)
+    p.add_argument("--adapt", action="store_true", help="cluster.adapt_shares")
+    p.add_argument("--force-shares", help="e.g. 0.7,0.3: the shares move there at the first vote from step 5")
     a = p.parse_args()
     torch.manual_seed(0)
     MODEL = IndexedMLP()
-    tc = TrainingConfig(epochs=a.epochs, batch_size=8, learning_rate=0.05, lr_schedule="constant", progress=False,
-                        output_dir=a.out, device="cpu", log_every=1000, checkpoint_every=0)
+    MODEL.slow_s_per_sample = a.slow_ms_per_sample / 1e3
+    tc = TrainingConfig(epochs=a.epochs, batch_size=a.batch, learning_rate=0.05, lr_schedule="constant", progress=False,
+                        output_dir=a.out, device="cpu", log_every=1000, checkpoint_every=0, max_steps=a.max_steps,
+                        checkpoint_every_steps=a.checkpoint_every_steps, resume=a.resume, keep_checkpoints=5)
     cc = None if a.role == "single" else ClusterConfig(
         role=NodeRole(a.role), master_addr="127.0.0.1", master_port=a.port, tensor_port=a.tport, nodes=a.nodes,
-        heartbeat_interval=a.heartbeat, wait_timeout=60)
+        heartbeat_interval=a.heartbeat, wait_timeout=60, adapt_shares=a.adapt or bool(a.force_shares))
     node = Node(MODEL, dataset(), tc, cc, optimizer=recording_sgd)
     node.die_at, node.gate_at = a.die_at, a.gate_at
+    node.force_shares = [float(s) for s in a.force_shares.split(",")] if a.force_shares else None
     node.fit()
     if a.role != "worker":
         torch.save({k: v.clone() for k, v in MODEL.state_dict().items()}, os.path.join(a.out, "final.pt"))
