@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/macfleet benchmark --type compression --json outputs/bench/compression.json
 	$(BIN)/macfleet benchmark --type scaling --nodes 2 --json outputs/bench/scaling.json --plot outputs/bench/scaling.png
 	$(BIN)/macfleet benchmark --type convergence --nodes 2 --json outputs/bench/convergence.json --plot outputs/bench/convergence.png
+	$(BIN)/macfleet benchmark --type elastic --nodes 2 3 --json outputs/bench/elastic.json --plot outputs/bench/elastic.png
 
 clean:
 	rm -rf $(VENV) outputs/* multirun

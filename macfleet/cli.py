@@ -100,14 +100,23 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
                 "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
+                "  macfleet benchmark --type elastic --nodes 2 3 --trials 10 --cases kill stop ctrl-c master rejoin\n"
                 "  macfleet benchmark --type loader --model resnet18 --workers 0,2")
-    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "convergence", "loader"],
+    p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "convergence", "loader",
+                                      "elastic"],
                    required=True,
                    help="scaling: training samples/s of a fleet vs each node alone, per codec; convergence: a fleet's "
                         "wall time to a target test accuracy, per codec; ddp: a plain DDP "
                         "script under torchrun per backend vs one process; loader: train.py's samples/s per DataLoader "
-                        "worker count")
-    p.add_argument("--nodes", type=int, default=2, help="local ranks / emulated nodes to start")
+                        "worker count; elastic: a fleet's recovery from a lost, stopped, cut-off or departing worker, "
+                        "a lost master and a rejoin, and the state transfer a rejoin costs")
+    p.add_argument("--nodes", type=int, nargs="+", default=None,
+                   help="local ranks / emulated nodes to start (default 2); elastic: the fleet sizes to measure "
+                        "(default 2 3)")
+    p.add_argument("--cases", nargs="+", default=None,
+                   help="elastic: kill stop cable ctrl-c master rejoin state-transfer (default: all)")
+    p.add_argument("--trials", type=int, default=10, help="elastic: trials per case and fleet size")
+    p.add_argument("--heartbeat", type=float, default=1.0, help="elastic: cluster.heartbeat_interval in seconds")
     p.add_argument("--target", type=float, default=0.95, help="convergence: the test accuracy to reach")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")
     p.add_argument("--repeats", type=int, default=7,
@@ -140,7 +149,8 @@ def _add_benchmark(sub) -> None:
                    help="scaling, convergence, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
                         "second Mac (a cgroup CPU quota; default: no quota)")
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG; "
-                                                "convergence: test accuracy against wall time per codec")
+                                                "convergence: test accuracy against wall time per codec; "
+                                                "elastic: each trial's time per case against its goal")
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu); engine "
                         "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct")
@@ -152,7 +162,7 @@ def _add_benchmark(sub) -> None:
                    help="ddp: also run train.py cluster=torchrun per backend (same model, global batch and steps; "
                         "synthetic CIFAR-format data through the trainer's DataLoader)")
     p.add_argument("overrides", nargs="*",
-                   help="scaling, convergence: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
+                   help="scaling, convergence, elastic: Hydra overrides for every run, e.g. model=resnet50 dataset=cifar10 "
                         "trainer.batch_size=256 trainer.epochs=5 (default: the digits CNN on digits, batch 64; "
                         "convergence: 10 epochs)")
 

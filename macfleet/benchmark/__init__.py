@@ -9,6 +9,15 @@ def benchmark_main(args) -> int:
     if args.repeats < 1:
         # Honoured as given for every type (a median of 3 is still a median); only nonsense is refused.
         raise ConfigError(f"--repeats {args.repeats}: give at least 1 timed run per figure (default 7)")
+    if args.type == "elastic":
+        from macfleet.benchmark.elastic import run_elastic_benchmark
+
+        args.nodes = args.nodes or [2, 3]
+        return run_elastic_benchmark(args)
+    if args.nodes is not None and len(args.nodes) > 1:
+        raise ConfigError(f"--nodes {' '.join(map(str, args.nodes))}: several fleet sizes are for --type elastic; "
+                          f"give one number")
+    args.nodes = args.nodes[0] if args.nodes else 2
     if args.type == "scaling":
         from macfleet.benchmark.scaling import run_scaling_benchmark
 
@@ -18,7 +27,7 @@ def benchmark_main(args) -> int:
 
         return run_convergence_benchmark(args)
     if args.overrides:
-        raise ConfigError(f"Hydra overrides ({' '.join(args.overrides)}) are for --type scaling and convergence only")
+        raise ConfigError(f"Hydra overrides ({' '.join(args.overrides)}) are for --type scaling, convergence and elastic only")
     if args.type in ("bandwidth", "allreduce"):
         from macfleet.benchmark.comm import run_comm_benchmark
 
