@@ -49,15 +49,30 @@ def main(cfg: DictConfig) -> float:
         return run(cfg, output_dir=hc.runtime.output_dir)
     except MacFleetError as exc:
         print(f"macfleet: error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _exit(1, hc.mode)
     except TrainingInterrupted as stop:
         # A sweep's job resumes as a run of its own: its overrides, not the sweep's. Only rank 0
         # names a run dir (out_dir); another rank's command is its own one with resume=auto.
         args = list(hc.overrides.task) if hc.mode == RunMode.MULTIRUN else _USER_ARGS
-        print(f"macfleet: {stop}; resume with: {_resume_command(args, stop.out_dir)}", file=sys.stderr)
-        sys.exit(130)
+        if stop.left:
+            print(f"macfleet: {stop}", file=sys.stderr)
+        else:
+            print(f"macfleet: {stop}; resume with: {_resume_command(args, stop.out_dir)}", file=sys.stderr)
+        _exit(130, hc.mode)
     except KeyboardInterrupt:
         _interrupted_early()
+
+
+def _exit(code: int, mode) -> None:
+    """A run that ended on an error or a Ctrl-C exits at once (macfleet.run.exit_fast); a sweep's
+    job returns to Hydra, which goes on with the next job."""
+    from hydra.types import RunMode
+
+    if mode == RunMode.MULTIRUN:
+        sys.exit(code)
+    from macfleet.run import exit_fast
+
+    exit_fast(code)
 
 
 def _interrupted_early() -> None:

@@ -161,12 +161,19 @@ def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
 
 
 def exit_fast(code: int = 0) -> None:
-    """End the process of a finished run now: flush what it printed and logged, then `os._exit`.
+    """End the process now: flush what it printed and logged, then `os._exit`.
 
     Python's own teardown after torch takes 1 to 1.5 s per process, and a fleet's master waits
-    for its workers to exit. Only for a run that ended well: everything it leaves behind is
-    written and closed by then (checkpoints, metrics, plots, W&B's finish, the fleet's temp dir);
-    errors and Ctrl-C exit the usual way."""
+    for its workers to exit (a node that stops on an error or a Ctrl-C must be gone within 2x
+    the heartbeat). By the time a run's `fit` returned or raised, everything it leaves behind is
+    written and closed (checkpoints, metrics, plots, the fleet's temp dir, its bye); a W&B run
+    still open (an error on rank 0) is finished here with the exit code."""
+    wandb = sys.modules.get("wandb")
+    if code and wandb is not None and getattr(wandb, "run", None) is not None:
+        try:
+            wandb.finish(exit_code=code)
+        except Exception:  # noqa: BLE001 - exiting anyway; W&B marks an unfinished run itself
+            pass
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -203,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        status = main()
-        if status == 0:
-            exit_fast(0)
-        sys.exit(status)
+        exit_fast(main())
     except KeyboardInterrupt:  # while importing, before main could catch it
         print("macfleet: interrupted before the first step: nothing saved", file=sys.stderr)
         sys.exit(130)

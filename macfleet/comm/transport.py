@@ -281,8 +281,21 @@ class Transport:
         sock = socks[stripe]
         copy = len(body) < COPY_THRESHOLD
         striped = len(socks) > 1
+        head = framing.encode_header(header)
+        deadline = time.monotonic() + self.op_timeout
+        while True:
+            # Without blocking: a peer cut off (no connection to queue on) would hold this thread
+            # in send until SNDTIMEO, deaf to an abort. Once the first part is queued, the rest of
+            # the message is (ZeroMQ queues multipart messages whole).
+            try:
+                sock.send(head, zmq.SNDMORE | zmq.NOBLOCK)
+                break
+            except zmq.Again:
+                self._abort_check()
+                if time.monotonic() >= deadline:
+                    raise self._lost(dst, "did not take data") from None
+                sock.poll(int(POLL_SLICE_S * 1000), zmq.POLLOUT)
         try:
-            sock.send(framing.encode_header(header), zmq.SNDMORE)
             result = sock.send(body, copy=copy, track=(track or striped) and not copy)
         except zmq.Again:
             raise self._lost(dst, "did not take data") from None

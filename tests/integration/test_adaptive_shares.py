@@ -63,7 +63,8 @@ def test_resume_after_the_shares_moved_is_bit_exact(tmp_path):
     assert moves and moves[0]["step"] < 20, moves
     # Resume from the uninterrupted run's own step-20 checkpoint (taken at shares 0.7/0.3).
     shutil.copytree(full / "checkpoints" / "step-00000020", resumed / "checkpoints" / "step-00000020")
-    _finish(_pair(resumed, tmp_path / "b.jsonl", "--force-shares", "0.7,0.3", "--max-steps", "40",
-                  "--resume", "auto"), tmp_path)
+    # No adaptation in the resumed run: only the checkpoint can bring the shares back to 0.7/0.3.
+    _finish(_pair(resumed, tmp_path / "b.jsonl", "--max-steps", "40", "--resume", "auto"), tmp_path)
+    assert "shares as at the checkpoint: [0.7, 0.3]" in _logs(tmp_path)
     a, b = torch.load(full / "final.pt"), torch.load(resumed / "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a), {k: (a[k] - b[k]).abs().max().item() for k in a}
