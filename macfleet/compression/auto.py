@@ -1,26 +1,44 @@
-"""`compression=auto`: pick the codec from the measured link and backward time, once per run.
+"""`compression=auto`: pick the codec from measured trial exchanges and backward time, once per run.
 
 After the fleet is connected and before MacFleetDDP is built, every rank runs `resolve`:
 
-1. `probe_link`: timed all_reduces on the fleet's own group (the engine the gradients will
-   cross): 1 KB ones for the latency of a collective, 4 MB ones for the bandwidth.
-2. `measure_backward`: forward + backward of a copy of the model on this node's local batch
-   (RNG states restored, so the run is the same as without the probe), and the time the fp16
-   and top-k codecs take to encode that gradient here.
-3. Rank 0 gathers every rank's figures (the slowest link and backward count) and `choose`s; the
-   decision is broadcast, so every rank builds the same codec.
+1. `measure_backward`: forward + backward of a copy of the model on this node's local batch
+   (RNG states restored, so the run is the same as without the probe): the backward time, and
+   that real gradient as one flat tensor on the device.
+2. `probe_link`: timed all_reduces on the fleet's own group (the engine the gradients will
+   cross): 1 KB ones for the latency of a collective, 4 MB ones for the bandwidth. Rank 0 takes
+   the slowest rank's figures and broadcasts them, so every rank plans the trials alike.
+3. `trial_exchanges`: every rank, in the same order, runs each candidate's real reducer (the
+   dense reducer for none, `GradientCompressor` for fp16 and topk_fp16) on a copy of that
+   gradient, split into buckets as MacFleetDDP splits it, then waits for the results and
+   synchronizes the device: 1 warm-up + 2 timed exchanges, the faster of which is this rank's
+   time; the slowest rank's counts (a step waits for it). Candidates go least lossy first:
+   none, fp16, topk_fp16 at `ratio`, ratio/2, ratio/5, ratio/10.
+4. Rank 0 `choose`s and broadcasts the decision, so every rank builds the same codec.
 
-`choose` is pure arithmetic on those figures. Per candidate (least lossy first: none, fp16,
-topk_fp16 at `ratio`, ratio/2, ratio/5, ratio/10) the exchange is estimated as
+The rule (`choose`, pure arithmetic on those times): the least lossy candidate whose exchange
+fits within backward (where it can hide) wins; when none fits, the least lossy within `MARGIN`
+of the fastest. Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
+error feedback, the sum of the gathered payloads) that its few bytes on the wire do not show.
 
-    codec time + buckets x latency + wire bytes x f / bandwidth
+The trials are kept short (`TRIAL_BUDGET_S`, 1.5 s): once a candidate fits, the more lossy
+ones cannot win and are not tried; a warm-up slower than `SLOW_TRIAL_S` is the measurement (no
+timed runs); the timed runs stop at the budget; and a candidate whose estimate would end past the
+budget is not tried, unless it is the first of its codec and its estimate is short (each codec's
+fixed costs are measured at least once). A ResNet-50 gradient's trials take at most about 2 s
+on two busy CPU cores. A candidate not tried keeps the byte estimate (`exchange_s`), the
+fallback when a trial is impossible in the time:
+
+    buckets x latency + wire bytes x f / bandwidth  (+ its codec's excess measured at another ratio)
 
 with wire bytes 4 B/param (none), 2 B/param (fp16) or the top-k payload's exact size (kept
 values in fp16 plus a 4-byte id per kept unit, codecs.py); f = 2(N-1)/N for a dense all_reduce
 of N ranks and N-1 for the top-k all_gather (each rank receives every other rank's payload).
-The bandwidth is derived with the same f from the probe, so for 2 ranks both are 1. The first
-candidate whose exchange fits within backward (where it can hide) wins; when none fits, the
-least lossy within `MARGIN` of the fastest.
+The bandwidth is derived with the same f from the probe, so for 2 ranks both are 1. The excess
+is how much longer a tried ratio of the same codec took than its estimate (its fixed costs).
+Every decision about which trial runs and how often is taken from figures every rank has
+bit for bit (broadcast, or exchanged through an all_reduce), so every rank makes the same
+collectives in the same order. One process: none, nothing measured.
 
 The codec is then fixed for the run: error-feedback residuals are only ever produced and
 consumed by that one codec, so they stay valid. A resumed run decides again; a top-k residual
@@ -56,6 +74,12 @@ RATIO_STEPS = (1.0, 0.5, 0.2, 0.1)
 """Top-k ratios auto may pick, as fractions of compression.ratio."""
 MARGIN = 0.1
 """When nothing fits behind backward, a less lossy codec within 10% of the fastest wins."""
+TIMED_RUNS = 2
+"""Timed trial exchanges per candidate, after one warm-up."""
+SLOW_TRIAL_S = 0.5
+"""A candidate whose warm-up exchange took longer is measured by that one exchange."""
+TRIAL_BUDGET_S = 1.5
+"""The trials start nothing that would end past this many seconds (the slowest rank's clock)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +92,8 @@ class Link:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A codec auto may pick: its wire bytes per rank per step and its encode + decode seconds."""
+    """A codec auto may pick: its wire bytes per rank per step and its encode + decode seconds
+    (the latter only for the byte estimate; 0 when unknown)."""
 
     name: str
     ratio: float | None
@@ -92,6 +117,7 @@ class Choice:
     ratio: float | None
     reason: str
     estimates: dict
+    """Seconds of each candidate's exchange, by label: measured, or estimated where not tried."""
 
 
 def _percent(r: float) -> str:
@@ -99,43 +125,76 @@ def _percent(r: float) -> str:
 
 
 def exchange_s(c: Candidate, link: Link, world_size: int, dense_bytes: int) -> float:
-    """Estimated seconds of `c`'s exchange per step (see the module docstring)."""
+    """Estimated seconds of `c`'s exchange per step from its bytes (see the module docstring)."""
     n = max(2, world_size)
     buckets = max(1, math.ceil(dense_bytes / BUCKET_BYTES))
     factor = (n - 1) if c.sparse else 2 * (n - 1) / n
     return c.codec_s + buckets * link.latency_s + c.wire_bytes * factor / max(link.bandwidth, 1.0)
 
 
+def _dense_bytes(cands: list[Candidate]) -> int:
+    return next((c.wire_bytes for c in cands if c.name == "none"), cands[0].wire_bytes if cands else 0)
+
+
+def exchange_times(cands: list[Candidate], link: Link, world_size: int,
+                   measured: dict | None = None) -> list[tuple[Candidate, float, bool]]:
+    """(candidate, seconds, measured?) for each of `cands`: its measured time (`measured`, by
+    label) or else its byte estimate plus its codec's smallest excess of measured over estimated
+    time at the ratios that were measured (none: no codec of that name measured)."""
+    measured = measured or {}
+    dense = _dense_bytes(cands)
+    est = {c.label: exchange_s(c, link, world_size, dense) for c in cands}
+    excess: dict[str, float] = {}
+    for c in cands:
+        if c.label in measured:
+            extra = max(0.0, measured[c.label] - est[c.label])
+            excess[c.name] = min(excess.get(c.name, extra), extra)
+    return [(c, measured[c.label], True) if c.label in measured else (c, est[c.label] + excess.get(c.name, 0.0), False)
+            for c in cands]
+
+
 def choose(candidates: list[Candidate], link: Link, backward_s: float, world_size: int,
-           margin: float = MARGIN) -> Choice:
+           margin: float = MARGIN, measured: dict | None = None) -> Choice:
     """The least lossy of `candidates` (given least lossy first, dense "none" first) whose
     exchange fits within `backward_s`; if none fits, the least lossy within `margin` of the
-    fastest. One process: none."""
+    fastest. `measured` maps a candidate's label to its measured exchange seconds (the slowest
+    rank's); a candidate without one is estimated (`exchange_times`). One process: none."""
     if world_size <= 1:
         return Choice("none", None, "compression=auto: one process, nothing to exchange: none", {})
-    dense_bytes = next((c.wire_bytes for c in candidates if c.name == "none"), candidates[0].wire_bytes)
-    est = [(c, exchange_s(c, link, world_size, dense_bytes)) for c in candidates]
-    fits = [(c, t) for c, t in est if t <= backward_s]
+    times = exchange_times(candidates, link, world_size, measured)
+    fits = [(c, t) for c, t, _ in times if t <= backward_s]
     if fits:
         pick, t = fits[0]
         why = "fits behind backward"
     else:
-        fastest = min(t for _, t in est)
-        pick, t = next((c, t) for c, t in est if t <= fastest * (1 + margin))
-        why = "nothing fits behind backward: the fastest" + (
-            "" if t == fastest else f" within {margin:.0%}")
-    dense_t = next((t for c, t in est if c.name == "none"), None)
-    shown = f"dense would take {1e3 * dense_t:.1f} ms: " if dense_t is not None else ""
-    took = "" if pick.name == "none" else f"{1e3 * t:.1f} ms, "
-    reason = (f"compression=auto: link {link.bandwidth / 1e6:.0f} MB/s, {1e3 * link.latency_s:.2f} ms; "
-              f"backward {1e3 * backward_s:.1f} ms; {shown}{pick.label} ({took}{why})")
-    return Choice(pick.name, pick.ratio, reason, {c.label: t for c, t in est})
+        fastest = min(t for _, t, _ in times)
+        pick, t = next((c, t) for c, t, _ in times if t <= fastest * (1 + margin))
+        why = "nothing fits behind backward: the fastest" + ("" if t == fastest else f" within {margin:.0%}")
+    reason = (f"compression=auto: {_listed(times)}; backward {1e3 * backward_s:.1f} ms; "
+              f"link {link.bandwidth / 1e6:.0f} MB/s, {1e3 * link.latency_s:.2f} ms: {pick.label} ({why})")
+    return Choice(pick.name, pick.ratio, reason, {c.label: t for c, t, _ in times})
+
+
+def _listed(times: list[tuple[Candidate, float, bool]]) -> str:
+    """'measured exchanges none 38.1 ms, fp16 21.0 ms, topk_fp16 10% 24.5 ms, 1% 22.9 ms'; a
+    time estimated, not measured, is marked ~ (all of them: 'estimated exchanges ...')."""
+    every = {m for _, _, m in times}
+    items, last = [], None
+    for c, t, m in times:
+        name = c.name if c.name != last else ""
+        what = " ".join(s for s in (name, _percent(c.ratio) if c.sparse else "") if s)
+        mark = "~" if every == {True, False} and not m else ""
+        items.append(f"{what} {mark}{1e3 * t:.1f} ms")
+        last = c.name
+    head = ("measured exchanges" if every == {True} else "estimated exchanges" if every == {False}
+            else "exchanges (~ estimated: not tried in the probe's time)")
+    return f"{head} {', '.join(items)}"
 
 
 def candidates(numels: list[int], cfg: CompressionConfig, codec_s: dict | None = None) -> list[Candidate]:
     """none, fp16, then topk_fp16 at cfg.ratio x RATIO_STEPS, with their wire bytes for a model
-    whose parameters have `numels` elements; `codec_s` maps a codec name to its measured encode
-    + decode seconds (top-k's is taken for every ratio: it hardly depends on the ratio)."""
+    whose parameters have `numels` elements; `codec_s` maps a codec name to its encode + decode
+    seconds for the byte estimate (top-k's is taken for every ratio), 0 if absent."""
     from macfleet.compression.codecs import TopKCodec
 
     codec_s = codec_s or {}
@@ -175,11 +234,11 @@ def probe_link(group, world_size: int) -> Link:
 
 
 def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, device: torch.device,
-                     cfg: CompressionConfig, repeats: int = 3) -> tuple[float, dict, list[int]]:
-    """(backward seconds, {codec: encode + decode seconds}, parameter numels) of a copy of
-    `model` on `batch`; RNG states and the model are left as they were."""
+                     repeats: int = 3) -> tuple[float, torch.Tensor, list[tuple[str, int, int]]]:
+    """(backward seconds, the gradient as one flat tensor on `device`, its (parameter name,
+    offset, numel) segments) of a copy of `model` on `batch`; RNG states and the model are left
+    as they were."""
     from macfleet import checkpoint as ckpt
-    from macfleet.compression.compressor import GradientCompressor
     from macfleet.device import synchronize
 
     rng = ckpt.rng_state()
@@ -197,27 +256,102 @@ def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, devic
             if i:
                 times.append(time.perf_counter() - t0)
         params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
-        numels = [p.numel() for _, p in params]
-        grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
-                 for _, p in params]
-        flat = torch.cat(grads).detach()
+        flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
+                          for _, p in params]).detach()
         segments, off = [], 0
-        for (name, _), k in zip(params, numels):
-            segments.append((name, off, k))
-            off += k
-        codec_s = {}
-        for name in ("fp16", "topk_fp16"):
-            comp = GradientCompressor(dataclasses.replace(cfg, name=name, warmup_steps=0, momentum_correction=False))
-
-            def once(comp=comp):
-                comp.reduce(flat.clone(), segments, 0).wait()
-                synchronize(device)
-            once()
-            codec_s[name] = _timed(once, 2)
+        for name, p in params:
+            segments.append((name, off, p.numel()))
+            off += p.numel()
     finally:
         ckpt.set_rng_state(rng)
     # The fastest pass: what the model costs here, not what another process on the same cores took.
-    return min(times), codec_s, numels
+    return min(times), flat, segments
+
+
+def buckets(segments: list[tuple[str, int, int]], cap_bytes: int = BUCKET_BYTES,
+            element_size: int = 4) -> list[tuple[int, int, list[tuple[str, int, int]]]]:
+    """(start, end, segments from 0) of each bucket of a flat gradient laid out as `segments`,
+    grouped as MacFleetDDP's flat path groups parameters: reverse order, at most `cap_bytes`."""
+    out: list[list[tuple[str, int, int]]] = []
+    size = cap_bytes
+    for seg in reversed(segments):
+        nbytes = seg[2] * element_size
+        if size + nbytes > cap_bytes and (not out or out[-1]):
+            out.append([])
+            size = 0
+        out[-1].append(seg)
+        size += nbytes
+    result = []
+    for group in out:
+        start = min(off for _, off, _ in group)
+        end = max(off + k for _, off, k in group)
+        result.append((start, end, [(name, off - start, k) for name, off, k in sorted(group, key=lambda s: s[1])]))
+    return result
+
+
+def _slowest(group, rank: int, world_size: int, values: list[float]) -> list[float]:
+    """Each of `values`' maximum over the ranks, the same bits on every rank (one all_reduce:
+    each rank fills its own row, the sum of zeros and one value is exact)."""
+    rows = torch.zeros(world_size, len(values), dtype=torch.float32)
+    rows[rank] = torch.tensor(values, dtype=torch.float32)
+    group.all_reduce(rows, "sum")
+    return [float(v) for v in rows.max(dim=0).values]
+
+
+def _trial_cfg(cfg: CompressionConfig, c: Candidate) -> CompressionConfig:
+    # The codec as the run would use it from its first step (no sparsity warm-up); DGC's momentum
+    # correction only exists for top-k.
+    return dataclasses.replace(cfg, name=c.name, ratio=c.ratio if c.ratio is not None else cfg.ratio,
+                               warmup_steps=0, momentum_correction=cfg.momentum_correction and c.sparse)
+
+
+def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[str, int, int]],
+                    cfg: CompressionConfig, cands: list[Candidate], link: Link, backward_s: float,
+                    device: torch.device, budget_s: float = TRIAL_BUDGET_S,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[dict, int]:
+    """({label: seconds}, how many of `cands` count) from real exchanges of `grad` on `group`,
+    the slowest rank's time per candidate (see the module docstring). Every rank must call it
+    with the same `cands`, `link`, `backward_s` and `budget_s`: it makes collectives, and which
+    and how many follow from those and from figures exchanged on `group`. A candidate not tried
+    (its estimate would end past the budget) is absent from the dict; after one that fits behind
+    backward the rest are not tried nor counted."""
+    from macfleet.ddp import make_reducer
+    from macfleet.device import synchronize
+
+    n = int(group.world_size)
+    parts = buckets(segments, element_size=grad.element_size())
+
+    def once(reducer, step: int) -> float:
+        bufs = [grad[start:end].clone() for start, end, _ in parts]
+        synchronize(device)
+        t0 = clock()
+        futures = [reducer.reduce(buf, segs, step) for buf, (_, _, segs) in zip(bufs, parts)]
+        for fut in futures:
+            fut.wait()
+        synchronize(device)
+        return clock() - t0
+
+    measured: dict[str, float] = {}
+    start, elapsed = clock(), 0.0  # elapsed: the slowest rank's, as last exchanged (equal on every rank)
+    for i, c in enumerate(cands):
+        guess = next(t for d, t, _ in exchange_times(cands, link, n, measured) if d is c)
+        # A codec not measured at any ratio yet is tried past the budget if its estimate is short:
+        # its estimate misses its fixed costs, so only a trial can show them.
+        fresh = not any(d.name == c.name and d.label in measured for d in cands)
+        if elapsed + guess > budget_s and not (fresh and guess <= SLOW_TRIAL_S):
+            continue
+        reducer = make_reducer(_trial_cfg(cfg, c), group)
+        warm, elapsed = _slowest(group, rank, n, [once(reducer, 0), clock() - start])
+        runs = 0 if warm > SLOW_TRIAL_S else min(TIMED_RUNS, max(0, int((budget_s - elapsed) / max(warm, 1e-6))))
+        took = warm
+        if runs:
+            took, elapsed = _slowest(group, rank, n, [min(once(reducer, s) for s in range(1, runs + 1)),
+                                                       clock() - start])
+        measured[c.label] = took
+        del reducer
+        if took <= backward_s:
+            return measured, i + 1
+    return measured, len(cands)
 
 
 def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callable, dataset, local_batch: int,
@@ -231,17 +365,24 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
         choice = choose([], Link(0.0, 1.0), 0.0, 1)
     else:
         batch = fetch(dataset, list(range(min(len(dataset), max(1, local_batch)))))
-        backward_s, codec_s, numels = measure_backward(model, loss, batch, device, cfg)
+        backward_s, grad, segments = measure_backward(model, loss, batch, device)
         link = probe_link(world.group, world.world_size)
-        mine = {"latency_s": link.latency_s, "bandwidth": link.bandwidth, "backward_s": backward_s,
-                "fp16": codec_s["fp16"], "topk_fp16": codec_s["topk_fp16"]}
-        every = world.gather_object(mine)
-        decided = None
+        every = world.gather_object({"latency_s": link.latency_s, "bandwidth": link.bandwidth,
+                                     "backward_s": backward_s})
+        worst = None
         if world.rank == 0:
             # The slowest figures count: a step waits for the slowest rank and the slowest link.
-            worst = {k: max(r[k] for r in every) for k in ("latency_s", "backward_s", "fp16", "topk_fp16")}
-            slowest_link = Link(worst["latency_s"], min(r["bandwidth"] for r in every))
-            choice = choose(candidates(numels, cfg, worst), slowest_link, worst["backward_s"], world.world_size)
+            worst = {"latency_s": max(r["latency_s"] for r in every), "bandwidth": min(r["bandwidth"] for r in every),
+                     "backward_s": max(r["backward_s"] for r in every)}
+        worst = world.broadcast_object(worst)  # every rank plans the same trials from the same figures
+        slowest_link = Link(worst["latency_s"], worst["bandwidth"])
+        cands = candidates([k for _, _, k in segments], cfg)
+        measured, counted = trial_exchanges(world.group, world.rank, grad, segments, cfg, cands, slowest_link,
+                                            worst["backward_s"], device)
+        del grad
+        decided = None
+        if world.rank == 0:
+            choice = choose(cands[:counted], slowest_link, worst["backward_s"], world.world_size, measured=measured)
             decided = {"name": choice.name, "ratio": choice.ratio, "reason": choice.reason}
         decided = world.broadcast_object(decided)
         choice = Choice(decided["name"], decided["ratio"], decided["reason"], {})
@@ -250,5 +391,5 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
     return chosen, {"compression_auto_reason": choice.reason}
 
 
-__all__ = ["Link", "Candidate", "Choice", "choose", "candidates", "exchange_s", "probe_link", "measure_backward",
-           "resolve"]
+__all__ = ["Link", "Candidate", "Choice", "choose", "candidates", "exchange_s", "exchange_times", "buckets",
+           "probe_link", "measure_backward", "trial_exchanges", "resolve"]

@@ -1,12 +1,16 @@
-"""compression=auto's decision (macfleet/compression/auto.py) on numbers, its candidates' wire
-bytes, the config group, and a one-process run through the Python API."""
+"""compression=auto's decision (macfleet/compression/auto.py) on measured and estimated numbers,
+its candidates' wire bytes, the trial exchanges between two ranks (threads, real sockets), the
+config group, and a one-process run through the Python API."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
-from macfleet.compression.auto import Candidate, Link, candidates, choose, exchange_s
+from macfleet.compression.auto import (Candidate, Link, buckets, candidates, choose, exchange_s, exchange_times,
+                                       trial_exchanges)
 from macfleet.config import CompressionConfig
 from macfleet.errors import ConfigError
 
@@ -31,19 +35,67 @@ def test_candidates_are_least_lossy_first_with_their_wire_bytes():
     assert element[2].wire_bytes == pytest.approx(0.1 * n * 6, rel=0.01)  # 2 B value + 4 B id per element
 
 
+RESNET50 = [25_600_000]
+# Measured on 2 H100s (ResNet-50, global batch 256): top-k's fixed costs on the device make it
+# slower than fp16, although it puts a tenth of the bytes on the wire.
+H100_PAIR = {"none": 0.0381, "fp16": 0.0210, "topk_fp16 at 10%": 0.0245, "topk_fp16 at 5%": 0.0236,
+             "topk_fp16 at 2%": 0.0231, "topk_fp16 at 1%": 0.0229}
+
+
+def test_measured_exchanges_decide_not_bytes():
+    cs = _cands(RESNET50)
+    link = Link(0.0003, 3e9)  # the bytes alone: dense 34 ms, fp16 17 ms, top-k 10% under 2 ms
+    assert choose(cs, link, backward_s=0.015, world_size=2).name == "topk_fp16"  # the estimate's pick
+    got = choose(cs, link, backward_s=0.015, world_size=2, measured=H100_PAIR)
+    assert (got.name, got.ratio) == ("fp16", None)
+    assert got.reason == ("compression=auto: measured exchanges none 38.1 ms, fp16 21.0 ms, topk_fp16 10% 24.5 ms, "
+                          "5% 23.6 ms, 2% 23.1 ms, 1% 22.9 ms; backward 15.0 ms; link 3000 MB/s, 0.30 ms: "
+                          "fp16 (nothing fits behind backward: the fastest)")
+    assert got.estimates["topk_fp16 at 1%"] == 0.0229
+    # A longer backward hides fp16's measured exchange, then dense's.
+    assert choose(cs, link, 0.0284, 2, measured=H100_PAIR).reason.endswith(": fp16 (fits behind backward)")
+    assert choose(cs, link, 0.040, 2, measured=H100_PAIR).name == "none"
+    # Where top-k really is faster, it wins; the least lossy within 10% of the fastest.
+    faster = {**H100_PAIR, "topk_fp16 at 10%": 0.0105, "topk_fp16 at 5%": 0.0095, "topk_fp16 at 2%": 0.0093,
+              "topk_fp16 at 1%": 0.0092}
+    got = choose(cs, link, 0.005, 2, measured=faster)
+    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.05))
+    assert got.reason.endswith(": topk_fp16 at 5% (nothing fits behind backward: the fastest within 10%)")
+
+
+def test_untried_candidates_are_estimated_with_their_codecs_measured_excess():
+    cs = _cands(RESNET50)
+    link = Link(0.0003, MBIT100)
+    est = {c.label: exchange_s(c, link, 2, cs[0].wire_bytes) for c in cs}
+    # Top-k was tried at 10% and 5% (slower than their bytes by 0.40 s and 0.35 s), the rest not.
+    measured = {"topk_fp16 at 10%": est["topk_fp16 at 10%"] + 0.40, "topk_fp16 at 5%": est["topk_fp16 at 5%"] + 0.35}
+    times = {c.label: (t, m) for c, t, m in exchange_times(cs, link, 2, measured)}
+    assert times["none"] == (est["none"], False) and times["fp16"] == (est["fp16"], False)
+    assert times["topk_fp16 at 5%"] == (measured["topk_fp16 at 5%"], True)
+    assert times["topk_fp16 at 1%"] == (pytest.approx(est["topk_fp16 at 1%"] + 0.35), False)  # the smaller excess
+    got = choose(cs, link, 0.010, 2, measured=measured)
+    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.01))
+    assert got.reason.startswith("compression=auto: exchanges (~ estimated: not tried in the probe's time) "
+                                 "none ~8193.2 ms, fp16 ~4097.2 ms, topk_fp16 10% ")
+    assert ", 1% ~" in got.reason and "; link 12 MB/s, 0.30 ms: topk_fp16 at 1%" in got.reason
+
+
 def test_fast_link_keeps_dense():
     got = choose(_cands(DIGITS_CNN), Link(0.0005, LOOPBACK), backward_s=0.010, world_size=2)
     assert (got.name, got.ratio) == ("none", None)
-    assert got.reason.startswith("compression=auto: link 1500 MB/s, 0.50 ms; backward 10.0 ms; dense would take")
-    assert got.reason.endswith(": none (fits behind backward)")
+    assert got.reason.startswith("compression=auto: estimated exchanges none 0.8 ms, fp16 0.6 ms, topk_fp16 10% ")
+    assert got.reason.endswith("; backward 10.0 ms; link 1500 MB/s, 0.50 ms: none (fits behind backward)")
 
 
 def test_slow_link_compresses_as_little_as_fits():
-    # ResNet-50 at 1 Gbit/s with 300 ms of backward: dense 820 ms, fp16 410 ms, top-k 10% 43 ms.
-    cs = _cands([25_600_000])
+    # ResNet-50 at 1 Gbit/s with 300 ms of backward, from bytes alone: dense 820 ms, fp16 410 ms,
+    # top-k 10% 43 ms.
+    cs = _cands(RESNET50)
     got = choose(cs, Link(0.0003, GIGABIT), backward_s=0.300, world_size=2)
     assert (got.name, got.ratio) == ("topk_fp16", 0.1)
-    assert got.reason.endswith("dense would take 820.4 ms: topk_fp16 at 10% (43.4 ms, fits behind backward)")
+    assert got.reason.startswith("compression=auto: estimated exchanges none 820.4 ms, fp16 410.8 ms, "
+                                 "topk_fp16 10% 43.4 ms, 5% ")
+    assert got.reason.endswith(": topk_fp16 at 10% (fits behind backward)")
     # A longer backward hides fp16, then dense.
     assert choose(cs, Link(0.0003, GIGABIT), backward_s=0.5, world_size=2).name == "fp16"
     assert choose(cs, Link(0.0003, GIGABIT), backward_s=1.0, world_size=2).name == "none"
@@ -79,6 +131,75 @@ def test_more_ranks_cost_more_for_the_gather_than_for_the_all_reduce():
     assert exchange_s(sparse, link, 4, 1_000_000) == pytest.approx(0.3)  # every other rank's payload
     # One latency per 25 MB bucket.
     assert exchange_s(Candidate("none", None, 100 << 20), Link(0.01, 1e30), 2, 100 << 20) == pytest.approx(0.04)
+
+
+def test_buckets_group_parameters_like_the_flat_path():
+    segs = [("a", 0, 10), ("b", 10, 20), ("c", 30, 5), ("d", 35, 40)]
+    # Reverse order, at most 120 bytes (30 fp32 values) per bucket; a bigger parameter alone.
+    assert buckets(segs, cap_bytes=120) == [(35, 75, [("d", 0, 40)]), (10, 35, [("b", 0, 20), ("c", 20, 5)]),
+                                            (0, 10, [("a", 0, 10)])]
+    assert buckets(segs) == [(0, 75, [("a", 0, 10), ("b", 10, 20), ("c", 30, 5), ("d", 35, 40)])]
+
+
+def _trials(backward_s, link=Link(0.0001, LOOPBACK), clocks=None, **kw):
+    """trial_exchanges on two ranks (threads over real sockets) on a digits-CNN-sized gradient:
+    (each rank's result, each rank's collectives count)."""
+    from tests.unit.test_comm_group import _each, _groups
+
+    segs, off = [], 0
+    for i, k in enumerate(DIGITS_CNN):
+        segs.append((f"p{i}", off, k))
+        off += k
+    grads = [torch.randn(off, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    cfg = CompressionConfig(name="auto", ratio=0.1)
+    cs = _cands(DIGITS_CNN)
+    groups = _groups(2)
+
+    def run(g):
+        timing = {"clock": clocks[g.rank]} if clocks else {}
+        return trial_exchanges(g, g.rank, grads[g.rank], segs, cfg, cs, link, backward_s, torch.device("cpu"),
+                               **timing, **kw)
+
+    try:
+        out = _each(groups, run)
+        for r in out:
+            if isinstance(r, BaseException):
+                raise r
+        return out, [g.collectives for g in groups]
+    finally:
+        for g in groups:
+            g.close()
+
+
+def test_trials_measure_every_candidate_the_same_on_both_ranks():
+    (mine, theirs), counts = _trials(backward_s=0.0)
+    assert mine == theirs and counts[0] == counts[1]
+    measured, counted = mine
+    assert counted == 6 and list(measured) == [c.label for c in _cands(DIGITS_CNN)]
+    assert all(0 < t < 5 for t in measured.values())
+
+
+def test_trials_stop_at_the_first_that_fits():
+    (mine, theirs), counts = _trials(backward_s=60.0)
+    assert mine == theirs == ({"none": mine[0]["none"]}, 1) and counts[0] == counts[1]
+
+
+def test_slow_trials_are_measured_once_and_the_budget_skips_the_rest():
+    # Every clock reading is 1 s later than the one before: each exchange "takes" 1 s, so its
+    # warm-up is its measurement; past the 1.5 s budget only a codec not yet measured is tried.
+    clocks = [itertools.count(0.0, 1.0).__next__ for _ in range(2)]
+    (mine, theirs), counts = _trials(backward_s=0.0, clocks=clocks)
+    assert mine == theirs == ({"none": 1.0, "fp16": 1.0, "topk_fp16 at 10%": 1.0}, 6)
+    # One collective per exchange (one bucket), one to share its time: the same on both ranks.
+    assert counts == [6, 6]
+
+
+def test_no_trial_when_every_estimate_is_too_long_then_bytes_decide():
+    crawl = Link(0.0001, 1e3)  # 1 KB/s: even 1% top-k would take seconds
+    (mine, theirs), counts = _trials(backward_s=0.0, link=crawl)
+    assert mine == theirs == ({}, 6) and counts == [0, 0]
+    got = choose(_cands(DIGITS_CNN), crawl, 0.0, 2, measured=mine[0])
+    assert got.name == "topk_fp16" and got.reason.startswith("compression=auto: estimated exchanges none ")
 
 
 def test_one_process_is_none():
