@@ -23,6 +23,10 @@ JSON rows, the 1-node reference first, then one per codec: {"type", "run", "code
 "samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
 "wire_ratio"}; per-node figures are lists indexed by node.
+--throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
+drops to QUOTA of its cores WHEN s after the first step (or at step N), the master's step watched
+through its status requests; NODE is also measured alone at QUOTA, the fleet logs every step, and
+every row gains the figures of `throttle_figures` and THROTTLE_KEYS (see README).
 """
 
 from __future__ import annotations
