@@ -98,6 +98,7 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type allreduce --nodes 2 --stripes 1,2,4 --cores-per-node 16\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
+                "  macfleet benchmark --type scaling --nodes 2 --codecs none --throttle 1:0.6@20   # as root\n"
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
                 "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
                 "  macfleet benchmark --type elastic --nodes 2 3 --trials 10 --cases kill stop ctrl-c master rejoin\n"
@@ -148,7 +149,13 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--cpu-quota", default=None,
                    help="scaling, convergence, as root: per node, the fraction of its cores it may use, e.g. 1.0,0.6 for a slower "
                         "second Mac (a cgroup CPU quota; default: no quota)")
-    p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG; "
+    p.add_argument("--throttle", default=None, metavar="NODE:QUOTA@WHEN",
+                   help="scaling, as root: play a throttling Mac: NODE's cgroup CPU quota drops to QUOTA of its cores "
+                        "WHEN seconds after each fleet run's first step (1:0.6@20), or at a step (1:0.6@step100); "
+                        "reports the fleet's samples/s before, the ideal after (NODE alone at QUOTA measured too) and "
+                        "the steps until it is back within 5%% of it (fleet runs log every step)")
+    p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG (with --throttle: "
+                                                "samples/s against step); "
                                                 "convergence: test accuracy against wall time per codec; "
                                                 "elastic: each trial's time per case against its goal")
     p.add_argument("--backends", default=None,

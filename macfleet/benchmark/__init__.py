@@ -9,6 +9,8 @@ def benchmark_main(args) -> int:
     if args.repeats < 1:
         # Honoured as given for every type (a median of 3 is still a median); only nonsense is refused.
         raise ConfigError(f"--repeats {args.repeats}: give at least 1 timed run per figure (default 7)")
+    if getattr(args, "throttle", None) and args.type != "scaling":
+        raise ConfigError("--throttle is for --type scaling only: drop it or use --type scaling")
     if args.type == "elastic":
         from macfleet.benchmark.elastic import run_elastic_benchmark
 

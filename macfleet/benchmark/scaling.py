@@ -23,6 +23,10 @@ JSON rows, the 1-node reference first, then one per codec: {"type", "run", "code
 "samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
 "wire_ratio"}; per-node figures are lists indexed by node.
+--throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
+drops to QUOTA of its cores WHEN s after the first step (or at step N), the master's step watched
+through its status requests; NODE is also measured alone at QUOTA, the fleet logs every step, and
+every row gains the figures of `throttle_figures` and THROTTLE_KEYS (see README).
 """
 
 from __future__ import annotations
@@ -151,6 +155,47 @@ def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
     return quotas
 
 
+@dataclass
+class Throttle:
+    """--throttle NODE:QUOTA@WHEN: node `node`'s cgroup limit drops to `quota` x its cores
+    `seconds` after the fleet's first step, or once the master has done `step` steps."""
+
+    node: int
+    quota: float
+    seconds: float | None = None
+    step: int | None = None
+
+    def when(self) -> str:
+        return f"{self.seconds:g} s after the first step" if self.step is None else f"at step {self.step}"
+
+
+def parse_throttle(text: str | None, nodes: int) -> Throttle | None:
+    """'1:0.6@20' (20 s after the fleet's first step), '1:0.6@20s', '1:0.6@step40' -> Throttle."""
+    if text is None:
+        return None
+    how = (f"--throttle {text!r}: give NODE:QUOTA@SECONDS or NODE:QUOTA@stepN, e.g. 1:0.6@20 (node 1's cores "
+           f"limited to 0.6 of them 20 s after the fleet's first step) or 1:0.6@step40")
+    node, colon, rest = text.partition(":")
+    quota, at, when = rest.partition("@")
+    if not (colon and at):
+        raise ConfigError(how)
+    try:
+        node_i, quota_f = int(node), float(quota)
+        if when.startswith("step"):
+            seconds, step = None, int(when[4:])
+        else:
+            seconds, step = float(when.removesuffix("s")), None
+    except ValueError:
+        raise ConfigError(how) from None
+    if not 0 <= node_i < nodes:
+        raise ConfigError(f"--throttle {text!r}: node {node_i} is not one of the {nodes} nodes (0..{nodes - 1})")
+    if not 0.01 <= quota_f <= 1.0:
+        raise ConfigError(f"--throttle {text!r}: the quota is a fraction of the node's cores, in [0.01, 1.0]")
+    if (seconds is not None and not (math.isfinite(seconds) and seconds >= 0)) or (step is not None and step < 1):
+        raise ConfigError(f"--throttle {text!r}: the time is >= 0 seconds, or a step >= 1")
+    return Throttle(node_i, quota_f, seconds, step)
+
+
 def parse_overrides(items: list[str], controlled: dict[str, str] = CONTROLLED, kind: str = "scaling") -> dict[str, str]:
     """Trailing Hydra overrides, keyed by what they set; refuses keys the benchmark sets itself
     (`controlled`: key -> the option that sets it)."""
@@ -179,6 +224,12 @@ def plan_nodes(args) -> list[Node]:
         raise ConfigError("--netns makes network namespaces, which needs root: run as root or drop --netns")
     if quotas and not root:
         raise ConfigError("--cpu-quota makes cgroups, which needs root: run as root or drop --cpu-quota")
+    throttle = parse_throttle(getattr(args, "throttle", None), nodes)
+    if throttle and not root:
+        raise ConfigError("--throttle lowers a cgroup's CPU quota, which needs root: run as root or drop --throttle")
+    if throttle and throttle.quota >= (quotas[throttle.node] if quotas else 1.0):
+        raise ConfigError(f"--throttle {args.throttle!r} does not lower node {throttle.node}'s quota "
+                          f"({quotas[throttle.node] if quotas else 1.0:g} of its cores): give a smaller one")
     if args.rate and not args.netns:
         raise ConfigError("--rate shapes the namespaces' links: add --netns (as root) or drop --rate")
     if args.netns:
@@ -211,16 +262,29 @@ def plan_nodes(args) -> list[Node]:
 # --------------------------------------------------------------------------------------- cgroups
 class CpuQuotas:
     """One cgroup per node holding it to `quota` x its cores (cgroup v2 cpu.max, else v1 cfs
-    quota); removed on exit."""
+    quota); removed on exit. Nodes in `also` (a --throttle's) get one without a limit where they
+    have no quota, so that `set` can lower it mid-run."""
 
-    def __init__(self, nodes: list[Node]):
-        self.nodes = [n for n in nodes if n.quota is not None]
+    def __init__(self, nodes: list[Node], also: tuple[int, ...] = ()):
+        self.nodes = [n for n in nodes if n.quota is not None or n.index in also]
         self.made: list[Path] = []
+        self.v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+    def set(self, node: Node, quota: float | None) -> None:
+        """Node's cgroup limit to `quota` x its cores now (None: no limit); its processes follow."""
+        if node.cgroup is None:
+            raise MacFleetError(f"node {node.index} has no cgroup to limit")
+        limit = int(quota * len(node.cores) * CGROUP_PERIOD_US) if quota is not None else None
+        if self.v2:
+            (node.cgroup / "cpu.max").write_text(f"{limit if limit is not None else 'max'} {CGROUP_PERIOD_US}")
+        else:
+            (node.cgroup / "cpu.cfs_period_us").write_text(str(CGROUP_PERIOD_US))
+            (node.cgroup / "cpu.cfs_quota_us").write_text(str(limit if limit is not None else -1))
 
     def __enter__(self) -> "CpuQuotas":
         if not self.nodes:
             return self
-        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        v2 = self.v2
         base = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/cpu")
         try:
             if v2 and "cpu" not in (base / "cgroup.subtree_control").read_text().split():
@@ -229,16 +293,12 @@ class CpuQuotas:
                 path = base / f"macfleet-bench-{os.getpid()}-{node.index}"
                 path.mkdir()
                 self.made.append(path)
-                quota = int(node.quota * len(node.cores) * CGROUP_PERIOD_US)
-                if v2:
-                    (path / "cpu.max").write_text(f"{quota} {CGROUP_PERIOD_US}")
-                else:
-                    (path / "cpu.cfs_period_us").write_text(str(CGROUP_PERIOD_US))
-                    (path / "cpu.cfs_quota_us").write_text(str(quota))
                 node.cgroup = path
+                self.set(node, node.quota)
         except OSError as exc:
             self.__exit__()
-            raise ConfigError(f"--cpu-quota: cannot set up a cgroup under {base} ({exc}); drop --cpu-quota") from None
+            option = "--cpu-quota" if any(n.quota is not None for n in self.nodes) else "--throttle"
+            raise ConfigError(f"{option}: cannot set up a cgroup under {base} ({exc}); drop {option}") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -264,9 +324,10 @@ class Run:
     procs: list[tuple[Node, list[str], dict]] = field(default_factory=list)
 
 
-def _wait(runs: list[Run], logs: Path, console) -> list[dict]:
+def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
     """Start every process of `runs` at once; rank 0's metrics.json per run. A failed process
-    stops the rest and raises with its error line."""
+    stops the rest and raises with its error line. `tick()`, if given, is called about every
+    0.1 s while they run (after every fork)."""
     started = []
     status = console.status(f"running {', '.join(r.label for r in runs)} ...")
     try:
@@ -289,6 +350,8 @@ def _wait(runs: list[Run], logs: Path, console) -> list[dict]:
             if time.monotonic() > deadline:
                 run, log_path, _ = next(s for s in started if s[2].poll() is None)
                 raise MacFleetError(f"{run.label} still running after {RUN_TIMEOUT_S:.0f} s (log: {log_path})")
+            if tick is not None:
+                tick()
             time.sleep(0.1)
         for run, log_path, proc in started:
             if proc.returncode not in (None, 0):
@@ -300,6 +363,118 @@ def _wait(runs: list[Run], logs: Path, console) -> list[dict]:
                 proc.kill()
             proc.wait()
     return [json.loads((run.out / "metrics.json").read_text()) for run in runs]
+
+
+# The master's step, polled through its status requests (what `macfleet status` asks), run in
+# node 0's namespace: one JSON line {"t", "step"} per answer. Ends with the benchmark.
+_WATCH = r"""
+import json, os, sys, time
+import zmq
+from macfleet.cluster.protocol import request
+host, port, name, parent = sys.argv[1], int(sys.argv[2]), sys.argv[3], os.getppid()
+ctx = zmq.Context()
+while os.getppid() == parent:
+    try:
+        answer = request(ctx, host, port, os.environ["MACFLEET_TOKEN"], name, "status", {}, timeout=1.0)
+    except Exception:
+        time.sleep(0.2)
+        continue
+    step = next((r.get("step") for r in answer.get("nodes", []) if r.get("rank") == 0), None)
+    print(json.dumps({"t": time.time(), "step": step}), flush=True)
+    time.sleep(0.05)
+"""
+
+
+class Throttler:
+    """Plays a throttling Mac during one fleet run: watches the master's step and lowers the
+    throttled node's cgroup limit when due; `tick` goes to `_wait`. The quota is back to the
+    node's own after `close`."""
+
+    def __init__(self, throttle: Throttle, nodes: list[Node], quotas: CpuQuotas, run: Run, cluster_name: str,
+                 log_path: Path):
+        self.throttle, self.quotas, self.run = throttle, quotas, run
+        self.node, self.master = nodes[throttle.node], nodes[0]
+        argv = run.procs[0][1]
+        arg = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a}
+        self.addr = (arg.get("cluster.host", arg["cluster.master_addr"]), arg["cluster.master_port"])
+        self.env = dict(run.procs[0][2], PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        self.name, self.log_path = cluster_name, log_path
+        self.proc: subprocess.Popen | None = None
+        self.reader = None
+        self.seen: list[tuple[float, int]] = []   # (time, the master's steps done), from the first step on
+        self.first_t: float | None = None
+        self.at_t: float | None = None
+        self.at_step: int | None = None
+
+    def tick(self) -> None:
+        import threading
+
+        if self.proc is None:  # after _wait's forks: this process may have threads from here on
+            with open(self.log_path, "w") as err:
+                self.proc = subprocess.Popen(self.master.prefix() + [sys.executable, "-c", _WATCH, *self.addr, self.name],
+                                             stdout=subprocess.PIPE, stderr=err, text=True, env=self.env)
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
+        if self.at_t is not None or not self.seen:
+            return
+        t, step = self.seen[-1]
+        due = step >= self.throttle.step if self.throttle.step is not None else \
+            time.time() >= self.first_t + self.throttle.seconds
+        if due:
+            self.quotas.set(self.node, self.throttle.quota)
+            self.at_t, self.at_step = time.time(), step
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                got = json.loads(line)
+                if got.get("step"):
+                    self.first_t = self.first_t or got["t"]
+                    self.seen.append((got["t"], int(got["step"])))
+
+    def close(self) -> None:
+        """Stop watching and give the node its own quota back."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.reader.join(timeout=5)
+        self.quotas.set(self.node, self.node.quota)
+
+    def check(self) -> None:
+        """After the run: raise when the throttle never came (the run ended first)."""
+        if self.at_t is None:
+            last = f"at step {self.seen[-1][1]}, {self.seen[-1][0] - self.first_t:.1f} s after its first step" \
+                if self.seen else "before its first step was seen"
+            raise MacFleetError(f"--throttle: the fleet's run {self.run.label} ended {last}, before the throttle "
+                                f"({self.throttle.when()}); give more --steps or an earlier throttle")
+
+
+RECOVER_WINDOW = 5       # steps in the moving median of the fleet's samples/s after a throttle
+RECOVER_WITHIN = 0.05    # "recovered": that median is at least (1 - this) x the ideal after the throttle
+
+
+def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after: float) -> dict:
+    """The fleet's samples/s per step (rank 0's history.json at trainer.log_every=1) around a
+    throttle applied after step `at_step`: the median before it (timed steps only), the median of
+    the last RECOVER_WINDOW steps, and the steps after it until the moving median of
+    RECOVER_WINDOW steps (all after the throttle) reaches (1 - RECOVER_WITHIN) x `ideal_after`
+    (None: not within the steps that ran)."""
+    import statistics
+
+    curve = sorted((int(r["step"]), float(r["samples_per_s"])) for r in history if "samples_per_s" in r)
+    before = [v for st, v in curve if warmup < st <= at_step] or [v for st, v in curve if st <= at_step]
+    after = [(st, v) for st, v in curve if st > at_step]
+    recover = None
+    for j in range(RECOVER_WINDOW - 1, len(after)):
+        if statistics.median(v for _, v in after[j - RECOVER_WINDOW + 1:j + 1]) >= (1 - RECOVER_WITHIN) * ideal_after:
+            recover = after[j][0] - at_step
+            break
+    tail = [v for _, v in after[-RECOVER_WINDOW:]]
+    return {"before_samples_per_s": statistics.median(before) if before else None,
+            "final_samples_per_s": statistics.median(tail) if tail else None,
+            "steps_to_recover": recover, "steps_after_throttle": len(after),
+            "curve": [[st, round(v, 3)] for st, v in curve],
+            "share_events": [{"step": r["step"], "shares": r["shares"]} for r in history if "shares" in r]}
 
 
 def _why(log_path: Path, proc) -> str:
@@ -355,10 +530,14 @@ def run_scaling_benchmark(args) -> int:
     check_can_run(args, "scaling")
     user = parse_overrides(list(args.overrides or []))
     nodes = plan_nodes(args)
+    throttle = parse_throttle(getattr(args, "throttle", None), len(nodes))
     n, total = len(nodes), steps + warmup
     # epochs = total: every epoch has at least one step, so max_steps is what stops each run.
     timing = {"trainer.max_steps": str(total), "trainer.epochs": str(total), "trainer.log_every": str(total),
               "trainer.timing_warmup_steps": str(warmup), "trainer.device": args.device, "trainer.resume": "none"}
+    # With a throttle, the fleet's history has a samples/s row per step (one more tiny all_reduce
+    # per step: the loss's weighted mean).
+    fleet_timing = dict(timing, **{"trainer.log_every": "1"}) if throttle else timing
     cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n),
                                                        "compression": codecs[0]}))
     if cfg.cluster.weight == "auto":
@@ -391,6 +570,9 @@ def run_scaling_benchmark(args) -> int:
                   f"{warmup} warm-up")
     for node in nodes:
         console.print(f"  {node.describe()}")
+    if throttle:
+        console.print(f"  throttle: node {throttle.node} to {throttle.quota:g} of its cores {throttle.when()}, "
+                      f"in every fleet run")
 
     py, train = sys.executable, str(ROOT / "train.py")
 
@@ -406,7 +588,8 @@ def run_scaling_benchmark(args) -> int:
     # nodes share a GPU: then one at a time.
     side_by_side = args.device == "cpu" or (None not in gpus and len(set(gpus)) == n)
     with removed_unless_failed(bench, console):
-        with CpuQuotas(nodes), (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
+        with CpuQuotas(nodes, also=(throttle.node,) if throttle else ()) as quotas, \
+                (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
             alone, compute = [], []
             for label, size, sink in (("alone", lambda nd: batch, alone), ("local", lambda nd: local[nd.index], compute)):
                 runs = [single(nd, size(nd), f"node{nd.index}-{label}-b{size(nd)}") for nd in nodes]
@@ -416,17 +599,73 @@ def run_scaling_benchmark(args) -> int:
                     for r, m in zip(group, got):
                         console.print(f"  {r.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms")
             ideal = sum(a["samples_per_s"] for a in alone)
-            fleets = {}
+            if throttle:  # the throttled node alone at its throttled quota: its part of the ideal after
+                slow = nodes[throttle.node]
+                quotas.set(slow, throttle.quota)
+                try:
+                    r = single(slow, batch, f"node{slow.index}-alone-b{batch}-throttled")
+                    throttled = _wait([r], logs, console)[0]
+                finally:
+                    quotas.set(slow, slow.quota)
+                ideal_after = ideal - alone[slow.index]["samples_per_s"] + throttled["samples_per_s"]
+                console.print(f"  {r.label}: {throttled['samples_per_s']:.1f} samples/s at {throttle.quota:g} of its "
+                              f"cores; ideal after the throttle {ideal_after:.1f} samples/s")
+            fleets, after = {}, {}
             for k, codec in enumerate(codecs):
-                run = fleet_run(bench / f"fleet-{codec}", nodes, codec, k, args.netns, [DEFAULTS, user, data, timing])
-                m = fleets[codec] = _wait([run], logs, console)[0]
+                run = fleet_run(bench / f"fleet-{codec}", nodes, codec, k, args.netns,
+                                [DEFAULTS, user, data, fleet_timing])
+                if not throttle:
+                    m = fleets[codec] = _wait([run], logs, console)[0]
+                else:
+                    watch = Throttler(throttle, nodes, quotas, run, str(cfg.cluster.name), logs / f"{run.label}-watch.log")
+                    try:
+                        m = fleets[codec] = _wait([run], logs, console, tick=watch.tick)[0]
+                    finally:
+                        watch.close()
+                    watch.check()
+                    history = json.loads((run.out / "history.json").read_text())
+                    after[codec] = {"throttle_step": watch.at_step, "throttle_s": round(watch.at_t - watch.first_t, 3),
+                                    **throttle_figures(history, watch.at_step, warmup, ideal_after)}
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
+                if throttle:
+                    console.print(f"    throttled at step {watch.at_step} ({after[codec]['throttle_s']:.1f} s): "
+                                  f"{_recovery(after[codec])}")
 
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
     rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
-    report(console, args, rows, scaling_table, plot_scaling)
+    if not throttle:
+        report(console, args, rows, scaling_table, plot_scaling)
+        return 0
+    from rich.console import Group
+
+    asked = {"node": throttle.node, "quota": throttle.quota, "seconds": throttle.seconds, "step": throttle.step}
+    for r in rows:
+        fleet = r["run"] == "fleet"
+        r.update({"throttle": asked, "adapt_shares": bool(cfg.cluster.get("adapt_shares", False)) if fleet else None,
+                  "throttled_single_samples_per_s": throttled["samples_per_s"],
+                  "ideal_after_samples_per_s": ideal_after if fleet else None,
+                  **(after[r["codec"]] if fleet else dict.fromkeys(THROTTLE_KEYS)), })
+        if not fleet:
+            r.update(curve=[], share_events=[])
+    report(console, args, rows, lambda rs: Group(scaling_table(rs), throttle_table(rs)), plot_throttle)
     return 0
+
+
+# Per-run figures of a --throttle (None in the 1-node row), beside "curve" and "share_events".
+THROTTLE_KEYS = ("throttle_step", "throttle_s", "before_samples_per_s", "final_samples_per_s", "steps_to_recover",
+                 "steps_after_throttle")
+
+
+def _recovery(r: dict) -> str:
+    got = (f"back within {RECOVER_WITHIN:.0%} of the ideal after {r['steps_to_recover']} steps"
+           if r["steps_to_recover"] is not None else f"not within {RECOVER_WITHIN:.0%} of the ideal within "
+                                                     f"{r['steps_after_throttle']} steps")
+    return f"{_opt(r['before_samples_per_s'])} samples/s before, {_opt(r['final_samples_per_s'])} at the end; {got}"
+
+
+def _opt(v: float | None) -> str:
+    return "-" if v is None else _rate(v)
 
 
 def report(console, args, rows: list[dict], table, plot) -> None:
@@ -543,9 +782,69 @@ def plot_scaling(rows: list[dict], path: str) -> None:
                     ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("samples/s")
     ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet]))
-    ax.set_title(f"{fleet[0]['nodes']} nodes vs 1: {rows[0]['model']} on {rows[0]['dataset']}, "
-                 f"batch {rows[0]['global_batch']}, {rows[0]['link']}", fontsize=10)
-    ax.legend(loc="upper right", fontsize=8)
+    _save_plot(fig, ax, path, f"{fleet[0]['nodes']} nodes vs 1", rows[0], "upper right")
+
+
+def _save_plot(fig, ax, path: str, what: str, first: dict, legend: str) -> None:
+    """Title (`what`: the run's model, dataset, batch and link), legend, PNG; the figure closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(f"{what}: {first['model']} on {first['dataset']}, batch {first['global_batch']}, {first['link']}",
+                 fontsize=10)
+    ax.legend(loc=legend, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def throttle_table(rows: list[dict]):
+    """The fleet runs around the throttle: before it, the ideal after it, the end, the recovery."""
+    from rich.table import Table
+
+    t = rows[0]["throttle"]
+    when = f"{t['seconds']:g} s after the first step" if t["step"] is None else f"at step {t['step']}"
+    table = Table(title=f"throttle: node {t['node']} to {t['quota']:g} of its cores {when} (alone there: "
+                        f"{_rate(rows[0]['throttled_single_samples_per_s'])} samples/s)",
+                  caption=f"before: the median samples/s of the timed steps before the throttle, beside the ideal; "
+                          f"ideal after: the sum of each node alone at its quota after the throttle; end: the median "
+                          f"of the last {RECOVER_WINDOW} steps; recovered: steps after the throttle until the moving "
+                          f"median of {RECOVER_WINDOW} steps is within {RECOVER_WITHIN:.0%} of the ideal after")
+    for col in ("run", "codec", "shares", "at step", "at s", "before", "ideal", "eff. before", "ideal after", "end",
+                "eff. end", "recovered", "share moves"):
+        table.add_column(col, justify="left" if col in ("run", "codec", "shares") else "right")
+    for r in rows:
+        if r["run"] != "fleet":
+            continue
+        eff = (lambda v, ideal: f"{v / ideal:.2f}" if v is not None else "-")
+        recovered = (f"{r['steps_to_recover']} steps" if r["steps_to_recover"] is not None
+                     else f"not within {r['steps_after_throttle']} steps")
+        table.add_row(r["run"], r["codec"], "adaptive" if r["adapt_shares"] else "fixed", str(r["throttle_step"]),
+                      f"{r['throttle_s']:.1f}", _opt(r["before_samples_per_s"]), _rate(r["ideal_samples_per_s"]),
+                      eff(r["before_samples_per_s"], r["ideal_samples_per_s"]), _rate(r["ideal_after_samples_per_s"]),
+                      _opt(r["final_samples_per_s"]), eff(r["final_samples_per_s"], r["ideal_after_samples_per_s"]),
+                      recovered, str(len(r["share_events"])))
+    return table
+
+
+def plot_throttle(rows: list[dict], path: str) -> None:
+    """The fleet's samples/s against step per codec, its throttle marked, the ideals as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fleet = [r for r in rows if r["run"] == "fleet"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, r in enumerate(fleet):
+        color = f"C{i}"
+        ax.plot([c[0] for c in r["curve"]], [c[1] for c in r["curve"]], color=color, linewidth=1, label=r["codec"])
+        ax.axvline(r["throttle_step"], color=color, linestyle="--", linewidth=0.8)
+        for e in r["share_events"]:
+            ax.plot(e["step"], 0, marker="^", color=color, clip_on=False)
+    ax.axhline(fleet[0]["ideal_samples_per_s"], color="tab:green", linestyle=":", label="ideal before")
+    ax.axhline(fleet[0]["ideal_after_samples_per_s"], color="tab:red", linestyle=":", label="ideal after")
+    t = rows[0]["throttle"]
+    ax.set_xlabel("step (dashed: the throttle; triangles: share moves)")
+    ax.set_ylabel("samples/s")
+    ax.set_ylim(bottom=0)
+    _save_plot(fig, ax, path, f"node {t['node']} throttled to {t['quota']:g} of its cores", rows[0], "lower left")

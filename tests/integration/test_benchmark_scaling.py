@@ -101,6 +101,56 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["--codecs", "none,zip"], "--codecs 'none,zip': use a comma list of none, fp16, topk, topk_fp16"),
     (["compression=fp16"], "the scaling benchmark sets compression itself; use --codecs"),
     (["trainer.batch_size=abc"], "a trailing override was refused"),
+    (["--throttle", "1:0.5"], "--throttle '1:0.5': give NODE:QUOTA@SECONDS or NODE:QUOTA@stepN"),
+    (["--throttle", "2:0.5@10"], "--throttle '2:0.5@10': node 2 is not one of the 2 nodes"),
 ])
 def test_bad_option_is_one_clear_line(tmp_path, args, said):
     assert_one_clear_line(_scaling(tmp_path, *args, timeout=120), said)
+
+
+THROTTLE_KEYS = {"throttle", "adapt_shares", "throttled_single_samples_per_s", "ideal_after_samples_per_s",
+                 "throttle_step", "throttle_s", "before_samples_per_s", "final_samples_per_s", "steps_to_recover",
+                 "steps_after_throttle", "curve", "share_events"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="--throttle lowers a cgroup's CPU quota: root only")
+def test_throttle_rows_are_consistent(tmp_path):
+    """--throttle on two 1-core nodes: node 1's quota drops at step 30 of each fleet run (a step,
+    not seconds: the run must outlast it on any machine); the trailing override reaches the
+    fleet; every throttle figure derives from the run's own per-step curve and references."""
+    import statistics
+
+    out, png = tmp_path / "throttle.json", tmp_path / "throttle.png"
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "50", "--warmup-steps", "2",
+                    "--codecs", "none", "--throttle", "1:0.5@step30", "--json", str(out), "--plot", str(png),
+                    "cluster.adapt_shares=true")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    one, fleet = json.loads(out.read_text())
+    assert set(one) == set(fleet) == KEYS | THROTTLE_KEYS
+    for r in (one, fleet):
+        assert r["throttle"] == {"node": 1, "quota": 0.5, "seconds": None, "step": 30}
+        assert r["throttled_single_samples_per_s"] > 0
+    assert all(one[k] is None for k in ("throttle_step", "steps_to_recover", "ideal_after_samples_per_s"))
+    assert fleet["adapt_shares"] is True and fleet["cpu_quota"] == [None, None]
+    # Every step logged (trainer.log_every=1), the throttle inside the run.
+    steps, sps = [c[0] for c in fleet["curve"]], [c[1] for c in fleet["curve"]]
+    assert steps == list(range(1, 53)) and all(v > 0 for v in sps)
+    at = fleet["throttle_step"]
+    assert 30 <= at < 52 and fleet["throttle_s"] >= 0
+    assert fleet["steps_after_throttle"] == 52 - at
+    assert fleet["ideal_after_samples_per_s"] == pytest.approx(
+        fleet["single_samples_per_s"][0] + fleet["throttled_single_samples_per_s"])
+    assert fleet["before_samples_per_s"] == pytest.approx(statistics.median(sps[2:at]), rel=1e-3)
+    after = sps[at:]
+    assert fleet["final_samples_per_s"] == pytest.approx(statistics.median(after[-5:]), rel=1e-3)
+    medians = [statistics.median(after[j - 4:j + 1]) for j in range(4, len(after))]
+    hit = next((j + 5 for j, m in enumerate(medians) if m >= 0.95 * fleet["ideal_after_samples_per_s"]), None)
+    assert fleet["steps_to_recover"] == hit
+    assert all(set(e) == {"step", "shares"} and sum(e["shares"]) == pytest.approx(1) for e in fleet["share_events"])
+    assert "node1-alone-b64-throttled" in proc.stdout and "steps to recover" not in proc.stderr
+    assert "throttled at step" in proc.stdout and "recovered" in proc.stdout  # the progress line, the table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))
+    cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
+    assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
+
