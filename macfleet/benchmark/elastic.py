@@ -191,7 +191,8 @@ class Fleet:
             if netns is not None:
                 argv = ["ip", "netns", "exec", netns.names[i], *argv]
             env = dict(os.environ, MACFLEET_TOKEN=token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
-                       PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+                       PYTHONUNBUFFERED="1",
+                       PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
             env.pop("WANDB_API_KEY", None)
             self.procs.append(self.spawn(f"node {i}" + (" (master)" if i == 0 else ""), argv, env, i))
 
