@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# spawn_local's ranks fork from one server that imported torch once, instead of each importing it
+# (seconds per rank on 2 cores); subprocesses inherit it (the benchmarks' ranks).
+os.environ.setdefault("MACFLEET_START_METHOD", "forkserver")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 PY = sys.executable
