@@ -29,6 +29,7 @@ import torch
 
 from macfleet.comm.launch import free_ports, spawn_local
 from tests.conftest import PY, ROOT, run_train
+from tests.integration.test_agents import Proc
 
 TOKEN = "cluster-test-token"
 # Equivalence needs a deterministic model and schedule: no BatchNorm, no dropout, constant LR.
@@ -209,24 +210,17 @@ def test_batchnorm_buffers_agree_across_nodes_and_converge(tmp_path):
 
 
 # ------------------------------------------------------------------------------ agent mode
-def _agent(role: str, port: int, cwd: Path, *extra: str) -> subprocess.Popen:
+def _agent(role: str, port: int, cwd: Path, *extra: str) -> Proc:
     cwd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MACFLEET_JOB_COMMAND", None)  # the real job: python -m macfleet.run
-    return subprocess.Popen([PY, "-m", "macfleet.cli", "launch", "--role", role, "--token", TOKEN,
-                             "--master-port", str(port), "--no-discovery", *extra], cwd=str(cwd), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Proc([PY, "-m", "macfleet.cli", "launch", "--role", role, "--token", TOKEN, "--master-port", str(port),
+                 "--no-discovery", *extra], env, cwd)
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
+def _stop(proc: Proc) -> str:
+    proc.stop()
+    return proc.text
 
 
 def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
@@ -238,7 +232,8 @@ def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
     args = direct_args("master", port, ["trainer.max_steps=6", "trainer.epochs=1", *RELAXED,
                                         f"hydra.run.dir={run_dir}"])
     try:
-        # The worker agent needs a moment to register; until then the master agent says so.
+        # Submitted once the worker agent says it registered: each retry below is a train.py start.
+        worker.wait_for("registered with the master agent at 127.0.0.1", timeout=90)
         deadline = time.monotonic() + 90
         while True:
             res = run_train(args, cwd=tmp_path / "submitter", timeout=240)
@@ -285,10 +280,11 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
     master = TrainProc([str(port), str(tmp_path / "run")], tmp_path / "m", script=Path(__file__))
     try:
         master.wait_line("waiting for nodes: 1 of 2 joined", timeout=90, stream="err")
+        # Two bad workers, not three: one with a wrong token, one whose codec and learning rate
+        # both differ (every difference must be named, so one node checks both).
         bad = {
             "token": ["cluster.token=not-the-token"],
-            "compression": ["compression=fp16"],
-            "lr": ["trainer.learning_rate=0.5"],
+            "config": ["compression=fp16", "trainer.learning_rate=0.5"],
         }
         procs = {name: TrainProc([*direct_args("worker", port, short), *extra], tmp_path / name)
                  for name, extra in bad.items()}
@@ -301,13 +297,14 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
         assert "use the same cluster.token on every node" in procs["token"].text("err")
         # Every key that differs is named with both values, and nothing else: the API master and
         # train.py agree on everything else.
-        assert "what must match: compression.name: master none, this node fp16. Use the same" \
-            in procs["compression"].text("err")
-        lr = "optimizer.lr: master 0.05, this node 0.5; trainer.learning_rate: master 0.05, this node 0.5"
-        assert f"what must match: {lr}. Use the same" in procs["lr"].text("err"), procs["lr"].text("err")
+        want = {"compression.name: master none, this node fp16", "optimizer.lr: master 0.05, this node 0.5",
+                "trainer.learning_rate: master 0.05, this node 0.5"}
+        err = procs["config"].text("err")
+        named = re.search(r"what must match: (.*?)\. Use the same", err)
+        assert named and set(named.group(1).split("; ")) == want, err
         # The master says so too (it used to take that worker and train a wrong model).
-        assert any("refused a node's join from 127.0.0.1" in line and lr in line for line in master.text().splitlines()), \
-            master.text()
+        assert any("refused a node's join from 127.0.0.1" in line and all(w in line for w in want)
+                   for line in master.text().splitlines()), master.text()
         # The refusals did not disturb the master: a matching worker still joins and the run finishes.
         good = TrainProc(direct_args("worker", port, short), tmp_path / "good")
         assert good.wait(180) == 0, good.text()[-3000:]
