@@ -28,15 +28,10 @@ import pytest
 import torch
 
 from macfleet.comm.launch import free_ports, spawn_local
-from tests.conftest import PY, ROOT, run_train
+from tests.conftest import EXACT, ONE_PROCESS, PY, RELAXED, ROOT, WEIGHTED, run_train
 from tests.integration.test_agents import Proc
 
 TOKEN = "cluster-test-token"
-# Equivalence needs a deterministic model and schedule: no BatchNorm, no dropout, constant LR.
-EXACT = ["compression=none", "model.batchnorm=false", "model.dropout=0", "scheduler=constant",
-         "trainer.progress=false", "trainer.max_steps=8", "trainer.seed=3"]
-# Generous where liveness is not the point: two shared cores can stall a process for a second.
-RELAXED = ["cluster.heartbeat_interval=3.0", "cluster.wait_timeout=120"]
 
 
 def final_model(run_dir: Path) -> dict:
@@ -136,25 +131,22 @@ class TrainProc:
 
 # ------------------------------------------------------------------------------ equivalence
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """The reference: one process on the global batch, same seed and steps."""
-    out = tmp_path_factory.mktemp("single")
-    res = run_train([*EXACT, "cluster=single", f"hydra.run.dir={out}"], timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return final_model(out)
+def one_process(exact_run) -> dict:
+    """The reference: one process on the global batch, same seed and steps (test_convergence
+    compares with the same run)."""
+    return final_model(exact_run(*ONE_PROCESS))
 
 
-@pytest.mark.parametrize("nodes,weights,ddp,allreduce", [
-    (2, "[0.62,0.38]", "torch", "auto"),
-    (3, "[0.5,0.3,0.2]", "flat", "ring"),
-])
-def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights, ddp, allreduce):
-    res = run_train([*EXACT, *RELAXED, "cluster=local", f"cluster.nodes={nodes}", f"cluster.weights={weights}",
-                     f"cluster.ddp={ddp}", f"cluster.allreduce={allreduce}", f"hydra.run.dir={tmp_path}"], timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+@pytest.mark.parametrize("nodes,fleet", [
+    (2, WEIGHTED),  # PyTorch DDP, the engine's choice of algorithm; test_convergence reads this run too
+    (3, ("cluster=local", "cluster.nodes=3", "cluster.weights=[0.5,0.3,0.2]", "cluster.ddp=flat",
+         "cluster.allreduce=ring")),
+], ids=["2-torch-auto", "3-flat-ring"])
+def test_weighted_fleet_equals_one_process(exact_run, one_process, nodes, fleet):
+    run_dir = exact_run("compression=none", *fleet)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == nodes and metrics["steps"] == 8
-    assert_same_model(final_model(tmp_path), one_process)
+    assert_same_model(final_model(run_dir), one_process)
 
 
 def test_train_py_under_torchrun_equals_one_process(tmp_path, one_process):
@@ -162,7 +154,7 @@ def test_train_py_under_torchrun_equals_one_process(tmp_path, one_process):
     weighted shares; one run id, one run dir written by rank 0 only."""
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([*torchrun, *EXACT, "cluster=torchrun", "cluster.weights=[0.62,0.38]",
+    res = subprocess.run([*torchrun, *EXACT, "compression=none", "cluster=torchrun", "cluster.weights=[0.62,0.38]",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=str(tmp_path), env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
