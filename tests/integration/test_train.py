@@ -153,14 +153,16 @@ def test_hydras_plus_hint_for_an_unknown_key_ends_in_one_clear_line(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-# Starts train.py at a given wall-clock instant, its imports done: "started in the same second" made exact.
+# Starts train.py at a wall-clock instant read from stdin once its imports are done (it says
+# "ready"): "started in the same second" made exact.
 _AT_INSTANT = """
 import runpy, sys, time
 import hydra, omegaconf  # noqa: F401 - imported before the instant, so both start alike
-at, train = float(sys.argv[1]), sys.argv[2]
-sys.argv = sys.argv[2:]
+print("ready", flush=True)
+at = float(sys.stdin.readline())
+sys.argv = sys.argv[1:]
 time.sleep(max(0.0, at - time.time()))
-runpy.run_path(train, run_name="__main__")
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -173,12 +175,18 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
 
     from tests.conftest import ROOT
 
-    at = math.ceil(time.time()) + 4.05  # the start of a second, after both interpreters are up
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["cluster=single", "trainer.max_steps=2", "trainer.epochs=1", "trainer.progress=false"]
-    procs = [subprocess.Popen([sys.executable, "-c", _AT_INSTANT, str(at), str(ROOT / "train.py"), *args],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _AT_INSTANT, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for _ in range(2)]
+    for p in procs:  # each says "ready" (or ends, and the returncode check below says how)
+        next((line for line in iter(p.stdout.readline, "") if line.strip() == "ready"), None)
+    at = math.ceil(time.time() + 0.2) + 0.05  # the start of a second, both interpreters up and told
+    for p in procs:
+        p.stdin.write(f"{at}\n")
+        p.stdin.flush()
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     dirs = sorted((tmp_path / "outputs").iterdir())
