@@ -2,8 +2,8 @@
 
 - `free_ports(n)`: n TCP ports free on 127.0.0.1 right now.
 - `spawn_local(fn, world_size, args=(), timeout=..., netns=None)`: runs
-  `fn(rank, world_size, addrs, *args)` in N real processes (multiprocessing "spawn"), returns
-  their return values by rank; a rank that raises or exits non-zero, or a run past `timeout`,
+  `fn(rank, world_size, addrs, *args)` in N real processes (multiprocessing "spawn", or
+  "forkserver" with MACFLEET_START_METHOD=forkserver), returns their return values by rank; a rank that raises or exits non-zero, or a run past `timeout`,
   raises `RankFailedError` (with the survivors' results) after every straggler is killed.
 - `Netns(n, rate=None)`: context manager making n network namespaces with addresses
   10.0.0.1..n: a veth pair for 2, and for more a bridge inside a namespace of its own (never in
@@ -65,6 +65,18 @@ def enter_netns(name: str) -> None:
         os.close(fd)
 
 
+def _context() -> mp.context.BaseContext:
+    """Where ranks start: "spawn", a fresh interpreter per rank. MACFLEET_START_METHOD=forkserver
+    forks each rank from one server process that imported torch (and torch._dynamo, which the first
+    optimizer imports) once: the test suite sets it, since every spawned rank otherwise pays those
+    imports again (seconds each on 2 cores). The server keeps the environment it started with."""
+    method = os.environ.get("MACFLEET_START_METHOD", "spawn")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(["torch", "torch._dynamo", "macfleet.comm.group"])
+    return ctx
+
+
 def _child(fn, rank, world_size, addrs, args, results, netns_name):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -97,7 +109,7 @@ def spawn_local(fn, world_size: int, args: tuple = (), timeout: float = 120.0, *
     else:
         addrs = [f"127.0.0.1:{p}" for p in free_ports(world_size)]
         names = [None] * world_size
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, addrs, args, results, names[r]),
                          name=f"macfleet-rank{r}", daemon=True) for r in range(world_size)]

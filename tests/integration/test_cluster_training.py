@@ -28,14 +28,10 @@ import pytest
 import torch
 
 from macfleet.comm.launch import free_ports, spawn_local
-from tests.conftest import PY, ROOT, run_train
+from tests.conftest import EXACT, ONE_PROCESS, PY, RELAXED, ROOT, WEIGHTED, run_train
+from tests.integration.test_agents import Proc
 
 TOKEN = "cluster-test-token"
-# Equivalence needs a deterministic model and schedule: no BatchNorm, no dropout, constant LR.
-EXACT = ["compression=none", "model.batchnorm=false", "model.dropout=0", "scheduler=constant",
-         "trainer.progress=false", "trainer.max_steps=8", "trainer.seed=3"]
-# Generous where liveness is not the point: two shared cores can stall a process for a second.
-RELAXED = ["cluster.heartbeat_interval=3.0", "cluster.wait_timeout=120"]
 
 
 def final_model(run_dir: Path) -> dict:
@@ -137,25 +133,22 @@ class TrainProc:
 
 # ------------------------------------------------------------------------------ equivalence
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
-    """The reference: one process on the global batch, same seed and steps."""
-    out = tmp_path_factory.mktemp("single")
-    res = run_train([*EXACT, "cluster=single", f"hydra.run.dir={out}"], timeout=180)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return final_model(out)
+def one_process(exact_run) -> dict:
+    """The reference: one process on the global batch, same seed and steps (test_convergence
+    compares with the same run)."""
+    return final_model(exact_run(*ONE_PROCESS))
 
 
-@pytest.mark.parametrize("nodes,weights,ddp,allreduce", [
-    (2, "[0.62,0.38]", "torch", "auto"),
-    (3, "[0.5,0.3,0.2]", "flat", "ring"),
-])
-def test_weighted_fleet_equals_one_process(tmp_path, one_process, nodes, weights, ddp, allreduce):
-    res = run_train([*EXACT, *RELAXED, "cluster=local", f"cluster.nodes={nodes}", f"cluster.weights={weights}",
-                     f"cluster.ddp={ddp}", f"cluster.allreduce={allreduce}", f"hydra.run.dir={tmp_path}"], timeout=240)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+@pytest.mark.parametrize("nodes,fleet", [
+    (2, WEIGHTED),  # PyTorch DDP, the engine's choice of algorithm; test_convergence reads this run too
+    (3, ("cluster=local", "cluster.nodes=3", "cluster.weights=[0.5,0.3,0.2]", "cluster.ddp=flat",
+         "cluster.allreduce=ring")),
+], ids=["2-torch-auto", "3-flat-ring"])
+def test_weighted_fleet_equals_one_process(exact_run, one_process, nodes, fleet):
+    run_dir = exact_run("compression=none", *fleet)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == nodes and metrics["steps"] == 8
-    assert_same_model(final_model(tmp_path), one_process)
+    assert_same_model(final_model(run_dir), one_process)
 
 
 def test_train_py_under_torchrun_equals_one_process(tmp_path, one_process):
@@ -163,7 +156,7 @@ def test_train_py_under_torchrun_equals_one_process(tmp_path, one_process):
     weighted shares; one run id, one run dir written by rank 0 only."""
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(ROOT / "train.py")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    res = subprocess.run([*torchrun, *EXACT, "cluster=torchrun", "cluster.weights=[0.62,0.38]",
+    res = subprocess.run([*torchrun, *EXACT, "compression=none", "cluster=torchrun", "cluster.weights=[0.62,0.38]",
                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=str(tmp_path), env=env,
                          capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -211,24 +204,17 @@ def test_batchnorm_buffers_agree_across_nodes_and_converge(tmp_path):
 
 
 # ------------------------------------------------------------------------------ agent mode
-def _agent(role: str, port: int, cwd: Path, *extra: str) -> subprocess.Popen:
+def _agent(role: str, port: int, cwd: Path, *extra: str) -> Proc:
     cwd.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("MACFLEET_JOB_COMMAND", None)  # the real job: python -m macfleet.run
-    return subprocess.Popen([PY, "-m", "macfleet.cli", "launch", "--role", role, "--token", TOKEN,
-                             "--master-port", str(port), "--no-discovery", *extra], cwd=str(cwd), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return Proc([PY, "-m", "macfleet.cli", "launch", "--role", role, "--token", TOKEN, "--master-port", str(port),
+                 "--no-discovery", *extra], env, cwd)
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.terminate()
-    try:
-        out, _ = proc.communicate(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out
+def _stop(proc: Proc) -> str:
+    proc.stop()
+    return proc.text
 
 
 def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
@@ -240,7 +226,8 @@ def test_agent_mode_runs_the_real_job_on_both_agents(tmp_path):
     args = direct_args("master", port, ["trainer.max_steps=6", "trainer.epochs=1", *RELAXED,
                                         f"hydra.run.dir={run_dir}"])
     try:
-        # The worker agent needs a moment to register; until then the master agent says so.
+        # Submitted once the worker agent says it registered: each retry below is a train.py start.
+        worker.wait_for("registered with the master agent at 127.0.0.1", timeout=90)
         deadline = time.monotonic() + 90
         while True:
             res = run_train(args, cwd=tmp_path / "submitter", timeout=240)
@@ -287,10 +274,11 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
     master = TrainProc([str(port), str(tmp_path / "run")], tmp_path / "m", script=Path(__file__))
     try:
         master.wait_line("waiting for nodes: 1 of 2 joined", timeout=90, stream="err")
+        # Two bad workers, not three: one with a wrong token, one whose codec and learning rate
+        # both differ (every difference must be named, so one node checks both).
         bad = {
             "token": ["cluster.token=not-the-token"],
-            "compression": ["compression=fp16"],
-            "lr": ["trainer.learning_rate=0.5"],
+            "config": ["compression=fp16", "trainer.learning_rate=0.5"],
         }
         procs = {name: TrainProc([*direct_args("worker", port, short), *extra], tmp_path / name)
                  for name, extra in bad.items()}
@@ -303,13 +291,14 @@ def test_wrong_token_and_differing_config_are_refused(tmp_path):
         assert "use the same cluster.token on every node" in procs["token"].text("err")
         # Every key that differs is named with both values, and nothing else: the API master and
         # train.py agree on everything else.
-        assert "what must match: compression.name: master none, this node fp16. Use the same" \
-            in procs["compression"].text("err")
-        lr = "optimizer.lr: master 0.05, this node 0.5; trainer.learning_rate: master 0.05, this node 0.5"
-        assert f"what must match: {lr}. Use the same" in procs["lr"].text("err"), procs["lr"].text("err")
+        want = {"compression.name: master none, this node fp16", "optimizer.lr: master 0.05, this node 0.5",
+                "trainer.learning_rate: master 0.05, this node 0.5"}
+        err = procs["config"].text("err")
+        named = re.search(r"what must match: (.*?)\. Use the same", err)
+        assert named and set(named.group(1).split("; ")) == want, err
         # The master says so too (it used to take that worker and train a wrong model).
-        assert any("refused a node's join from 127.0.0.1" in line and lr in line for line in master.text().splitlines()), \
-            master.text()
+        assert any("refused a node's join from 127.0.0.1" in line and all(w in line for w in want)
+                   for line in master.text().splitlines()), master.text()
         # The refusals did not disturb the master: a matching worker still joins and the run finishes.
         good = TrainProc(direct_args("worker", port, short), tmp_path / "good")
         assert good.wait(180) == 0, good.text()[-3000:]

@@ -4,7 +4,8 @@ dense paths, weighted averaging, and the bytes on the wire.
 Every run is `python train.py cluster=local ...`: a 2-node fleet (two processes over loopback)
 training the digits CNN, as a user runs it. A fleet's start-up is most of the ~12 s a run takes
 on 2 cores, so each run is a module-scoped fixture shared by every assertion that needs it
-(9 runs, ~110 s). Every run names its cluster and codec: the defaults in conf/ may change.
+(9 runs; the one-process and 2-node `none` references are conftest's `exact_run`, shared with
+test_cluster_training). Every run names its cluster and codec: the defaults in conf/ may change.
 The figures each test compares are printed (`pytest -s` shows them).
 """
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from macfleet import checkpoint as ckpt
-from tests.conftest import compose, run_train
+from tests.conftest import EXACT, ONE_PROCESS, WEIGHTED, compose, run_train
 
 EPOCHS = 8
 """Long enough that `none` and topk_fp16@10% are both well trained. Measured test accuracy (seeds
@@ -26,8 +27,6 @@ K = 10
 """Steps after which the dense codecs' parameters are compared (errors grow with K: keep it short)."""
 FP16_UNIT = 2.0 ** -11
 """fp16's unit roundoff: each gradient value (and the engine's fp16 sum) is rounded by at most this, relative."""
-NO_BN = ["model.batchnorm=false", "model.dropout=0"]
-"""A model whose N-node step equals one process on the global batch (no per-node batch statistics)."""
 
 
 def train_fleet(out: Path, *overrides: str, cluster: str = "local") -> dict:
@@ -129,16 +128,12 @@ def topk_fp16_dense_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weighted_runs(tmp_path_factory) -> dict[str, Path]:
+def weighted_runs(exact_run) -> dict[str, Path]:
     """One process on the global batch of 64, and 2 nodes weighted [0.62, 0.38] (local batches
-    40 + 24) without compression and with topk at ratio 1.0; one epoch (22 steps)."""
-    outs = {name: tmp_path_factory.mktemp(f"weighted_{name}") for name in ("single", "none", "topk")}
-    common = [*NO_BN, "trainer.epochs=1"]
-    train_fleet(outs["single"], "compression=none", *common, cluster="single")
-    two = ["cluster.nodes=2", "cluster.weights=[0.62,0.38]", *common]
-    train_fleet(outs["none"], "compression=none", *two)
-    train_fleet(outs["topk"], "compression=topk", "compression.ratio=1.0", *two)
-    return outs
+    40 + 24) without compression and with topk at ratio 1.0; EXACT's 8 steps. The first two are
+    the runs test_cluster_training compares (started once per session)."""
+    return {"single": exact_run(*ONE_PROCESS), "none": exact_run("compression=none", *WEIGHTED),
+            "topk": exact_run("compression=topk", "compression.ratio=1.0", *WEIGHTED)}
 
 
 # --------------------------------------------------------------------------- the tests
@@ -204,15 +199,15 @@ def test_topk_at_ratio_1_is_exactly_uncompressed(weighted_runs):
 
 def test_weighted_nodes_with_compression_equal_one_process(weighted_runs):
     single = model_at(weighted_runs["single"])
-    init = initial_model(*NO_BN)
+    init = initial_model(*EXACT)
     moved = max(float((single[k] - init[k]).abs().max()) for k in single)
     assert moved > 1e-2, "training did not move the parameters"
     for name in ("none", "topk"):
         nodes = model_at(weighted_runs[name])
-        assert checkpoint_state(weighted_runs[name])["step"] == 22
+        assert checkpoint_state(weighted_runs[name])["step"] == 8
         # rank 0's log: the weights were applied (equal shares would also match one process).
         assert "local batch 40 of 64" in (weighted_runs[name] / "train.log").read_text()
         worst = max(float((nodes[k] - single[k]).abs().max()) for k in single)
-        print(f"\nweighted [0.62, 0.38] 2 nodes ({name}) vs 1 process, 22 steps: max |diff| {worst:.3g}")
+        print(f"\nweighted [0.62, 0.38] 2 nodes ({name}) vs 1 process, 8 steps: max |diff| {worst:.3g}")
         for k in single:
             torch.testing.assert_close(nodes[k], single[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{name} {k}: {m}")

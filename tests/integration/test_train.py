@@ -82,11 +82,21 @@ def read_wandb_records(path: Path) -> list:
     return out
 
 
-def test_wandb_offline_holds_logged_metrics(tmp_path):
-    res = run_train([f"hydra.run.dir={tmp_path}", "logger=wandb", "trainer.epochs=2", "trainer.log_every=5", "cluster=single"])
+@pytest.fixture(scope="module")
+def wandb_sweep(tmp_path_factory) -> Path:
+    """One sweep read by three tests: `-m compression=none,fp16 logger=wandb cluster=single`, one
+    epoch per job, W&B without WANDB_API_KEY or WANDB_MODE (offline into each job's dir by itself)."""
+    out = tmp_path_factory.mktemp("sweep")
+    res = run_train(["-m", "compression=none,fp16", "logger=wandb", "cluster=single", "trainer.epochs=1",
+                     "trainer.log_every=5", f"hydra.sweep.dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, list((tmp_path / "wandb").iterdir())
+    return out
+
+
+def test_wandb_offline_holds_logged_metrics(wandb_sweep):
+    job = wandb_sweep / "0"  # a sweep's job is a run of its own, with its own W&B run
+    runs = list((job / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((job / "wandb").iterdir())
     files = [f for f in runs[0].iterdir() if f.suffix == ".wandb"]
     records = read_wandb_records(files[0])
     def items(updates) -> dict:
@@ -104,10 +114,8 @@ def test_wandb_offline_holds_logged_metrics(tmp_path):
     assert summary.get("test_accuracy", 0) > 0.5
 
 
-def test_multirun_writes_a_dir_per_job(tmp_path):
-    res = run_train(["-m", "compression=none,fp16", "trainer.epochs=1", "cluster=single", f"hydra.sweep.dir={tmp_path}"])
-    assert res.returncode == 0, res.stderr[-3000:]
-    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
+def test_multirun_writes_a_dir_per_job(wandb_sweep):
+    jobs = sorted(p for p in wandb_sweep.iterdir() if p.is_dir() and (p / "metrics.json").is_file())
     assert [p.name for p in jobs] == ["0", "1"]
     from omegaconf import OmegaConf
 
@@ -145,14 +153,16 @@ def test_hydras_plus_hint_for_an_unknown_key_ends_in_one_clear_line(tmp_path):
     assert not (tmp_path / "metrics.json").exists()
 
 
-# Starts train.py at a given wall-clock instant, its imports done: "started in the same second" made exact.
+# Starts train.py at a wall-clock instant read from stdin once its imports are done (it says
+# "ready"): "started in the same second" made exact.
 _AT_INSTANT = """
 import runpy, sys, time
 import hydra, omegaconf  # noqa: F401 - imported before the instant, so both start alike
-at, train = float(sys.argv[1]), sys.argv[2]
-sys.argv = sys.argv[2:]
+print("ready", flush=True)
+at = float(sys.stdin.readline())
+sys.argv = sys.argv[1:]
 time.sleep(max(0.0, at - time.time()))
-runpy.run_path(train, run_name="__main__")
+runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
@@ -165,12 +175,18 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
 
     from tests.conftest import ROOT
 
-    at = math.ceil(time.time()) + 4.05  # the start of a second, after both interpreters are up
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = ["cluster=single", "trainer.max_steps=2", "trainer.epochs=1", "trainer.progress=false"]
-    procs = [subprocess.Popen([sys.executable, "-c", _AT_INSTANT, str(at), str(ROOT / "train.py"), *args],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, "-c", _AT_INSTANT, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                              env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
              for _ in range(2)]
+    for p in procs:  # each says "ready" (or ends, and the returncode check below says how)
+        next((line for line in iter(p.stdout.readline, "") if line.strip() == "ready"), None)
+    at = math.ceil(time.time() + 0.2) + 0.05  # the start of a second, both interpreters up and told
+    for p in procs:
+        p.stdin.write(f"{at}\n")
+        p.stdin.flush()
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     dirs = sorted((tmp_path / "outputs").iterdir())
@@ -179,16 +195,13 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
         assert json.loads((d / "metrics.json").read_text())["run_id"] == d.name
 
 
-def test_each_sweep_job_is_its_own_wandb_run(tmp_path):
-    res = run_train(["-m", "compression=none,fp16", "logger=wandb", "cluster=single", "trainer.max_steps=2",
-                     "trainer.epochs=1", f"hydra.sweep.dir={tmp_path}"], env={"WANDB_MODE": "offline"})
-    assert res.returncode == 0, res.stderr[-3000:]
+def test_each_sweep_job_is_its_own_wandb_run(wandb_sweep):
     ids = []
     for job in ("0", "1"):
-        runs = list((tmp_path / job / "wandb").glob("offline-run-*"))
+        runs = list((wandb_sweep / job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs
         ids.append(runs[0].name.split("-", 3)[3])  # offline-run-<time>-<id>
-        assert json.loads((tmp_path / job / "metrics.json").read_text())["run_id"] == ids[-1]
+        assert json.loads((wandb_sweep / job / "metrics.json").read_text())["run_id"] == ids[-1]
     assert ids[0] != ids[1] and ids[0].endswith("_0") and ids[1].endswith("_1"), ids
 
 
