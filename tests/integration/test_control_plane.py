@@ -156,7 +156,7 @@ def test_direct_mode_across_namespaces(netns):
         # Data-plane addresses are the ones each side is reached at across the namespaces.
         assert m["addrs"] == w["addrs"] == ["10.0.0.1:29200", "10.0.0.2:29201"]
         assert m["weights"] == w["weights"] == [0.5, 0.5]
-        assert w["run"] == {"run_id": "r1", "seed": 7}
+        assert w["run"] == {"run_id": "r1", "seed": 7, "elastic": True}
         log = master.wait_for("log")
         assert log["line"].startswith("[rank 1 worker-") and log["line"].endswith("reached step 3")
         time.sleep(2 * INTERVAL)
