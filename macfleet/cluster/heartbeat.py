@@ -58,6 +58,8 @@ from macfleet.errors import FrameError
 
 log = logging.getLogger("macfleet")
 
+SUSPENDED_AFTER = 0.5
+"""A node's heartbeat loop that did not come round for this many intervals was itself suspended."""
 LOST_AFTER = 1.75
 """A peer silent for this many heartbeat intervals is lost (kept under the 2x promise)."""
 TO_MASTER = b"node->master"
@@ -432,9 +434,10 @@ class HeartbeatClient:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if now - last_tick > limit:
-                    # This thread did not run for a deadline (the process was stopped, or the Mac
-                    # slept): that silence is ours, not the master's. Ask again and wait anew.
+                if now - last_tick > SUSPENDED_AFTER * self.interval:
+                    # This thread did not run for a while (the process was stopped, or the Mac
+                    # slept): the silence it slept through is ours, not the master's. Ask again
+                    # and wait a deadline anew. (Its loop otherwise comes round every interval/20.)
                     last_heard, next_send = now, 0.0
                 last_tick = now
                 if now >= next_send:
@@ -458,7 +461,7 @@ class HeartbeatClient:
                         last_heard = time.monotonic()
                         if self._heard(msg):
                             return
-                if time.monotonic() - last_tick > limit:
+                if time.monotonic() - last_tick > SUSPENDED_AFTER * self.interval:
                     continue  # suspended while waiting: the loop's top starts a fresh deadline
                 silence = time.monotonic() - last_heard
                 if silence > limit:

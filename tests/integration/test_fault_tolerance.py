@@ -4,8 +4,7 @@
   cluster.heartbeat_interval and the master goes on alone at once, finishing every step; the
   stopped worker, continued, learns it was dropped (and does not blame the master).
 - cluster.elastic=false: the master stops within 2x the interval with a PeerLostError message
-  (no hang, no traceback), the last checkpoint stays loadable, and `trainer.resume=auto` on both
-  nodes finishes the run.
+  (no hang, no traceback), and the last checkpoint stays loadable.
 - A master alone says it waits for the configured nodes, and gives up after cluster.wait_timeout;
   a worker without a master says so and gives up after its cluster.wait_timeout.
 """
@@ -111,28 +110,17 @@ def _newest_checkpoint(run_dir: Path) -> Path:
     return Path(found)
 
 
-def test_killed_worker_stops_master_fast_and_run_resumes(tmp_path):
-    """cluster.elastic=false: any departure ends the run; resume=auto continues it."""
+def test_killed_worker_stops_master_fast_with_a_loadable_checkpoint(tmp_path):
+    """cluster.elastic=false: any departure ends the run, fast, with the last checkpoint intact
+    (trainer.resume=auto continuing a run: test_train.py, test_stop_resume.py)."""
     run_dir = tmp_path / "run"
     took = _loses_worker(tmp_path / "first", run_dir, signal.SIGKILL, ["cluster.elastic=false"])
     assert took < DETECT_LIMIT_S, f"master needed {took:.2f} s to report the killed worker"
-    # The last checkpoint is complete and loadable, mid-run.
     last = _newest_checkpoint(run_dir)
     state, meta = ckpt.load(last)
     assert 0 < state["step"] < TOTAL_STEPS and meta["world_size"] == 2
     assert isinstance(state["model"], dict) and all(torch.isfinite(v).all() for v in state["model"].values()
                                                     if v.is_floating_point())
-    # Both nodes again, resume=auto: the run picks up there and finishes the full count.
-    master, worker = _pair(tmp_path / "again", run_dir, ["trainer.resume=auto", "cluster.elastic=false"])
-    try:
-        assert master.wait(180) == 0, master.text()[-3000:]
-        assert worker.wait(60) == 0, worker.text()[-3000:]
-    finally:
-        worker.kill()
-        master.kill()
-    assert f"resumed from {last}" in master.text()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["steps"] == TOTAL_STEPS and metrics["world_size"] == 2
 
 
 def test_master_and_worker_alone_wait_then_give_up(tmp_path):

@@ -214,7 +214,7 @@ def _files_holding(root: Path, needle: str) -> list[str]:
 
 @pytest.mark.parametrize("cluster,source", [
     ("cluster=local", "override"),          # a 2-node fleet: the worker must get the token to join
-    ("cluster=local", "conf/local"),
+    ("cluster=single", "conf/local"),        # (a fleet's worker getting the token: the override case)
     ("cluster=single", "composed yaml"),    # cluster.token in conf/local/default.yaml: composed, Hydra saved it
 ])
 def test_the_join_token_is_never_persisted(tmp_path, cluster, source):
