@@ -508,9 +508,11 @@ class Trainer:
         ddp.set_step(state.step)
         opt.zero_grad(set_to_none=True)
         fleet.in_flight = True
-        fleet.speed.start()
+        if fleet.adapt:  # device events on every step only where the shares use them
+            fleet.speed.start()
         loss = self._loss(ddp(x), y)
-        fleet.speed.stop(len(y))
+        if fleet.adapt:
+            fleet.speed.stop(len(y))
         loss.backward()
         ddp.finish_gradients()
         fleet.in_flight = False
@@ -687,7 +689,7 @@ class _Parallel:
         self.regroups = 0
         self.loaded = False
         """The last regroup replaced this rank's state with a node's that was further on."""
-        self.adapt = bool(getattr(trainer.cc, "adapt_shares", False)) and world.world_size > 1
+        self.adapt = trainer.cc.adapt_shares and world.world_size > 1
         self.speed = _Speed(device)
         self.shares_vote = 0
         """The vote count when the shares last moved."""
@@ -734,7 +736,7 @@ class _Parallel:
                 lost = behind
             if lost is None:
                 return None
-        if asked_to_stop or not getattr(self.world, "recoverable", lambda e: False)(lost):
+        if asked_to_stop or not self.world.recoverable(lost):
             if lost is exc:
                 return None
             raise lost from exc
@@ -750,7 +752,7 @@ class _Parallel:
         self.regroups += 1
         self._shard()
         self.speed.reset()
-        self.adapt = bool(getattr(self.trainer.cc, "adapt_shares", False)) and self.world.world_size > 1
+        self.adapt = self.trainer.cc.adapt_shares and self.world.world_size > 1
         self.agree(state, old)
         for p in state.model.parameters():
             p.grad = None

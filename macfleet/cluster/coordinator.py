@@ -160,9 +160,9 @@ class Coordinator:
         self._membership: Optional[Membership] = None
         self._keys: dict[bytes, bytes] = {}        # ident -> heartbeat key of an admitted node; never logged
         self._complain = Complaints("coordinator")
-        self.elastic = bool(getattr(cfg, "elastic", False))
+        self.elastic = bool(cfg.elastic)
         self.run.setdefault("elastic", self.elastic)
-        if self.elastic and int(getattr(cfg, "min_nodes", 1) or 1) > 1:
+        if self.elastic and cfg.min_nodes > 1:
             self.run.setdefault("min_nodes", int(cfg.min_nodes))  # workers wait as long as the master may
         self.events: list[dict] = []
         """What changed the membership: {"generation", "time", "what"}, oldest first."""
@@ -478,7 +478,7 @@ class Coordinator:
             say(f"node {node['facts'].get('host', '?')} ({node['tensor_addr']}) asks to join the running run: "
                 f"it joins at the next step boundary")
             with self._lock:
-                enough = len(self._members) + len(self._pending) >= int(getattr(self.cfg, "min_nodes", 1) or 1)
+                enough = len(self._members) + len(self._pending) >= self.cfg.min_nodes
             if self._short and enough:  # the run is stalled waiting for nodes: no step boundary to wait for
                 self._commands.put(("regen", {"admit": True}))
         self._send(sock, ident, encode("accepted", joined=self.joined(), expected=self.cfg.nodes,
@@ -569,7 +569,7 @@ class Coordinator:
             if admit:
                 self._announce_same()
             return
-        min_nodes = int(getattr(self.cfg, "min_nodes", 1) or 1)
+        min_nodes = self.cfg.min_nodes
         if len(members) + len(joiners) < min_nodes:
             # Too few to go on: the trainers wait in their regroup until joiners make up min_nodes.
             with self._lock:

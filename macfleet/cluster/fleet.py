@@ -20,18 +20,27 @@ from macfleet.errors import MacFleetError
 log = logging.getLogger("macfleet")
 
 
-class SoloWorld:
+class FixedMembership:
+    """A world whose membership never changes mid-run (one process, torchrun): nobody joins, and
+    a departure ends the run. ClusterWorld overrides all four."""
+
+    elastic = False
+    running = False
+
+    def joiners(self) -> int:
+        return 0
+
+    def recoverable(self, exc: BaseException) -> bool:
+        return False
+
+
+class SoloWorld(FixedMembership):
     """One process: rank 0 of 1."""
 
     rank = 0
     world_size = 1
     generation = 0
     group = None
-    elastic = False
-    running = False
-
-    def joiners(self) -> int:
-        return 0
 
     def __init__(self, weights=None, run: dict | None = None):
         self.weights = [1.0]
@@ -72,7 +81,7 @@ def connect(cfg: ClusterConfig, fingerprint: dict, seed: int = 0, config_dict: d
     return ClusterWorld.connect(cfg, fingerprint, seed=seed, config_dict=config_dict, samples_per_s=samples_per_s)
 
 
-class GroupWorld:
+class GroupWorld(FixedMembership):
     """What a multi-process world computes with its `group` (rank, world_size set by the subclass)."""
 
     group = None
@@ -86,12 +95,6 @@ class GroupWorld:
     def weighted_mean(self, value: float, share: float) -> float:
         t = torch.tensor([value * share], dtype=torch.float32)
         return float(self.group.all_reduce(t, op="sum")[0])
-
-    elastic = False
-    running = False
-
-    def joiners(self) -> int:
-        return 0
 
     def broadcast_object(self, obj, src: int = 0):
         """Rank `src`'s `obj` on every rank (packed without pickle, see statepack)."""

@@ -42,6 +42,7 @@ def test_shares_move_toward_a_slower_nodes_speed_and_still_make_up_each_batch(tm
     moves = [h for h in json.loads((out / "history.json").read_text()) if "shares" in h]
     assert moves, _logs(tmp_path)
     final = moves[-1]["shares"]
+    print(f"shares moved {len(moves)} time(s), to {[round(s, 3) for s in final]} (node 1's true share 0.25)")
     assert 0.12 < final[1] < 0.38 and abs(sum(final) - 1) < 1e-6, moves  # its true speed: 0.25
     # Every committed step: the two shards are that step's global batch, no index twice or missing.
     steps = collections.defaultdict(list)
