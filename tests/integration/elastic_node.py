@@ -28,12 +28,12 @@ from macfleet import ClusterConfig, NodeRole, Trainer, TrainingConfig
 
 
 def dataset() -> TensorDataset:
-    from sklearn.datasets import load_digits
+    from macfleet.data.digits import _shipped
 
-    d = load_digits()
-    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    pixels, target = _shipped()
+    x = torch.tensor(pixels, dtype=torch.float32) / 16.0
     index = torch.arange(len(x), dtype=torch.float32).unsqueeze(1)
-    return TensorDataset(torch.cat([x, index], 1), torch.tensor(d.target, dtype=torch.long))
+    return TensorDataset(torch.cat([x, index], 1), torch.tensor(target, dtype=torch.long))
 
 
 class IndexedMLP(torch.nn.Module):

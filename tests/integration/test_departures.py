@@ -133,7 +133,7 @@ def _node(rank: int, world_size: int, addrs: list[str], port: int, out: str, epo
 
 
 def test_a_node_that_finishes_early_leaves_the_master_going_on_alone(tmp_path):
-    # digits: 1437 training items, 5 full steps of 256 per epoch. The worker leaves after epoch 1.
+    # digits: 1438 training items, 5 full steps of 256 per epoch. The worker leaves after epoch 1.
     master, worker = spawn_local(_node, 2, (free_ports(1)[0], str(tmp_path), [3, 1], True), timeout=60)
     assert worker["steps"] == 5, worker
     assert master.get("steps") == 15 and master["regroups"] == 1, master

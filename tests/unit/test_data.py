@@ -20,7 +20,7 @@ def test_digits_split_is_stratified_deterministic_and_normalised():
     c = digits.build(test_fraction=0.2, seed=1)
     assert isinstance(a, DatasetBundle) and a.task == "classification"
     assert (a.num_classes, a.in_channels, a.input_shape) == (10, 1, (1, 8, 8))
-    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 360
+    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 359  # 20% of each digit, rounded
     x, y = a.train[0]
     assert x.shape == (1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
     # Same seed, same split on every node; another seed, another split.
@@ -30,6 +30,21 @@ def test_digits_split_is_stratified_deterministic_and_normalised():
     counts = torch.bincount(a.test.targets, minlength=10)
     assert counts.min() >= 30 and counts.max() <= 42
     assert abs(a.train.inputs.mean().item()) < 1e-4 and abs(a.train.inputs.std().item() - 1) < 1e-3
+
+
+def test_digits_are_scikit_learns_read_without_importing_it():
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    pixels, target = digits._shipped()
+    raw = load_digits()
+    assert (pixels == raw.data).all() and (target == raw.target).all()
+    # A fleet's every process builds the dataset: no sklearn (and scipy) import in it.
+    code = "import sys; from macfleet.data import digits; digits.build(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 def test_digits_without_normalize_is_in_unit_range():
