@@ -158,21 +158,50 @@ class _Silent(Exception):
 
 
 class _Pipe:
-    """One DEALER with up to `window` messages in flight; its answers come back in order."""
+    """One DEALER with up to `window` messages in flight; its answers come back in order.
+
+    Under a routing id (`identity`) its first message is answered before any other is sent: a
+    ROUTER leaves a connection under a routing id still held by another (one closed a moment ago,
+    not yet reaped) unread, so until an answer comes it reconnects and sends that message again."""
 
     def __init__(self, ctx: zmq.Context, addr: str, window: int, timeout: float, tally: Tally,
                  identity: Optional[bytes] = None):
-        self.sock = make_socket(ctx, zmq.DEALER, identity=identity)
-        self.sock.connect(addr)
-        self.window, self.timeout_ms, self.tally = window, int(timeout * 1000), tally
+        self.ctx, self.addr, self.identity = ctx, addr, identity
+        self.window, self.timeout, self.tally = window, timeout, tally
+        self.timeout_ms = int(timeout * 1000)
+        self.sock = self._connect()
         self.waiting: deque = deque()
+        self.claimed = identity is None
+
+    def _connect(self) -> zmq.Socket:
+        sock = make_socket(self.ctx, zmq.DEALER, identity=self.identity)
+        sock.connect(self.addr)
+        return sock
 
     def send(self, label: str, frames: list[bytes]) -> None:
+        if not self.claimed:
+            self._claim(label, frames)
+            return
         while len(self.waiting) >= self.window:
             self.take()
         self.sock.send_multipart(frames)
         self.tally.sent += 1
         self.waiting.append(label)
+
+    def _claim(self, label: str, frames: list[bytes]) -> None:
+        self.tally.sent += 1
+        self.waiting.append(label)
+        deadline, wait = time.monotonic() + self.timeout, 0.25
+        self.sock.send_multipart(frames)
+        while not self.sock.poll(int(wait * 1000)):
+            if time.monotonic() > deadline:
+                raise _Silent
+            self.sock.close(0)
+            self.sock = self._connect()
+            self.sock.send_multipart(frames)
+            wait = min(2 * wait, 2.0)
+        self.take()
+        self.claimed = True
 
     def ask(self, label: str, frames: list[bytes]) -> Optional[dict]:
         """Send one and wait for its answer (and those still in flight before it)."""
