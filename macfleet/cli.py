@@ -102,6 +102,7 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
                 "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
                 "  macfleet benchmark --type elastic --nodes 2 3 --trials 10 --cases kill stop ctrl-c master rejoin\n"
+                "  macfleet benchmark --type elastic --cases hostile --fuzz 10000 --trials 3\n"
                 "  macfleet benchmark --type loader --model resnet18 --workers 0,2")
     p.add_argument("--type", choices=["bandwidth", "allreduce", "compression", "ddp", "scaling", "convergence", "loader",
                                       "elastic"],
@@ -110,13 +111,17 @@ def _add_benchmark(sub) -> None:
                         "wall time to a target test accuracy, per codec; ddp: a plain DDP "
                         "script under torchrun per backend vs one process; loader: train.py's samples/s per DataLoader "
                         "worker count; elastic: a fleet's recovery from a lost, stopped, cut-off or departing worker, "
-                        "a lost master and a rejoin, and the state transfer a rejoin costs")
+                        "a lost master and a rejoin, the state transfer a rejoin costs, and a master that keeps "
+                        "training and answering under a flood of malformed messages")
     p.add_argument("--nodes", type=int, nargs="+", default=None,
                    help="local ranks / emulated nodes to start (default 2); elastic: the fleet sizes to measure "
                         "(default 2 3)")
     p.add_argument("--cases", nargs="+", default=None,
-                   help="elastic: kill stop cable ctrl-c master rejoin state-transfer (default: all)")
+                   help="elastic: kill stop cable ctrl-c master rejoin hostile state-transfer (default: all)")
     p.add_argument("--trials", type=int, default=10, help="elastic: trials per case and fleet size")
+    p.add_argument("--fuzz", type=int, default=10000,
+                   help="elastic, hostile: malformed messages sent to each of the training master's ports (control "
+                        "and heartbeat) while it trains")
     p.add_argument("--heartbeat", type=float, default=1.0, help="elastic: cluster.heartbeat_interval in seconds")
     p.add_argument("--target", type=float, default=0.95, help="convergence: the test accuracy to reach")
     p.add_argument("--sizes", default="1MB,10MB,100MB", help="bandwidth, allreduce: comma list of payload sizes")

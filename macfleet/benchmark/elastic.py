@@ -24,6 +24,16 @@ Cases (`--cases`, default all):
 - rejoin: after a kill (and the survivors' new generation) the same worker command starts
   again; figure: its process start to the first completed step of the generation it joined
   (that event's first_step_t); goal 10 s.
+- hostile: no disruption but a flood, from this process, at the training master on loopback:
+  `--fuzz` malformed messages to its control port (garbage, hostile joins behind a valid token
+  proof) and as many to its heartbeat port (forged byes for every live worker, forged
+  heartbeats, garbage; macfleet/benchmark/hostile.py), the last one on each over the size limit.
+  The run is `hostile_steps(--fuzz)` steps, to outlast the flood and end by itself. Checked: every
+  message answered (the over-size ones dropped with their connection), `macfleet status`'s query
+  answered with every member present and heard from, no departure (the forged byes rejected: no
+  generation event in history.json), every node's exit code 0, the master's log naming the
+  rejected messages (rate-limited) and no file of the trial holding the token. Figure: the status
+  answer after the flood (before it: the reference); no goal. "ok": trials where every check held.
 - state-transfer: two processes on loopback, a real macfleet.comm.Group, GroupWorld's
   broadcast_object of a ResNet-50 TrainState (model + SGD momentum) as a joining node receives
   it; figure: the receiver's time for the broadcast plus load_state_dict; no goal.
@@ -32,14 +42,19 @@ JSON rows, one per case and fleet size: {"type", "case", "nodes", "link", "heart
 "trials" (asked), "ok" (trials that measured), "measure", "goal", "times_s", "goals_s", "met"
 (how many times were within their goal), "median_s", "max_s", "detect_s" (event t -
 disruption; rejoin: start -> the fleet began taking it in), "regroup_s", "step_s", "said_s",
-"exit_s", "bytes" (state-transfer), "errors" (one line
-per failed trial), "skipped" (why the case did not run, else null)}; lists run per trial
-(master: per worker per trial).
+"exit_s", "bytes" (state-transfer), "hostile" (per trial: {"fuzz", "control" and "heartbeat" (each
+{"sent", "answered", "dropped", "unanswered", "send_s", "answers": what was sent -> how it was
+answered -> count}), "status_before_s", "status_s", "members", "byes_forged", "byes_rejected",
+"departures", "exit_codes", "log_lines" (the master's complaint lines), "steps" (the run's),
+"step_after" (the master's step in the status answer after the flood), "failed"}),
+"errors" (one line per failed trial), "skipped" (why the case did not run, else null)}; lists
+run per trial (master: per worker per trial).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -55,12 +70,14 @@ from pathlib import Path
 from macfleet.benchmark.scaling import ROOT, bench_dir, check_can_run, parse_overrides, removed_unless_failed, report
 from macfleet.errors import ConfigError, MacFleetError
 
-CASES = ("kill", "stop", "cable", "ctrl-c", "master", "rejoin", "state-transfer")
+CASES = ("kill", "stop", "cable", "ctrl-c", "master", "rejoin", "hostile", "state-transfer")
 REJOIN_GOAL_S = 10.0
 START_TIMEOUT_S = 180.0   # the fleet formed and training under way (2 shared cores start 3 torch processes slowly)
 STEP_TIMEOUT_S = 60.0     # the disruption to the new generation's first step
 STOP_TIMEOUT_S = 30.0     # a worker's Ctrl-C to its exit
 CKPT_EVERY = 20           # steps between checkpoints: their log lines say training moves
+FUZZ_PER_STEP = 25        # hostile: flood messages (both ports) the run allows a step for (2 shared cores: ~120)
+HOSTILE_WINDOW = 64       # hostile: messages in flight per socket
 
 CONTROLLED = {
     "cluster": "(always pro_air, direct mode)", "cluster.role": "--nodes", "cluster.mode": "--nodes",
@@ -167,7 +184,7 @@ class Fleet:
     """`n` train.py nodes of one trial in `out` (node 0 the master, writing `out/run`): on
     loopback, or in fresh network namespaces (`netns`)."""
 
-    def __init__(self, out: Path, n: int, heartbeat: float, user: dict, netns=None):
+    def __init__(self, out: Path, n: int, heartbeat: float, user: dict, netns=None, max_steps: int | None = None):
         from macfleet.comm.launch import free_ports
 
         self.out, self.n, self.netns = out, n, netns
@@ -176,7 +193,8 @@ class Fleet:
             addrs, ports = [f"10.0.0.{i + 1}" for i in range(n)], [50051] + [50052] * n
         else:
             addrs, ports = ["127.0.0.1"] * n, free_ports(1 + n)
-        token = secrets.token_hex(16)  # in the environment only, as on two Macs; never on disk
+        self.ports = ports
+        self.token = secrets.token_hex(16)  # in the environment only, as on two Macs; never on disk
         self.procs: list[Proc] = []
         self.spawned: list[Proc] = []
         for i in range(n):
@@ -187,10 +205,12 @@ class Fleet:
                 role["cluster.host"] = "127.0.0.1"
             if i == 0:
                 role["hydra.run.dir"] = str(self.run_dir)
+            if max_steps is not None:
+                role["trainer.max_steps"] = str(max_steps)
             argv = [sys.executable, str(ROOT / "train.py"), *[f"{k}={v}" for k, v in {**DEFAULTS, **user, **role}.items()]]
             if netns is not None:
                 argv = ["ip", "netns", "exec", netns.names[i], *argv]
-            env = dict(os.environ, MACFLEET_TOKEN=token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+            env = dict(os.environ, MACFLEET_TOKEN=self.token, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                        PYTHONUNBUFFERED="1",
                        PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
             env.pop("WANDB_API_KEY", None)
@@ -215,6 +235,20 @@ class Fleet:
     def under_way(self) -> None:
         """Returns once the master has saved a checkpoint: every node joined and steps run."""
         self.master.wait_line(_CHECKPOINT, START_TIMEOUT_S, self.procs)
+
+    def heartbeat_port(self) -> int:
+        """The master's heartbeat port. It binds a free one and names it only to the nodes it
+        welcomes, so: the port its process listens on that is neither its control nor its data port."""
+        import psutil
+
+        proc = psutil.Process(self.master.proc.pid)
+        conns = proc.net_connections("tcp") if hasattr(proc, "net_connections") else proc.connections("tcp")
+        listening = {c.laddr.port for c in conns if c.status == psutil.CONN_LISTEN}
+        others = listening - {self.ports[0], self.ports[1]}
+        if len(others) != 1:
+            raise MacFleetError(f"cannot tell the master's heartbeat port: besides its control port {self.ports[0]} "
+                                f"and data port {self.ports[1]} it listens on {sorted(others) or 'no port'}")
+        return others.pop()
 
     def history(self) -> tuple[list[dict], float]:
         """The master's history.json as its last checkpoint wrote it (a checkpoint writes it before
@@ -321,6 +355,140 @@ def master_trial(out: Path, n: int, hb: float, user: dict, netns=None) -> dict:
             "regroup_s": [], "step_s": [], "said_s": [s - t_dis for s in said], "exit_s": [e - t_dis for e in ended]}
 
 
+def hostile_steps(fuzz: int) -> int:
+    """The hostile case's run: the first checkpoint (training under way) and a step for every
+    FUZZ_PER_STEP messages of the flood, so it outlasts the flood and the status queries, then
+    ends by itself."""
+    return 2 * CKPT_EVERY + math.ceil(2 * fuzz / FUZZ_PER_STEP)
+
+
+def _status(ctx, fleet: Fleet, when: str) -> tuple[float, dict]:
+    """The query `macfleet status` makes, to the master of `fleet`: (seconds to its answer, the answer)."""
+    from macfleet.cluster.protocol import request
+
+    t0 = time.perf_counter()
+    try:
+        answer = request(ctx, "127.0.0.1", fleet.ports[0], fleet.token, "macfleet", "status", {}, timeout=10.0)
+    except MacFleetError as exc:
+        raise MacFleetError(f"`macfleet status` got no answer {when}: {exc}") from None
+    return time.perf_counter() - t0, answer
+
+
+def _absent(answer: dict, n: int, hb: float) -> str:
+    """What a status answer lacks of a fleet of `n` all training ('' when nothing)."""
+    rows = {row.get("rank"): row for row in answer["nodes"]}
+    if sorted(r for r in rows if r is not None) != list(range(n)):
+        return f"ranks {sorted(r for r in rows if r is not None)} of {n}"
+    stale = [f"rank {r} {rows[r]['state']}, heard from {rows[r]['last_heartbeat_s']} s ago" for r in range(1, n)
+             if rows[r]["state"] in ("left", "lost") or (rows[r]["last_heartbeat_s"] or 0) > 2 * hb]
+    return "; ".join(stale)
+
+
+_COMPLAINT = re.compile(r"(coordinator|heartbeat server): ([a-z -]+):")
+
+
+def _complaints(text: str) -> dict[str, int]:
+    """The master's complaint lines (protocol.Complaints) by what they say."""
+    found: dict[str, int] = {}
+    for m in _COMPLAINT.finditer(text):
+        found[f"{m.group(1)}: {m.group(2)}"] = found.get(f"{m.group(1)}: {m.group(2)}", 0) + 1
+    return found
+
+
+def _holds_token(out: Path, token: str) -> list[str]:
+    """The files of a trial (logs, run folder, checkpoints) that hold the token."""
+    return [str(f.relative_to(out)) for f in sorted(out.rglob("*")) if f.is_file() and token.encode() in f.read_bytes()]
+
+
+def hostile_trial(out: Path, n: int, hb: float, user: dict, fuzz: int, seed: int) -> dict:
+    """Flood the master of a training fleet of `n` with `fuzz` malformed messages per port; its
+    figures, and "failed": the checks that did not hold (None when all did)."""
+    import zmq
+
+    from macfleet.benchmark.hostile import FORGED_BYE, flood_control, flood_heartbeat
+
+    steps = hostile_steps(fuzz)
+    fleet = Fleet(out, n, hb, user, max_steps=steps)
+    ctx = zmq.Context()
+    failed: list[str] = []
+    try:
+        fleet.under_way()
+        hb_port = fleet.heartbeat_port()
+        before_s, before = _status(ctx, fleet, "before the flood")
+        missing = _absent(before, n, hb)
+        if missing:
+            raise MacFleetError(f"the fleet was not whole before the flood: {missing}")
+        peers = [f"g{before['generation']}-r{rank}" for rank in range(1, n)]  # the coordinator's peer ids
+        rng = random.Random(seed)
+        control = flood_control(ctx, "127.0.0.1", fleet.ports[0], fleet.token, fuzz, rng, HOSTILE_WINDOW)
+        heartbeat = flood_heartbeat(ctx, "127.0.0.1", hb_port, peers, fuzz, rng, HOSTILE_WINDOW)
+        flood_s = control.seconds + heartbeat.seconds
+        try:
+            status_s, after = _status(ctx, fleet, "after the flood")
+        except MacFleetError as exc:
+            status_s, after = None, None
+            failed.append(f"the run ({steps} steps) ended before the flood ({flood_s:.1f} s) and the status query did"
+                          if fleet.master.proc.poll() == 0 else str(exc))
+        if after is not None:
+            missing = _absent(after, n, hb)
+            if missing or after.get("generation") != before.get("generation"):
+                failed.append(f"after the flood the status shows generation {after.get('generation')} "
+                              f"(before: {before.get('generation')}); {missing or 'every rank in'}")
+        for port, tally in (("control", control), ("heartbeat", heartbeat)):
+            if tally.unanswered or tally.answered + tally.dropped != tally.sent or tally.sent != fuzz:
+                failed.append(f"the {port} port answered {tally.answered} of {tally.sent} messages "
+                              f"({tally.dropped} dropped as too big, {tally.unanswered} unanswered) of {fuzz}")
+        forged, rejected = heartbeat.count(FORGED_BYE), heartbeat.count(FORGED_BYE, "error: ")
+        if forged == 0 or rejected != forged:
+            failed.append(f"{rejected} of {forged} forged byes were rejected")
+        exit_codes = _run_to_end(fleet)
+        history, step_s = fleet.history()
+    finally:
+        ctx.term()
+        fleet.close()
+    departures = sum(1 for row in history if "event" in row)
+    if departures:
+        failed.append(f"{departures} generation change(s) in the master's history: "
+                      f"{[row['event'] for row in history if 'event' in row]}")
+    if exit_codes != [0] * n:
+        failed.append(f"exit codes {exit_codes}, not all 0: {_last_error(fleet.master)}")
+    log = fleet.master.text()
+    said = _complaints(log)
+    if "coordinator: malformed message" not in said or "heartbeat server: forged heartbeat rejected" not in said:
+        failed.append(f"the master's log does not name the rejected messages (it has {sorted(said) or 'none'})")
+    flooded = max(said.values()) if said else 0
+    if flooded > 2 + flood_s / 10:
+        failed.append(f"the master logged one kind of rejected message {flooded} times in a {flood_s:.0f} s flood: "
+                      f"not rate-limited")
+    text = "\n".join(p.text() for p in fleet.spawned)
+    if "Traceback" in text or "Exception in thread" in text:
+        failed.append("a node's log has a traceback")
+    holders = _holds_token(out, fleet.token)
+    if holders:
+        failed.append(f"the join token was written to {', '.join(holders)}")
+    return {"times_s": [] if status_s is None else [status_s], "step_s": [step_s],
+            "hostile": [{"fuzz": fuzz, "control": control.as_dict(), "heartbeat": heartbeat.as_dict(),
+                         "status_before_s": before_s, "status_s": status_s,
+                         "members": None if after is None else len(after["nodes"]),
+                         "step_after": None if after is None else after["nodes"][0].get("step"),
+                         "byes_forged": forged, "byes_rejected": rejected, "departures": departures,
+                         "exit_codes": exit_codes, "log_lines": sum(said.values()), "steps": steps,
+                         "failed": "; ".join(failed) or None}],
+            "failed": "; ".join(failed) or None}
+
+
+def _run_to_end(fleet: Fleet) -> list:
+    """Each node's exit code once the run ends by itself (None: still running when the master
+    went STEP_TIMEOUT_S without a checkpoint)."""
+    saved = len(_CHECKPOINT.findall(fleet.master.text()))
+    while True:
+        ended, _ = wait_exit(fleet.procs, STEP_TIMEOUT_S)
+        now = len(_CHECKPOINT.findall(fleet.master.text()))
+        if all(e is not None for e in ended) or now == saved:
+            return [p.proc.poll() for p in fleet.procs]
+        saved = now
+
+
 def _transfer(rank: int, world_size: int, addrs: list[str], trials: int) -> dict:
     """One rank of the state-transfer figure: rank 0 sends a ResNet-50 TrainState, rank 1
     receives it (broadcast_object, then load_state_dict), `trials` times."""
@@ -368,18 +536,19 @@ MEASURES = {
     "kill": "disruption -> survivors' next completed step", "stop": "disruption -> survivors' next completed step",
     "cable": "disruption -> survivors' next completed step", "ctrl-c": "disruption -> survivors' next completed step",
     "master": "master's SIGKILL -> each worker's exit", "rejoin": "process start -> its first step in the run",
+    "hostile": "status answer after --fuzz malformed messages to each of the master's ports, while training",
     "state-transfer": "ResNet-50 TrainState: broadcast_object + load_state_dict on the receiver",
 }
 GOALS = {"kill": "2x heartbeat + 2 steps", "stop": "2x heartbeat + 2 steps", "cable": "2x heartbeat + 2 steps",
          "ctrl-c": "2x heartbeat + 2 steps", "master": "2x heartbeat", "rejoin": f"{REJOIN_GOAL_S:g} s",
-         "state-transfer": None}
+         "hostile": None, "state-transfer": None}
 
 
 def new_row(case: str, nodes: int, link: str, hb: float, trials: int) -> dict:
     return {"type": "elastic", "case": case, "nodes": nodes, "link": link, "heartbeat_s": hb, "trials": trials,
             "ok": 0, "measure": MEASURES[case], "goal": GOALS[case], "times_s": [], "goals_s": [], "met": 0,
             "median_s": None, "max_s": None, "detect_s": [], "regroup_s": [], "step_s": [], "said_s": [],
-            "exit_s": [], "bytes": None, "errors": [], "skipped": None}
+            "exit_s": [], "bytes": None, "hostile": [], "errors": [], "skipped": None}
 
 
 def finish_row(row: dict) -> dict:
@@ -390,6 +559,11 @@ def finish_row(row: dict) -> dict:
     return row
 
 
+def secs(value: float) -> str:
+    """Seconds as the table shows them: 2 decimals, 3 under 0.1 s (a status answer takes milliseconds)."""
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
 def elastic_table(rows: list[dict]):
     from rich.table import Table
 
@@ -397,7 +571,7 @@ def elastic_table(rows: list[dict]):
     table = Table(title=f"macfleet benchmark --type elastic: heartbeat {hb:g} s, train.py direct mode",
                   caption="survivor cases: disruption -> the survivors' next completed step (goal 2x heartbeat + 2 "
                           "steps); master: SIGKILL -> each worker's exit; rejoin: start -> first step in the run; "
-                          "detect: disruption -> a survivor caught it")
+                          "hostile: the status answer after the flood; detect: disruption -> a survivor caught it")
     for col in ("case", "nodes", "link", "trials", "median s", "max s", "goal s", "within goal", "detect s",
                 "regroup s", "step ms", "note"):
         table.add_column(col, justify="left" if col in ("case", "link", "note") else "right")
@@ -413,15 +587,35 @@ def elastic_table(rows: list[dict]):
                     f"{med(r['exit_s'])} s (max {max(r['exit_s']):.2f})")
         if r["bytes"]:
             note = f"{r['bytes'] / 1e6:.0f} MB, {r['bytes'] / 1e6 / r['median_s']:.0f} MB/s"
+        if r["hostile"]:
+            note = hostile_note(r["hostile"])
         if r["errors"]:
             note = (note + "; " if note else "") + f"{len(r['errors'])} failed: {r['errors'][0][:80]}"
         n = len(r["times_s"])
         table.add_row(r["case"], str(r["nodes"]), r["link"], f"{r['ok']}/{r['trials']}",
-                      "-" if r["median_s"] is None else f"{r['median_s']:.2f}",
-                      "-" if r["max_s"] is None else f"{r['max_s']:.2f}",
+                      "-" if r["median_s"] is None else secs(r["median_s"]),
+                      "-" if r["max_s"] is None else secs(r["max_s"]),
                       med(r["goals_s"]), f"{r['met']}/{n}" if r["goals_s"] else "-", med(r["detect_s"]),
                       med(r["regroup_s"]), med(r["step_s"], 1e3, "{:.1f}"), note)
     return table
+
+
+def hostile_note(trials: list[dict]) -> str:
+    """The hostile row's figures, medians over its trials: messages per port and the time to send
+    them, answers, the status before the flood, forged byes rejected, departures, exit codes."""
+    def med(key: str, port: str | None = None) -> float:
+        return statistics.median(t[port][key] if port else t[key] for t in trials)
+
+    answered = sum(t["control"]["answered"] + t["heartbeat"]["answered"] for t in trials)
+    due = sum(t["control"]["sent"] - t["control"]["dropped"] + t["heartbeat"]["sent"] - t["heartbeat"]["dropped"]
+              for t in trials)
+    before = [t["status_before_s"] for t in trials]
+    codes = sorted({c for t in trials for c in t["exit_codes"]}, key=str)
+    return (f"{med('sent', 'control'):.0f} control + {med('sent', 'heartbeat'):.0f} heartbeat msgs in "
+            f"{med('send_s', 'control'):.1f} + {med('send_s', 'heartbeat'):.1f} s, {answered}/{due} answered; "
+            f"status before it {1e3 * statistics.median(before):.1f} ms; forged byes rejected "
+            f"{sum(t['byes_rejected'] for t in trials)}/{sum(t['byes_forged'] for t in trials)}; "
+            f"departures {sum(t['departures'] for t in trials)}; exit {','.join(map(str, codes))}")
 
 
 def plot_elastic(rows: list[dict], path: str) -> None:
@@ -474,15 +668,18 @@ def run_elastic_benchmark(args) -> int:
     sizes = list(args.nodes)
     if any(n < 2 for n in sizes):
         raise ConfigError(f"--nodes {' '.join(map(str, sizes))}: a fleet that loses a node needs at least 2")
-    trials, hb = int(args.trials), float(args.heartbeat)
+    trials, hb, fuzz = int(args.trials), float(args.heartbeat), int(args.fuzz)
     if trials < 1 or hb <= 0:
         raise ConfigError("--trials must be >= 1 and --heartbeat > 0 seconds")
+    if "hostile" in cases and fuzz < 50:
+        raise ConfigError(f"--fuzz {fuzz}: send at least 50 messages to each port (every kind, forged byes among them)")
     check_can_run(args, "elastic")
     if args.netns and os.geteuid() != 0:
         raise ConfigError("--netns makes network namespaces, which needs root: run as root or drop --netns")
     user = parse_overrides(list(args.overrides or []), CONTROLLED, "elastic")
     console.print(f"[bold]elastic[/bold]: cases {', '.join(cases)}; fleets of {', '.join(map(str, sizes))} nodes; "
                   f"{trials} trial(s) each; heartbeat {hb:g} s; train.py direct mode"
+                  + (f"; hostile: {fuzz} messages to each port" if "hostile" in cases else "")
                   + (f"; overrides {' '.join(f'{k}={v}' for k, v in user.items())}" if user else ""))
 
     bench, _ = bench_dir("macfleet-elastic-")
@@ -501,9 +698,11 @@ def run_elastic_benchmark(args) -> int:
                 _say(console, rows[-1])
                 continue
             for n in sizes:
-                netns_needed = case == "cable" or args.netns
+                netns_needed = case == "cable" or (args.netns and case != "hostile")
                 row = new_row(case, n, "veth" if netns_needed else "loopback", hb, trials)
                 why = cable_unavailable() if netns_needed else None
+                if case == "hostile" and args.netns:
+                    why = "skipped: the flood comes from this process, which reaches the master on loopback only"
                 if why:
                     row["skipped"] = why
                     rows.append(finish_row(row))
@@ -514,18 +713,28 @@ def run_elastic_benchmark(args) -> int:
                     out.mkdir()
                     with console.status(f"{case}, {n} nodes, trial {k + 1}/{trials} ..."):
                         try:
-                            got = _trial(case, out, n, hb, user, netns_needed)
+                            if case == "hostile":
+                                got = hostile_trial(out, n, hb, user, fuzz, seed=k)
+                            else:
+                                got = _trial(case, out, n, hb, user, netns_needed)
                         except MacFleetError as exc:
                             row["errors"].append(str(exc).splitlines()[0])
                             console.print(f"  {case}, {n} nodes, trial {k + 1}: failed: {row['errors'][-1]}")
                             _keep_logs(out, bench)
                             continue
-                    shutil.rmtree(out, ignore_errors=True)
-                    row["ok"] += 1
+                    failed = got.pop("failed", None)  # hostile: figures, with a check that did not hold
                     for key, values in got.items():
                         row[key].extend(values)
+                    if failed:
+                        row["errors"].append(failed.splitlines()[0])
+                        console.print(f"  {case}, {n} nodes, trial {k + 1}: failed: {row['errors'][-1]}")
+                        _keep_logs(out, bench)
+                        continue
+                    shutil.rmtree(out, ignore_errors=True)
+                    row["ok"] += 1
                     console.print(f"  {case}, {n} nodes, trial {k + 1}: "
-                                  + ", ".join(f"{v:.2f} s" for v in got["times_s"]))
+                                  + ", ".join(f"{secs(v)} s" for v in got["times_s"])
+                                  + (f" ({hostile_note(got['hostile'])})" if case == "hostile" else ""))
                 rows.append(finish_row(row))
                 _say(console, rows[-1])
     report(console, args, rows, elastic_table, plot_elastic)
@@ -556,5 +765,5 @@ def _say(console, r: dict) -> None:
     if r["skipped"]:
         console.print(f"  {r['case']}, {r['nodes']} nodes: {r['skipped']}")
     elif r["median_s"] is not None:
-        console.print(f"  {r['case']}, {r['nodes']} nodes: median {r['median_s']:.2f} s, max {r['max_s']:.2f} s"
+        console.print(f"  {r['case']}, {r['nodes']} nodes: median {secs(r['median_s'])} s, max {secs(r['max_s'])} s"
                       + (f", {r['met']}/{len(r['times_s'])} within {r['goal']}" if r["goal"] else ""))

@@ -1,5 +1,7 @@
 """Hostile and malformed traffic at a live master, on 127.0.0.1: real node processes (the node
-program of test_control_plane.py), real ZeroMQ sockets on the test's side.
+program of test_control_plane.py), real ZeroMQ sockets on the test's side. The messages come
+from macfleet/benchmark/hostile.py, which `macfleet benchmark --type elastic --cases hostile`
+floods a training fleet with.
 
 - The control port: thousands of fuzzed frames (garbage bytes, wrong frame counts, deep nesting,
   huge numbers, unknown kinds, every field of a join with a wrong type or range, behind a valid
@@ -16,7 +18,6 @@ program of test_control_plane.py), real ZeroMQ sockets on the test's side.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -24,7 +25,9 @@ import time
 
 import zmq
 
-from macfleet.cluster.protocol import decode, encode, make_socket, proof, tcp
+from macfleet.benchmark.hostile import (FORGED_BYE, HOSTILE_JOIN, HOSTILE_JOINS, flood_control, flood_heartbeat,
+                                        forged_byes)
+from macfleet.cluster.protocol import decode, encode, make_socket, tcp
 from macfleet.comm.launch import free_ports
 from tests.integration.test_cluster_training import TrainProc
 from tests.integration.test_control_plane import Node
@@ -33,60 +36,10 @@ INTERVAL = 0.5
 TOKEN = "tok"  # the node program's token
 
 
-def _garbage(rng: random.Random) -> list[bytes]:
-    """One fuzzed multipart message: random bytes, broken JSON, or JSON that is not ours."""
-    pick = rng.randrange(8)
-    if pick == 0:
-        return [rng.randbytes(rng.randrange(0, 600))]
-    if pick == 1:
-        return [rng.randbytes(rng.randrange(1, 50)) for _ in range(rng.randrange(2, 5))]
-    if pick == 2:
-        return [b"[" * rng.randrange(2000, 20000)]  # deeper than json's recursion limit
-    if pick == 3:
-        return [b'{"t":"hello","v":1,"cnonce":' + b"9" * rng.randrange(4400, 6000) + b"}"]
-    if pick == 4:
-        return [json.dumps(rng.choice([[], 5, None, "hello", {"t": 5, "v": 1}, {"t": "hello", "v": True},
-                                       {"t": "boom", "v": 1}, {"v": 1}])).encode()]
-    if pick == 5:
-        junk = rng.choice([5, -1, 1e308, None, True, [], {}, "x" * 5000, [[[]]], {"a": {"b": []}}])
-        field = rng.choice(["purpose", "name", "cnonce", "has_token", "proof", "line", "rank", "joined", "weights"])
-        kind = rng.choice(["hello", "auth", "log", "accepted", "welcome", "refuse", "hb", "bye", "status"])
-        return [encode(kind, **{field: junk})]
-    if pick == 6:
-        return [b'{"t":"hello","v":1,"purpose":"join","name":"macfleet","cnonce":' + rng.choice(
-            [b"Infinity", b"NaN", b"1e999", b"-0"]) + b"}"]
-    return [encode("hello", purpose="join", name="macfleet", cnonce="00")[:rng.randrange(1, 60)]]
-
-
-# Joins that prove the token but carry a payload of the wrong shape: each used to be read as is.
-HOSTILE_JOINS = [
-    {"fingerprint": 5}, {"fingerprint": {"a": 5}}, {"fingerprint": ["a"]}, {"fingerprint": {"a": "x" * 10000}},
-    {"facts": "air"}, {"facts": {"rank": "1"}}, {"facts": {"rank": True}}, {"facts": {"rank": -3}},
-    {"facts": {"samples_per_s": "fast"}}, {"facts": {"samples_per_s": -1.0}}, {"facts": {"host": {"nested": 1}}},
-    {"facts": {str(i): i for i in range(500)}},
-    {"tensor_addr": 5}, {"tensor_addr": "no-port"}, {"tensor_addr": "h:99999"}, {"tensor_addr": "a b:1"},
-    {"weight": "heavy"}, {"weight": -1}, {"weight": 0}, {"weight": [1]},
-    {"proto": "1"}, {"purpose": 7},
-]
-GOOD_JOIN = {"fingerprint": {"model": "digits_cnn", "global_batch": "64"}, "facts": {"host": "fuzz"},
-             "tensor_addr": ":29299", "weight": 1.0, "proto": 1}
-
-
 def _ask(sock: zmq.Socket, frames: list[bytes], timeout: float = 5.0) -> dict:
     sock.send_multipart(frames)
     assert sock.poll(int(timeout * 1000)), f"no answer to {frames[0][:80]!r}"
     return decode(sock.recv())
-
-
-def _hostile_join(sock: zmq.Socket, payload: dict) -> dict:
-    cnonce = os.urandom(16).hex()
-    challenge = _ask(sock, [encode("hello", purpose="join", name="macfleet", cnonce=cnonce)])
-    assert challenge["t"] == "challenge", challenge
-    snonce = challenge["snonce"]
-    body = dict(GOOD_JOIN, has_token=True, proof=proof(TOKEN, "node", snonce, cnonce), purpose="join")
-    body.update(payload)
-    frame = json.dumps(dict(body, t="auth", v=1)).encode()
-    return _ask(sock, [frame])
 
 
 def _status(port: int) -> subprocess.CompletedProcess:
@@ -105,25 +58,16 @@ def test_fuzzed_control_messages_are_answered_and_the_master_keeps_serving():
         sock.connect(tcp("127.0.0.1", port))
         # The master is up once it answers a HELLO (queued until it binds).
         assert _ask(sock, [encode("hello", purpose="status", name="macfleet", cnonce="00")], timeout=30)["t"] == "challenge"
-        rng = random.Random(10)
-        t0 = time.monotonic()
-        kinds = {}
-        for _ in range(3000):
-            answer = _ask(sock, _garbage(rng))
-            kinds[answer["t"]] = kinds.get(answer["t"], 0) + 1
-        for payload in HOSTILE_JOINS * 5:
-            answer = _hostile_join(sock, payload)
-            assert answer["t"] == "error", (payload, answer)
-            kinds["join error"] = kinds.get("join error", 0) + 1
-        print(f"{sum(kinds.values())} hostile messages in {time.monotonic() - t0:.1f} s, answers: {kinds}")
+        # 3250 messages, the last one too big for the socket (over MAXMSGSIZE: libzmq drops that
+        # connection, nothing else); one in 25 a hostile join, every one of HOSTILE_JOINS 5 times.
+        tally = flood_control(ctx, "127.0.0.1", port, TOKEN, 3250, random.Random(10))
+        print(f"{tally.sent} hostile messages in {tally.seconds:.1f} s, answers: {tally.answers}")
         # Every malformed message was answered with an error, never a crash or silence.
-        assert set(kinds) <= {"error", "challenge", "refuse", "join error"} and kinds["error"] > 2500, kinds
-        # One too big for the socket (over MAXMSGSIZE): libzmq drops that connection, nothing else.
-        big = make_socket(ctx, zmq.DEALER)
-        big.connect(tcp("127.0.0.1", port))
-        big.send(b"x" * (3 << 20))
-        big.setsockopt(zmq.LINGER, 3000)  # sent before it closes
-        big.close()
+        assert (tally.sent, tally.answered, tally.dropped, tally.unanswered) == (3250, 3249, 1, 0), tally.as_dict()
+        assert set(tally.answers) == {"garbage", "join hello", HOSTILE_JOIN}, tally.answers
+        assert tally.count("garbage", "error: ") == sum(tally.answers["garbage"].values()) >= 3000, tally.answers
+        assert tally.answers["join hello"] == {"challenge": tally.count(HOSTILE_JOIN)}, tally.answers
+        assert tally.count(HOSTILE_JOIN, "error: ") == tally.count(HOSTILE_JOIN) >= 5 * len(HOSTILE_JOINS), tally.answers
 
         assert master.proc.poll() is None, "".join(master.stderr)
         out = _status(port)
@@ -166,26 +110,16 @@ def test_forged_bye_is_rejected_and_a_later_kill_is_still_a_loss():
         hb_port = master.wait_for("listening")["hb_port"]
         master.wait_for("formed")
         worker.wait_for("formed")
-        bye = encode("bye", peer="g1-r1", n=10**9, reason="Ctrl-C", step=1, rank=1)
-        forged = {
-            "no signature": [bye],
-            "a wrong signature": [bye, os.urandom(32)],
-            "a short signature": [bye, b"x"],
-        }
-        for what, frames in forged.items():
-            answer = _forge(ctx, hb_port, frames)
-            assert answer is not None and answer["t"] == "error" and "forged" in answer["reason"], (what, answer)
-        # The old way in: the member's routing id and an unsigned bye.
-        answer = _forge(ctx, hb_port, [encode("bye")], identity=b"g1-r1")
-        assert answer is not None and answer["t"] == "error", answer
-        junk = make_socket(ctx, zmq.DEALER)
-        try:
-            junk.connect(tcp("127.0.0.1", hb_port))
-            rng = random.Random(11)
-            for _ in range(300):
-                assert _ask(junk, _garbage(rng))["t"] == "error"
-        finally:
-            junk.close(0)
+        for what, (identity, frames) in forged_byes("g1-r1", 1).items():
+            answer = _forge(ctx, hb_port, frames, identity)
+            assert answer is not None and answer["t"] == "error", (what, answer)
+            # Those naming the member are seen as forged (the old way in names none: a non-member).
+            assert identity is not None or "forged" in answer["reason"], (what, answer)
+        # Garbage, forged byes and heartbeats for the member, and one too big for the socket.
+        tally = flood_heartbeat(ctx, "127.0.0.1", hb_port, ["g1-r1"], 600, random.Random(11))
+        assert (tally.sent, tally.answered, tally.dropped, tally.unanswered) == (600, 599, 1, 0), tally.as_dict()
+        assert all(kind.startswith("error: ") for kinds in tally.answers.values() for kind in kinds), tally.answers
+        assert tally.count(FORGED_BYE, "error: forged heartbeat rejected") > 0, tally.answers
         time.sleep(3 * INTERVAL)  # heartbeats go on meanwhile; a forged bye would have stopped them
         master.send("status")
         row = master.wait_for("status")["nodes"][1]
