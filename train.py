@@ -34,7 +34,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from macfleet.run import run
-    from macfleet.trainer import TrainingInterrupted
+    from macfleet.errors import TrainingInterrupted
 
     hc = HydraConfig.get()
     _scrub_saved_config(hc.runtime.output_dir, cfg.cluster.get("token"))
@@ -88,7 +88,7 @@ def _resume_command(args: list[str], run_dir) -> str:
     """The command that continues this run: its arguments, its run dir and resume=auto."""
     import shlex
 
-    from macfleet.trainer import shown_path
+    from macfleet.errors import shown_path
 
     keep = [a for a in args if _arg_key(a) not in ("hydra.run.dir", "trainer.resume", "run_id")]
     where = [f"hydra.run.dir={shown_path(run_dir)}"] if run_dir else []
@@ -103,13 +103,13 @@ def _resume_in_place(argv: list[str]) -> list[str]:
     whose checkpoints were written with this same config (`checkpoint.find_resumable`), or, when
     there is none, a new run. Decided before Hydra makes a run dir, so no empty one is left.
     """
-    from macfleet import checkpoint as ckpt
-
     args = argv[1:]
     values = {_arg_key(a): a.split("=", 1)[1] for a in args if "=" in a and not a.startswith("-")}
     if values.get("trainer.resume") != "auto" or values.get("trainer.checkpoint_dir") or \
             any(a in ("-m", "--multirun") or a.startswith(("--cfg", "-c=", "--info", "--help", "-h")) for a in args):
         return argv
+    from macfleet import checkpoint as ckpt  # imports torch: only for resume=auto
+
     if "hydra.run.dir" in values:
         run_dir = Path(values["hydra.run.dir"])
         newest = ckpt.latest(run_dir / "checkpoints")
@@ -241,9 +241,11 @@ def _torchrun_ranks_agree(argv: list[str]) -> list[str]:
 
 
 def _under_torchrun(argv: list[str]) -> bool:
+    if "cluster=torchrun" not in argv:
+        return False  # before importing torch: a local fleet starts its workers first (macfleet.run)
     from macfleet.cluster.torchrun import under_torchrun
 
-    return "cluster=torchrun" in argv and under_torchrun()
+    return under_torchrun()
 
 
 if __name__ == "__main__":

@@ -124,12 +124,41 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
 def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Build data, model, optimizer and LR schedule from `cfg` and train: this process's metrics
     (none when the job went to running agents). train.py and the recipes both come here."""
-    import torch
-
-    check_keys(cfg)
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
+        check_keys(cfg)
         submit_to_agents(cfg, output_dir)
         return {}
+
+    early = _start_local_workers(cfg)  # killed below if this process fails first (a bad key, say)
+    try:
+        check_keys(cfg)  # imports the models' modules, and torch with them
+        return _fit(cfg, output_dir)
+    finally:
+        if early is not None:
+            early.abandon()  # only if the master failed before it took them
+
+
+def _start_local_workers(cfg: DictConfig):
+    """`cluster=local`: the worker processes start now, beside this one's imports and model."""
+    cluster = cfg.cluster
+    role = cluster.get("role") or "master"
+    if cluster.get("mode") != "local" or str(getattr(role, "value", role)).lower() != "master" \
+            or int(cluster.get("nodes") or 2) < 2:
+        return None
+    from macfleet.cluster.local import LocalFleet, local_master
+
+    local_master(cluster)
+    return LocalFleet.start_early(to_dataclass(ClusterConfig, cluster), _config_dict(cfg))
+
+
+def _config_dict(cfg: DictConfig) -> dict:
+    # Saved in checkpoints, sent to W&B and to local workers: never the token (workers get it
+    # from the environment).
+    return redact_token(OmegaConf.to_container(cfg, resolve=True))
+
+
+def _fit(cfg: DictConfig, output_dir: str | None) -> dict[str, Any]:
+    import torch
 
     from macfleet.trainer import Trainer
 
@@ -151,9 +180,7 @@ def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
         scheduler_config=to_dataclass(SchedulerConfig, cfg.scheduler),
         optimizer=optimizer,
         logger_config=to_dataclass(LoggerConfig, cfg.logger),
-        # Saved in checkpoints, sent to W&B and to local workers: never the token (workers get it
-        # from the environment).
-        config_dict=redact_token(OmegaConf.to_container(cfg, resolve=True)),
+        config_dict=_config_dict(cfg),
         # No fingerprint here: the Trainer computes it from these configs and objects, as it does
         # for a Python-API node (macfleet/fingerprint.py), so the two kinds of node can join.
     )
@@ -200,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"macfleet: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:  # Ctrl-C reaches a local fleet's workers too: one line each
-        from macfleet.trainer import TrainingInterrupted
+        from macfleet.errors import TrainingInterrupted
 
         said = str(exc) if isinstance(exc, TrainingInterrupted) else "interrupted before the first step: nothing saved"
         print(f"macfleet: {said}", file=sys.stderr)

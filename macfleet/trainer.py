@@ -35,7 +35,7 @@ from macfleet import checkpoint as ckpt
 from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, SchedulerConfig, TrainingConfig
 from macfleet.data.loader import build_loader, fetch
 from macfleet.device import pick_device, synchronize
-from macfleet.errors import ConfigError, MacFleetError
+from macfleet.errors import ConfigError, MacFleetError, TrainingInterrupted
 from macfleet.fingerprint import fingerprint as fleet_fingerprint
 from macfleet.fingerprint import setup
 from macfleet.sampler import WeightedBatchSampler, shard_range
@@ -211,10 +211,7 @@ class Trainer:
         t_start = time.perf_counter()
         with keep_awake():  # a Mac with its lid open must not idle-sleep mid-run (caffeinate; nothing elsewhere)
             device = pick_device(self.tc.device)
-            # Model, optimizer and schedule before joining: a node joining a run in progress is
-            # then ready when the others take it in (the first optimizer imports torch._dynamo, 2-3 s).
-            state = self._prepare(device)
-            world = self._connect(device)
+            state, world = self._prepare_and_connect(device)
 
             # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
             def abort() -> None:
@@ -226,6 +223,32 @@ class Trainer:
                     return self._fit(world, device, t_start, ctrl_c, state)
                 finally:
                     world.close()
+
+    def _prepare_and_connect(self, device) -> tuple["TrainState", Any]:
+        """Model, optimizer and schedule (`_prepare`), and the World (`_connect`). On a master
+        the two run side by side: the first optimizer imports torch._dynamo (2-3 s of CPU) while
+        the master waits for its workers (a local fleet's start meanwhile). Any other node
+        prepares first, so that a node joining a running fleet is ready when the others take it
+        in (they wait on it from then on); so does a node measuring its speed (`cluster.weight=auto`)."""
+        if self.cc.role.value != "master" or (self.cc.weights is None and self.cc.weight == "auto"):
+            state = self._prepare(device)
+            return state, self._connect(device)
+        done: dict[str, Any] = {}
+
+        def prepare() -> None:
+            try:
+                done["state"] = self._prepare(device)
+            except BaseException as exc:  # noqa: BLE001 - raised on the main thread below
+                done["error"] = exc
+
+        thread = threading.Thread(target=prepare, name="macfleet-prepare", daemon=True)
+        thread.start()
+        world = self._connect(device)  # an error or Ctrl-C here leaves the daemon thread behind
+        thread.join()
+        if "error" in done:
+            world.close()
+            raise done["error"]
+        return done["state"], world
 
     def _prepare(self, device) -> "TrainState":
         """The model on `device`, its optimizer and LR schedule, at step 0."""
@@ -857,43 +880,6 @@ class _Speed:
             return
         s = self._smoothed
         self._smoothed = rate if s is None else s + self.SMOOTHING * (rate - s)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training (at a step boundary every rank agreed on, or at once after a second
-    one), after rank 0 wrote what it could. `str()` is the one line to show; train.py adds the
-    command that resumes. A KeyboardInterrupt, so API callers that catch Ctrl-C still do."""
-
-    def __init__(self, step: int, rank: int, saved: bool, why: str = "", checkpoint: Path | None = None,
-                 out_dir: Path | None = None, left: bool = False):
-        self.step, self.rank, self.saved, self.why = step, rank, saved, why
-        self.left = left  # a worker of an elastic run that left alone: the others go on
-        self.checkpoint = checkpoint  # rank 0: the one saved now, else the newest (None if there is none)
-        self.out_dir = out_dir        # rank 0: the run dir
-        super().__init__(self.describe())
-
-    def describe(self) -> str:
-        if self.left:
-            return (f"rank {self.rank} left the run at step {self.step} (Ctrl-C); the others go on without it. "
-                    f"Start it again with the same command to rejoin")
-        head = f"interrupted at step {self.step}" + (f" ({self.why})" if self.why else "")
-        if self.rank != 0:
-            said = f"rank 0 saved checkpoint step-{self.step:08d}" if self.saved else "rank 0 saved no new checkpoint"
-            return f"rank {self.rank} {head}: {said}"
-        written = f"metrics.json, history.json, curves.png in {shown_path(self.out_dir)}"
-        if self.saved:
-            return f"{head}: saved checkpoint {shown_path(self.checkpoint)} and {written}"
-        newest = f"newest checkpoint {shown_path(self.checkpoint)}" if self.checkpoint else "no checkpoint yet"
-        return f"{head}: saved {written}; {newest}"
-
-
-def shown_path(path) -> str:
-    """`path` relative to the working directory when it is under it (as a user typed it), else absolute."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 class _CtrlC:
