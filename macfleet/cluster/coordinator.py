@@ -85,14 +85,31 @@ _ASKED = {"join": "a node's join", "agent": "a worker agent", "status": "a statu
           "cancel": "a cancel request"}
 
 
+_REFUSED_EVERY_S = 10.0
+_refused_seen: dict[tuple, list] = {}  # (request, reason, sender) -> [last said at, refused since]
+
+
 def say_refused(frame: zmq.Frame, msg: dict, reason: str, by_node: bool = False) -> None:
     """The master's one line for a refused node or request (the node prints its own line).
-    `by_node`: the node refused this master (it could not verify the master's token proof)."""
+    `by_node`: the node refused this master (it could not verify the master's token proof).
+    The first refusal of a kind (request, reason, sender's address) is said at once; a flood of
+    the same is said at most once every 10 s, counting the ones in between, so it cannot fill
+    the log."""
     facts = msg.get("facts")
     host = facts.get("host") if isinstance(facts, dict) else None
     who = peer_address(frame) + (f" ({host})" if host else "")
     what = _ASKED.get(msg.get("purpose"), f"a {str(msg.get('purpose'))[:40]!r} request")
-    line = f"{what} from {who} refused this master: {reason}" if by_node else f"refused {what} from {who}: {reason}"
+    now, key = time.monotonic(), (what, by_node, reason[:80], peer_address(frame))
+    seen = _refused_seen.get(key)
+    if seen is not None and now - seen[0] < _REFUSED_EVERY_S:
+        seen[1] += 1
+        return
+    if seen is None and len(_refused_seen) >= 64:
+        _refused_seen.clear()  # bounded: distinct reasons from the network cannot grow it
+    _refused_seen[key] = [now, 0]
+    more = f" ({seen[1]} more like it in the last {now - seen[0]:.0f} s)" if seen is not None and seen[1] else ""
+    line = (f"{what} from {who} refused this master: {reason}" if by_node
+            else f"refused {what} from {who}: {reason}") + more
     # Parts of it come from the network: one line, no control characters.
     say("".join(c if c.isprintable() else "?" for c in line))
 

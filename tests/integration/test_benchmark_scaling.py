@@ -115,29 +115,29 @@ THROTTLE_KEYS = {"throttle", "adapt_shares", "throttled_single_samples_per_s", "
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--throttle lowers a cgroup's CPU quota: root only")
 def test_throttle_rows_are_consistent(tmp_path):
-    """--throttle on two 1-core nodes: node 1's quota drops at step 30 of each fleet run (a step,
+    """--throttle on two 1-core nodes: node 1's quota drops at step 15 of each fleet run (a step,
     not seconds: the run must outlast it on any machine); the trailing override reaches the
     fleet; every throttle figure derives from the run's own per-step curve and references."""
     import statistics
 
     out, png = tmp_path / "throttle.json", tmp_path / "throttle.png"
-    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "50", "--warmup-steps", "2",
-                    "--codecs", "none", "--throttle", "1:0.5@step30", "--json", str(out), "--plot", str(png),
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "30", "--warmup-steps", "2",
+                    "--codecs", "none", "--throttle", "1:0.5@step15", "--json", str(out), "--plot", str(png),
                     "cluster.adapt_shares=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, fleet = json.loads(out.read_text())
     assert set(one) == set(fleet) == KEYS | THROTTLE_KEYS
     for r in (one, fleet):
-        assert r["throttle"] == {"node": 1, "quota": 0.5, "seconds": None, "step": 30}
+        assert r["throttle"] == {"node": 1, "quota": 0.5, "seconds": None, "step": 15}
         assert r["throttled_single_samples_per_s"] > 0
     assert all(one[k] is None for k in ("throttle_step", "steps_to_recover", "ideal_after_samples_per_s"))
     assert fleet["adapt_shares"] is True and fleet["cpu_quota"] == [None, None]
     # Every step logged (trainer.log_every=1), the throttle inside the run.
     steps, sps = [c[0] for c in fleet["curve"]], [c[1] for c in fleet["curve"]]
-    assert steps == list(range(1, 53)) and all(v > 0 for v in sps)
+    assert steps == list(range(1, 33)) and all(v > 0 for v in sps)
     at = fleet["throttle_step"]
-    assert 30 <= at < 52 and fleet["throttle_s"] >= 0
-    assert fleet["steps_after_throttle"] == 52 - at
+    assert 15 <= at < 32 and fleet["throttle_s"] >= 0
+    assert fleet["steps_after_throttle"] == 32 - at
     assert fleet["ideal_after_samples_per_s"] == pytest.approx(
         fleet["single_samples_per_s"][0] + fleet["throttled_single_samples_per_s"])
     assert fleet["before_samples_per_s"] == pytest.approx(statistics.median(sps[2:at]), rel=1e-3)

@@ -215,3 +215,20 @@ def test_weights_and_fingerprint_helpers():
     assert fingerprint_diff({"a": "1"}, {"a": "1"}) == []
     assert fingerprint_diff({"a": "1"}, {"b": "2"}) == ["a: master 1, this node (unset)", "b: master (unset), this node 2"]
     assert fingerprint_diff({"c": '"fp16"'}, {"c": '"none"'}) == ["c: master fp16, this node none"]
+
+
+def test_a_flood_of_the_same_refusal_is_said_once_then_counted(capsys, monkeypatch):
+    import zmq
+
+    from macfleet.cluster import coordinator
+
+    msg = {"t": "hello", "purpose": "join", "facts": {"host": "flood"}}
+    for _ in range(100):
+        coordinator.say_refused(zmq.Frame(b"x"), msg, "wrong join token (flood test)")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "flood test" in ln]
+    assert len(lines) == 1 and "refused a node's join from ? (flood): wrong join token (flood test)" in lines[0]
+    # Once the window has passed, the next one is said with the count of those held back.
+    monkeypatch.setattr(coordinator, "_REFUSED_EVERY_S", 0.0)
+    coordinator.say_refused(zmq.Frame(b"x"), msg, "wrong join token (flood test)")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "flood test" in ln]
+    assert len(lines) == 1 and "(99 more like it in the last" in lines[0]
