@@ -148,6 +148,9 @@ def _add_benchmark(sub) -> None:
                    help="scaling, convergence, ddp, bandwidth, allreduce: cores pinned to each node, OMP_NUM_THREADS "
                         "(torch threads) alike (default for scaling and convergence: this machine's cores split evenly "
                         "across --nodes; otherwise no pinning, and one torch thread per rank for bandwidth and allreduce)")
+    p.add_argument("--cores", default=None,
+                   help="scaling, convergence: each node's own number of cores, a comma list for unequal Macs, e.g. 8,4 "
+                        "(pinned one after another, OMP_NUM_THREADS alike; instead of --cores-per-node)")
     p.add_argument("--stripes", default=None,
                    help="bandwidth, allreduce: comma list of TCP connections per peer to measure the engine with, "
                         "interleaved in one run, e.g. 1,2,4 (default: MACFLEET_STRIPES, else 1)")

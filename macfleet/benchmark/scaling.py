@@ -140,6 +140,21 @@ def check_can_run(args, kind: str) -> None:
         raise ConfigError(f"--type {kind} runs train.py from a source checkout; there is none at {ROOT}")
 
 
+def parse_cores(text: str | None, nodes: int) -> list[int] | None:
+    """'8,4' -> [8, 4]: each node's own number of cores (unequal Macs)."""
+    if text is None:
+        return None
+    try:
+        counts = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--cores {text!r}: give a whole number of cores per node, e.g. 8,4") from None
+    if len(counts) != nodes:
+        raise ConfigError(f"--cores {text!r} has {len(counts)} value(s) for --nodes {nodes}: give one per node")
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"--cores {text!r}: every node needs at least one core")
+    return counts
+
+
 def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
     """'1.0,0.6' -> [1.0, 0.6]: each node's fraction of its own cores."""
     if text is None:
@@ -240,10 +255,17 @@ def plan_nodes(args) -> list[Node]:
     available = sorted(os.sched_getaffinity(0))
     if nodes > len(available):
         raise ConfigError(f"--nodes {nodes} needs a core per node and this machine has {len(available)}: lower --nodes")
-    per = int(args.cores_per_node) if args.cores_per_node else len(available) // nodes
-    if per < 1 or per * nodes > len(available):
-        raise ConfigError(f"--nodes {nodes} x --cores-per-node {per} is more than this machine's {len(available)} "
-                          f"cores: lower --cores-per-node to {len(available) // nodes} or less")
+    counts = parse_cores(getattr(args, "cores", None), nodes)
+    if counts is not None and args.cores_per_node:
+        raise ConfigError("give --cores (each node's own count) or --cores-per-node (the same for all), not both")
+    if counts is not None and sum(counts) > len(available):
+        raise ConfigError(f"--cores {args.cores} adds up to {sum(counts)} cores; this machine has {len(available)}")
+    if counts is None:
+        per = int(args.cores_per_node) if args.cores_per_node else len(available) // nodes
+        if per < 1 or per * nodes > len(available):
+            raise ConfigError(f"--nodes {nodes} x --cores-per-node {per} is more than this machine's {len(available)} "
+                              f"cores: lower --cores-per-node to {len(available) // nodes} or less")
+        counts = [per] * nodes
     gpus: list[str | None] = [None] * nodes
     if args.device != "cpu":
         import torch  # only here: the option checks above answer without it
@@ -256,7 +278,9 @@ def plan_nodes(args) -> list[Node]:
             gpus = [ids[i % len(ids)] for i in range(nodes)]
     elif args.device == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("--device mps: MPS is not available here; use --device cpu")
-    return [Node(i, available[i * per:(i + 1) * per], quotas[i] if quotas else None, gpus[i]) for i in range(nodes)]
+    first = [sum(counts[:i]) for i in range(nodes)]
+    return [Node(i, available[first[i]:first[i] + counts[i]], quotas[i] if quotas else None, gpus[i])
+            for i in range(nodes)]
 
 
 # --------------------------------------------------------------------------------------- cgroups

@@ -73,7 +73,7 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     root = os.geteuid() == 0
     out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
     extra = ["--netns", "--cpu-quota", "1.0,0.7"] if root else []
-    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "4", "--warmup-steps", "2",
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores", "1,1", "--steps", "4", "--warmup-steps", "2",
                     "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png), *extra)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
@@ -97,6 +97,10 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["--cpu-quota", "1.5,1.0"], "--cpu-quota '1.5,1.0': each value is a fraction of the node's cores"),
     (["--cpu-quota", "1.0"], "--cpu-quota '1.0' has 1 value(s) for --nodes 2: give one per node"),
     (["--nodes", "64", "--cores-per-node", "1"], "--nodes 64 needs a core per node"),
+    (["--cores", "1"], "--cores '1' has 1 value(s) for --nodes 2: give one per node"),
+    (["--cores", "4096,1"], "--cores 4096,1 adds up to 4097 cores; this machine has"),
+    (["--cores", "1,1", "--cores-per-node", "1"], "give --cores (each node's own count) or --cores-per-node"),
+    (["--cores", "1,x"], "--cores '1,x': give a whole number of cores per node, e.g. 8,4"),
     (["--rate", "1gbit"], "--rate shapes the namespaces' links: add --netns"),
     (["--codecs", "none,zip"], "--codecs 'none,zip': use a comma list of none, fp16, topk, topk_fp16"),
     (["compression=fp16"], "the scaling benchmark sets compression itself; use --codecs"),
