@@ -211,7 +211,10 @@ class Trainer:
         t_start = time.perf_counter()
         with keep_awake():  # a Mac with its lid open must not idle-sleep mid-run (caffeinate; nothing elsewhere)
             device = pick_device(self.tc.device)
-            state, world = self._prepare_and_connect(device)
+            # Model, optimizer and schedule before joining: a node joining a run in progress is
+            # then ready when the others take it in (the first optimizer imports torch._dynamo, 2-3 s).
+            state = self._prepare(device)
+            world = self._connect(device)
 
             # From here on a first Ctrl-C only asks to stop (waiting for nodes above stops at once).
             def abort() -> None:
@@ -223,32 +226,6 @@ class Trainer:
                     return self._fit(world, device, t_start, ctrl_c, state)
                 finally:
                     world.close()
-
-    def _prepare_and_connect(self, device) -> tuple["TrainState", Any]:
-        """Model, optimizer and schedule (`_prepare`), and the World (`_connect`). On a master
-        the two run side by side: the first optimizer imports torch._dynamo (2-3 s of CPU) while
-        the master waits for its workers (a local fleet's start meanwhile). Any other node
-        prepares first, so that a node joining a running fleet is ready when the others take it
-        in (they wait on it from then on); so does a node measuring its speed (`cluster.weight=auto`)."""
-        if self.cc.role.value != "master" or (self.cc.weights is None and self.cc.weight == "auto"):
-            state = self._prepare(device)
-            return state, self._connect(device)
-        done: dict[str, Any] = {}
-
-        def prepare() -> None:
-            try:
-                done["state"] = self._prepare(device)
-            except BaseException as exc:  # noqa: BLE001 - raised on the main thread below
-                done["error"] = exc
-
-        thread = threading.Thread(target=prepare, name="macfleet-prepare", daemon=True)
-        thread.start()
-        world = self._connect(device)  # an error or Ctrl-C here leaves the daemon thread behind
-        thread.join()
-        if "error" in done:
-            world.close()
-            raise done["error"]
-        return done["state"], world
 
     def _prepare(self, device) -> "TrainState":
         """The model on `device`, its optimizer and LR schedule, at step 0."""

@@ -70,7 +70,10 @@ class LocalFleet:
             for proc in self.procs:
                 if proc.poll() is None:
                     proc.kill()
-            self.stop(timeout=5.0)
+                proc.wait()  # killed on purpose: no "worker(s) exited with" warning after the master's error
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
 
     def start(self) -> None:
         import subprocess
