@@ -39,6 +39,7 @@ import time
 
 import torch
 import zmq
+import zmq.utils.monitor
 
 from macfleet.comm import framing
 from macfleet.comm.framing import KIND_DATA, KIND_HELLO, Header
@@ -176,6 +177,9 @@ class Transport:
         self.ctx = zmq.Context(io_threads=max(IO_THREADS, min(2 * self.stripes, MAX_STRIPES)))
         self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
         self.push: dict[int, list[zmq.Socket]] = {}
+        self._monitors: dict[int, zmq.Socket] = {}
+        self._gone: dict[int, float] = {}
+        """peer -> monotonic time its connection was seen closed (it exited or was killed)."""
         try:
             host, port = split_addr(addrs[rank])
             try:
@@ -194,6 +198,10 @@ class Transport:
                         sock = make_socket(self.ctx, zmq.PUSH, timeout=timeout)
                         self.push[peer].append(sock)
                         sock.connect(f"tcp://{phost}:{pport}")
+                    # Whether the peer's process is still there: its end of our connection closes
+                    # when it exits or is killed (not when it is frozen or cut off).
+                    self._monitors[peer] = self.push[peer][0].get_monitor_socket(
+                        zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         except BaseException:
             self.close(linger=False)
             raise
@@ -386,9 +394,14 @@ class Transport:
         return hit
 
     def _silent_longest(self, src: int) -> int:
-        """Whom to blame when `src` sent nothing in time: the peer silent longest. With 3+ ranks
-        a live peer can stall because a dead one holds it up (it waits for that one's data), so
-        the peer heard from least recently is the likelier casualty; `src` when it is that peer."""
+        """Whom to blame when `src` sent nothing in time. With 3+ ranks a live peer can stall
+        because a dead one holds it up (it waits for that one's data). A peer whose connection
+        closed first is the one that died; failing that (a frozen or cut-off peer closes
+        nothing), the peer heard from least recently is the likelier casualty; `src` when it is
+        that peer."""
+        self._watch_connections()
+        if self._gone:
+            return min(self._gone, key=lambda p: (self._gone[p], p != src))
         peers = [p for p in range(self.world_size) if p != self.rank]
         oldest = min(peers, key=lambda p: (self._heard.get(p, 0.0), p != src))
         return oldest if self._heard.get(oldest, 0.0) < self._heard.get(src, 0.0) else src
@@ -414,6 +427,20 @@ class Transport:
                 return False
             if self.pull.poll(int(min(remaining, POLL_SLICE_S) * 1000) + 1, zmq.POLLIN):
                 return True
+            self._watch_connections()
+
+    def _watch_connections(self) -> None:
+        """Note peers whose connection closed (`_gone`), and forget those connected again."""
+        for peer, mon in self._monitors.items():
+            while True:
+                try:
+                    event = zmq.utils.monitor.parse_monitor_message(mon.recv_multipart(zmq.NOBLOCK))["event"]
+                except zmq.Again:
+                    break
+                if event == zmq.EVENT_DISCONNECTED:
+                    self._gone.setdefault(peer, time.monotonic())
+                elif event == zmq.EVENT_CONNECTED:
+                    self._gone.pop(peer, None)
 
     def _reject(self, exc: FrameError) -> None:
         # Whatever is left of the message is drained, so the next message starts clean.
@@ -511,6 +538,12 @@ class Transport:
         )
 
     def close(self, *, linger: bool = True) -> None:
+        for peer, mon in self._monitors.items():
+            socks = self.push.get(peer)
+            if socks and not socks[0].closed:
+                socks[0].disable_monitor()
+            mon.close(linger=0)
+        self._monitors.clear()
         for sock in [self.pull, *(s for socks in self.push.values() for s in socks)]:
             if not sock.closed:
                 sock.close(linger=None if linger else 0)

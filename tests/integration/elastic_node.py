@@ -2,8 +2,12 @@
 scikit-learn's digits with an MLP (no BatchNorm; with compression none N nodes compute what one
 process does).
 
-- Every step this node commits (its optimizer steps) appends the sample indices it trained on
-  to $ELASTIC_RECORD, one JSON line {"step", "pid", "indices"}: the test counts them.
+- $ELASTIC_RECORD gets one JSON line per attempt of a step, {"kind": "try", "step", "generation",
+  "pid", "indices"} (the sample indices this node's forward took), and one per step this node
+  commits (its optimizer stepped), {"kind": "commit", "step", "generation", "pid"}. A step's
+  global batch is the union of the tries of the generation that committed it: a node behind by
+  the step in flight (it failed there while another completed it) commits nothing and takes
+  the state, but its share was in the step. `committed_batches` reads the record.
 - `--die-at S` kills this process with SIGKILL when it is about to run step S.
 - `--gate-at S` (master): step S waits until a node asks to join, so a rejoin lands in the epoch.
 - `--slow-ms-per-sample`: a slower node (its forward also sleeps per sample); `--adapt`: shares
@@ -42,31 +46,54 @@ class IndexedMLP(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
-        self.seen: list[int] = []
 
     slow_s_per_sample = 0.0
     """A slower Mac: each forward also takes this long per sample (--slow-ms-per-sample)."""
 
     def forward(self, x):
-        self.seen = x[:, -1].long().tolist()
+        if self.training:
+            _record("try", indices=x[:, -1].long().tolist())
         if self.slow_s_per_sample and self.training:
             time.sleep(self.slow_s_per_sample * len(x))
         return self.body(x[:, :-1])
 
 
 MODEL = None
+AT = {"step": -1, "generation": 0}
+"""The step (and generation) this node is running: set at the start of each `train_step`."""
+
+
+def _record(kind: str, **row) -> None:
+    path = os.environ.get("ELASTIC_RECORD")
+    if path:
+        with open(path, "a") as f:  # one short line per write, appended whole (O_APPEND)
+            f.write(json.dumps({"kind": kind, **AT, "pid": os.getpid(), **row}) + "\n")
+
+
+def committed_batches(lines: list[str]) -> dict[int, list[int]]:
+    """{step: the sample indices of that committed step}, from a record's lines. Asserts that each
+    step was committed in one generation only (never applied twice across a regroup)."""
+    rows = [json.loads(line) for line in lines]
+    gens: dict[int, set[int]] = {}
+    for r in rows:
+        if r["kind"] == "commit":
+            gens.setdefault(r["step"], set()).add(r["generation"])
+    twice = {s: g for s, g in gens.items() if len(g) > 1}
+    assert not twice, f"steps committed in more than one generation: {twice}"
+    done = {s: g.pop() for s, g in gens.items()}
+    batches: dict[int, list[int]] = {s: [] for s in done}
+    for r in rows:
+        if r["kind"] == "try" and done.get(r["step"]) == r["generation"]:
+            batches[r["step"]].extend(r["indices"])
+    return batches
 
 
 class RecordingSGD(torch.optim.SGD):
-    """SGD that writes the indices of every step it takes (a committed step)."""
+    """SGD that records every step it takes (a committed step)."""
 
     def step(self, closure=None):
         out = super().step(closure)
-        path = os.environ.get("ELASTIC_RECORD")
-        if path:
-            self.taken = getattr(self, "taken", 0) + 1
-            with open(path, "a") as f:
-                f.write(json.dumps({"pid": os.getpid(), "step": self.taken - 1, "indices": MODEL.seen}) + "\n")
+        _record("commit")
         return out
 
 
@@ -87,6 +114,7 @@ class Node(Trainer):
         return None
 
     def train_step(self, state, fleet, world, batch, device):
+        AT.update(step=state.step, generation=world.generation)
         if self.die_at is not None and state.step == self.die_at:
             os.kill(os.getpid(), signal.SIGKILL)
         if self.gate_at is not None and world.rank == 0 and state.step == self.gate_at:

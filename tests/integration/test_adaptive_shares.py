@@ -5,7 +5,6 @@ and a run resumed from a checkpoint taken after the shares moved continues bit-e
 
 from __future__ import annotations
 
-import collections
 import json
 import shutil
 
@@ -13,6 +12,7 @@ import torch
 
 from macfleet.comm.launch import free_ports
 from macfleet.sampler import WeightedBatchSampler
+from tests.integration.elastic_node import committed_batches
 from tests.integration.test_elastic import _logs, _node
 
 BATCH = 16
@@ -45,10 +45,7 @@ def test_shares_move_toward_a_slower_nodes_speed_and_still_make_up_each_batch(tm
     print(f"shares moved {len(moves)} time(s), to {[round(s, 3) for s in final]} (node 1's true share 0.25)")
     assert 0.12 < final[1] < 0.38 and abs(sum(final) - 1) < 1e-6, moves  # its true speed: 0.25
     # Every committed step: the two shards are that step's global batch, no index twice or missing.
-    steps = collections.defaultdict(list)
-    for line in record.read_text().splitlines():
-        row = json.loads(line)
-        steps[row["step"]].extend(row["indices"])
+    steps = committed_batches(record.read_text().splitlines())
     perm = WeightedBatchSampler(1797, BATCH, [1.0], seed=0).permutation().tolist()
     assert sorted(steps) == list(range(100))
     for s, got in steps.items():
