@@ -16,8 +16,10 @@ setup: $(BIN)/.installed
 train: setup
 	$(BIN)/python train.py $(ARGS)
 
+# Two test files at a time (pytest-xdist): most tests wait on processes they start, so the
+# suite keeps both cores busy. A file's tests stay together (its module fixtures run once).
 test: setup
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests $(ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests/unit $(ARGS)

@@ -142,6 +142,9 @@ def _add_benchmark(sub) -> None:
                    help="compression: device for codec timing; scaling, convergence, ddp and loader: the device every run trains on: cpu, "
                         "cuda or mps")
     p.add_argument("--steps", type=int, default=30, help="scaling, ddp, loader: timed training steps per run")
+    p.add_argument("--reference-steps", type=int, default=None,
+                   help="scaling: timed steps of each node's single-node reference runs (default: --steps); fewer "
+                        "than --steps where the fleet run must be long, e.g. to watch a --throttle")
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="scaling, ddp: steps run first and left out of the timing (default 5 for scaling, 10 for ddp)")
     p.add_argument("--cores-per-node", type=int, default=None,

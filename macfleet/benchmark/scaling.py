@@ -19,7 +19,7 @@ Figures, each beside its reference from the same benchmark:
   device<->host copy time per step, when the engine reports `staging_s` (a run total) in
   metrics.json.
 JSON rows, the 1-node reference first, then one per codec: {"type", "run", "codec", "nodes",
-"global_batch", "local_batches", "steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
+"global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
 "samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
 "wire_ratio"}; per-node figures are lists indexed by node.
@@ -551,6 +551,9 @@ def run_scaling_benchmark(args) -> int:
     steps, warmup = int(args.steps), int(5 if args.warmup_steps is None else args.warmup_steps)
     if steps < 1 or warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup-steps >= 0")
+    ref_steps = steps if getattr(args, "reference_steps", None) is None else int(args.reference_steps)
+    if ref_steps < 1:
+        raise ConfigError(f"--reference-steps {ref_steps}: give at least 1 timed step for each node's reference runs")
     check_can_run(args, "scaling")
     user = parse_overrides(list(args.overrides or []))
     nodes = plan_nodes(args)
@@ -562,6 +565,9 @@ def run_scaling_benchmark(args) -> int:
     # With a throttle, the fleet's history has a samples/s row per step (one more tiny all_reduce
     # per step: the loss's weighted mean).
     fleet_timing = dict(timing, **{"trainer.log_every": "1"}) if throttle else timing
+    ref_total = ref_steps + warmup  # the single-node references (--reference-steps)
+    ref_timing = dict(timing, **{"trainer.max_steps": str(ref_total), "trainer.epochs": str(ref_total),
+                                 "trainer.log_every": str(ref_total)})
     cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n),
                                                        "compression": codecs[0]}))
     if cfg.cluster.weight == "auto":
@@ -577,7 +583,7 @@ def run_scaling_benchmark(args) -> int:
     choices = cfg.hydra.runtime.choices
     link = ("veth" + (f" shaped to {args.rate}" if args.rate else "")) if args.netns else "loopback"
     setup = {"type": "scaling", "model": choices.model, "dataset": choices.dataset, "global_batch": batch,
-             "steps": steps, "warmup_steps": warmup, "device": args.device, "link": link}
+             "steps": steps, "reference_steps": ref_steps, "warmup_steps": warmup, "device": args.device, "link": link}
 
     bench, logs = bench_dir("macfleet-scaling-")
     data = {}
@@ -591,7 +597,7 @@ def run_scaling_benchmark(args) -> int:
         synthetic = " (synthetic CIFAR-format images)"
     console.print(f"[bold]scaling[/bold]: {choices.model} on {choices.dataset}{synthetic}, global batch {batch} "
                   f"(node shares {local}), {args.device}, {n} nodes on {link}; {steps} timed steps after "
-                  f"{warmup} warm-up")
+                  f"{warmup} warm-up" + (f" ({ref_steps} in each node's references)" if ref_steps != steps else ""))
     for node in nodes:
         console.print(f"  {node.describe()}")
     if throttle:
@@ -602,7 +608,7 @@ def run_scaling_benchmark(args) -> int:
 
     def single(node: Node, b: int, label: str) -> Run:
         run = Run(label, bench / label)
-        argv = [py, train, *_overrides(DEFAULTS, user, data, timing, {
+        argv = [py, train, *_overrides(DEFAULTS, user, data, ref_timing, {
             "cluster": "single", "compression": "none", "trainer.batch_size": str(b), "hydra.run.dir": str(run.out)})]
         run.procs.append((node, argv, node.env()))
         return run

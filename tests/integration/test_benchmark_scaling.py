@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-KEYS = {"type", "model", "dataset", "global_batch", "steps", "warmup_steps", "device", "link", "run", "codec",
+KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
         "staging_s", "wire_ratio"}
@@ -45,7 +45,7 @@ def _check_rows(rows: list[dict], codecs: list[str]) -> None:
     for r in rows:
         assert set(r) == KEYS
         assert (r["type"], r["model"], r["dataset"], r["global_batch"]) == ("scaling", "digits_cnn", "digits", 64)
-        assert (r["steps"], r["warmup_steps"], r["device"]) == (4, 2, "cpu")
+        assert (r["steps"], r["reference_steps"], r["warmup_steps"], r["device"]) == (4, 4, 2, "cpu")
         assert r["samples_per_s"] > 0 and r["step_s"] > 0
         assert all(v > 0 for v in r["single_samples_per_s"] + r["compute_s"])
         # Every figure derives from its references, measured in the same benchmark.
@@ -102,6 +102,7 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["--cores", "1,1", "--cores-per-node", "1"], "give --cores (each node's own count) or --cores-per-node"),
     (["--cores", "1,x"], "--cores '1,x': give a whole number of cores per node, e.g. 8,4"),
     (["--rate", "1gbit"], "--rate shapes the namespaces' links: add --netns"),
+    (["--reference-steps", "0"], "--reference-steps 0: give at least 1 timed step"),
     (["--codecs", "none,zip"], "--codecs 'none,zip': use a comma list of none, fp16, topk, topk_fp16"),
     (["compression=fp16"], "the scaling benchmark sets compression itself; use --codecs"),
     (["trainer.batch_size=abc"], "a trailing override was refused"),
@@ -125,8 +126,8 @@ def test_throttle_rows_are_consistent(tmp_path):
     import statistics
 
     out, png = tmp_path / "throttle.json", tmp_path / "throttle.png"
-    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "30", "--warmup-steps", "2",
-                    "--codecs", "none", "--throttle", "1:0.5@step15", "--json", str(out), "--plot", str(png),
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores-per-node", "1", "--steps", "30", "--reference-steps", "6",
+                    "--warmup-steps", "2", "--codecs", "none", "--throttle", "1:0.5@step15", "--json", str(out), "--plot", str(png),
                     "cluster.adapt_shares=true")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     one, fleet = json.loads(out.read_text())
@@ -136,6 +137,7 @@ def test_throttle_rows_are_consistent(tmp_path):
         assert r["throttled_single_samples_per_s"] > 0
     assert all(one[k] is None for k in ("throttle_step", "steps_to_recover", "ideal_after_samples_per_s"))
     assert fleet["adapt_shares"] is True and fleet["cpu_quota"] == [None, None]
+    assert (fleet["steps"], fleet["reference_steps"]) == (30, 6)  # the references ran fewer steps
     # Every step logged (trainer.log_every=1), the throttle inside the run.
     steps, sps = [c[0] for c in fleet["curve"]], [c[1] for c in fleet["curve"]]
     assert steps == list(range(1, 33)) and all(v > 0 for v in sps)
