@@ -129,6 +129,10 @@ def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
         submit_to_agents(cfg, output_dir)
         return {}
 
+    from macfleet.cluster.info import bytecode_note
+
+    if (slow_start := bytecode_note()) is not None:
+        log.warning("%s", slow_start)
     early = _start_local_workers(cfg)  # killed below if this process fails first (a bad key, say)
     try:
         check_keys(cfg)  # imports the models' modules, and torch with them
