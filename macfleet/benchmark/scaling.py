@@ -482,7 +482,9 @@ def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after
     throttle applied after step `at_step`: the median before it (timed steps only), the median of
     the last RECOVER_WINDOW steps, and the steps after it until the moving median of
     RECOVER_WINDOW steps (all after the throttle) reaches (1 - RECOVER_WITHIN) x `ideal_after`
-    (None: not within the steps that ran)."""
+    (None: not within the steps that ran). `slowed` is False when the first window after the
+    throttle was there already: the throttle cost the fleet nothing visible, so a recovery in
+    RECOVER_WINDOW steps says nothing (None: fewer steps than a window ran after it)."""
     import statistics
 
     curve = sorted((int(r["step"]), float(r["samples_per_s"])) for r in history if "samples_per_s" in r)
@@ -497,6 +499,7 @@ def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after
     return {"before_samples_per_s": statistics.median(before) if before else None,
             "final_samples_per_s": statistics.median(tail) if tail else None,
             "steps_to_recover": recover, "steps_after_throttle": len(after),
+            "slowed": None if len(after) < RECOVER_WINDOW else recover != RECOVER_WINDOW,
             "curve": [[st, round(v, 3)] for st, v in curve],
             "share_events": [{"step": r["step"], "shares": r["shares"]} for r in history if "shares" in r]}
 
@@ -684,10 +687,14 @@ def run_scaling_benchmark(args) -> int:
 
 # Per-run figures of a --throttle (None in the 1-node row), beside "curve" and "share_events".
 THROTTLE_KEYS = ("throttle_step", "throttle_s", "before_samples_per_s", "final_samples_per_s", "steps_to_recover",
-                 "steps_after_throttle")
+                 "steps_after_throttle", "slowed")
 
 
 def _recovery(r: dict) -> str:
+    if r.get("slowed") is False:
+        return (f"{_opt(r['before_samples_per_s'])} samples/s before, {_opt(r['final_samples_per_s'])} at the end; "
+                f"no dip to recover from: its first {RECOVER_WINDOW} steps were already within "
+                f"{RECOVER_WITHIN:.0%} of the ideal after")
     got = (f"back within {RECOVER_WITHIN:.0%} of the ideal after {r['steps_to_recover']} steps"
            if r["steps_to_recover"] is not None else f"not within {RECOVER_WITHIN:.0%} of the ideal within "
                                                      f"{r['steps_after_throttle']} steps")
@@ -846,8 +853,8 @@ def throttle_table(rows: list[dict]):
         if r["run"] != "fleet":
             continue
         eff = (lambda v, ideal: f"{v / ideal:.2f}" if v is not None else "-")
-        recovered = (f"{r['steps_to_recover']} steps" if r["steps_to_recover"] is not None
-                     else f"not within {r['steps_after_throttle']} steps")
+        recovered = ("no dip" if r.get("slowed") is False else f"{r['steps_to_recover']} steps"
+                     if r["steps_to_recover"] is not None else f"not within {r['steps_after_throttle']} steps")
         table.add_row(r["run"], r["codec"], "adaptive" if r["adapt_shares"] else "fixed", str(r["throttle_step"]),
                       f"{r['throttle_s']:.1f}", _opt(r["before_samples_per_s"]), _rate(r["ideal_samples_per_s"]),
                       eff(r["before_samples_per_s"], r["ideal_samples_per_s"]), _rate(r["ideal_after_samples_per_s"]),

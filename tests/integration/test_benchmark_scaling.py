@@ -115,7 +115,7 @@ def test_bad_option_is_one_clear_line(tmp_path, args, said):
 
 THROTTLE_KEYS = {"throttle", "adapt_shares", "throttled_single_samples_per_s", "ideal_after_samples_per_s",
                  "throttle_step", "throttle_s", "before_samples_per_s", "final_samples_per_s", "steps_to_recover",
-                 "steps_after_throttle", "curve", "share_events"}
+                 "steps_after_throttle", "slowed", "curve", "share_events"}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--throttle lowers a cgroup's CPU quota: root only")
@@ -152,9 +152,13 @@ def test_throttle_rows_are_consistent(tmp_path):
     medians = [statistics.median(after[j - 4:j + 1]) for j in range(4, len(after))]
     hit = next((j + 5 for j, m in enumerate(medians) if m >= 0.95 * fleet["ideal_after_samples_per_s"]), None)
     assert fleet["steps_to_recover"] == hit
+    # Recovered in the first window: the throttle made no dip (None: fewer steps than a window after it).
+    assert fleet["slowed"] is (None if fleet["steps_after_throttle"] < 5 else hit != 5)
+    assert one["slowed"] is None
     assert all(set(e) == {"step", "shares"} and sum(e["shares"]) == pytest.approx(1) for e in fleet["share_events"])
     assert "node1-alone-b64-throttled" in proc.stdout and "steps to recover" not in proc.stderr
     assert "throttled at step" in proc.stdout and "recovered" in proc.stdout  # the progress line, the table
+    assert ("no dip to recover from" in proc.stdout) is (fleet["slowed"] is False)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))
     cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
