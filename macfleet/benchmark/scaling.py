@@ -140,16 +140,22 @@ def check_can_run(args, kind: str) -> None:
         raise ConfigError(f"--type {kind} runs train.py from a source checkout; there is none at {ROOT}")
 
 
+def _per_node(text: str, nodes: int, option: str, cast, hint: str) -> list:
+    """A comma list with one value per node, e.g. --cores 8,4; `hint` says what a value is."""
+    try:
+        values = [cast(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} {text!r}: give {hint}") from None
+    if len(values) != nodes:
+        raise ConfigError(f"{option} {text!r} has {len(values)} value(s) for --nodes {nodes}: give one per node")
+    return values
+
+
 def parse_cores(text: str | None, nodes: int) -> list[int] | None:
     """'8,4' -> [8, 4]: each node's own number of cores (unequal Macs)."""
     if text is None:
         return None
-    try:
-        counts = [int(s) for s in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--cores {text!r}: give a whole number of cores per node, e.g. 8,4") from None
-    if len(counts) != nodes:
-        raise ConfigError(f"--cores {text!r} has {len(counts)} value(s) for --nodes {nodes}: give one per node")
+    counts = _per_node(text, nodes, "--cores", int, "a whole number of cores per node, e.g. 8,4")
     if any(c < 1 for c in counts):
         raise ConfigError(f"--cores {text!r}: every node needs at least one core")
     return counts
@@ -159,12 +165,7 @@ def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
     """'1.0,0.6' -> [1.0, 0.6]: each node's fraction of its own cores."""
     if text is None:
         return None
-    try:
-        quotas = [float(s) for s in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"--cpu-quota {text!r}: give one fraction per node, e.g. 1.0,0.6") from None
-    if len(quotas) != nodes:
-        raise ConfigError(f"--cpu-quota {text!r} has {len(quotas)} value(s) for --nodes {nodes}: give one per node")
+    quotas = _per_node(text, nodes, "--cpu-quota", float, "one fraction per node, e.g. 1.0,0.6")
     if any(not 0.01 <= q <= 1.0 for q in quotas):
         raise ConfigError(f"--cpu-quota {text!r}: each value is a fraction of the node's cores, in [0.01, 1.0]")
     return quotas
