@@ -70,13 +70,15 @@ def _record(kind: str, **row) -> None:
             f.write(json.dumps({"kind": kind, **AT, "pid": os.getpid(), **row}) + "\n")
 
 
-def committed_batches(lines: list[str]) -> dict[int, list[int]]:
+def committed_batches(lines: list[str], killed: tuple[int, ...] = ()) -> dict[int, list[int]]:
     """{step: the sample indices of that committed step}, from a record's lines. Asserts that each
-    step was committed in one generation only (never applied twice across a regroup)."""
+    step was committed in one generation only (never applied twice across a regroup). The commits
+    of `killed` pids are left out: a node's last step may complete on it alone (its last chunks
+    never reached the others, who redo that step without it); its tries still count."""
     rows = [json.loads(line) for line in lines]
     gens: dict[int, set[int]] = {}
     for r in rows:
-        if r["kind"] == "commit":
+        if r["kind"] == "commit" and r["pid"] not in killed:
             gens.setdefault(r["step"], set()).add(r["generation"])
     twice = {s: g for s, g in gens.items() if len(g) > 1}
     assert not twice, f"steps committed in more than one generation: {twice}"

@@ -60,7 +60,10 @@ def test_three_nodes_lose_one_regain_it_and_match_one_process(tmp_path):
     history = json.loads((fleet_dir / "history.json").read_text())
     events = [h for h in history if "event" in h]
     assert [e["generation"] for e in events] == [2, 3], events
-    assert events[0]["step"] == DIE_AT and events[0]["world_size"] == 2 and " lost;" in events[0]["event"]
+    # Lost at DIE_AT, or a step before: the killed worker's last chunks may not reach the others,
+    # who then redo that step (which it alone completed) without it.
+    assert events[0]["step"] in (DIE_AT - 1, DIE_AT), events
+    assert events[0]["world_size"] == 2 and " lost;" in events[0]["event"]
     steps_per_epoch = 1797 // BATCH
     assert GATE_AT <= events[1]["step"] < steps_per_epoch and events[1]["world_size"] == 3, events
     assert "joined as rank 2" in events[1]["event"], events
@@ -75,7 +78,7 @@ def test_three_nodes_lose_one_regain_it_and_match_one_process(tmp_path):
     # Exactly once: the committed steps of every process, over both membership changes, used
     # each index of the epoch's global batches once, and no other. A step's batch is the union of
     # the shares tried in the generation that committed it (elastic_node.committed_batches).
-    batches = committed_batches(record.read_text().splitlines())
+    batches = committed_batches(record.read_text().splitlines(), killed=(procs[2].pid,))
     assert sorted(batches) == list(range(steps_per_epoch)), sorted(set(range(steps_per_epoch)) ^ set(batches))
     perm = WeightedBatchSampler(1797, BATCH, [1.0], seed=0).permutation().tolist()
     for s, got in batches.items():
