@@ -298,7 +298,11 @@ def run_comm_benchmark(args) -> int:
                           f"this process may use {len(os.sched_getaffinity(0))}")
     pinned = f", {cores} cores per rank" if cores else ""
     striped = f", stripes {','.join(map(str, stripes))}" if stripes != [1] else ""
-    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}{pinned}, median of {repeats} runs{engine}{striped}")
+    from macfleet.comm.tcp import default_transport
+
+    transport = default_transport()  # MACFLEET_TRANSPORT; the ranks inherit it (stripes > 1: zmq)
+    console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}{pinned}, median of {repeats} runs{engine}"
+                  f"{striped}, {transport} transport")
     fn_args = (kind, sizes, repeats, algorithm, stripes, cores)
     if args.netns:
         with Netns(nodes, rate=args.rate) as ns:
@@ -318,7 +322,8 @@ def run_comm_benchmark(args) -> int:
             mine = fig[_engine(k)]
             for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
                 if ref in fig:
-                    rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k, "macfleet_s": mine,
+                    rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k,
+                                 "transport": "zmq" if k > 1 else transport, "macfleet_s": mine,
                                  "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref]})
     table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
     several = len(stripes) > 1  # the column only when it tells settings apart (the table fits 80 columns)

@@ -8,7 +8,8 @@ Every rank gets its own GPU (`--device cuda`, rank i on GPU i mod count) and, wi
 `--cores-per-node`, its own cores. The reference is the same loop in one process (world size 1).
 Runs are interleaved over `--repeats` rounds and the median is reported, so drift hits every
 backend alike. A backend may carry engine settings, measured as one more backend of the same run:
-`macfleet:stripes=2` (MACFLEET_STRIPES), `macfleet:allreduce=direct` (MACFLEET_ALLREDUCE), or
+`macfleet:stripes=2` (MACFLEET_STRIPES), `macfleet:allreduce=direct` (MACFLEET_ALLREDUCE),
+`macfleet:transport=zmq` (MACFLEET_TRANSPORT), or
 both, `macfleet:stripes=2:allreduce=direct`; `--train-py` runs the plain names only. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
 "samples_per_s", "step_s", "vs_one_node", "vs_gloo"}.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from macfleet.errors import ConfigError
 
 MODELS = ("resnet18", "resnet50")
-VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE"}
+VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE", "transport": "MACFLEET_TRANSPORT"}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -108,7 +109,8 @@ def backend_spec(spec: str) -> tuple[str, dict[str, str]]:
         key, sep, value = opt.partition("=")
         if name != "macfleet" or not sep or key not in VARIANT_ENV or not value:
             raise ConfigError(f"--backends item {spec!r}: engine settings go as macfleet:stripes=N, "
-                              "macfleet:allreduce=auto|ring|direct, or both (macfleet:stripes=2:allreduce=direct)")
+                              "macfleet:allreduce=auto|ring|direct, macfleet:transport=tcp|zmq, or several "
+                              "(macfleet:stripes=2:allreduce=direct)")
         env[VARIANT_ENV[key]] = value
     return name, env
 

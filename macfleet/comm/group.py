@@ -29,6 +29,7 @@ import torch
 from macfleet.comm import collectives
 from macfleet.comm.framing import check_session, dtype_code
 from macfleet.comm.staging import stager_for
+from macfleet.comm.tcp import TcpTransport, check_transport, default_transport
 from macfleet.comm.transport import Transport, check_stripes, default_stripes
 from macfleet.errors import MacFleetError, PeerLostError
 
@@ -49,7 +50,7 @@ class Group:
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int = 0, timeout: float = 60.0,
                  session: int = 0, chunk_bytes: int = collectives.DEFAULT_CHUNK_BYTES, algorithm: str = "auto",
-                 stripes: int | None = None):
+                 stripes: int | None = None, transport: str | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise MacFleetError(f"rank {rank} is not in a group of {world_size}; ranks run 0..world_size-1")
         if len(addrs) != world_size:
@@ -65,6 +66,9 @@ class Group:
         self.chunk_bytes = int(chunk_bytes)
         # TCP connections per peer (transport.py, "Striping"); None: MACFLEET_STRIPES, else 1.
         self.stripes = default_stripes() if stripes is None else check_stripes(stripes)
+        # Plain TCP (tcp.py) unless MACFLEET_TRANSPORT=zmq; striping is a setting of the ZeroMQ one.
+        kind = default_transport() if transport is None else check_transport(transport)
+        self.transport = "zmq" if self.stripes > 1 else kind
         try:
             self.algorithm = collectives.check_algorithm(algorithm)
         except ValueError as exc:
@@ -334,9 +338,10 @@ class Group:
 
     def _run(self, ready: queue.SimpleQueue) -> None:
         try:
-            tp = Transport(self.rank, self.world_size, self.addrs, generation=self.generation,
-                           timeout=self.timeout, session=self.session, abort_check=self._abort_check,
-                           stripes=self.stripes)
+            make = TcpTransport if self.transport == "tcp" else Transport
+            tp = make(self.rank, self.world_size, self.addrs, generation=self.generation,
+                      timeout=self.timeout, session=self.session, abort_check=self._abort_check,
+                      stripes=self.stripes)
         except BaseException as exc:  # noqa: BLE001 - re-raised by the constructor
             ready.put(exc)
             return

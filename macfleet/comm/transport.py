@@ -147,39 +147,15 @@ class Transport:
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
                  session: int = 0, abort_check=lambda: None, stripes: int | None = None):
-        self.rank = rank
-        self.world_size = world_size
-        self.addrs = list(addrs)
-        self.generation = generation
-        self.session = framing.check_session(session)
-        self.timeout = timeout
+        self._init_state(rank, world_size, addrs, generation=generation, timeout=timeout, session=session,
+                         abort_check=abort_check)
         self.stripes = default_stripes() if stripes is None else check_stripes(stripes)
-        self.step = 0
-        self.seq = 0
-        self.op = "setup"
-        self.op_timeout = timeout
-        self.rejected: collections.deque[FrameError] = collections.deque(maxlen=REJECTED_KEPT)
-        self.rejected_count = 0
-        self._heard: dict[int, float] = {}
-        """peer -> monotonic time of its last valid frame (who to blame for a silence)."""
-        self.dropped_count = 0
-        self.reordered_count = 0
-        """Chunks that arrived before an earlier one of the same peer (striping only)."""
         self._next: dict[int, int] = {}  # peer -> stripe of its next send
         self._last: dict[tuple[int, int], zmq.MessageTracker] = {}  # (peer, stripe) -> last zero-copy send
-        self._abort_check = abort_check
-        self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
-        self._hello: set[int] = set()     # peers heard from
-        self._acked: set[int] = set()     # peers that have heard us
-        self._answered: set[int] = set()  # peers we sent an acknowledgement
-        self._scratch = torch.empty(0, dtype=torch.uint8)
-        tune_allocator()
         self.ctx = zmq.Context(io_threads=max(IO_THREADS, min(2 * self.stripes, MAX_STRIPES)))
         self.pull = make_socket(self.ctx, zmq.PULL, timeout=timeout)
         self.push: dict[int, list[zmq.Socket]] = {}
         self._monitors: dict[int, zmq.Socket] = {}
-        self._gone: dict[int, float] = {}
-        """peer -> monotonic time its connection was seen closed (it exited or was killed)."""
         try:
             host, port = split_addr(addrs[rank])
             try:
@@ -205,6 +181,37 @@ class Transport:
         except BaseException:
             self.close(linger=False)
             raise
+
+    def _init_state(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
+                    session: int, abort_check) -> None:
+        """What every transport keeps besides its sockets (TcpTransport shares it)."""
+        self.rank = rank
+        self.world_size = world_size
+        self.addrs = list(addrs)
+        self.generation = generation
+        self.session = framing.check_session(session)
+        self.timeout = timeout
+        self.stripes = 1
+        self.step = 0
+        self.seq = 0
+        self.op = "setup"
+        self.op_timeout = timeout
+        self.rejected: collections.deque[FrameError] = collections.deque(maxlen=REJECTED_KEPT)
+        self.rejected_count = 0
+        self._heard: dict[int, float] = {}
+        """peer -> monotonic time of its last valid frame (who to blame for a silence)."""
+        self.dropped_count = 0
+        self.reordered_count = 0
+        """Chunks that arrived before an earlier one of the same peer (striping only)."""
+        self._abort_check = abort_check
+        self._stash: dict[int, collections.deque] = {r: collections.deque() for r in range(world_size)}
+        self._hello: set[int] = set()     # peers heard from
+        self._acked: set[int] = set()     # peers that have heard us
+        self._answered: set[int] = set()  # peers we sent an acknowledgement
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._gone: dict[int, float] = {}
+        """peer -> monotonic time its connection was seen closed (it exited or was killed)."""
+        tune_allocator()
 
     def scratch(self, nbytes: int) -> torch.Tensor:
         """A reused uint8 buffer of at least nbytes (receives land here before being summed)."""
@@ -319,6 +326,12 @@ class Transport:
 
     def wait_sent(self, dst: int, tracker, deadline: float) -> None:
         """Block until libzmq no longer needs a zero-copy body (it is in the kernel's hands)."""
+        self._wait_tracker(dst, tracker, deadline)
+        for k in range(len(self.push.get(dst, ()))):
+            if (t := self._last.get((dst, k))) is not None and t.done:
+                del self._last[(dst, k)]  # keeps no sent buffer alive
+
+    def _wait_tracker(self, dst: int, tracker, deadline: float) -> None:
         if tracker is None:
             return
         while not tracker.done:
@@ -330,9 +343,6 @@ class Transport:
                 tracker.wait(min(remaining, POLL_SLICE_S))
             except zmq.NotDone:
                 pass
-        for k in range(len(self.push.get(dst, ()))):
-            if (t := self._last.get((dst, k))) is not None and t.done:
-                del self._last[(dst, k)]  # keeps no sent buffer alive
 
     # -- receiving --------------------------------------------------------------------------
     def recv(self, src: int, deadline: float, land=None, *, offset: int | None = None,
@@ -420,14 +430,20 @@ class Transport:
         return header
 
     def _poll(self, deadline: float) -> bool:
+        """Wait until a message can be read, in slices that look at the abort flag; False at the deadline."""
         while True:
             self._abort_check()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self.pull.poll(int(min(remaining, POLL_SLICE_S) * 1000) + 1, zmq.POLLIN):
+            if self._wait_once(min(remaining, POLL_SLICE_S)):
                 return True
-            self._watch_connections()
+
+    def _wait_once(self, seconds: float) -> bool:
+        if self.pull.poll(int(seconds * 1000) + 1, zmq.POLLIN):
+            return True
+        self._watch_connections()
+        return False
 
     def _watch_connections(self) -> None:
         """Note peers whose connection closed (`_gone`), and forget those connected again."""

@@ -188,7 +188,8 @@ def _frame_header(**over) -> Header:
 
 @pytest.mark.parametrize("stripes", [1, 3])
 def test_malformed_and_foreign_frames_are_rejected_while_the_receiver_keeps_working(stripes):
-    groups = _groups(2, timeout=20, stripes=stripes)
+    # ZeroMQ frames from a rogue PUSH socket: the zmq transport (tests/unit/test_tcp_transport.py: tcp)
+    groups = _groups(2, timeout=20, stripes=stripes, transport="zmq")
     try:
         g0 = groups[0]
         good = _frame_header(seq=2)  # claims to be rank 1, collective #2
@@ -228,7 +229,7 @@ def test_frame_of_another_session_is_rejected_never_summed(stripes):
     # The hazard: a dead run's PUSH socket delivers its queue to whoever binds the port later. Its frame
     # is right in every field but the session, so before sessions rank 0 summed it as rank 1's data.
     mine, stale = framing.session_id("run-b", 0), framing.session_id("run-a", 0)
-    groups = _groups(2, timeout=20, session=mine, stripes=stripes)
+    groups = _groups(2, timeout=20, session=mine, stripes=stripes, transport="zmq")
     try:
         g0, g1 = groups
         assert g0.session == g1.session == mine
@@ -322,13 +323,14 @@ def test_a_hello_lost_to_a_stale_listener_is_sent_again():
     stale = ctx.socket(zmq.PULL)
     stale.bind(f"tcp://127.0.0.1:{p0}")
     made: dict = {}
-    t = threading.Thread(target=lambda: made.setdefault("g1", Group(1, 2, addrs, timeout=20)), daemon=True)
+    t = threading.Thread(target=lambda: made.setdefault("g1", Group(1, 2, addrs, timeout=20, transport="zmq")),
+                         daemon=True)
     t.start()
     assert stale.poll(10_000), "rank 1 sent no HELLO"
     stale.recv_multipart()  # the first HELLO is gone for good
     stale.close(linger=0)
     ctx.term()
-    g0 = Group(0, 2, addrs, timeout=20)
+    g0 = Group(0, 2, addrs, timeout=20, transport="zmq")
     t.join(20)
     g1 = made["g1"]
     try:
@@ -351,7 +353,7 @@ def test_a_hello_from_this_ranks_own_number_is_refused_naming_the_shared_port():
 
 
 def test_a_rogue_hello_claiming_the_receivers_rank_is_logged_and_the_group_keeps_working(caplog):
-    groups = _groups(2, timeout=20)
+    groups = _groups(2, timeout=20, transport="zmq")
     try:
         g0 = groups[0]
         rogue = _rogue(g0.addrs[0])
