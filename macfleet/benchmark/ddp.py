@@ -29,8 +29,7 @@ from pathlib import Path
 from macfleet.errors import ConfigError
 
 MODELS = ("resnet18", "resnet50")
-VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE", "transport": "MACFLEET_TRANSPORT",
-               "switch": "MACFLEET_SWITCH_INTERVAL"}
+VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE", "transport": "MACFLEET_TRANSPORT"}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 

@@ -20,9 +20,7 @@ with another session, e.g. from a dead run's socket still retrying this port, ar
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import sys
 import threading
 import time
 
@@ -45,25 +43,6 @@ def _on_device(fut: torch.futures.Future, device: torch.device) -> torch.futures
     if device.type == "cpu":
         return fut
     return fut.then(lambda f: None if f.value() is None else [x.to(device) for x in f.value()])
-
-
-SWITCH_INTERVAL_S = 0.0005
-"""The interpreter's thread switch interval while a Group of 2+ ranks exists (CPython's default is
-5 ms). The engine's threads (comm worker, senders, the lander) each give up the GIL for every
-socket call and must get it back to go on; while the training thread runs Python (a forward pass
-launching kernels) each of them waits out the whole interval to get it back, once per chunk."""
-
-
-def tune_switch_interval() -> None:
-    """Lower the switch interval to SWITCH_INTERVAL_S, or to MACFLEET_SWITCH_INTERVAL seconds
-    (0 leaves it alone); never raises one that is lower already."""
-    text = os.environ.get("MACFLEET_SWITCH_INTERVAL", "").strip()
-    try:
-        value = float(text) if text else SWITCH_INTERVAL_S
-    except ValueError:
-        raise MacFleetError(f"MACFLEET_SWITCH_INTERVAL={text!r}: give seconds, e.g. 0.0005 (0 keeps Python's)") from None
-    if value > 0 and sys.getswitchinterval() > value:
-        sys.setswitchinterval(value)
 
 
 class Group:
@@ -90,8 +69,6 @@ class Group:
         # Plain TCP (tcp.py) unless MACFLEET_TRANSPORT=zmq; striping is a setting of the ZeroMQ one.
         kind = default_transport() if transport is None else check_transport(transport)
         self.transport = "zmq" if self.stripes > 1 else kind
-        if world_size > 1:
-            tune_switch_interval()
         try:
             self.algorithm = collectives.check_algorithm(algorithm)
         except ValueError as exc:
