@@ -66,7 +66,7 @@ class Group:
         self.chunk_bytes = int(chunk_bytes)
         # TCP connections per peer (transport.py, "Striping"); None: MACFLEET_STRIPES, else 1.
         self.stripes = default_stripes() if stripes is None else check_stripes(stripes)
-        # Plain TCP (tcp.py) unless MACFLEET_TRANSPORT=zmq; striping is a setting of the ZeroMQ one.
+        # ZeroMQ (transport.py) unless MACFLEET_TRANSPORT=tcp (tcp.py); striping is a ZeroMQ setting.
         kind = default_transport() if transport is None else check_transport(transport)
         self.transport = "zmq" if self.stripes > 1 else kind
         try:

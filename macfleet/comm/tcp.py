@@ -1,13 +1,18 @@
-"""The default data plane: plain TCP connections, the same frames and checks as the ZeroMQ one.
+"""An opt-in data plane over plain TCP connections: the frames and checks of the ZeroMQ one.
 
-Why a second transport. On the GPU host the ZeroMQ data plane took 1.3x to 1.5x gloo's time for
-an all_reduce of 10 to 100 MB: every chunk crosses libzmq's I/O thread (a hand-off and a wake-up
-per message) and is copied once more out of libzmq's receive buffer. Here each byte is written
-by the kernel straight into the buffer it belongs in (`recv_into` the landing place), and sends
-leave from the caller's memory on a thread per peer. The frames, the session/generation/seq
-checks, the parking rules and the error messages are those of `Transport` (transport.py), which
-this class extends; only the sockets differ. `MACFLEET_TRANSPORT=zmq` (or `stripes` > 1)
-selects the ZeroMQ one.
+`MACFLEET_TRANSPORT=tcp` (or `Group(transport="tcp")`) selects it; ZeroMQ stays the default.
+Why it exists: every chunk through libzmq crosses its I/O thread (a hand-off and a wake-up per
+message) and is copied once more out of libzmq's receive buffer. Here the kernel writes each
+byte straight into the buffer it belongs in (`recv_into` the landing place), and sends leave
+from the caller's memory on a thread per peer. On the GPU host (2026-11-27, ranks in network
+namespaces) that made the engine's all_reduce 1.3x to 2x faster than the ZeroMQ transport's
+(README, "Plain TCP data plane"). It is not the default because the paths users run did not
+gain: plain DDP over it on 2 H100s was 11-13% slower than over ZeroMQ in two same-run
+comparisons (here the engine's Python threads do the copies that libzmq's native threads did
+beside the training process's Python), and train.py's scaling moved within noise.
+The frames, the session/generation/seq checks, the parking rules and the error messages are
+those of `Transport` (transport.py), which this class extends; only the sockets differ.
+Striping (`stripes` > 1) is a ZeroMQ setting and selects that transport.
 
 Connections. Each rank listens on its tensor port and opens one connection to every peer, so
 a pair of ranks has one connection each way, as with PUSH/PULL. A connection says who it is
@@ -59,13 +64,13 @@ HEADER_MAX_BYTES = HEADER_FIXED_BYTES + 8 * MAX_NDIM
 
 
 def default_transport() -> str:
-    """MACFLEET_TRANSPORT (so a torchrun DDP job can set it), else tcp."""
-    return check_transport(os.environ.get("MACFLEET_TRANSPORT", "").strip().lower() or "tcp")
+    """MACFLEET_TRANSPORT (so a torchrun DDP job can set it), else zmq (see the module docstring)."""
+    return check_transport(os.environ.get("MACFLEET_TRANSPORT", "").strip().lower() or "zmq")
 
 
 def check_transport(name) -> str:
     if name not in TRANSPORTS:
-        raise MacFleetError(f"transport {name!r}: choose tcp (the default) or zmq (MACFLEET_TRANSPORT)")
+        raise MacFleetError(f"transport {name!r}: choose zmq (the default) or tcp (MACFLEET_TRANSPORT)")
     return name
 
 
@@ -368,7 +373,10 @@ class TcpTransport(Transport):
                 raise _Closed("closed its connection")
             conn.got += n
             if conn.got == HEADER_FIXED_BYTES == conn.need:
-                conn.need += 8 * min(conn.head[5], MAX_NDIM + 1)  # ndim; decode refuses > MAX_NDIM
+                head = conn.head
+                if head[:2] != framing.MAGIC or head[2] != framing.WIRE_VERSION or head[5] > MAX_NDIM:
+                    framing.decode_header(bytes(view[:conn.got]))  # raises FrameError saying what is wrong
+                conn.need += 8 * head[5]  # the shape's dimensions follow
         raw = bytes(view[:conn.need])
         conn.got, conn.need = 0, HEADER_FIXED_BYTES
         return framing.decode_header(raw, world_size=self.world_size)

@@ -4,35 +4,40 @@ and their references (figures themselves are not asserted: speed is a benchmark,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 
-def _bench(tmp_path, *args: str) -> tuple[list[dict], str]:
+def _bench(tmp_path, *args: str, env=None) -> tuple[list[dict], str]:
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", *args, "--repeats", "5",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.parametrize("nodes, algorithm, references", [
-    (2, "auto", {"gloo", "socket_exchange"}),
-    (3, "auto", {"gloo", "socket_ring"}),
-    (3, "ring", {"gloo", "socket_ring"}),
+@pytest.mark.parametrize("nodes, algorithm, references, transport", [
+    (2, "auto", {"gloo", "socket_exchange"}, "zmq"),
+    (3, "auto", {"gloo", "socket_ring"}, "zmq"),
+    (3, "ring", {"gloo", "socket_ring"}, "tcp"),
 ])
-def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references):
+def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references, transport):
     sizes = [256_000, 5_000_000]
     rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB",
-                          "--algorithm", algorithm)
+                          "--algorithm", algorithm, env={"MACFLEET_TRANSPORT": transport})
+    words = " ".join(stdout.split())  # the table's title line wraps at the terminal's width
     if nodes > 2:
-        assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in stdout
+        assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in words
+    assert f"{transport} transport" in words
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
-        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "macfleet_s", "reference", "reference_s", "ratio"}
-        assert (r["type"], r["nodes"]) == ("allreduce", nodes)
+        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "macfleet_s", "reference",
+                          "reference_s", "ratio"}
+        assert (r["type"], r["nodes"], r["transport"]) == ("allreduce", nodes, transport)
         assert r["macfleet_s"] > 0 and r["reference_s"] > 0
         assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
     for ref in references:

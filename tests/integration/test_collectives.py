@@ -34,7 +34,7 @@ def _data(rank: int, numel: int, dtype: torch.dtype, case: int) -> torch.Tensor:
 GROUPS = ((2, "auto"), (2, "direct"), (3, "ring"), (3, "direct"), (4, "ring"), (4, "direct"))
 
 
-def _check_all(rank, world_size, addrs, ports_by_group):
+def _check_all(rank, world_size, addrs, ports_by_group, transport):
     from macfleet.comm import Group
 
     report = {}
@@ -42,7 +42,7 @@ def _check_all(rank, world_size, addrs, ports_by_group):
         if rank >= n:
             continue
         # A small chunk size makes the 70k-element tensors travel as many pipelined chunks.
-        with Group(rank, n, [f"127.0.0.1:{p}" for p in ports], timeout=60, chunk_bytes=4096,
+        with Group(rank, n, [f"127.0.0.1:{p}" for p in ports], timeout=60, chunk_bytes=4096, transport=transport,
                    algorithm=algorithm) as g:
             sums = {}
             case = 0
@@ -65,9 +65,10 @@ def _check_all(rank, world_size, addrs, ports_by_group):
     return report
 
 
-def test_collectives_match_torch_for_2_3_4_ranks():
+@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+def test_collectives_match_torch_for_2_3_4_ranks(transport):
     ports_by_group = {key: free_ports(key[0]) for key in GROUPS}
-    results = spawn_local(_check_all, 4, (ports_by_group,), timeout=200)
+    results = spawn_local(_check_all, 4, (ports_by_group, transport), timeout=200)
     for n, algorithm in GROUPS:
         key = (n, algorithm)
         case = 0
@@ -104,10 +105,10 @@ def test_collectives_match_torch_for_2_3_4_ranks():
                 assert out["gather"] is None
 
 
-def _die_mid_collective(rank, world_size, addrs, timeout):
+def _die_mid_collective(rank, world_size, addrs, timeout, transport):
     from macfleet.comm import Group
 
-    g = Group(rank, world_size, addrs, timeout=timeout, chunk_bytes=64 * 1024)
+    g = Group(rank, world_size, addrs, timeout=timeout, chunk_bytes=64 * 1024, transport=transport)
     g.all_reduce(torch.ones(10))
     if rank == 2:
         g.all_reduce_async(torch.ones(4_000_000))
@@ -131,10 +132,11 @@ def _die_mid_collective(rank, world_size, addrs, timeout):
     return {"elapsed": time.monotonic() - t0, "rank": None}
 
 
-def test_killed_rank_raises_peer_lost_within_timeout():
+@pytest.mark.parametrize("transport", ["zmq", "tcp"])
+def test_killed_rank_raises_peer_lost_within_timeout(transport):
     timeout = 3.0
     with pytest.raises(RankFailedError) as info:
-        spawn_local(_die_mid_collective, 3, (timeout,), timeout=90)
+        spawn_local(_die_mid_collective, 3, (timeout, transport), timeout=90)
     err = info.value
     assert set(err.failures) == {2}, err.failures
     for r in (0, 1):
