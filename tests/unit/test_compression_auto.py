@@ -74,10 +74,29 @@ def test_untried_candidates_are_estimated_with_their_codecs_measured_excess():
     assert times["topk_fp16 at 5%"] == (measured["topk_fp16 at 5%"], True)
     assert times["topk_fp16 at 1%"] == (pytest.approx(est["topk_fp16 at 1%"] + 0.35), False)  # the smaller excess
     got = choose(cs, link, 0.010, 2, measured=measured)
-    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.01))
+    # 1% is estimated fastest, but a ratio below the configured 10% is taken only on a measured
+    # time: the measured 5% wins (within 10% of the fastest eligible, itself).
+    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.05))
     assert got.reason.startswith("compression=auto: exchanges (~ estimated: not tried in the probe's time) "
                                  "none ~8193.2 ms, fp16 ~4097.2 ms, topk_fp16 10% ")
-    assert ", 1% ~" in got.reason and "; link 12 MB/s, 0.30 ms: topk_fp16 at 1%" in got.reason
+    assert ", 1% ~" in got.reason and "; link 12 MB/s, 0.30 ms: topk_fp16 at 5% (nothing fits" in got.reason
+    assert got.reason.endswith("; below the configured top-k ratio only on a measured exchange)")
+    # Once 1% is measured as fast as its estimate, it wins on that time.
+    got = choose(cs, link, 0.010, 2, measured={**measured, "topk_fp16 at 1%": est["topk_fp16 at 1%"] + 0.35})
+    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.01))
+
+
+def test_an_untried_sparser_ratio_never_wins_on_its_estimate():
+    """The convergence run at 1 Gbit/s (digits, a CNN 256 wide): top-k at 10% measured 50.8 ms,
+    2% estimated 37.5 ms from 10%'s fixed costs; auto took 2% and needed twice the epochs."""
+    cs = _cands([8_400_000])
+    link = Link(0.0005, GIGABIT)
+    measured = {"none": 0.321, "fp16": 0.156, "topk_fp16 at 10%": 0.0508}
+    times = {c.label: t for c, t, _ in exchange_times(cs, link, 2, measured)}
+    assert times["topk_fp16 at 2%"] < 0.9 * times["topk_fp16 at 10%"]  # the estimate that misled the old rule
+    got = choose(cs, link, 0.029, 2, measured=measured)
+    assert (got.name, got.ratio) == ("topk_fp16", 0.1), got.reason
+    assert "topk_fp16 at 10% (nothing fits behind backward: the fastest; below the configured" in got.reason
 
 
 def test_fast_link_keeps_dense():
