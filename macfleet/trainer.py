@@ -808,12 +808,16 @@ class _Speed:
     MIN_PASSES = 5
     """`rate` stays None (no vote for new shares) until this many passes were measured."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, thermal: Callable[[], str] | None = None):
+        from macfleet.cluster.macos import thermal_level
+
         self.device = device
         self._smoothed: float | None = None
         self._pending: list = []  # (start event, end event, samples) not yet read
         self._t0 = 0.0
         self._seen = 0
+        self._thermal = thermal or thermal_level  # cached: microseconds, never waits on a command
+        self._level: str | None = None
 
     @property
     def rate(self) -> float | None:
@@ -823,6 +827,21 @@ class _Speed:
         self._smoothed = None
         self._pending = []
         self._seen = 0
+
+    def _rethink_on_thermal_change(self) -> None:
+        """Thermal pressure steers the shares: when this Mac enters or leaves heavy pressure or
+        worse (macOS slows it hard, or stops doing so), its speed is measured afresh instead of
+        being smoothed into the old one, so its share follows within MIN_PASSES steps (the
+        smoothing alone takes about 10 to move most of the way)."""
+        from macfleet.cluster.macos import SEVERE
+
+        level = self._thermal()
+        before, self._level = self._level, level
+        if before is None or before == level or (before not in SEVERE and level not in SEVERE):
+            return
+        log.info("thermal pressure %s -> %s: this node's compute speed is measured afresh for its share", before, level)
+        self._smoothed = None
+        self._seen = self.SKIP  # the batch size did not change: no warm-up to leave out
 
     def _event(self):
         if self.device.type == "cuda":
@@ -852,6 +871,7 @@ class _Speed:
         del self._pending[:-8]
 
     def _add(self, rate: float) -> None:
+        self._rethink_on_thermal_change()
         self._seen += 1
         if self._seen <= self.SKIP:
             return

@@ -38,3 +38,35 @@ def test_status_shows_a_level_or_a_dash():
     assert _fmt("heavy", "thermal") == "heavy"
     assert _fmt("unknown", "thermal") == "-" and _fmt(None, "thermal") == "-"
     assert thermal_level() in THERMAL_LEVELS
+
+
+def test_a_mac_entering_heavy_pressure_has_its_speed_measured_afresh():
+    """Thermal pressure steers the shares: the level (parsed from outputs recorded on an M1 Air)
+    goes nominal -> heavy between two forward passes, and the smoothed speed is dropped for a
+    fresh measurement of the throttled speed, so the next share vote sees it at once."""
+    from pathlib import Path
+
+    import torch
+
+    from macfleet.cluster.macos import parse_thermal
+    from macfleet.trainer import _Speed
+
+    air = Path(__file__).parent / "fixtures" / "macos" / "m1air"
+    cool = parse_thermal((air / "pmset_therm.txt").read_text(), (air / "notifyutil_thermal.txt").read_text())
+    hot = parse_thermal((air / "pmset_therm_throttled.txt").read_text(),
+                        (air / "notifyutil_thermal_throttled.txt").read_text())
+    assert (cool["level"], hot["level"]) == ("nominal", "heavy")
+    readings = iter([cool["level"]] * 20 + [hot["level"]] * 20)
+    speed = _Speed(torch.device("cpu"), thermal=lambda: next(readings))
+    smoothed_only = _Speed(torch.device("cpu"), thermal=lambda: "nominal")
+    for s in (speed, smoothed_only):
+        for _ in range(20):
+            s._add(100.0)  # samples/s while cool
+    assert speed.rate == smoothed_only.rate == 100.0
+    for k in range(speed.MIN_PASSES):
+        speed._add(60.0)  # macOS slowed it by 40%
+        smoothed_only._add(60.0)
+        if k < speed.MIN_PASSES - 1:
+            assert speed.rate is None  # measuring afresh: no vote on a half-old figure
+    assert speed.rate == 60.0
+    assert smoothed_only.rate > 70.0  # the smoothing alone still holds most of the old speed
