@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 
 TRANSPORTS = ("tcp", "zmq")
 CONNECT_RETRY_S = 0.05
+MAX_STRANGERS = 64
+"""Connections kept open before they say who they are; past this the oldest is closed, so idle
+connections from elsewhere cannot use up this process's file descriptors."""
 HEADER_MAX_BYTES = HEADER_FIXED_BYTES + 8 * MAX_NDIM
 
 
@@ -269,6 +272,7 @@ class TcpTransport(Transport):
         self._hard_close = False
         self._in: dict[int, _Conn] = {}  # peer -> its identified connection
         self._ready: list[_Conn] = []    # connections the last poll found readable
+        self._strangers: collections.deque[_Conn] = collections.deque()  # accepted, no HELLO yet
         self.push: dict[int, _Link] = {}
         self._sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -277,7 +281,7 @@ class TcpTransport(Transport):
             host, port = split_addr(addrs[rank])
             try:
                 self.listener.bind((_bind_host(host), port))
-                self.listener.listen(max(16, 2 * world_size))
+                self.listener.listen(128)  # peers connect while this rank is busy: accepted at its next wait
             except OSError as exc:
                 raise PeerLostError(
                     f"rank {rank} cannot listen on {addrs[rank]}: {exc.strerror or exc}; pick a free tensor port",
@@ -338,8 +342,15 @@ class TcpTransport(Transport):
             sock.setblocking(False)
             conn = _Conn(sock)
             self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._strangers.append(conn)
+            if len(self._strangers) > MAX_STRANGERS:
+                self._reject(FrameError(
+                    f"more than {MAX_STRANGERS} connections to rank {self.rank}'s tensor port sent no HELLO; "
+                    "the oldest was closed"), self._strangers[0])
 
     def _drop(self, conn: _Conn) -> None:
+        if conn.peer is None and conn in self._strangers:
+            self._strangers.remove(conn)
         try:
             self._sel.unregister(conn.sock)
         except (KeyError, ValueError):
@@ -470,6 +481,7 @@ class TcpTransport(Transport):
         old = self._in.get(header.sender)
         if old is not None and old is not conn:
             self._drop(old)  # the peer connected again: its old connection is dead
+        self._strangers.remove(conn)
         conn.peer = header.sender
         self._in[header.sender] = conn
         self._gone.pop(header.sender, None)

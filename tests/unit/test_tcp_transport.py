@@ -139,3 +139,33 @@ def test_a_peer_that_closed_is_named_at_the_deadline():
         assert time.monotonic() - t0 < 10
     finally:
         g0.close()
+
+
+def test_idle_strangers_are_capped_oldest_first():
+    from macfleet.comm.tcp import MAX_STRANGERS
+
+    groups = _groups(2, timeout=20, transport="tcp")
+    idle = []
+    try:
+        g0 = groups[0]
+        host, port = g0.addrs[0].rsplit(":", 1)
+        def work():
+            out = _each(groups, lambda g: g.all_reduce(torch.full((4,), 1.0 + g.rank)))
+            assert all(torch.equal(r, torch.full((4,), 3.0)) for r in out), out
+
+        for _ in range(MAX_STRANGERS + 1):  # one at a time, so the first is the oldest rank 0 accepted
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+            work()  # rank 0 accepts while it waits for rank 1's data
+        deadline = time.monotonic() + 10
+        while not g0.rejected and time.monotonic() < deadline:
+            work()
+        assert len(g0.rejected) == 1 and "sent no HELLO" in str(g0.rejected[0]), g0.rejected
+        assert _closed_by_peer(idle[0])  # the oldest went
+        idle[-1].settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            idle[-1].recv(1)  # the newest is still open, waiting for its HELLO
+    finally:
+        for sock in idle:
+            sock.close()
+        for g in groups:
+            g.close()
