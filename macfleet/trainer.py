@@ -269,6 +269,7 @@ class Trainer:
             # fleet runs), then DDP is built.
             fleet.agree(state, None)
             fleet.build(state)
+            fleet.gen_step = state.step
             log.info("joined the run at epoch %d step %d (generation %d)", state.epoch, state.step, world.generation)
         else:
             if self.comp.name == "auto":  # compression=auto: measure, then fix the codec for the run (compression/auto.py)
@@ -276,6 +277,7 @@ class Trainer:
 
                 self.comp, self._compression_auto = resolve(self.comp, world, model, self._loss, data.train,
                                                             fleet.sampler.local_batch, device)
+                fleet.decided = world.generation
             fleet.build(state)
             if is_master:
                 removed = ckpt.clean(ckpt_dir)
@@ -287,7 +289,7 @@ class Trainer:
                             "they were moved to %s", ckpt_dir, tc.resume, aside)
             resume = world.broadcast_object({"path": str(resume_path) if resume_path else None})
             if resume["path"]:
-                history = self._restore(world, resume["path"], state, fleet.ddp)
+                history = self._restore(world, resume["path"], state, fleet)
                 log.info("resumed from %s at epoch %d step %d", resume["path"], state.epoch, state.step)
                 if state.shares and len(state.shares) == world.world_size and list(state.shares) != world.weights:
                     fleet.reshare(list(state.shares), 0)  # the shares the run had moved to
@@ -408,6 +410,9 @@ class Trainer:
                         vote.leaving, vote.admit = [], False
                         admit = True
                         continue
+                    if fleet.auto is not None and fleet.decided != world.generation \
+                            and state.step >= fleet.gen_step + fleet.REDECIDE_AFTER_STEPS:
+                        self.decide_again(fleet, state, history)
                     timed = steps_run >= tc.timing_warmup_steps
                     if steps_run == tc.timing_warmup_steps:
                         synchronize(device)
@@ -590,6 +595,32 @@ class Trainer:
     SHARE_SETTLE_VOTES = 3
     """... and only this many votes after the last move, so speeds are measured at the new shares."""
 
+    def decide_again(self, fleet: "_Parallel", state: "TrainState", history: list) -> None:
+        """compression=auto in a new generation (a node left or joined): measure and decide again
+        at this step boundary, which every rank of the generation reaches together. A new codec
+        takes over the residuals (per parameter); a dense one pays them out with the next
+        gradient (carry_residuals). Costs a probe and trial exchanges (about 1-2 s), a few steps
+        after the regroup, so the recovery itself is not slowed."""
+        from macfleet.compression.auto import resolve
+        from macfleet.compression.compressor import carry_residuals
+
+        world = fleet.world
+        chosen, self._compression_auto = resolve(fleet.auto, world, state.model, self._loss, self.data.train,
+                                                 fleet.sampler.local_batch, fleet.device)
+        fleet.decided = world.generation
+        residuals = fleet.ddp.state_dict()
+        chosen = carry_residuals(chosen, residuals)
+        was = _codec_label(self.comp)
+        if chosen == self.comp:
+            log.info("compression=auto, generation %d (%d node(s)): keeps %s", world.generation, world.world_size, was)
+            return
+        line = f"compression=auto, generation {world.generation} ({world.world_size} node(s)): {was} -> {_codec_label(chosen)}"
+        log.info("%s at step %d", line, state.step)
+        history.append({"step": state.step, "event": line, "generation": world.generation})
+        self.comp = chosen
+        fleet.ddp.retire()
+        fleet.build(state, residuals)
+
     def propose_shares(self, weights: list[float], rates: list[float], step: int, votes_since: int) -> list[float] | None:
         """New shares from every rank's measured compute speed (`cluster.adapt_shares`), or None
         to keep `weights`. Every rank calls it with the same numbers (they come from one
@@ -631,8 +662,11 @@ class Trainer:
         log.info("checkpoint %s (%s in %.2f s)", path, _megabytes(size), self._save_s)
         return path
 
-    def _restore(self, world, path, state: "TrainState", ddp) -> list:
-        """Load a checkpoint on every rank; returns the history up to its step (rank 0's)."""
+    def _restore(self, world, path, state: "TrainState", fleet) -> list:
+        """Load a checkpoint on every rank; returns the history up to its step (rank 0's). When
+        the checkpoint holds top-k residuals and this run's codec is dense (compression=auto
+        decided again, or the config changed), the codec becomes its top-k form at ratio 1.0,
+        which sends the residuals with the next gradient instead of dropping them."""
         saved, history = None, []
         if world.rank == 0:
             saved, _ = ckpt.load(path)
@@ -643,10 +677,20 @@ class Trainer:
                             "missing ranks are reset", saved_ws, world.world_size)
         saved = world.broadcast_object(saved)
         state.load_state_dict(saved)
+        from macfleet.compression.compressor import carry_residuals
+
         mine = saved["per_rank"][world.rank] if world.rank < len(saved["per_rank"]) else None
+        # Decided from rank 0's record, which every rank has, so every rank builds the same codec.
+        carried = carry_residuals(self.comp, saved["per_rank"][0]["compression"] if saved["per_rank"] else None)
+        if carried is not self.comp:
+            log.info("compression: the checkpoint holds error-feedback residuals of %s, which %s would drop; "
+                     "running %s at 100%% instead (the same bytes on the wire), so they are sent with the next "
+                     "gradient", saved["per_rank"][0]["compression"].get("codec"), self.comp.name, carried.name)
+            self.comp = carried
+            fleet.build(state)
         if mine is not None:
             ckpt.set_rng_state(mine["rng"])
-            ddp.load_state_dict(mine["compression"])
+            fleet.ddp.load_state_dict(mine["compression"])
         return history
 
 
@@ -676,10 +720,20 @@ class TrainState:
         self.shares = state.get("shares")
 
 
+def _codec_label(cfg: CompressionConfig) -> str:
+    """'none', 'fp16', 'topk_fp16 at 10%'; a dense codec's top-k form paying out residuals says so."""
+    if cfg.name in ("topk", "topk_fp16") and cfg.ratio >= 1.0:
+        return f"{'none' if cfg.name == 'topk' else 'fp16'} (as {cfg.name} at 100%, paying out the residuals)"
+    return cfg.name if cfg.name in ("none", "fp16") else f"{cfg.name} at {100 * cfg.ratio:.3g}%"
+
+
 class _Parallel:
     """One generation's data-parallel parts: this rank's sampler and loader (its share of every
     global batch) and the MacFleetDDP wrapping the model. `regroup` moves them to the next
     generation of an elastic run."""
+
+    REDECIDE_AFTER_STEPS = 2
+    """compression=auto decides again this many steps into a new generation (see decide_again)."""
 
     def __init__(self, trainer: Trainer, world, device):
         self.trainer, self.world, self.device = trainer, world, device
@@ -694,6 +748,12 @@ class _Parallel:
         self.shares_vote = 0
         """The vote count when the shares last moved."""
         self.seen_votes = 0
+        self.auto: CompressionConfig | None = trainer.comp if trainer.comp.name == "auto" else None
+        """compression=auto's own config (the codec it picks is trainer.comp), None otherwise."""
+        self.decided: int | None = None
+        """The generation auto last decided for; another one decides again (see decide_again)."""
+        self.gen_step = 0
+        """The step at which this generation's parts were built (after the ranks agreed on it)."""
         self._shard()
 
     def reshare(self, weights: list[float], votes: int) -> None:
@@ -757,6 +817,7 @@ class _Parallel:
         for p in state.model.parameters():
             p.grad = None
         self.build(state, old.state_dict())
+        self.gen_step = state.step
         return record
 
     def agree(self, state: TrainState, old) -> None:
@@ -780,6 +841,19 @@ class _Parallel:
                 old.rollback()
         self.in_flight = False
         self.loaded = False
+        if self.auto is not None:
+            # compression=auto may have been deciding again when a node was lost: a rank that got
+            # the decision and one that did not must not run two codecs in one generation. Rank
+            # 0's codec is the generation's until auto decides again (a few steps on); a rank that
+            # moves to a dense codec pays out its top-k residuals (carry_residuals: the same wire).
+            import dataclasses
+
+            from macfleet.compression.compressor import carry_residuals
+            from macfleet.config import CompressionConfig
+
+            codec = w.broadcast_object(dataclasses.asdict(self.trainer.comp) if w.rank == 0 else None)
+            if codec["name"] != "auto":  # a joiner's own is still "auto": it takes the fleet's below
+                self.trainer.comp = carry_residuals(CompressionConfig(**codec), old.state_dict() if old else None)
         if any(x != top for x in where):
             src = where.index(top)
             import dataclasses

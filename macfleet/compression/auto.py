@@ -42,11 +42,15 @@ bit for bit (broadcast, or exchanged through an all_reduce), so every rank makes
 collectives in the same order. One process: none, nothing measured.
 
 The codec is then fixed for the run: error-feedback residuals are only ever produced and
-consumed by that one codec, so they stay valid. A resumed run decides again; a top-k residual
-in its checkpoint is dropped if it now picks a dense codec, and a run that switches to top-k
-starts with zero residuals (neither is an error, but such a resume is not bit-exact). Deciding
-again at each membership generation, or when the link or the step time changes a lot, is future
-work (issue 11: it needs residuals carried across a codec change).
+consumed by that one codec, so they stay valid. A resumed run decides again. If it now picks a
+dense codec while its checkpoint holds top-k residuals, it runs that codec's top-k form at 100%
+(the same bytes on the wire; compressor.carry_residuals), which sends the residuals with the
+next gradient instead of dropping them; a top-k ratio that changed keeps them as they are (they
+are per parameter); a run that switches from a dense codec to top-k starts with zero residuals,
+as nothing is owed. Such a resume is correct but not bit-exact. Deciding again at each
+membership generation, or when the link or the step time changes a lot, is not built: every
+rank must switch at the same step boundary, and a departure in the middle of the decision must
+not leave two codecs in one generation.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ exactly what a node contributes.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Optional
 
@@ -164,6 +165,23 @@ class GradientCompressor:
         if self.feedback is not None and state.get("feedback"):
             self.feedback.load_state_dict(state["feedback"])
         load_counters(self.stats, state)
+
+
+def carry_residuals(cfg: CompressionConfig, saved: dict | None) -> CompressionConfig:
+    """The codec that runs `cfg` and still pays out the error-feedback residuals in `saved` (a
+    GradientCompressor's state_dict, e.g. from a checkpoint written under top-k).
+
+    A dense codec (none, fp16) keeps no residuals, so loading top-k's into it would drop the
+    gradient they hold: every element top-k did not send yet. Its top-k form at ratio 1.0 sends
+    the same bytes (fp32 for none, fp16 for fp16) and adds the residual to the next gradient
+    first (`_fold_dense`), so that gradient reaches the optimizer one step late, never not at
+    all; then only fp16's rounding (or nothing) is carried. DGC velocities are not carried (the
+    dense codecs keep no momentum of their own). Any other pair: `cfg` itself."""
+    feedback = (saved or {}).get("feedback") or {}
+    if cfg.name not in ("none", "fp16") or not feedback.get("residuals"):
+        return cfg
+    return dataclasses.replace(cfg, name="topk" if cfg.name == "none" else "topk_fp16", ratio=1.0,
+                               error_feedback=True, momentum_correction=False, warmup_steps=0)
 
 
 COUNTERS = ("calls", "bytes_sent", "dense_bytes")

@@ -74,3 +74,51 @@ def test_auto_compresses_on_a_100mbit_link(tmp_path):
     assert m["wire_ratio"] < 1.0  # the chosen codec really ran
     # The worker took the same decision (one line, as on rank 0).
     assert f"compression {m['compression']} | local batch 3 of 8" in worker.text()  # pro_air: 0.62 / 0.38
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+@pytest.mark.skipif(shutil.which("ip") is None or shutil.which("tc") is None, reason="needs iproute2's ip and tc")
+def test_auto_decides_again_when_the_fleet_changes(tmp_path):
+    """Two nodes on a 100 Mbit/s link pick a compressed codec; the worker leaves (Ctrl-C) and the
+    master, alone in generation 2, decides again two steps later: one process needs no codec, so
+    it moves to none, paying out top-k's residuals when it ran top-k. It trains on to its end."""
+    import signal
+
+    env = {"MACFLEET_TOKEN": "auto-secret"}
+    steps = ["compression=auto", "trainer.epochs=1000", "trainer.max_steps=400", "trainer.progress=false",
+             "trainer.checkpoint_every=0", "trainer.checkpoint_every_steps=10", "trainer.batch_size=8",
+             "scheduler=constant",
+             "cluster.heartbeat_interval=1.0", "cluster.wait_timeout=120"]
+    with Netns(2, rate="100mbit", prefix="mf-redo") as ns:
+        nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", *steps]
+                 for role in ("master", "worker")]
+        master = TrainProc([*nodes[0], f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "pro",
+                           ["ip", "netns", "exec", ns.names[0]], env)
+        worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+        try:
+            t_picked = master.wait_line("compression=auto: measured exchanges", timeout=180)
+            master.wait_line(f"checkpoint {tmp_path / 'run'}", timeout=120, after=t_picked)  # training is under way
+            worker.signal(signal.SIGINT)
+            assert worker.wait(60) == 130, worker.text()[-3000:]
+            master.wait_line("generation 2: 1 node(s), rank 0", timeout=60)
+            t_again = master.wait_line("compression=auto, generation 2 (1 node(s)):", timeout=60)
+            code = master.wait(240)
+        finally:
+            for node in (worker, master):
+                node.kill()
+    text = master.text()
+    assert code == 0, text[-3000:]
+    first = re.search(r"compression=auto: .*: (fp16|topk_fp16 at [0-9.]+%) \(", text)
+    assert first, text[-3000:]  # the pair compressed (see test_auto_compresses_on_a_100mbit_link)
+    again = re.search(r"compression=auto, generation 2 \(1 node\(s\)\): (.*) -> (.*) at step (\d+)", text)
+    assert again, text[-3000:]
+    was, now = again.group(1), again.group(2)
+    print(first.group(0), "|", again.group(0))
+    assert was == first.group(1)
+    # One process: "none". From top-k it runs as topk at 100%, so the residuals are sent, not dropped.
+    assert now == ("none (as topk at 100%, paying out the residuals)" if was.startswith("topk") else "none")
+    assert "compression=auto: one process, nothing to exchange: none" in text
+    m = _metrics(tmp_path / "run")
+    assert m["world_size"] == 1 and m["compression"] in ("none", "topk"), m
+    assert t_again > t_picked

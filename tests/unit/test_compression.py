@@ -249,3 +249,40 @@ def test_a_rolled_back_step_redone_counts_its_gradient_once(cfg):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), (key, name)
+
+
+@pytest.mark.parametrize("saved_codec,dense", [("topk_fp16", "none"), ("topk", "fp16"), ("topk_fp16", "fp16")])
+def test_top_k_residuals_are_paid_out_by_a_dense_codec_never_dropped(saved_codec, dense):
+    """A resume (or compression=auto deciding again) that moves from top-k to a dense codec: the
+    dense codec runs in its top-k form at 100%, so the residual goes out with the next gradient."""
+    from macfleet.compression.compressor import carry_residuals
+
+    sparse = GradientCompressor(CompressionConfig(name=saved_codec, ratio=0.05), None)
+    for step in range(3):
+        reduce_all(sparse, grads(step), ONE_BUCKET, step)
+    saved = sparse.state_dict()
+    owed = {n: r.clone() for n, r in saved["feedback"]["residuals"].items()}
+    assert any((r != 0).any() for r in owed.values())
+    cfg = CompressionConfig(name=dense)
+    carried = carry_residuals(cfg, saved)
+    assert (carried.name, carried.ratio, carried.error_feedback) == ({"none": "topk", "fp16": "topk_fp16"}[dense], 1.0, True)
+    resumed = GradientCompressor(carried, None)
+    resumed.load_state_dict(saved)
+    plain = GradientCompressor(cfg, None)
+    plain.load_state_dict(saved)  # a dense codec alone keeps nothing: the residual is gone
+    g = grads(3)
+    paid, dropped = reduce_all(resumed, g, SPLIT, 3), reduce_all(plain, g, SPLIT, 3)
+    left = resumed.state_dict()["feedback"]["residuals"]
+    for n, _ in PARAMS:
+        expected = owed[n] + g[n]
+        if dense == "none":
+            assert torch.equal(paid[n], expected) and (left[n] == 0).all()
+        else:  # sent in fp16; only the rounding stays behind, as fp16 with error feedback keeps it
+            assert torch.equal(paid[n] + left[n], expected)
+            assert left[n].abs().max() <= expected.abs().max() * 2 ** -10
+        assert not torch.equal(dropped[n], expected)
+    # Nothing owed (a dense or feedback-free checkpoint), or a top-k codec now: the config as it is.
+    assert carry_residuals(cfg, plain.state_dict()) is cfg
+    assert carry_residuals(cfg, None) is cfg
+    topk = CompressionConfig(name="topk", ratio=0.1)
+    assert carry_residuals(topk, saved) is topk
