@@ -1,4 +1,4 @@
-"""`compression=auto`: pick the codec from measured trial exchanges and backward time, once per run.
+"""`compression=auto`: pick the codec from measured trial exchanges and backward time, per generation.
 
 After the fleet is connected and before MacFleetDDP is built, every rank runs `resolve`:
 
@@ -47,10 +47,11 @@ dense codec while its checkpoint holds top-k residuals, it runs that codec's top
 (the same bytes on the wire; compressor.carry_residuals), which sends the residuals with the
 next gradient instead of dropping them; a top-k ratio that changed keeps them as they are (they
 are per parameter); a run that switches from a dense codec to top-k starts with zero residuals,
-as nothing is owed. Such a resume is correct but not bit-exact. Deciding again at each
-membership generation, or when the link or the step time changes a lot, is not built: every
-rank must switch at the same step boundary, and a departure in the middle of the decision must
-not leave two codecs in one generation.
+as nothing is owed. Such a resume is correct but not bit-exact. A new membership generation
+decides again the same way (Trainer.decide_again, two steps after the regroup, every rank at the
+same step boundary; at a regroup every rank takes rank 0's codec, so a departure in the middle
+of a decision cannot leave two codecs in one generation). Deciding again when the link or the
+step time changes within a generation is not built.
 """
 
 from __future__ import annotations
