@@ -392,6 +392,11 @@ class Trainer:
                         stop = epoch_end = True
                         continue
                     fresh, fleet.seen_votes = vote.votes > fleet.seen_votes, vote.votes
+                    if fleet.auto is not None and fresh and fleet.decided == world.generation \
+                            and fleet.watch.changed(vote.step_s):
+                        log.info("compression=auto: the step time went from %.1f to %.1f ms and stayed there: "
+                                 "deciding again", 1e3 * fleet.watch.reference, 1e3 * vote.step_s)
+                        fleet.decided, fleet.gen_step = None, state.step - fleet.REDECIDE_AFTER_STEPS
                     if fleet.adapt and fresh and (shares := self.propose_shares(world.weights, vote.rates, state.step,
                                                                                vote.votes - fleet.shares_vote)):
                         before = list(world.weights)
@@ -596,8 +601,9 @@ class Trainer:
     """... and only this many votes after the last move, so speeds are measured at the new shares."""
 
     def decide_again(self, fleet: "_Parallel", state: "TrainState", history: list) -> None:
-        """compression=auto in a new generation (a node left or joined): measure and decide again
-        at this step boundary, which every rank of the generation reaches together. A new codec
+        """compression=auto in a new generation (a node left or joined), or after the fleet's step
+        time changed a lot (_StepWatch): measure and decide again at this step boundary, which
+        every rank of the generation reaches together. A new codec
         takes over the residuals (per parameter); a dense one pays them out with the next
         gradient (carry_residuals). Costs a probe and trial exchanges (about 1-2 s), a few steps
         after the regroup, so the recovery itself is not slowed."""
@@ -608,6 +614,7 @@ class Trainer:
         chosen, self._compression_auto = resolve(fleet.auto, world, state.model, self._loss, self.data.train,
                                                  fleet.sampler.local_batch, fleet.device)
         fleet.decided = world.generation
+        fleet.watch.reset()
         residuals = fleet.ddp.state_dict()
         chosen = carry_residuals(chosen, residuals)
         was = _codec_label(self.comp)
@@ -720,6 +727,39 @@ class TrainState:
         self.shares = state.get("shares")
 
 
+class _StepWatch:
+    """compression=auto's watch on the fleet's step time within a generation: the link or a Mac's
+    speed changed a lot when the step time (rank 0's, from the stop vote, so every rank sees the
+    same numbers and decides alike) stays more than FACTOR away from its reference for SUSTAINED
+    votes in a row. The reference is the median of the first REFERENCE_VOTES votes after a
+    decision (the codec just chosen runs then). One slow interval (an evaluation, a checkpoint,
+    the probe itself) never triggers."""
+
+    FACTOR = 1.5
+    SUSTAINED = 3
+    REFERENCE_VOTES = 3
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._first: list[float] = []
+        self.reference: float | None = None
+        self._off = 0
+
+    def changed(self, step_s: float) -> bool:
+        if step_s <= 0:
+            return False  # no figure yet (rank 0's first vote)
+        if self.reference is None:
+            self._first.append(step_s)
+            if len(self._first) >= self.REFERENCE_VOTES:
+                self.reference = sorted(self._first)[len(self._first) // 2]
+            return False
+        ratio = step_s / self.reference
+        self._off = self._off + 1 if ratio > self.FACTOR or ratio < 1 / self.FACTOR else 0
+        return self._off >= self.SUSTAINED
+
+
 def _codec_label(cfg: CompressionConfig) -> str:
     """'none', 'fp16', 'topk_fp16 at 10%'; a dense codec's top-k form paying out residuals says so."""
     if cfg.name in ("topk", "topk_fp16") and cfg.ratio >= 1.0:
@@ -754,6 +794,7 @@ class _Parallel:
         """The generation auto last decided for; another one decides again (see decide_again)."""
         self.gen_step = 0
         """The step at which this generation's parts were built (after the ranks agreed on it)."""
+        self.watch = _StepWatch()
         self._shard()
 
     def reshare(self, weights: list[float], votes: int) -> None:
@@ -1029,6 +1070,9 @@ class _StopVote:
         """Ranks whose own Ctrl-C makes them leave an elastic run alone (direct mode)."""
         self.rates: list[float] = []
         """Every rank's compute speed as it voted (identical on every rank: one all_reduce)."""
+        self.step_s = 0.0
+        """Rank 0's seconds per step since its previous vote (0 at the first): the fleet's step
+        time, the same on every rank."""
         self.votes = 0
 
     def due(self, step: int) -> bool:
@@ -1040,7 +1084,7 @@ class _StopVote:
         direct mode, where each Mac has its own terminal). `joiners` (rank 0): nodes waiting.
         `rate`: this rank's compute speed (samples/s) for adaptive shares; every rank gets every
         rank's in `rates` (0 where unknown)."""
-        gap = 0
+        gap, per_step = 0, 0.0
         rank, size = self.world.rank, self.world.world_size
         if self.world.rank == 0:
             now = time.perf_counter()
@@ -1050,14 +1094,15 @@ class _StopVote:
             self._t, self._step, gap = now, step, self._gap
         leaves = asked and leave_alone and rank != 0
         own = [float(asked and not leaves), float(gap), float(save_fits) if rank == 0 else 0.0,
-               float(joiners) if rank == 0 else 0.0] + [0.0] * (2 * size)
+               float(joiners) if rank == 0 else 0.0] + [0.0] * (2 * size) + [per_step]
         own[4 + rank] = float(leaves)
         own[4 + size + rank] = float(rate or 0.0)
         total = self.world.all_reduce_sum(torch.tensor(own, dtype=torch.float32)).tolist()
         self.stop, self.save = total[0] > 0, total[2] > 0
         self.admit = total[3] > 0
         self.leaving = [r for r in range(size) if total[4 + r] > 0]
-        self.rates = total[4 + size:]
+        self.rates = total[4 + size:4 + 2 * size]
+        self.step_s = total[4 + 2 * size]
         self.votes += 1
         self.next_step = step + max(1, int(total[1]))
         return self.stop

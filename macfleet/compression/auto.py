@@ -50,8 +50,9 @@ are per parameter); a run that switches from a dense codec to top-k starts with 
 as nothing is owed. Such a resume is correct but not bit-exact. A new membership generation
 decides again the same way (Trainer.decide_again, two steps after the regroup, every rank at the
 same step boundary; at a regroup every rank takes rank 0's codec, so a departure in the middle
-of a decision cannot leave two codecs in one generation). Deciding again when the link or the
-step time changes within a generation is not built.
+of a decision cannot leave two codecs in one generation), and so does a fleet step time that
+stays far from what it was after the last decision (trainer._StepWatch: a slower link or a
+throttling Mac).
 """
 
 from __future__ import annotations
