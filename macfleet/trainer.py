@@ -394,8 +394,10 @@ class Trainer:
                     fresh, fleet.seen_votes = vote.votes > fleet.seen_votes, vote.votes
                     if fleet.auto is not None and fresh and fleet.decided == world.generation \
                             and fleet.watch.changed(vote.step_s):
-                        log.info("compression=auto: the step time went from %.1f to %.1f ms and stayed there: "
-                                 "deciding again", 1e3 * fleet.watch.reference, 1e3 * vote.step_s)
+                        line = (f"compression=auto: the step time went from {1e3 * fleet.watch.reference:.1f} to "
+                                f"{1e3 * vote.step_s:.1f} ms and stayed there: deciding again")
+                        log.info("%s", line)
+                        history.append({"step": state.step, "event": line})
                         fleet.decided, fleet.gen_step = None, state.step - fleet.REDECIDE_AFTER_STEPS
                     if fleet.adapt and fresh and (shares := self.propose_shares(world.weights, vote.rates, state.step,
                                                                                vote.votes - fleet.shares_vote)):
@@ -619,7 +621,9 @@ class Trainer:
         chosen = carry_residuals(chosen, residuals)
         was = _codec_label(self.comp)
         if chosen == self.comp:
-            log.info("compression=auto, generation %d (%d node(s)): keeps %s", world.generation, world.world_size, was)
+            line = f"compression=auto, generation {world.generation} ({world.world_size} node(s)): keeps {was}"
+            log.info("%s", line)
+            history.append({"step": state.step, "event": line, "generation": world.generation})
             return
         line = f"compression=auto, generation {world.generation} ({world.world_size} node(s)): {was} -> {_codec_label(chosen)}"
         log.info("%s at step %d", line, state.step)

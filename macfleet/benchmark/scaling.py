@@ -502,7 +502,9 @@ def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after
             "steps_to_recover": recover, "steps_after_throttle": len(after),
             "slowed": None if len(after) < RECOVER_WINDOW else recover != RECOVER_WINDOW,
             "curve": [[st, round(v, 3)] for st, v in curve],
-            "share_events": [{"step": r["step"], "shares": r["shares"]} for r in history if "shares" in r]}
+            "share_events": [{"step": r["step"], "shares": r["shares"]} for r in history if "shares" in r],
+            "codec_events": [{"step": r["step"], "event": r["event"]} for r in history
+                             if str(r.get("event", "")).startswith("compression=auto")]}
 
 
 def _why(log_path: Path, proc) -> str:
@@ -665,6 +667,8 @@ def run_scaling_benchmark(args) -> int:
                 if throttle:
                     console.print(f"    throttled at step {watch.at_step} ({after[codec]['throttle_s']:.1f} s): "
                                   f"{_recovery(after[codec])}")
+                    for e in after[codec]["codec_events"]:  # compression=auto deciding again
+                        console.print(f"    step {e['step']}: {e['event']}")
 
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
     rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
@@ -681,7 +685,7 @@ def run_scaling_benchmark(args) -> int:
                   "ideal_after_samples_per_s": ideal_after if fleet else None,
                   **(after[r["codec"]] if fleet else dict.fromkeys(THROTTLE_KEYS)), })
         if not fleet:
-            r.update(curve=[], share_events=[])
+            r.update(curve=[], share_events=[], codec_events=[])
     report(console, args, rows, lambda rs: Group(scaling_table(rs), throttle_table(rs)), plot_throttle)
     return 0
 

@@ -115,7 +115,7 @@ def test_bad_option_is_one_clear_line(tmp_path, args, said):
 
 THROTTLE_KEYS = {"throttle", "adapt_shares", "throttled_single_samples_per_s", "ideal_after_samples_per_s",
                  "throttle_step", "throttle_s", "before_samples_per_s", "final_samples_per_s", "steps_to_recover",
-                 "steps_after_throttle", "slowed", "curve", "share_events"}
+                 "steps_after_throttle", "slowed", "curve", "share_events", "codec_events"}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="--throttle lowers a cgroup's CPU quota: root only")
@@ -156,6 +156,7 @@ def test_throttle_rows_are_consistent(tmp_path):
     assert fleet["slowed"] is (None if fleet["steps_after_throttle"] < 5 else hit != 5)
     assert one["slowed"] is None
     assert all(set(e) == {"step", "shares"} and sum(e["shares"]) == pytest.approx(1) for e in fleet["share_events"])
+    assert one["codec_events"] == fleet["codec_events"] == []  # compression=none: nothing decides
     assert "node1-alone-b64-throttled" in proc.stdout and "steps to recover" not in proc.stderr
     assert "throttled at step" in proc.stdout and "recovered" in proc.stdout  # the progress line, the table
     assert ("no dip to recover from" in proc.stdout) is (fleet["slowed"] is False)
