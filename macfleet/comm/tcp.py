@@ -122,6 +122,8 @@ class _Link:
         self.sock: socket.socket | None = None
         self.broken: str | None = None
         """Why the connection broke after the handshake (the peer is gone); None while usable."""
+        self.broken_at = 0.0
+        """When it broke (monotonic); the comm thread copies it into the transport's `_gone`."""
         self.closing = False
         self.idle = True
         self.thread = threading.Thread(target=self._run, name=f"macfleet-send-{tp.rank}-to-{peer}", daemon=True)
@@ -231,8 +233,8 @@ class _Link:
                 # The peer exited or was killed. As with a ZeroMQ peer that went away, what is sent
                 # to it never leaves (trackers stay pending): the receive deadline, or the heartbeat
                 # monitor's abort, says who is gone, and `_gone` tells the blame whose end closed.
+                self.broken_at = time.monotonic()
                 self.broken = "closed its connection (it exited or was killed)"
-                self.tp._gone.setdefault(self.peer, time.monotonic())
                 self._drop_socket()
                 with self.cond:
                     self.items.clear()
@@ -327,7 +329,12 @@ class TcpTransport(Transport):
         return bool(ready)
 
     def _watch_connections(self) -> None:
-        """Closed connections are noted as they are read (`_gone`): nothing to watch."""
+        """Note peers whose connection to us closed as we read it (`_drop`), or whose connection
+        from us broke in a sender thread: copied here, on this thread, so `_gone` is only ever
+        touched by the thread that reads it."""
+        for peer, link in self.push.items():
+            if link.broken is not None:
+                self._gone.setdefault(peer, link.broken_at)
 
     def _accept(self) -> None:
         while True:
