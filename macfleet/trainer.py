@@ -17,6 +17,7 @@ Ctrl-C aborts the collectives and stops at once, keeping the newest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from macfleet import checkpoint as ckpt
+from macfleet.compression.compressor import carry_residuals
 from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, SchedulerConfig, TrainingConfig
 from macfleet.data.loader import build_loader, fetch
 from macfleet.device import pick_device, synchronize
@@ -80,8 +82,6 @@ def _as_bundle(dataset, val_dataset=None, loss_fn=None):
     pairs. The task decides the default loss: integer targets are class labels (cross-entropy);
     any other target needs `loss_fn`, and the data is refused before training, never trained on
     with the wrong loss."""
-    import dataclasses
-
     from macfleet.data import DatasetBundle
 
     if isinstance(dataset, DatasetBundle):
@@ -610,7 +610,6 @@ class Trainer:
         gradient (carry_residuals). Costs a probe and trial exchanges (about 1-2 s), a few steps
         after the regroup, so the recovery itself is not slowed."""
         from macfleet.compression.auto import resolve
-        from macfleet.compression.compressor import carry_residuals
 
         world = fleet.world
         chosen, self._compression_auto = resolve(fleet.auto, world, state.model, self._loss, self.data.train,
@@ -688,8 +687,6 @@ class Trainer:
                             "missing ranks are reset", saved_ws, world.world_size)
         saved = world.broadcast_object(saved)
         state.load_state_dict(saved)
-        from macfleet.compression.compressor import carry_residuals
-
         mine = saved["per_rank"][world.rank] if world.rank < len(saved["per_rank"]) else None
         # Decided from rank 0's record, which every rank has, so every rank builds the same codec.
         carried = carry_residuals(self.comp, saved["per_rank"][0]["compression"] if saved["per_rank"] else None)
@@ -891,20 +888,11 @@ class _Parallel:
             # the decision and one that did not must not run two codecs in one generation. Rank
             # 0's codec is the generation's until auto decides again (a few steps on); a rank that
             # moves to a dense codec pays out its top-k residuals (carry_residuals: the same wire).
-            import dataclasses
-
-            from macfleet.compression.compressor import carry_residuals
-            from macfleet.config import CompressionConfig
-
             codec = w.broadcast_object(dataclasses.asdict(self.trainer.comp) if w.rank == 0 else None)
             if codec["name"] != "auto":  # a joiner's own is still "auto": it takes the fleet's below
                 self.trainer.comp = carry_residuals(CompressionConfig(**codec), old.state_dict() if old else None)
         if any(x != top for x in where):
             src = where.index(top)
-            import dataclasses
-
-            from macfleet.config import CompressionConfig
-
             mine = {"state": state.state_dict(), "codec": dataclasses.asdict(self.trainer.comp)}
             shared = w.broadcast_object(mine if w.rank == src else None, src=src)
             if old is None:  # a joiner runs the codec the fleet runs (compression=auto chose it at the start)
