@@ -70,7 +70,9 @@ def test_auto_compresses_on_a_100mbit_link(tmp_path):
     link_mb_s = float(re.search(r"; link ([0-9.]+) MB/s", reason).group(1))
     assert link_mb_s < 40, reason  # the probe saw the shaped link (100 Mbit/s = 12.5 MB/s), not loopback's
     dense_ms = float(re.search(r"exchanges none ([0-9.]+) ms", reason).group(1))
-    assert dense_ms > 30, reason  # dense's 0.6 MB really crossed the shaped link (48 ms at 12.5 MB/s)
+    # Dense's 0.6 MB crossed the shaped link: 48 ms at 12.5 MB/s, but tbf's 1 MB burst (Netns) can
+    # pass one exchange faster after an idle gap (10.4 ms seen once); loopback takes about 1 ms.
+    assert dense_ms > 5, reason
     assert m["wire_ratio"] < 1.0  # the chosen codec really ran
     # The worker took the same decision (one line, as on rank 0).
     assert f"compression {m['compression']} | local batch 3 of 8" in worker.text()  # pro_air: 0.62 / 0.38
