@@ -29,7 +29,8 @@ from pathlib import Path
 from macfleet.errors import ConfigError
 
 MODELS = ("resnet18", "resnet50")
-VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE", "transport": "MACFLEET_TRANSPORT"}
+VARIANT_ENV = {"stripes": "MACFLEET_STRIPES", "allreduce": "MACFLEET_ALLREDUCE", "transport": "MACFLEET_TRANSPORT",
+               "lanes": "MACFLEET_LANES"}
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -109,7 +110,7 @@ def backend_spec(spec: str) -> tuple[str, dict[str, str]]:
         key, sep, value = opt.partition("=")
         if name != "macfleet" or not sep or key not in VARIANT_ENV or not value:
             raise ConfigError(f"--backends item {spec!r}: engine settings go as macfleet:stripes=N, "
-                              "macfleet:allreduce=auto|ring|direct, macfleet:transport=tcp|zmq, or several "
+                              "macfleet:allreduce=auto|ring|direct, macfleet:transport=tcp|zmq, macfleet:lanes=N, or several "
                               "(macfleet:stripes=2:allreduce=direct)")
         env[VARIANT_ENV[key]] = value
     return name, env

@@ -262,12 +262,28 @@ class _Closed(Exception):
     """The connection ended (EOF or reset)."""
 
 
+def open_listener(host: str) -> socket.socket:
+    """A listening socket on `host` at a port the system picks (a Group's extra lane)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((_bind_host(host), 0))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise MacFleetError(f"cannot listen on {host} for an extra comm lane: {exc.strerror or exc}") from None
+    return sock
+
+
 class TcpTransport(Transport):
     """Sockets of one rank over plain TCP; used only from the thread that created it (besides the
     sender threads it starts, which touch only their own connection and queue)."""
 
     def __init__(self, rank: int, world_size: int, addrs: list[str], *, generation: int, timeout: float,
-                 session: int = 0, abort_check=lambda: None, stripes: int | None = None):
+                 session: int = 0, abort_check=lambda: None, stripes: int | None = None,
+                 listener: socket.socket | None = None):
+        """`listener`: a socket already bound and listening (a Group's extra lane, whose port was
+        picked by the system and told to the peers before this transport existed); else this
+        rank's address in `addrs` is bound here."""
         self._init_state(rank, world_size, addrs, generation=generation, timeout=timeout, session=session,
                          abort_check=abort_check)
         self._monitors: dict = {}
@@ -277,18 +293,19 @@ class TcpTransport(Transport):
         self._strangers: collections.deque[_Conn] = collections.deque()  # accepted, no HELLO yet
         self.push: dict[int, _Link] = {}
         self._sel = selectors.DefaultSelector()
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener = listener if listener is not None else socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            host, port = split_addr(addrs[rank])
-            try:
-                self.listener.bind((_bind_host(host), port))
-                self.listener.listen(128)  # peers connect while this rank is busy: accepted at its next wait
-            except OSError as exc:
-                raise PeerLostError(
-                    f"rank {rank} cannot listen on {addrs[rank]}: {exc.strerror or exc}; pick a free tensor port",
-                    rank=rank, address=addrs[rank],
-                ) from None
+            if listener is None:
+                self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                host, port = split_addr(addrs[rank])
+                try:
+                    self.listener.bind((_bind_host(host), port))
+                    self.listener.listen(128)  # peers connect while this rank is busy: accepted at its next wait
+                except OSError as exc:
+                    raise PeerLostError(
+                        f"rank {rank} cannot listen on {addrs[rank]}: {exc.strerror or exc}; pick a free tensor port",
+                        rank=rank, address=addrs[rank],
+                    ) from None
             self.listener.setblocking(False)
             self._sel.register(self.listener, selectors.EVENT_READ, None)
             for peer in range(world_size):

@@ -1,0 +1,129 @@
+"""Lanes: several comm threads per Group, each with its own TCP connections (group.py, "Lanes").
+
+Real processes on 127.0.0.1. An all_reduce of at least LANE_MIN_BYTES goes to the next lane in
+turn; these tests check that the sums stay exact while several run at once, that futures still
+complete in issue order (each one once every earlier one has), that a tensor reused by consecutive collectives on different lanes sees
+each result before the next collective reads it, and that a killed peer breaks every lane.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from macfleet.comm.group import LANE_MIN_BYTES, Group, check_lanes, default_lanes
+from macfleet.comm.launch import RankFailedError, spawn_local
+from macfleet.errors import MacFleetError, PeerLostError
+
+BIG = 3 * LANE_MIN_BYTES // 4 + 1001  # float32 elements: above the lane threshold, not a round size
+
+
+def _data(rank: int, numel: int, case: int) -> torch.Tensor:
+    return torch.randn(numel, generator=torch.Generator().manual_seed(100 * case + rank))
+
+
+def _lanes_rank(rank, world_size, addrs):
+    with Group(rank, world_size, addrs, timeout=60, lanes=3, chunk_bytes=256 << 10) as g:
+        assert [lane.transport for lane in g._lane_groups] == ["tcp"] * 3
+        done = []
+        tensors = [_data(rank, BIG if i % 3 else 999, i) for i in range(9)]  # big ones spread, small stay
+        futs = [g.all_reduce_async(t) for t in tensors]
+        for i, f in enumerate(futs):
+            # Issue order: when a future completes, every earlier one has completed.
+            f.add_done_callback(lambda _f, i=i: done.append(all(e.done() for e in futs[:i])))
+        results = [f.wait() for f in futs]
+        # One tensor through three collectives in a row, each on another lane: every one must
+        # read the previous result (1 -> 2 -> 4 in a pair: x * 2**3 overall for 2 ranks).
+        x = torch.full((BIG,), float(rank + 1))
+        chain = [g.all_reduce_async(x), g.all_reduce_async(x), g.broadcast_async(x, src=world_size - 1),
+                 g.all_reduce_async(x, op="avg")]
+        gathered = g.all_gather_async(x)
+        chain[-1].wait()
+        parts = gathered.wait()
+        lanes_used = [lane._seq for lane in g._lane_groups]
+        return {"results": results, "order": done, "x": x.clone(), "parts": parts,
+                "collectives": g.collectives, "lanes_used": lanes_used}
+
+
+def test_lanes_sum_exactly_in_issue_order_with_a_tensor_reused_across_lanes():
+    out = spawn_local(_lanes_rank, 2, (), timeout=120)
+    for i in range(9):
+        want = _data(0, BIG if i % 3 else 999, i) + _data(1, BIG if i % 3 else 999, i)
+        for r in range(2):
+            assert torch.allclose(out[r]["results"][i], want, atol=1e-5), (r, i)
+        assert torch.equal(out[0]["results"][i], out[1]["results"][i])  # bit-identical replicas
+    # 1 + 2 = 3, then 6, broadcast keeps 6, then avg of 6 and 6: 6 everywhere.
+    for r in range(2):
+        assert out[r]["order"] == [True] * 9
+        assert torch.equal(out[r]["x"], torch.full((BIG,), 6.0))
+        assert all(torch.equal(p, torch.full((BIG,), 6.0)) for p in out[r]["parts"])
+        # Every lane carried collectives (the lane handshake's all_gather is one on lane 0).
+        assert all(n > 0 for n in out[r]["lanes_used"]), out[r]["lanes_used"]
+    assert out[0]["collectives"] == out[1]["collectives"]
+
+
+def _lane_dies(rank, world_size, addrs, timeout):
+    g = Group(rank, world_size, addrs, timeout=timeout, lanes=2, chunk_bytes=64 * 1024)
+    g.all_reduce(torch.ones(10))
+    big = torch.ones(4_000_000)
+    if rank == 2:
+        g.all_reduce_async(torch.ones(4_000_000))  # lane 0
+        g.all_reduce_async(big)                      # lane 1
+        time.sleep(0.005)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t0 = time.monotonic()
+    errors = []
+    for f in [g.all_reduce_async(torch.ones(4_000_000)), g.all_reduce_async(big)]:
+        try:
+            f.wait()
+        except PeerLostError as exc:
+            errors.append(str(exc))
+    elapsed = time.monotonic() - t0
+    try:
+        g.all_reduce(torch.ones(4_000_000))  # either lane: the group stays failed
+        again = None
+    except PeerLostError as exc:
+        again = str(exc)
+    g.close()
+    return {"elapsed": elapsed, "errors": errors, "again": again}
+
+
+def test_a_killed_peer_breaks_every_lane_within_the_timeout():
+    timeout = 3.0
+    with pytest.raises(RankFailedError) as info:
+        spawn_local(_lane_dies, 3, (timeout,), timeout=90)
+    err = info.value
+    assert set(err.failures) == {2}, err.failures
+    for r in (0, 1):
+        out = err.results[r]
+        assert len(out["errors"]) == 2, out  # both lanes' collectives failed, none hung
+        assert out["elapsed"] < 2 * timeout + 2.0
+        assert out["again"] is not None
+
+
+def test_lane_settings_are_checked_with_a_clear_message(monkeypatch):
+    assert check_lanes(2) == 2
+    for bad in (0, 9, "2", True):
+        with pytest.raises(MacFleetError, match="lanes="):
+            check_lanes(bad)
+    monkeypatch.setenv("MACFLEET_LANES", "two")
+    with pytest.raises(MacFleetError, match="MACFLEET_LANES='two'"):
+        default_lanes()
+    monkeypatch.setenv("MACFLEET_LANES", "3")
+    assert default_lanes() == 3
+    monkeypatch.delenv("MACFLEET_LANES")
+    assert 1 <= default_lanes() <= 4
+    with pytest.raises(MacFleetError, match="pick one"):
+        Group(0, 1, ["127.0.0.1:1"], lanes=2, stripes=2)
+    with pytest.raises(MacFleetError, match="lanes=2 run on the tcp transport"):
+        Group(0, 1, ["127.0.0.1:1"], lanes=2, transport="zmq")
+    # Asked for by name, ZeroMQ (or striping) wins over a default lane count.
+    monkeypatch.setenv("MACFLEET_LANES", "3")
+    with Group(0, 1, ["127.0.0.1:0"], transport="zmq") as g:
+        assert (g.lanes, g.transport) == (1, "zmq")
+    with Group(0, 1, ["127.0.0.1:0"]) as g:
+        assert (g.lanes, g.transport) == (3, "tcp")
