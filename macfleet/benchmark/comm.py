@@ -265,6 +265,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
             if ring is not None:
                 ring.close()
             dist.destroy_process_group()
+        # What each engine ran on (the lane count follows the cores this rank is pinned to).
+        results["engines"] = {name: {"transport": e.transport, "lanes": e.lanes} for name, e in engines.items()}
     finally:
         for e in engines.values():
             e.close()
@@ -298,11 +300,8 @@ def run_comm_benchmark(args) -> int:
                           f"this process may use {len(os.sched_getaffinity(0))}")
     pinned = f", {cores} cores per rank" if cores else ""
     striped = f", stripes {','.join(map(str, stripes))}" if stripes != [1] else ""
-    from macfleet.comm.tcp import default_transport
-
-    transport = default_transport()  # MACFLEET_TRANSPORT; the ranks inherit it (stripes > 1: zmq)
     console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}{pinned}, median of {repeats} runs{engine}"
-                  f"{striped}, {transport} transport")
+                  f"{striped}")
     fn_args = (kind, sizes, repeats, algorithm, stripes, cores)
     if args.netns:
         with Netns(nodes, rate=args.rate) as ns:
@@ -314,6 +313,10 @@ def run_comm_benchmark(args) -> int:
         more = [[f"127.0.0.1:{p}" for p in ports[2 + nodes * i:2 + nodes * (i + 1)]] for i in range(1, len(stripes))]
         per_rank = spawn_local(_rank_main, nodes, fn_args + (ports[:2 + nodes], more), timeout=3600)
     results = per_rank[0]
+    ran = results.pop("engines")
+    first = ran[_engine(stripes[0])]
+    console.print(f"engine: {first['transport']} transport, {first['lanes']} lane(s) (one all_reduce at a time "
+                  "runs on one lane)")
 
     rows = []
     for size in sizes:
@@ -323,7 +326,8 @@ def run_comm_benchmark(args) -> int:
             for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
                 if ref in fig:
                     rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k,
-                                 "transport": "zmq" if k > 1 else transport, "macfleet_s": mine,
+                                 "transport": ran[_engine(k)]["transport"], "lanes": ran[_engine(k)]["lanes"],
+                                 "macfleet_s": mine,
                                  "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref]})
     table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
     several = len(stripes) > 1  # the column only when it tells settings apart (the table fits 80 columns)

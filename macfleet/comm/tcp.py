@@ -1,18 +1,21 @@
-"""An opt-in data plane over plain TCP connections: the frames and checks of the ZeroMQ one.
+"""A data plane over plain TCP connections: the frames and checks of the ZeroMQ one.
 
-`MACFLEET_TRANSPORT=tcp` (or `Group(transport="tcp")`) selects it; ZeroMQ stays the default.
-Why it exists: every chunk through libzmq crosses its I/O thread (a hand-off and a wake-up per
-message) and is copied once more out of libzmq's receive buffer. Here the kernel writes each
-byte straight into the buffer it belongs in (`recv_into` the landing place), and sends leave
-from the caller's memory on a thread per peer. On the GPU host (2026-11-27, ranks in network
-namespaces) that made the engine's all_reduce 1.3x to 2x faster than the ZeroMQ transport's
-(README, "Plain TCP data plane"). It is not the default because the paths users run did not
-gain: plain DDP over it on 2 H100s was 11-13% slower than over ZeroMQ in two same-run
-comparisons (here the engine's Python threads do the copies that libzmq's native threads did
-beside the training process's Python), and train.py's scaling moved within noise.
+It carries a Group's lanes (group.py, "Lanes"), so it is the data plane wherever there are
+several (the default from 8 usable cores); `MACFLEET_TRANSPORT=tcp` (or `Group(transport="tcp")`)
+selects it for one lane too. Why it exists: every chunk through libzmq crosses its I/O thread (a
+hand-off and a wake-up per message) and is copied once more out of libzmq's receive buffer. Here
+the kernel writes each byte straight into the buffer it belongs in (`recv_into` the landing
+place), and sends leave from the caller's memory on a thread per peer. On the GPU host
+(2026-11-27, ranks in network namespaces) that made the engine's all_reduce 1.3x to 2x faster
+than the ZeroMQ transport's (README, "Plain TCP data plane"). With one lane, plain DDP over it
+on 2 H100s was still 11-13% slower than over ZeroMQ (here the engine's Python threads do the
+copies that libzmq's native threads did), so a single lane keeps ZeroMQ by default; with lanes
+the copies of several buckets run at once and DDP passed gloo (README, "Accelerators").
 The frames, the session/generation/seq checks, the parking rules and the error messages are
 those of `Transport` (transport.py), which this class extends; only the sockets differ.
 Striping (`stripes` > 1) is a ZeroMQ setting and selects that transport.
+An extra lane's listener is opened first (`open_listener`, a port the system picks) and handed
+in as `listener`, since its port is told to the peers before the transport exists.
 
 Connections. Each rank listens on its tensor port and opens one connection to every peer, so
 a pair of ranks has one connection each way, as with PUSH/PULL. A connection says who it is

@@ -20,24 +20,25 @@ def _bench(tmp_path, *args: str, env=None) -> tuple[list[dict], str]:
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.parametrize("nodes, algorithm, references, transport", [
-    (2, "auto", {"gloo", "socket_exchange"}, "zmq"),
-    (3, "auto", {"gloo", "socket_ring"}, "zmq"),
-    (3, "ring", {"gloo", "socket_ring"}, "tcp"),
+@pytest.mark.parametrize("nodes, algorithm, references, env, transport, lanes", [
+    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_TRANSPORT": "zmq"}, "zmq", 1),
+    (3, "auto", {"gloo", "socket_ring"}, {"MACFLEET_TRANSPORT": "zmq"}, "zmq", 1),
+    (3, "ring", {"gloo", "socket_ring"}, {"MACFLEET_TRANSPORT": "tcp", "MACFLEET_LANES": "1"}, "tcp", 1),
+    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_LANES": "2"}, "tcp", 2),
 ])
-def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references, transport):
+def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references, env, transport, lanes):
     sizes = [256_000, 5_000_000]
     rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB",
-                          "--algorithm", algorithm, env={"MACFLEET_TRANSPORT": transport})
+                          "--algorithm", algorithm, env=env)
     words = " ".join(stdout.split())  # the table's title line wraps at the terminal's width
     if nodes > 2:
         assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in words
-    assert f"{transport} transport" in words
+    assert f"engine: {transport} transport, {lanes} lane(s)" in words
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
-        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "macfleet_s", "reference",
+        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "macfleet_s", "reference",
                           "reference_s", "ratio"}
-        assert (r["type"], r["nodes"], r["transport"]) == ("allreduce", nodes, transport)
+        assert (r["type"], r["nodes"], r["transport"], r["lanes"]) == ("allreduce", nodes, transport, lanes)
         assert r["macfleet_s"] > 0 and r["reference_s"] > 0
         assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
     for ref in references:
