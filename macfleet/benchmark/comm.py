@@ -315,8 +315,8 @@ def run_comm_benchmark(args) -> int:
     results = per_rank[0]
     ran = results.pop("engines")
     first = ran[_engine(stripes[0])]
-    console.print(f"engine: {first['transport']} transport, {first['lanes']} lane(s) (one all_reduce at a time "
-                  "runs on one lane)")
+    lanes = f"{first['lanes']} tcp data lanes (one all_reduce at a time uses one)" if first["lanes"] > 1 else "one lane"
+    console.print(f"engine: {first['transport']} transport, {lanes}")
 
     rows = []
     for size in sizes:

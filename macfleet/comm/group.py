@@ -13,17 +13,17 @@ socket. Non-contiguous CPU tensors run on a contiguous copy that is copied back.
 and every later collective raise `exc` within about POLL_SLICE_S.
 
 Lanes (`lanes`, default `default_lanes()`: MACFLEET_LANES, else one per 4 usable cores, at most
-4): k comm threads, each with its own transport and connections (this group is the first lane,
-on the transport asked for; extra lanes run on plain TCP, tcp.py). An all_reduce of at least
-LANE_MIN_BYTES goes to the next lane in turn (every rank counts the same calls, so the n-th one
-meets the peers' n-th on the same lane); one of at least 2 * LANE_PART_MIN_BYTES is cut into
-one contiguous piece per lane; everything else runs on the first. So several of DDP's buckets,
-and the pieces of one, are reduced at once, on as many cores: each lane's copies and sums leave
-the GIL, and one lane alone is bound by one core's copies through the kernel. Futures still
-complete in issue order, and a collective on a tensor that an earlier one (on any lane) still
-works on starts after that one has finished. The extra lanes listen on ports the system picks,
-told to the peers through the first lane (every rank opens as many as the rank that offers
-fewest), and use sessions derived from the group's. A lost peer on any lane breaks them all.
+4). With lanes=k > 1 the group opens k data lanes beside itself: each a comm thread with its own
+plain-TCP transport (tcp.py) and connections. Every all_reduce of at least LANE_MIN_BYTES goes to
+the next data lane in turn (every rank counts the same calls, so the n-th one meets the peers'
+n-th on the same lane); everything else (small all_reduces, broadcasts, gathers, barriers) runs
+here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
+cores: each lane's socket copies and sums leave the GIL, while one thread alone is bound by one
+core's copies through the kernel. Futures still complete in issue order, and a collective on a
+tensor that an earlier one (on any lane) still works on starts after that one has finished. The
+data lanes listen on ports the system picks, told to the peers here when the group starts; every
+rank opens as many as the rank that offers fewest (the default follows each machine's cores), and
+they use sessions derived from the group's. A lost peer on any lane breaks them all.
 
 `session` is a 64-bit id shared by every rank of one Group and different for any other run or
 generation (framing.session_id derives one, framing.random_session draws one); frames stamped
@@ -53,9 +53,6 @@ _OPS = ("sum", "avg")
 MAX_LANES = 8
 LANE_MIN_BYTES = 1 << 20
 """An all_reduce below this many bytes stays on the first lane: its time is latency, not copies."""
-LANE_PART_MIN_BYTES = 2 << 20
-"""An all_reduce of at least twice this is cut into pieces of at least this, one per lane (up to
-the lane count), reduced at once."""
 
 
 def check_lanes(n) -> int:
@@ -138,7 +135,8 @@ class Group:
         # its port is known to the peers, which a ZeroMQ socket cannot adopt. This lane keeps the
         # transport asked for, so every rank's first lane speaks the same one whatever its cores.
         self.lanes = default_lanes() if lanes is None else check_lanes(lanes)
-        """Lanes this rank offered; after the group starts, the number every rank agreed on."""
+        """Data lanes this rank offered (1: none beside this group); once the group has started,
+        the number every rank agreed on."""
         self.transport = "zmq" if self.stripes > 1 else kind
         self._listener = _listener
         try:
@@ -218,27 +216,8 @@ class Group:
         if op not in _OPS:
             raise MacFleetError(f"all_reduce op={op!r} is not supported; use 'sum' or 'avg'")
         nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-        parts = min(len(self._lane_groups), nbytes // LANE_PART_MIN_BYTES)
-        if parts > 1 and t.is_contiguous() and not self._closed:
-            return self._all_reduce_parts(t, op, parts)
         return self._submit("all_reduce", collectives.all_reduce, t, op, self.algorithm, staged=True, sync=_sync,
                             spread=nbytes >= LANE_MIN_BYTES)
-
-    def _all_reduce_parts(self, t: torch.Tensor, op: str, parts: int) -> torch.futures.Future:
-        """A large all_reduce cut into `parts` contiguous pieces, each on the next lane in turn, so
-        one bucket's reduction uses several lanes at once (the last bucket of a backward pass,
-        which nothing else overlaps, is done sooner). Every rank cuts the same pieces."""
-        self._check_tensor(t)
-        flat = t.view(-1)
-        after = self._unfinished(t)
-        step = -(-flat.numel() // parts)
-        futs = []
-        for lo in range(0, flat.numel(), step):
-            lane = self._lane_groups[self._turn % len(self._lane_groups)]
-            self._turn += 1
-            futs.append(lane._submit_here("all_reduce", collectives.all_reduce, flat[lo:lo + step],
-                                          (op, self.algorithm), True, None, False, after))
-        return self._hand_out(_all_of(futs, t), _tensor_key(t))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.broadcast_async(t, src, _sync=True).wait()
@@ -385,7 +364,8 @@ class Group:
             return self._submit_here(name, fn, t, args, staged, timeout, sync, None)
         lane = self
         if spread:
-            lane = self._lane_groups[self._turn % len(self._lane_groups)]
+            data = self._lane_groups[1:] or self._lane_groups
+            lane = data[self._turn % len(data)]
             self._turn += 1
         key = _tensor_key(t)
         after = self._unfinished(t)
@@ -433,18 +413,18 @@ class Group:
         with other core counts default to other lane counts); then each lane connects and shakes
         hands."""
         host = split_addr(self.addrs[self.rank])[0]
-        socks = [open_listener(host) for _ in range(self.lanes - 1)]
+        socks = [open_listener(host) for _ in range(self.lanes if self.lanes > 1 else 0)]
         try:
             mine = torch.tensor([s.getsockname()[1] for s in socks], dtype=torch.int64)
             ports = self.all_gather(mine)
-            agreed = min(len(p) for p in ports) + 1
-            if agreed < self.lanes:
-                log.info("rank %d: %d comm lane(s), as the rank with the fewest cores (this one offered %d)",
-                         self.rank, agreed, self.lanes)
-            for sock in socks[agreed - 1:]:
+            agreed = min(len(p) for p in ports)  # 0 or at least 2: nobody offers a single data lane
+            if max(agreed, 1) < self.lanes:
+                log.info("rank %d: %d comm lane(s), as many as the rank with the fewest cores (this one offered %d)",
+                         self.rank, max(agreed, 1), self.lanes)
+            for sock in socks[agreed:]:
                 sock.close()
-            socks = socks[:agreed - 1]
-            self.lanes = agreed
+            socks = socks[:agreed]
+            self.lanes = max(agreed, 1)
             while socks:
                 i = len(self._lane_groups) - 1
                 addrs = [f"{split_addr(a)[0]}:{int(p[i])}" for a, p in zip(self.addrs, ports)]
@@ -680,28 +660,3 @@ def _after(prev: torch.futures.Future, fut: torch.futures.Future) -> torch.futur
     prev.add_done_callback(lambda _p: fut.add_done_callback(fire))
     return out
 
-
-def _all_of(futs: list, value) -> torch.futures.Future:
-    """A future completing with `value` once every one of `futs` has, or with the first error
-    itself (its own type: a PeerLostError stays one)."""
-    out: torch.futures.Future = torch.futures.Future()
-    lock = threading.Lock()
-    left = [len(futs)]
-
-    def one(f):
-        try:
-            f.value()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
-            with lock:
-                if out.done():
-                    return
-                out.set_exception(exc)
-                return
-        with lock:
-            left[0] -= 1
-            if left[0] == 0 and not out.done():
-                out.set_result(value)
-
-    for f in futs:
-        f.add_done_callback(one)
-    return out

@@ -21,10 +21,10 @@ def _bench(tmp_path, *args: str, env=None) -> tuple[list[dict], str]:
 
 
 @pytest.mark.parametrize("nodes, algorithm, references, env, transport, lanes", [
-    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_TRANSPORT": "zmq"}, "zmq", 1),
-    (3, "auto", {"gloo", "socket_ring"}, {"MACFLEET_TRANSPORT": "zmq"}, "zmq", 1),
+    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "1"}, "zmq", 1),
+    (3, "auto", {"gloo", "socket_ring"}, {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "1"}, "zmq", 1),
     (3, "ring", {"gloo", "socket_ring"}, {"MACFLEET_TRANSPORT": "tcp", "MACFLEET_LANES": "1"}, "tcp", 1),
-    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_LANES": "2"}, "tcp", 2),
+    (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"}, "zmq", 2),
 ])
 def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references, env, transport, lanes):
     sizes = [256_000, 5_000_000]
@@ -33,7 +33,7 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
     words = " ".join(stdout.split())  # the table's title line wraps at the terminal's width
     if nodes > 2:
         assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in words
-    assert f"engine: {transport} transport, {lanes} lane(s)" in words
+    assert f"engine: {transport} transport, " + (f"{lanes} tcp data lanes" if lanes > 1 else "one lane") in words
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
         assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "macfleet_s", "reference",
