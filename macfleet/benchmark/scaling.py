@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -63,6 +64,8 @@ CONTROLLED = {
 # Settings a user may change with a trailing override (e.g. cluster.weights=[0.6,0.4]).
 DEFAULTS = {"trainer.progress": "false", "trainer.checkpoint_every": "0", "trainer.checkpoint_every_steps": "0",
             "logger": "none", "cluster.weights": "null", "cluster.heartbeat_interval": "2.0"}
+
+log = logging.getLogger("macfleet")
 
 
 @dataclass
@@ -314,6 +317,7 @@ class CpuQuotas:
         try:
             if v2 and "cpu" not in (base / "cgroup.subtree_control").read_text().split():
                 (base / "cgroup.subtree_control").write_text("+cpu")
+            _remove_stale(base)
             for node in self.nodes:
                 path = base / f"macfleet-bench-{os.getpid()}-{node.index}"
                 path.mkdir()
@@ -337,6 +341,25 @@ class CpuQuotas:
         self.made.clear()
         for node in self.nodes:
             node.cgroup = None
+
+
+def _remove_stale(base: Path) -> None:
+    """Remove empty cgroups of earlier benchmarks whose process is gone (a SIGKILL skips
+    `__exit__`), so they do not pile up under the cgroup root."""
+    for path in base.glob("macfleet-bench-*-*"):
+        try:
+            pid = int(path.name.split("-")[2])
+            os.kill(pid, 0)
+            continue  # that benchmark still runs
+        except (ValueError, IndexError, PermissionError):
+            continue
+        except ProcessLookupError:
+            pass
+        try:
+            path.rmdir()  # fails while a process is still in it: then it is not stale
+            log.info("removed %s, left by benchmark process %d, which is gone", path, pid)
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------- runs

@@ -20,6 +20,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import re
 import socket
 import subprocess
 import time
@@ -162,6 +163,28 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], check=check, capture_output=True, text=True)
 
 
+_RATE_UNITS = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8, "gbit": 1e9 / 8, "tbit": 1e12 / 8,
+               "bps": 1, "kbps": 1e3, "mbps": 1e6, "gbps": 1e9}
+BURST_S = 0.01
+"""tbf's bucket holds this much time at the shaped rate: a fixed 1 MB let a 0.6 MB exchange
+cross a 100 Mbit link at the veth's full speed after any idle moment, so small messages looked
+as fast as on an unshaped link."""
+MIN_BURST_BYTES = 16 * 1024
+
+
+def rate_bytes_per_s(rate: str) -> float:
+    """tc's rate syntax ("1gbit", "250mbit", "500kbit", "10mbps" = bytes) in bytes per second."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*", str(rate).lower())
+    if not m or m.group(2) not in _RATE_UNITS or float(m.group(1)) <= 0:
+        raise MacFleetError(f"rate {rate!r}: give a link rate as tc writes it, e.g. 1gbit, 250mbit or 500kbit")
+    return float(m.group(1)) * _RATE_UNITS[m.group(2)]
+
+
+def tbf_burst(rate: str) -> int:
+    """tbf's burst in bytes for `rate`: BURST_S of traffic, at least MIN_BURST_BYTES."""
+    return max(MIN_BURST_BYTES, int(rate_bytes_per_s(rate) * BURST_S))
+
+
 class Netns:
     """n network namespaces with 10.0.0.1..n on one link (veth, or a bridge in its own namespace)."""
 
@@ -171,6 +194,8 @@ class Netns:
         if not 2 <= n <= 250:
             raise MacFleetError(f"Netns needs 2..250 namespaces, got {n}")
         self.n = n
+        if rate is not None:
+            tbf_burst(rate)  # a malformed rate is a clear error before any namespace exists
         self.rate = rate
         tag = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"
         self.names = [f"{prefix}-{tag}-{i + 1}" for i in range(n)]
@@ -216,7 +241,8 @@ class Netns:
         _ip("-n", ns, "link", "set", dev, "up")
         if self.rate:
             subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
-                            self.rate, "burst", "1mb", "latency", "50ms"], check=True, capture_output=True, text=True)
+                            self.rate, "burst", str(tbf_burst(self.rate)), "latency", "50ms"], check=True,
+                           capture_output=True, text=True)
 
     def run(self, i: int, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         """Run a command inside namespace i (0-based)."""

@@ -39,3 +39,57 @@ def test_all_reduce_across_two_namespaces():
         assert "lo" in r["names"] and len(r["names"]) == 2, r["names"]
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not any(name in left for name in names), "namespaces were not cleaned up"
+
+
+def _time_small_sends(rank, world_size, addrs):
+    """Rank 0 sends rank 1 ten 200 KB messages after idle gaps; rank 1 times each arrival."""
+    import socket
+    import time
+
+    host, port = addrs[1].rsplit(":", 1)
+    if rank == 1:
+        srv = socket.create_server((host, int(port)))
+        conn, _ = srv.accept()
+        took = []
+        for _ in range(10):
+            got = 0
+            first = None
+            while got < 200_000:
+                n = len(conn.recv(65536))
+                first = first or time.perf_counter()
+                got += n
+            took.append(time.perf_counter() - first)
+            conn.sendall(b"k")
+        return took
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s = socket.create_connection((host, int(port)))
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    for _ in range(10):
+        s.sendall(b"x" * 200_000)
+        s.recv(1)
+        time.sleep(0.05)  # idle: the token bucket refills
+    return None
+
+
+def test_a_shaped_link_paces_small_messages_too():
+    """At 100 Mbit/s a 200 KB message takes about 16 ms. tbf's bucket holds 10 ms of traffic
+    (125 KB here), so even after idle gaps a message crosses at the shaped rate, not at the
+    veth's; with the old fixed 1 MB bucket every one of these arrived in well under 2 ms."""
+    with Netns(2, rate="100mbit") as ns:
+        shown = ns.run(0, ["tc", "qdisc", "show"], capture_output=True, text=True, check=True).stdout
+        took = spawn_local(_time_small_sends, 2, timeout=90, netns=ns, port=29512)[1]
+    assert "burst 125000b" in shown.replace("Kb", "000b") or "burst 122Kb" in shown, shown
+    assert sorted(took)[5] > 0.004, took  # the median message was paced (unshaped: ~0.2 ms)
+
+
+def test_a_malformed_rate_is_refused_before_any_namespace_exists():
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    with pytest.raises(Exception, match="give a link rate as tc writes it"):
+        Netns(2, rate="fast")
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == before
