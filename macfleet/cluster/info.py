@@ -204,7 +204,22 @@ def describe() -> dict:
     info["python"] = platform.python_version()
     info.update(torch_info())
     info["bytecode_note"] = bytecode_note()
+    info["comm"] = comm_defaults()
     return info
+
+
+def comm_defaults() -> dict:
+    """The data plane a group started here gets by default (MACFLEET_TRANSPORT, MACFLEET_LANES,
+    the cores this process may use); a malformed setting is reported, not raised."""
+    from macfleet.errors import MacFleetError
+
+    try:
+        from macfleet.comm.group import default_lanes
+        from macfleet.comm.tcp import default_transport
+
+        return {"transport": default_transport(), "lanes": default_lanes(), "error": None}
+    except MacFleetError as exc:
+        return {"transport": None, "lanes": None, "error": str(exc)}
 
 
 def render(info: dict) -> str:
@@ -224,6 +239,7 @@ def render(info: dict) -> str:
         f"memory:    {gib / 2**30:.1f} GiB" if gib else "memory:    ?",
         f"thermal:   {describe_thermal(info.get('thermal'))}",
         f"torch:     {info.get('torch')}  devices: {', '.join(info.get('devices', []))}",
+        f"comm:      {_describe_comm(info.get('comm'))}",
         "interfaces:",
     ]
     if info.get("bytecode_note"):
@@ -235,6 +251,17 @@ def render(info: dict) -> str:
         state = "up" if iface.get("up") else "down"
         lines.append(f"  {iface['name']:<10}{port:<22} {state:<5} {addrs}{mark}")
     return "\n".join(lines)
+
+
+def _describe_comm(comm: Optional[dict]) -> str:
+    if not comm:
+        return "?"
+    if comm.get("error"):
+        return comm["error"]
+    if comm["lanes"] > 1:
+        return (f"{comm['transport']}, with {comm['lanes']} tcp data lanes for all_reduces of 1 MB or more "
+                "(MACFLEET_LANES; default one per 4 cores, at most 4; a fleet uses the fewest any node offers)")
+    return f"{comm['transport']}, one lane (MACFLEET_LANES; default one per 4 cores, at most 4)"
 
 
 def format_info(info: dict, as_json: bool = False) -> str:

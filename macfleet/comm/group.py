@@ -434,6 +434,9 @@ class Group:
                 socks.pop(0)  # the lane's transport owns (and closes) it now
                 lane._parent = self
                 self._lane_groups.append(lane)
+            if self.lanes > 1:
+                log.info("rank %d: %d tcp data lanes for all_reduces of %d MB or more, beside the %s group",
+                         self.rank, self.lanes, LANE_MIN_BYTES >> 20, self.transport)
         finally:
             for sock in socks:
                 sock.close()

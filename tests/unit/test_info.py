@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,17 @@ def test_info_command_on_this_machine():
     assert set(info["thermal"]) == {"level", "cpu_speed_limit"}
     if sys.platform != "darwin":
         assert info["thermal"] == {"level": "unknown", "cpu_speed_limit": None}
+    assert info["comm"]["transport"] in ("zmq", "tcp") and 1 <= info["comm"]["lanes"] <= 4
+
+
+def test_info_says_which_data_plane_a_group_gets():
+    env = {**os.environ, "MACFLEET_LANES": "3"}
+    out = subprocess.run([sys.executable, "-m", "macfleet.cli", "info"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 0, out.stderr
+    assert "with 3 tcp data lanes for all_reduces of 1 MB or more" in " ".join(out.stdout.split())
+    env["MACFLEET_LANES"] = "lots"
+    out = subprocess.run([sys.executable, "-m", "macfleet.cli", "info"], capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 0, out.stderr  # reported on its line, not a crash
+    assert "MACFLEET_LANES='lots': give a whole number" in out.stdout
