@@ -96,8 +96,14 @@ def _worker(argv: list[str]) -> None:
     dist.all_gather_object(times, elapsed)
     if rank == 0:
         slowest = max(times)
+        engine = {}
+        if a.backend == "macfleet":  # what this rank's pinned cores and the environment gave the engine
+            from macfleet.comm.group import default_lanes
+            from macfleet.comm.tcp import default_transport
+
+            engine = {"transport": default_transport(), "lanes": default_lanes()}
         Path(a.out).write_text(json.dumps({"samples_per_s": a.batch * world * a.steps / slowest,
-                                           "step_s": slowest / a.steps}))
+                                           "step_s": slowest / a.steps, **engine}))
     dist.destroy_process_group()
 
 
@@ -224,12 +230,15 @@ def run_ddp_benchmark(args) -> int:
     for backend, nodes in runs:
         sps = med[(backend, nodes)]
         label = f"train.py cluster=torchrun, {backend[9:]}" if backend.startswith("train.py:") else backend
+        engine = got[(backend, nodes)][0]
+        if "lanes" in engine:
+            label += f" ({engine['transport']}" + (f" + {engine['lanes']} tcp lanes)" if engine["lanes"] > 1 else ")")
         rows.append({"backend": "none (1 process)" if nodes == 1 else label, "nodes": nodes, "device": args.device,
                      "model": args.model, "batch_per_rank": args.batch, "samples_per_s": sps,
                      "step_s": statistics.median(x["step_s"] for x in got[(backend, nodes)]),
                      "vs_one_node": sps / one, "vs_gloo": (sps / gloo) if gloo and nodes > 1 else None,
                      "vs_plain_ddp": (sps / med[(backend[9:], nodes)]) if backend.startswith("train.py:") else None,
-                     "repeats": args.repeats})
+                     "repeats": args.repeats, "transport": engine.get("transport"), "lanes": engine.get("lanes")})
     table = Table(title=f"plain DDP under torchrun: {args.model}, {args.batch} per rank, {args.device}, "
                         f"median of {args.repeats}")
     for col in ("backend", "nodes", "samples/s", "vs 1 node", "vs gloo", "vs plain DDP, same backend"):

@@ -17,15 +17,17 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_ddp_rows_beside_one_process(tmp_path):
     out = tmp_path / "ddp.json"
-    proc = _cli("--backends", "macfleet,macfleet:stripes=2:allreduce=direct", "--model", "resnet18", "--batch", "2", "--steps", "1",
+    proc = _cli("--backends", "macfleet,macfleet:lanes=2:allreduce=direct", "--model", "resnet18", "--batch", "2", "--steps", "1",
                 "--warmup-steps", "1", "--repeats", "1", "--train-py", "--json", str(out))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
     # An engine setting is one more backend of the same run; train.py runs the plain name only.
-    assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet", 2),
-                                                          ("macfleet:stripes=2:allreduce=direct", 2),
+    # Rows say what the engine ran on (the default lane count follows the cores: 1 here).
+    assert [(r["backend"], r["nodes"]) for r in rows] == [("none (1 process)", 1), ("macfleet (zmq)", 2),
+                                                          ("macfleet:lanes=2:allreduce=direct (zmq + 2 tcp lanes)", 2),
                                                           ("train.py cluster=torchrun, macfleet", 2)]
-    one, fleet, _, train_py = rows
+    one, fleet, laned, train_py = rows
+    assert (fleet["transport"], fleet["lanes"], laned["lanes"], one["lanes"]) == ("zmq", 1, 2, None)
     # train.py's row: the same job under torchrun on the macfleet backend, beside the plain loop
     assert train_py["vs_plain_ddp"] == pytest.approx(train_py["samples_per_s"] / fleet["samples_per_s"])
     for r in rows:
