@@ -64,6 +64,12 @@ def _ranks(rank, world_size, addrs):
     first, second = group.all_reduce_async(t), group.all_reduce_async(t)
     second.wait()
     chained = (first.wait() is t, t.cpu().unique().tolist())
+    # The same with a tensor big enough for the data lanes (a GPU host's cores give it several):
+    # the two all_reduces run on different lanes, and the second still reads the first's result.
+    big = torch.full((1 << 19,), float(rank + 1), device=device)
+    futs = [group.all_reduce_async(big) for _ in range(3)]
+    futs[-1].wait()
+    chained_lanes = (group.lanes, all(f.done() for f in futs), big.cpu().unique().tolist())
     parts = group.all_gather(torch.arange(4, device=device) + 10 * rank, check=lambda p: None)
     gathered = [(p.device.type, p.tolist()) for p in parts]
     out = {}
@@ -73,7 +79,8 @@ def _ranks(rank, world_size, addrs):
         out[(device, "flat", codec)] = _train(group, device, "flat", codec, rank, False)
     dist.destroy_process_group()
     group.close()
-    return {"device": device, "states": out, "chained": chained, "gathered": gathered}
+    return {"device": device, "states": out, "chained": chained, "chained_lanes": chained_lanes,
+            "gathered": gathered}
 
 
 def test_cuda_equals_cpu_for_every_codec_without_host_sync_in_the_hook():
@@ -81,6 +88,8 @@ def test_cuda_equals_cpu_for_every_codec_without_host_sync_in_the_hook():
     for rank in range(2):
         device, states = results[rank]["device"], results[rank]["states"]
         assert results[rank]["chained"] == (True, [6.0])
+        lanes, all_done, values = results[rank]["chained_lanes"]
+        assert all_done and values == [12.0], (lanes, values)  # 1 + 2 = 3, then 6, then 12
         assert results[rank]["gathered"] == [("cuda", [0, 1, 2, 3]), ("cuda", [10, 11, 12, 13])]
         for codec in CODECS:
             ref = states[("cpu", "torch", codec)]
