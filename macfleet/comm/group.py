@@ -69,8 +69,9 @@ def default_lanes() -> int:
     """Lanes when none is given: MACFLEET_LANES (so a torchrun DDP job can set it), else one per
     CORES_PER_LANE cores this process may run on, at most AUTO_MAX_LANES: each lane keeps about
     a core busy while it copies, so a small machine (or a 1-core emulated node) keeps one.
-    Measured on 2 H100s, 16 cores per rank, plain DDP ResNet-50: 1 lane 0.52x gloo's samples/s,
-    2 lanes 1.30x, 4 lanes 1.37x (README, "Lanes")."""
+    Measured on 2 H100s, 16 cores per rank, plain DDP ResNet-50, with the buckets on 2 or 4 TCP
+    connections (the group's own among them, unlike now): 1.30x and 1.37x gloo's samples/s,
+    against 0.52x for one ZeroMQ lane (README, "Accelerators")."""
     text = os.environ.get("MACFLEET_LANES", "").strip()
     if not text:
         return max(1, min(AUTO_MAX_LANES, _usable_cores() // CORES_PER_LANE))
@@ -87,6 +88,8 @@ def _usable_cores() -> int:
 
 
 def _tensor_key(t) -> tuple | None:
+    """Collectives on tensors with one key are kept in order across lanes: keyed by storage, so
+    views of one buffer count as one tensor (a wait too many, never one too few)."""
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return None
     return (str(t.device), t.untyped_storage().data_ptr())
@@ -247,7 +250,7 @@ class Group:
 
             return self._submit("all_gather", run_cpu, t)  # t: later lanes' writes to it wait for this read
         stager = stager_for(t.device)
-        after = self._unfinished(t)
+        after = self._unfinished(_tensor_key(t))
         handle = stager.to_host(t) if after is None else None
         ready = stager.mark() if after is not None else None
 
@@ -368,7 +371,7 @@ class Group:
             lane = data[self._turn % len(data)]
             self._turn += 1
         key = _tensor_key(t)
-        after = self._unfinished(t)
+        after = self._unfinished(key)
         fut = lane._submit_here(name, fn, t, args, staged, timeout, sync and after is None, after)
         return self._hand_out(fut, key)
 
@@ -385,9 +388,8 @@ class Group:
             out.add_done_callback(lambda _f: self._forget(key, out))
         return out
 
-    def _unfinished(self, t) -> torch.futures.Future | None:
-        """The last future handed out for tensor `t` if it has not completed (lanes > 1)."""
-        key = _tensor_key(t)
+    def _unfinished(self, key) -> torch.futures.Future | None:
+        """The last future handed out for a tensor (its `_tensor_key`) if it has not completed."""
         if key is None or len(self._lane_groups) == 1:
             return None
         with self._state_lock:
@@ -402,7 +404,7 @@ class Group:
     def _settle(self, t) -> None:
         """Caller's thread: wait until no earlier collective on another lane still works on `t`
         (for the sync collectives that copy `t` before they are queued)."""
-        after = self._unfinished(t)
+        after = self._unfinished(_tensor_key(t))
         if after is not None:
             _wait_quietly(after)
 
@@ -647,7 +649,6 @@ class _Landing:
 
     def __init__(self, value, stager, event, handle, key):
         self.value, self.stager, self.event, self.handle, self.key = value, stager, event, handle, key
-
 
 
 def _after(prev: torch.futures.Future, fut: torch.futures.Future) -> torch.futures.Future:

@@ -78,13 +78,13 @@ def _time_small_sends(rank, world_size, addrs):
 
 
 def test_a_shaped_link_paces_small_messages_too():
-    """At 100 Mbit/s a 200 KB message takes about 16 ms. tbf's bucket holds 10 ms of traffic
-    (125 KB here), so even after idle gaps a message crosses at the shaped rate, not at the
-    veth's; with the old fixed 1 MB bucket every one of these arrived in well under 2 ms."""
+    """tbf's bucket holds 10 ms of traffic at the rate (125 KB at 100 Mbit/s), so even after an
+    idle gap the 75 KB beyond the bucket of a 200 KB message cross at the shaped rate, about 6 ms
+    from its first byte to its last; the old fixed 1 MB bucket let all of it through at once."""
     with Netns(2, rate="100mbit") as ns:
         shown = ns.run(0, ["tc", "qdisc", "show"], capture_output=True, text=True, check=True).stdout
         took = spawn_local(_time_small_sends, 2, timeout=90, netns=ns, port=29512)[1]
-    assert "burst 125000b" in shown.replace("Kb", "000b") or "burst 122Kb" in shown, shown
+    assert "rate 100Mbit burst 125000b" in shown, shown
     assert sorted(took)[5] > 0.004, took  # the median message was paced (unshaped: ~0.2 ms)
 
 
