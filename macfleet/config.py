@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from macfleet.errors import ConfigError
 
@@ -301,9 +301,10 @@ class TrainingConfig:
     (allocators, kernels and connections warm up). Not the LR warm-up: that is warmup_steps."""
     progress: bool = True
     """Show a progress bar."""
-    num_workers: int = 0
+    num_workers: Union[int, str] = "auto"
     """DataLoader worker processes that fetch and augment batches (0: the training process does;
-    results are the same either way)."""
+    results are the same either way). auto: `data.loader.auto_workers` (2 on cuda or mps when
+    items are augmented one by one, else 0)."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -328,8 +329,10 @@ class TrainingConfig:
             raise ConfigError("trainer.keep_checkpoints must be >= 1")
         if self.timing_warmup_steps < 0:
             raise ConfigError("trainer.timing_warmup_steps must be >= 0")
-        if self.num_workers < 0:
-            raise ConfigError("trainer.num_workers must be >= 0")
+        if isinstance(self.num_workers, bool) or not (
+                self.num_workers == "auto" or isinstance(self.num_workers, int) and self.num_workers >= 0):
+            raise ConfigError(f"trainer.num_workers={self.num_workers!r}: give auto or a whole number >= 0 "
+                              "(DataLoader worker processes)")
         if self.checkpoint_every < 0 or self.checkpoint_every_steps < 0:
             raise ConfigError("trainer.checkpoint_every and checkpoint_every_steps must be >= 0")
 

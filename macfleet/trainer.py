@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from macfleet import checkpoint as ckpt
 from macfleet.compression.compressor import carry_residuals
 from macfleet.config import ClusterConfig, CompressionConfig, LoggerConfig, SchedulerConfig, TrainingConfig
-from macfleet.data.loader import build_loader, fetch
+from macfleet.data.loader import build_loader, fetch, resolve_workers
 from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError, TrainingInterrupted
 from macfleet.fingerprint import fingerprint as fleet_fingerprint
@@ -364,7 +364,10 @@ class Trainer:
                         if last_eval:
                             tracker.log({f"test/{k}": v for k, v in last_eval.items()}, state.step)
                             history.append({"step": state.step, **{f"test/{k}": v for k, v in last_eval.items()}})
-                            log.info("epoch %d: %s", ended, " ".join(f"test {k} {v:.4f}" for k, v in last_eval.items()))
+                            where = (f"epoch {state.epoch + 1}" if state.step_in_epoch >= steps_per_epoch else
+                                     f"step {state.step} ({state.step_in_epoch} of {steps_per_epoch} steps into "
+                                     f"epoch {state.epoch + 1}, stopped there)")
+                            log.info("%s: %s", where, " ".join(f"test {k} {v:.4f}" for k, v in last_eval.items()))
                         if (not stop and tc.checkpoint_every and ended % tc.checkpoint_every == 0) or stop \
                                 or ended >= tc.epochs:
                             self._save(world, ckpt_dir, state, fleet.ddp, history, epoch=ended)
@@ -382,7 +385,7 @@ class Trainer:
                     if batches is None:
                         fleet.sampler.set_epoch(state.epoch, state.step_in_epoch)
                         model.train()
-                        with _sigint_ignored_by_children(tc.num_workers > 0):
+                        with _sigint_ignored_by_children(fleet.workers > 0):
                             batches = iter(fleet.loader)
                     if ctrl_c.hard:
                         raise KeyboardInterrupt("a second Ctrl-C")
@@ -796,6 +799,12 @@ class _Parallel:
         self.gen_step = 0
         """The step at which this generation's parts were built (after the ranks agreed on it)."""
         self.watch = _StepWatch()
+        tc = trainer.tc
+        self.workers = resolve_workers(tc.num_workers, trainer.data.train, device)
+        """DataLoader worker processes (trainer.num_workers, `auto` resolved for this device)."""
+        if tc.num_workers == "auto" and self.workers:
+            log.info("data: %d DataLoader worker processes augment batches beside the %s (trainer.num_workers=auto; "
+                     "set trainer.num_workers=0 to keep them in this process)", self.workers, device.type)
         self._shard()
 
     def reshare(self, weights: list[float], votes: int) -> None:
@@ -811,7 +820,7 @@ class _Parallel:
         self.sampler = WeightedBatchSampler(len(self.trainer.data.train), tc.batch_size, w.weights, rank=w.rank,
                                             seed=tc.seed)
         # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
-        self.loader = build_loader(self.trainer.data.train, self.sampler, tc.seed, tc.num_workers,
+        self.loader = build_loader(self.trainer.data.train, self.sampler, tc.seed, self.workers,
                                    pin_memory=self.device.type == "cuda")
 
     def build(self, state: TrainState, residuals: dict | None = None) -> None:

@@ -1,6 +1,7 @@
 """The single-process product end to end: train.py, the Python API, resume, W&B, sweeps."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,8 @@ def test_two_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path):
         p.stdin.flush()
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:  # stopped by max_steps mid-epoch: the evaluation says where, not "epoch 0"
+        assert re.search(r"step 2 \(2 of \d+ steps into epoch 1, stopped there\): test loss \d", out), out[-2000:]
     dirs = sorted((tmp_path / "outputs").iterdir())
     assert len(dirs) == 2, dirs
     for d in dirs:

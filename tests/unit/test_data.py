@@ -217,3 +217,28 @@ def test_loader_augmentation_depends_on_seed_epoch_and_index_only():
     later = {int(i): img for x2, y2 in _loader_batches(ds, [1.0], 0, epoch=2) for i, img in zip(y2, x2)}
     first = {int(i): img for x1, y1 in whole for i, img in zip(y1, x1)}
     assert any(not torch.equal(first[i], later[i]) for i in first)
+
+
+# ---------------------------------------------------------------- trainer.num_workers=auto
+def test_auto_workers_augment_beside_an_accelerator_only(tmp_path):
+    from macfleet.data.loader import AUTO_WORKERS, auto_workers, resolve_workers
+
+    cifar10.write_cifar_format(tmp_path, train_per_batch=4, test_size=4)
+    augmented = cifar10.build(root=tmp_path, verify_checksums=False).train  # crop and flip per item
+    in_memory = digits.build().train  # tensors sliced whole: nothing for a worker to do
+    assert AUTO_WORKERS == 2
+    assert auto_workers(augmented, "cuda", cores=16) == auto_workers(augmented, torch.device("mps"), cores=8) == 2
+    assert auto_workers(augmented, "cpu", cores=16) == 0  # the model's compute takes those cores
+    assert auto_workers(augmented, "cuda", cores=2) == 0
+    assert auto_workers(in_memory, "cuda", cores=16) == 0
+    assert resolve_workers("auto", augmented, "cpu") == 0 and resolve_workers(3, augmented, "cpu") == 3
+
+
+def test_num_workers_is_auto_by_default_and_checked():
+    from macfleet.config import TrainingConfig
+
+    assert TrainingConfig().num_workers == "auto"
+    assert TrainingConfig(num_workers=0).num_workers == 0
+    for bad in ("two", -1, True, 1.5):
+        with pytest.raises(ConfigError, match=r"trainer.num_workers=.*give auto or a whole number >= 0"):
+            TrainingConfig(num_workers=bad)
