@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import signal
 import threading
 import time
@@ -385,8 +386,7 @@ class Trainer:
                     if batches is None:
                         fleet.sampler.set_epoch(state.epoch, state.step_in_epoch)
                         model.train()
-                        with _sigint_ignored_by_children(fleet.workers > 0):
-                            batches = iter(fleet.loader)
+                        batches = fleet.batches()
                     if ctrl_c.hard:
                         raise KeyboardInterrupt("a second Ctrl-C")
                     if vote.due(state.step) and vote(state.step, ctrl_c.at is not None, ctrl_c.save_fits(self._save_s),
@@ -822,6 +822,24 @@ class _Parallel:
         # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
         self.loader = build_loader(self.trainer.data.train, self.sampler, tc.seed, self.workers,
                                    pin_memory=self.device.type == "cuda")
+
+    def batches(self):
+        """An iterator over this rank's batches of the sampler's current epoch. Where workers are
+        spawned (macOS) each one gets a pickled copy of the dataset: under num_workers=auto a
+        dataset that cannot be pickled (e.g. a lambda transform) falls back to 0 workers with a
+        warning instead of failing the run."""
+        try:
+            with _sigint_ignored_by_children(self.workers > 0):
+                return iter(self.loader)
+        except (pickle.PicklingError, AttributeError, TypeError) as exc:
+            if self.trainer.tc.num_workers != "auto" or not self.workers or "pickle" not in str(exc).lower():
+                raise
+            log.warning("data: DataLoader workers need a dataset they can pickle (%s); loading batches in this "
+                        "process instead (trainer.num_workers=0)", exc)
+            self.workers = 0
+            self.loader = build_loader(self.trainer.data.train, self.sampler, self.trainer.tc.seed, 0,
+                                       pin_memory=self.device.type == "cuda")
+            return iter(self.loader)
 
     def build(self, state: TrainState, residuals: dict | None = None) -> None:
         from macfleet.ddp import MacFleetDDP

@@ -83,3 +83,37 @@ def test_resume_with_workers_is_bit_exact(cifar_root, straight, tmp_path):
     resumed = _run(cifar_root, tmp_path, 2, pids=tmp_path / "pids", resume="auto")
     assert _ran_in_workers(tmp_path / "pids")
     _assert_same(straight, resumed)
+
+
+_UNPICKLABLE = r"""
+import multiprocessing, sys, torch
+from macfleet import ClusterConfig, Trainer, TrainingConfig
+from macfleet.data.cifar10 import build as cifar10
+from macfleet.models.cnn import build as cnn
+import macfleet.trainer
+
+multiprocessing.set_start_method("spawn", force=True)  # as on macOS: each worker gets a pickled dataset
+macfleet.trainer.resolve_workers = lambda setting, dataset, device: 2  # what auto gives beside a GPU
+data = cifar10(root=sys.argv[1], verify_checksums=False)
+inner = data.train.transform
+data.train.transform = lambda image: inner(image)  # a lambda: no pickle can carry it
+torch.manual_seed(0)
+tc = TrainingConfig(epochs=1, max_steps=3, batch_size=20, output_dir=sys.argv[2], progress=False)
+assert tc.num_workers == "auto"
+metrics = Trainer(cnn(num_classes=10, in_channels=3, width=8), data, tc, ClusterConfig()).fit()
+print("steps", metrics.get("steps"))
+"""
+
+
+def test_auto_workers_fall_back_to_this_process_for_a_dataset_no_worker_can_receive(cifar_root, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    res = subprocess.run([sys.executable, "-c", _UNPICKLABLE, str(cifar_root), str(tmp_path / "out")], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DataLoader workers need a dataset they can pickle" in res.stderr, res.stderr[-3000:]
+    assert "trainer.num_workers=0" in res.stderr
+    assert (tmp_path / "out").exists()
