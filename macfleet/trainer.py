@@ -225,6 +225,13 @@ class Trainer:
             with _CtrlC(on_second=abort) as ctrl_c:
                 try:
                     return self._fit(world, device, t_start, ctrl_c, state)
+                except RuntimeError as exc:
+                    if not str(exc).startswith("DataLoader worker"):
+                        raise
+                    raise MacFleetError(
+                        f"a DataLoader worker process died at step {state.step}: {str(exc).strip()} A worker killed "
+                        "by SIGKILL is most often the system running out of memory. Resume with trainer.resume=auto; "
+                        "trainer.num_workers=0 loads batches in the training process instead") from exc
                 finally:
                     world.close()
 

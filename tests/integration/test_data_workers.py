@@ -117,3 +117,37 @@ def test_auto_workers_fall_back_to_this_process_for_a_dataset_no_worker_can_rece
     assert "DataLoader workers need a dataset they can pickle" in res.stderr, res.stderr[-3000:]
     assert "trainer.num_workers=0" in res.stderr
     assert (tmp_path / "out").exists()
+
+
+def test_a_killed_worker_stops_the_run_with_what_to_do(cifar_root, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+
+    args = [sys.executable, str(ROOT / "train.py"), "model=digits_cnn", "dataset=cifar10", f"dataset.root={cifar_root}",
+            "dataset.verify_checksums=false", "cluster=single", "trainer.num_workers=2", "trainer.max_steps=100000",
+            "trainer.epochs=100000", "trainer.progress=false", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            workers = [int(p) for p in children.read_text().split()]  # both DataLoader workers are up
+            time.sleep(0.05)
+        assert len(workers) == 2, proc.communicate(timeout=30)
+        os.kill(workers[-1], signal.SIGKILL)  # as the kernel's OOM killer would
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("macfleet: error: a DataLoader worker process died at step "), last
+    assert f"(pid {workers[-1]}) is killed by signal: Killed" in last and "trainer.resume=auto" in last
+    assert "trainer.num_workers=0" in last
