@@ -228,8 +228,9 @@ class Trainer:
                 except RuntimeError as exc:
                     if not str(exc).startswith("DataLoader worker"):
                         raise
+                    what = str(exc).strip().rstrip(".")
                     raise MacFleetError(
-                        f"a DataLoader worker process died at step {state.step}: {str(exc).strip()} A worker killed "
+                        f"a DataLoader worker process died at step {state.step}: {what}. A worker killed "
                         "by SIGKILL is most often the system running out of memory. Resume with trainer.resume=auto; "
                         "trainer.num_workers=0 loads batches in the training process instead") from exc
                 finally:
