@@ -495,6 +495,7 @@ class Trainer:
             "compression": self.comp.name,
             **self._compression_auto,
             "device": str(device),
+            "data_workers": fleet.workers,
             "run_id": run_id,
             **{k.replace("comm/", ""): v for k, v in fleet.ddp.wire_stats().items()},
         }

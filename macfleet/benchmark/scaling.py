@@ -22,7 +22,8 @@ JSON rows, the 1-node reference first, then one per codec: {"type", "run", "code
 "global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
 "samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
-"wire_ratio"}; per-node figures are lists indexed by node.
+"wire_ratio", "data_workers"}; per-node figures are lists indexed by node; data_workers: the
+DataLoader workers of rank 0 (trainer.num_workers as resolved).
 --throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
 drops to QUOTA of its cores WHEN s after the first step (or at step N), the master's step watched
 through its status requests; NODE is also measured alone at QUOTA, the fleet logs every step, and
@@ -796,7 +797,7 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
             "comm_wait_s": [m["step_s"] - c for c in compute_s],
             # The engine reports a total over the run's steps, as it does bytes_sent.
             "staging_s": staging / m["steps"] if staging is not None else None,
-            "wire_ratio": m.get("wire_ratio")}
+            "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers")}
 
 
 def scaling_table(rows: list[dict]):
@@ -804,8 +805,10 @@ def scaling_table(rows: list[dict]):
 
     first = rows[0]
     staging = any(r["staging_s"] is not None for r in rows)
+    workers = first.get("data_workers")
+    loading = "" if workers is None else f", {workers} DataLoader workers" if workers else ", batches in-process"
     table = Table(title=f"macfleet benchmark --type scaling: {first['model']} on {first['dataset']}, global batch "
-                        f"{first['global_batch']}, {first['device']}, {first['link']}",
+                        f"{first['global_batch']}, {first['device']}, {first['link']}{loading}",
                   caption="ideal: the sum of each node's own samples/s at the global batch; compute: each node "
                           "alone at its local batch; comm wait: fleet step - compute (node 0 / node 1 / ...)")
     cols = ["run", "codec", "samples/s", "vs 1 node", "ideal", "efficiency", "step ms", "compute ms", "comm wait ms"]

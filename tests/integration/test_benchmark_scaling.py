@@ -15,7 +15,7 @@ import pytest
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
-        "staging_s", "wire_ratio"}
+        "staging_s", "wire_ratio", "data_workers"}
 
 
 def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -55,6 +55,7 @@ def _check_rows(rows: list[dict], codecs: list[str]) -> None:
         assert r["speedup"] == pytest.approx(r["samples_per_s"] / one["samples_per_s"])
         assert r["comm_wait_s"] == pytest.approx([r["step_s"] - c for c in r["compute_s"]])
         assert r["staging_s"] is None  # the engine does not report staging time (yet)
+        assert r["data_workers"] == 0  # trainer.num_workers=auto: digits are tensors sliced whole
     assert (one["nodes"], one["local_batches"], one["efficiency"], one["speedup"]) == (1, [64], 1.0, 1.0)
     assert one["single_samples_per_s"] == [one["samples_per_s"]] and one["wire_ratio"] is None
     for r in rows[1:]:
@@ -79,7 +80,7 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     rows = json.loads(out.read_text())
     _check_rows(rows, ["topk_fp16"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait"):
+    for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait", "in-process"):
         assert label in proc.stdout  # a progress line per run, then the table
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
     if not root:
