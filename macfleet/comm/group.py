@@ -69,9 +69,8 @@ def default_lanes() -> int:
     """Lanes when none is given: MACFLEET_LANES (so a torchrun DDP job can set it), else one per
     CORES_PER_LANE cores this process may run on, at most AUTO_MAX_LANES: each lane keeps about
     a core busy while it copies, so a small machine (or a 1-core emulated node) keeps one.
-    Measured on 2 H100s, 16 cores per rank, plain DDP ResNet-50, with the buckets on 2 or 4 TCP
-    connections (the group's own among them, unlike now): 1.30x and 1.37x gloo's samples/s,
-    against 0.52x for one ZeroMQ lane (README, "Accelerators")."""
+    Measured on 2 H100s, 16 cores per rank, plain DDP ResNet-50: 1.41x gloo's samples/s with 4
+    lanes and 1.29x with 2, against 0.52x for one ZeroMQ lane (README, "Accelerators")."""
     text = os.environ.get("MACFLEET_LANES", "").strip()
     if not text:
         return max(1, min(AUTO_MAX_LANES, _usable_cores() // CORES_PER_LANE))
