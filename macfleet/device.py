@@ -43,3 +43,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity on Linux (a pinned emulated node sees
+    its own), every core on macOS, which has no affinity."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

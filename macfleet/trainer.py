@@ -828,8 +828,11 @@ class _Parallel:
         tc, w = self.trainer.tc, self.world
         self.sampler = WeightedBatchSampler(len(self.trainer.data.train), tc.batch_size, w.weights, rank=w.rank,
                                             seed=tc.seed)
-        # Batches (and their augmentation, seeded per item) come from workers when num_workers > 0.
-        self.loader = build_loader(self.trainer.data.train, self.sampler, tc.seed, self.workers,
+        self._build_loader()
+
+    def _build_loader(self) -> None:
+        # Batches (and their augmentation, seeded per item) come from workers when workers > 0.
+        self.loader = build_loader(self.trainer.data.train, self.sampler, self.trainer.tc.seed, self.workers,
                                    pin_memory=self.device.type == "cuda")
 
     def batches(self):
@@ -846,8 +849,7 @@ class _Parallel:
             log.warning("data: DataLoader workers need a dataset they can pickle (%s); loading batches in this "
                         "process instead (trainer.num_workers=0)", exc)
             self.workers = 0
-            self.loader = build_loader(self.trainer.data.train, self.sampler, self.trainer.tc.seed, 0,
-                                       pin_memory=self.device.type == "cuda")
+            self._build_loader()  # the same sampler, still at this epoch's position
             return iter(self.loader)
 
     def build(self, state: TrainState, residuals: dict | None = None) -> None:

@@ -45,6 +45,7 @@ from macfleet.comm.framing import check_session, dtype_code, session_id
 from macfleet.comm.staging import stager_for
 from macfleet.comm.tcp import TcpTransport, check_transport, default_transport, open_listener
 from macfleet.comm.transport import Transport, check_stripes, default_stripes, split_addr
+from macfleet.device import usable_cores
 from macfleet.errors import MacFleetError, PeerLostError
 
 log = logging.getLogger(__name__)
@@ -73,17 +74,10 @@ def default_lanes() -> int:
     lanes and 1.29x with 2, against 0.52x for one ZeroMQ lane (README, "Accelerators")."""
     text = os.environ.get("MACFLEET_LANES", "").strip()
     if not text:
-        return max(1, min(AUTO_MAX_LANES, _usable_cores() // CORES_PER_LANE))
+        return max(1, min(AUTO_MAX_LANES, usable_cores() // CORES_PER_LANE))
     if not text.isdigit():
         raise MacFleetError(f"MACFLEET_LANES={text!r}: give a whole number of comm lanes, 1..{MAX_LANES}")
     return check_lanes(int(text))
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # Linux: the cores this process is pinned to
-    except AttributeError:  # macOS has no affinity: every core
-        return os.cpu_count() or 1
 
 
 def _tensor_key(t) -> tuple | None:

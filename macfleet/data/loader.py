@@ -22,7 +22,6 @@ global RNG that dropout and the rest of the step use.
 from __future__ import annotations
 
 import hashlib
-import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -116,10 +115,9 @@ def auto_workers(dataset, device, cores: int | None = None) -> int:
     if _tensors(dataset) is not None or torch.device(device).type not in ("cuda", "mps"):
         return 0
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))  # Linux: the cores this process is pinned to
-        except AttributeError:  # macOS
-            cores = os.cpu_count() or 1
+        from macfleet.device import usable_cores
+
+        cores = usable_cores()
     return AUTO_WORKERS if cores >= 4 else 0
 
 
