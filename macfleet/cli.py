@@ -165,6 +165,10 @@ def _add_benchmark(sub) -> None:
                         "WHEN seconds after each fleet run's first step (1:0.6@20), or at a step (1:0.6@step100); "
                         "reports the fleet's samples/s before, the ideal after (NODE alone at QUOTA measured too) and "
                         "the steps until it is back within 5%% of it (fleet runs log every step)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="scaling: record N steps of every run with torch.profiler after the warm-up "
+                        "(trainer.profile_steps) and print where a step goes: each part's host time, the device's busy "
+                        "time and kernel launches (rank 0's; every rank's trace and table in its run folder)")
     p.add_argument("--plot", default=None, help="scaling: write a bar chart of samples/s per codec to this PNG (with --throttle: "
                                                 "samples/s against step); "
                                                 "convergence: test accuracy against wall time per codec; "

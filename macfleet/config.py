@@ -301,6 +301,10 @@ class TrainingConfig:
     (allocators, kernels and connections warm up). Not the LR warm-up: that is warmup_steps."""
     progress: bool = True
     """Show a progress bar."""
+    profile_steps: int = 0
+    """Record this many steps with torch.profiler right after the timing warm-up (`macfleet.profile`):
+    a trace and a summary per rank under the run folder, rank 0's in metrics.json. Those steps
+    are left out of samples_per_s. 0: no profile."""
     num_workers: Union[int, str] = "auto"
     """DataLoader worker processes that fetch and augment batches (0: the training process does;
     results are the same either way). auto: `data.loader.auto_workers` (2 on cuda or mps when
@@ -329,6 +333,9 @@ class TrainingConfig:
             raise ConfigError("trainer.keep_checkpoints must be >= 1")
         if self.timing_warmup_steps < 0:
             raise ConfigError("trainer.timing_warmup_steps must be >= 0")
+        if isinstance(self.profile_steps, bool) or not isinstance(self.profile_steps, int) or self.profile_steps < 0:
+            raise ConfigError(f"trainer.profile_steps={self.profile_steps!r}: give how many steps to profile "
+                              "(0: none)")
         if isinstance(self.num_workers, bool) or not (
                 self.num_workers == "auto" or isinstance(self.num_workers, int) and self.num_workers >= 0):
             raise ConfigError(f"trainer.num_workers={self.num_workers!r}: give auto or a whole number >= 0 "

@@ -287,16 +287,6 @@ class _Buckets:
         self._armed = False
         self._reset()
 
-    def settle(self) -> None:
-        """The step in flight completed on every rank after all (another rank finished it): its
-        error-feedback updates take effect; its gradients here are dropped."""
-        if self._buckets is not None:
-            self._buckets.disarm()
-        if hasattr(self.reducer, "settle"):
-            self.reducer.settle()
-        for p in self.module.parameters():
-            p.grad = None
-
     def retire(self) -> None:
         self.disarm()
         for h in self._handles:

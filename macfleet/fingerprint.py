@@ -2,7 +2,7 @@
 
 A node's fingerprint is its whole resolved setup, flattened to ``{"trainer.learning_rate": "0.05",
 ...}`` (dotted key -> canonical JSON value), minus what may differ per node (`PER_NODE`: role,
-addresses, ports, token, device, weights, paths, logger, progress, data workers, run names, and
+addresses, ports, token, device, weights, paths, logger, progress, data workers, profiling, run names, and
 what only the master decides). The master refuses a joining node whose fingerprint differs and
 names every key, on both sides: ``trainer.learning_rate: master 0.05, this node 0.5``.
 
@@ -40,6 +40,7 @@ PER_NODE = (
     # Decided by the master for every rank (sent in WELCOME or broadcast): a worker's value is unused.
     "cluster.allreduce", "cluster.elastic", "cluster.min_nodes", "trainer.resume",
     "trainer.device", "trainer.output_dir", "trainer.checkpoint_dir", "trainer.progress", "trainer.num_workers",
+    "trainer.profile_steps",
     "logger", "run_id", "hydra",
 )
 """Keys (and whole sections) that may differ between the nodes of one run."""

@@ -41,6 +41,7 @@ from macfleet.device import pick_device, synchronize
 from macfleet.errors import ConfigError, MacFleetError, TrainingInterrupted
 from macfleet.fingerprint import fingerprint as fleet_fingerprint
 from macfleet.fingerprint import setup
+from macfleet.profile import StepProfiler
 from macfleet.sampler import WeightedBatchSampler, shard_range
 from macfleet.tracking import build_tracker
 
@@ -161,6 +162,7 @@ class Trainer:
             self.tc, self.comp, self.schedule, self.cc, model, self.data,
             self.optimizer_factory or default_optimizer_factory(self.tc), loss_fn))
         self.metrics: dict[str, Any] = {}
+        self._prof = StepProfiler(0, torch.device("cpu"), Path("."), 0)  # _fit's replaces it
 
     # ----------------------------------------------------------------- set-up
     def _output_dir(self, run_id: str) -> Path:
@@ -317,6 +319,9 @@ class Trainer:
         # nor waited on per step.
         timed_steps, timed_samples, timed_s = 0, 0, 0.0
         steps_run = 0
+        # trainer.profile_steps: recorded right after the warm-up, then timed (the profiler slows them).
+        self._prof = prof = StepProfiler(tc.profile_steps, device, out_dir, world.rank)
+        timing_from = tc.timing_warmup_steps + tc.profile_steps
         window_samples, window_s = 0, 0.0
         last_eval: dict[str, float] = {}
         stop = False
@@ -431,9 +436,11 @@ class Trainer:
                     if fleet.auto is not None and fleet.decided != world.generation \
                             and state.step >= fleet.gen_step + fleet.REDECIDE_AFTER_STEPS:
                         self.decide_again(fleet, state, history)
-                    timed = steps_run >= tc.timing_warmup_steps
-                    if steps_run == tc.timing_warmup_steps:
+                    timed = steps_run >= timing_from
+                    if steps_run == timing_from:
                         synchronize(device)
+                    if prof.steps and not prof.done and not prof.active and steps_run == tc.timing_warmup_steps:
+                        prof.start()
                     t_step = time.perf_counter()
                     loss = self.train_step(state, fleet, world, next(batches), device)
                     if first_step_of is not None:
@@ -443,6 +450,7 @@ class Trainer:
                     if state.step == total_steps:
                         synchronize(device)
                     dt = time.perf_counter() - t_step
+                    prof.step_done(dt)
                     window_s += dt
                     if timed:
                         timed_steps += 1
@@ -477,6 +485,8 @@ class Trainer:
                                               out_dir=out_dir if is_master else None)
         finally:
             progress.close()
+            if prof.active:  # the run ended inside the profiled steps: keep what was recorded
+                prof.stop()
 
         step, epoch = state.step, state.epoch
         if not timed_steps and interrupted is None:
@@ -496,6 +506,7 @@ class Trainer:
             **self._compression_auto,
             "device": str(device),
             "data_workers": fleet.workers,
+            **({"profile": prof.summary} if prof.summary else {}),
             "run_id": run_id,
             **{k.replace("comm/", ""): v for k, v in fleet.ddp.wire_stats().items()},
         }
@@ -528,22 +539,28 @@ class Trainer:
         next generation. `state.step` moves only when the optimizer stepped."""
         ddp, model, opt = fleet.ddp, state.model, state.optimizer
         world.check()
-        x, y = (t.to(device, non_blocking=True) for t in batch)
-        ddp.set_step(state.step)
-        opt.zero_grad(set_to_none=True)
+        phase = self._prof.phase  # trainer.profile_steps: times each part while profiling
+        with phase("data"):
+            x, y = (t.to(device, non_blocking=True) for t in batch)
+            ddp.set_step(state.step)
+            opt.zero_grad(set_to_none=True)
         fleet.in_flight = True
-        if fleet.adapt:  # device events on every step only where the shares use them
-            fleet.speed.start()
-        loss = self._loss(ddp(x), y)
-        if fleet.adapt:
-            fleet.speed.stop(len(y))
-        loss.backward()
-        ddp.finish_gradients()
+        with phase("forward"):
+            if fleet.adapt:  # device events on every step only where the shares use them
+                fleet.speed.start()
+            loss = self._loss(ddp(x), y)
+            if fleet.adapt:
+                fleet.speed.stop(len(y))
+        with phase("backward"):
+            loss.backward()
+        with phase("exchange"):
+            ddp.finish_gradients()
         fleet.in_flight = False
-        if self.tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
-        opt.step()
-        state.scheduler.step()
+        with phase("optimizer"):
+            if self.tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.tc.grad_clip)
+            opt.step()
+            state.scheduler.step()
         state.step += 1
         state.step_in_epoch += 1
         return loss

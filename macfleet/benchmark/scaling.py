@@ -58,6 +58,7 @@ CONTROLLED = {
     "cluster": "--nodes / --netns", "compression": "--codecs", "trainer.device": "--device",
     "trainer.max_steps": "--steps / --warmup-steps", "trainer.epochs": "--steps / --warmup-steps",
     "trainer.timing_warmup_steps": "--warmup-steps", "trainer.resume": "(always none)",
+    "trainer.profile_steps": "--profile",
     "hydra.run.dir": "(a benchmark folder)", "cluster.role": "--nodes", "cluster.mode": "--nodes",
     "cluster.nodes": "--nodes", "cluster.master_addr": "--netns", "cluster.master_port": "--netns",
     "cluster.tensor_port": "--netns", "cluster.host": "--netns", "cluster.weight": "cluster.weights=[...]",
@@ -588,14 +589,19 @@ def run_scaling_benchmark(args) -> int:
     user = parse_overrides(list(args.overrides or []))
     nodes = plan_nodes(args)
     throttle = parse_throttle(getattr(args, "throttle", None), len(nodes))
-    n, total = len(nodes), steps + warmup
+    profiled = int(getattr(args, "profile", 0) or 0)
+    if profiled < 0:
+        raise ConfigError("--profile N: give how many steps to record (0: none)")
+    # Profiled steps come after the warm-up and before the timed steps (the profiler slows them).
+    n, total = len(nodes), steps + warmup + profiled
     # epochs = total: every epoch has at least one step, so max_steps is what stops each run.
     timing = {"trainer.max_steps": str(total), "trainer.epochs": str(total), "trainer.log_every": str(total),
-              "trainer.timing_warmup_steps": str(warmup), "trainer.device": args.device, "trainer.resume": "none"}
+              "trainer.timing_warmup_steps": str(warmup), "trainer.profile_steps": str(profiled),
+              "trainer.device": args.device, "trainer.resume": "none"}
     # With a throttle, the fleet's history has a samples/s row per step (one more tiny all_reduce
     # per step: the loss's weighted mean).
     fleet_timing = dict(timing, **{"trainer.log_every": "1"}) if throttle else timing
-    ref_total = ref_steps + warmup  # the single-node references (--reference-steps)
+    ref_total = ref_steps + warmup + profiled  # the single-node references (--reference-steps)
     ref_timing = dict(timing, **{"trainer.max_steps": str(ref_total), "trainer.epochs": str(ref_total),
                                  "trainer.log_every": str(ref_total)})
     cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n),
@@ -694,8 +700,19 @@ def run_scaling_benchmark(args) -> int:
                     for e in after[codec]["codec_events"]:  # compression=auto deciding again
                         console.print(f"    step {e['step']}: {e['event']}")
 
+            if profiled:
+                kept = keep_profiles(bench, Path("outputs") / f"benchmark-profile-{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+                console.print(f"  profiles (a trace and an op table per rank and run): {kept}")
+
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
     rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
+    if profiled:  # rank 0's profile of each run, the compute references included
+        for r, m in zip(rows, [alone[0], *(fleets[c] for c in codecs)]):
+            r["profile"] = m.get("profile")
+        rows_local = [{**scaling_row(setup, "node alone", "none", [nd], [local[nd.index]], c, alone, compute,
+                                     alone[0]), "node": nd.index, "profile": c.get("profile")}
+                      for nd, c in zip(nodes, compute)]
+        console.print(profile_table(rows, rows_local))
     if not throttle:
         report(console, args, rows, scaling_table, plot_scaling)
         return 0
@@ -764,8 +781,8 @@ def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, lay
                 "cluster.tensor_port": str(ports[1 + node.index]), "compression": codec}
         if not netns:
             role["cluster.host"] = "127.0.0.1"  # the master listens on loopback only
-        if node.index == 0:
-            role["hydra.run.dir"] = str(out)
+        # Every node's run folder under the benchmark's (train.log, a --profile's traces).
+        role["hydra.run.dir"] = str(out if node.index == 0 else out / f"node{node.index}")
         env = dict(node.env(), MACFLEET_TOKEN=token, MACFLEET_RANK=str(node.index))
         run.procs.append((node, [sys.executable, str(ROOT / "train.py"), *_overrides(*layers, role)], env))
     return run
@@ -826,6 +843,42 @@ def scaling_table(rows: list[dict]):
             cells.append(ms([r["staging_s"]]) if r["staging_s"] is not None else "-")
         cells.append(f"{100 * r['wire_ratio']:.1f}%" if r["wire_ratio"] is not None else "-")
         table.add_row(*cells)
+    return table
+
+
+def keep_profiles(bench: Path, dest: Path) -> Path:
+    """Copy every run's profile/ folder out of the benchmark's temporary folder (removed at its
+    end) to dest/<run>/ (a fleet's node i>0 under dest/<run>-node<i>/)."""
+    for folder in sorted(bench.glob("**/profile")):
+        run = folder.parent.relative_to(bench)
+        shutil.copytree(folder, dest / "-".join(run.parts), dirs_exist_ok=True)
+    return dest
+
+
+def profile_table(rows: list[dict], local: list[dict]):
+    """--profile: where rank 0's step goes in each run (host time per part, the device's busy
+    time), each node alone at its share first: the fleet's step beside the same node's compute."""
+    from rich.table import Table
+
+    from macfleet.profile import PHASES
+
+    table = Table(title="where a step goes (rank 0, torch.profiler, ms a step; each node alone at its share first)",
+                  caption="backward includes the gradient exchange under PyTorch DDP; between: the loop outside "
+                          "train_step; device busy: the union of kernels and copies on the device")
+    for col in ("run", "codec", "local batch", "step", *PHASES, "between", "device busy", "launches", "us/launch"):
+        table.add_column(col, justify="left" if col in ("run", "codec") else "right")
+    for r in local + rows:
+        p = r.get("profile")
+        if not p:
+            continue
+        label = f"node {r['node']} alone" if "node" in r else r["run"]
+        busy = ("-" if p.get("device_busy_s") is None else
+                f"{1e3 * p['device_busy_s']:.1f} ({100 * p['device_busy']:.0f}%)")
+        table.add_row(label, r["codec"], str(r["local_batches"][0]), f"{1e3 * p['step_s']:.1f}",
+                      *(f"{1e3 * p['phases_s'][k]:.1f}" if k in p["phases_s"] else "-" for k in PHASES),
+                      f"{1e3 * p['between_steps_s']:.1f}", busy,
+                      "-" if not p.get("launches_per_step") else f"{p['launches_per_step']:,.0f}",
+                      "-" if not p.get("launch_us") else f"{p['launch_us']:.1f}")
     return table
 
 

@@ -18,13 +18,14 @@ KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", 
         "staging_s", "wire_ratio", "data_workers"}
 
 
-def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
+                  cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`macfleet benchmark --type KIND ARGS`; its temporary folder lands in tmp_path/scratch."""
     scratch = tmp_path / "scratch"  # checked empty after
     scratch.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(scratch))
     return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", kind, *args],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def assert_one_clear_line(proc: subprocess.CompletedProcess, said: str) -> None:
@@ -35,15 +36,15 @@ def assert_one_clear_line(proc: subprocess.CompletedProcess, said: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def _scaling(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return run_benchmark("scaling", tmp_path, *args, timeout=timeout)
+def _scaling(tmp_path: Path, *args: str, timeout: float = 240, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return run_benchmark("scaling", tmp_path, *args, timeout=timeout, cwd=cwd)
 
 
-def _check_rows(rows: list[dict], codecs: list[str]) -> None:
+def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0) -> None:
     assert [(r["run"], r["codec"]) for r in rows] == [("1 node", "none")] + [("fleet", c) for c in codecs]
     one = rows[0]
     for r in rows:
-        assert set(r) == KEYS
+        assert set(r) == (KEYS | {"profile"} if profiled else KEYS)
         assert (r["type"], r["model"], r["dataset"], r["global_batch"]) == ("scaling", "digits_cnn", "digits", 64)
         assert (r["steps"], r["reference_steps"], r["warmup_steps"], r["device"]) == (4, 4, 2, "cpu")
         assert r["samples_per_s"] > 0 and r["step_s"] > 0
@@ -70,18 +71,34 @@ def _check_rows(rows: list[dict], codecs: list[str]) -> None:
 
 def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     """One fleet benchmark, as root (CI) in network namespaces with a CPU quota on node 1,
-    elsewhere on loopback: rows, the table, the plot, and nothing left behind."""
+    elsewhere on loopback: rows, the table, the plot, 2 profiled steps per run (--profile), and
+    nothing left behind."""
     root = os.geteuid() == 0
-    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    out, png, work = tmp_path / "scaling.json", tmp_path / "scaling.png", tmp_path / "work"
+    work.mkdir()
     extra = ["--netns", "--cpu-quota", "1.0,0.7"] if root else []
-    proc = _scaling(tmp_path, "--nodes", "2", "--cores", "1,1", "--steps", "4", "--warmup-steps", "2",
-                    "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png), *extra)
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores", "1,1", "--steps", "4", "--warmup-steps", "2", "--profile", "2",
+                    "--codecs", "topk_fp16", "--json", str(out), "--plot", str(png), *extra, cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    _check_rows(rows, ["topk_fp16"])
+    _check_rows(rows, ["topk_fp16"], profiled=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait", "in-process"):
-        assert label in proc.stdout  # a progress line per run, then the table
+    for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16", "comm wait", "in-process",
+                  "where a step goes", "node 1 alone"):
+        assert label in proc.stdout  # a progress line per run, then the tables
+    for r in rows:  # rank 0's profile of each run: its own steps, timed apart from the 4 timed steps
+        p = r["profile"]
+        assert p["steps"] == 2 and p["device"] == "cpu" and p["device_busy_s"] is None and p["step_s"] > 0
+        assert {"forward", "backward", "optimizer"} <= set(p["phases_s"]) <= {"data", "forward", "backward",
+                                                                              "exchange", "optimizer"}
+        assert sum(p["phases_s"].values()) <= p["train_step_s"] * 1.01
+    kept = list(work.glob("outputs/benchmark-profile-*/*"))  # every rank of every run: trace and table
+    assert sorted(d.name for d in kept) == ["fleet-topk_fp16", "fleet-topk_fp16-node1", "node0-alone-b64",
+                                            "node0-local-b32", "node1-alone-b64", "node1-local-b32"]
+    for d in kept:
+        rank = 1 if d.name.endswith("node1") else 0
+        assert json.loads((d / f"rank{rank}.json").read_text())["traceEvents"]
+        assert (d / f"rank{rank}.txt").read_text().startswith(f"profile, rank {rank}, 2 steps on cpu: ")
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
     if not root:
         assert all(r["link"] == "loopback" and r["cpu_quota"] == [None] * r["nodes"] for r in rows)
