@@ -63,12 +63,12 @@ _NUMPY_ADD = (torch.float32, torch.float16, torch.int32, torch.int64, torch.uint
 
 
 def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a + b (out may be a), on this thread alone. torch's CPU add would run in its intra-op
-    OpenMP pool, and a team started from a comm thread keeps spinning after every sum: measured
-    on 2 cores, 256K-element adds kept 1.23 cores busy for the work NumPy does with 0.26. On a
-    node pinned to its cores (a Mac runs nothing else) the spinning threads took the cores of the
-    training thread and of libzmq's I/O threads. NumPy's elementwise add is single-threaded, lets
-    go of the GIL and gives the same IEEE sums, bit for bit."""
+    """out = a + b (out may be a), on this thread alone. torch's CPU add runs in its intra-op
+    OpenMP pool: each comm thread that sums starts a team of its own (tests/unit/test_comm_sums.py
+    counts the threads), whose workers spin-wait after every sum. On a node whose process is
+    pinned to its cores, those spinning workers compete for the cores of the training thread,
+    the autograd thread and libzmq's I/O threads. NumPy's elementwise add is single-threaded,
+    lets go of the GIL and gives the same IEEE sums, bit for bit."""
     if out.dtype in _NUMPY_ADD:
         np.add(a.numpy(), b.numpy(), out=out.numpy())
     else:
