@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -64,6 +65,10 @@ class StepProfiler:
         activities = [ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
+        else:
+            # A CUDA build of torch on a machine without a GPU: kineto would log "ERROR ...
+            # gpuGetDeviceCount failed" although nothing is wrong (a user's own setting wins).
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         synchronize(self.device)
         self._prof = profile(activities=activities)
         self._prof.__enter__()

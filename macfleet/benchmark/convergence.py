@@ -97,7 +97,7 @@ def run_convergence_benchmark(args) -> int:
     choices = cfg.hydra.runtime.choices
     if choices.dataset == "text":
         raise ConfigError("--type convergence measures test accuracy: use a classification dataset "
-                          "(dataset=digits, the default, or dataset=cifar10)")
+                          "(dataset=digits, the default, dataset=shapes or dataset=cifar10)")
     if cfg.cluster.weight == "auto":
         raise ConfigError("cluster.weight=auto: give the fleet's shares as cluster.weights=[...]")
     if cfg.cluster.weights is not None and len(cfg.cluster.weights) != n:

@@ -16,7 +16,7 @@ from macfleet.models import cnn, gpt2, resnet
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 MODELS = ("digits_cnn", "resnet18", "resnet50", "gpt2", "gpt2_tiny")
-DATASETS = ("digits", "cifar10", "text")
+DATASETS = ("digits", "cifar10", "shapes", "text")
 
 
 def compose_config(*overrides: str):
@@ -47,7 +47,21 @@ def test_model_config_composes_and_instantiates(name):
             assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["digits", "text"])
+@pytest.mark.parametrize("pools, size", [(0, 8), (1, 16), (2, 32), (4, 32)])
+def test_digits_cnn_pools_keep_every_input_size_working(pools, size):
+    model = instantiate(compose_config(f"model.pools={pools}").model, num_classes=10, in_channels=3)
+    maxpools = sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules())
+    assert maxpools == pools  # pools=0 is the digits CNN as it always was
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_digits_cnn_pools_out_of_range_is_a_clear_error():
+    with pytest.raises(ConfigError, match="model.pools=5: give 0 to 4"):
+        cnn.build(pools=5)
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes", "text"])
 def test_offline_dataset_configs_build_bundles(name):
     bundle = instantiate(compose_config(f"dataset={name}").dataset)
     assert bundle.name == name and len(bundle.train) > 0 and bundle.test is not None
