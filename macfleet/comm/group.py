@@ -44,6 +44,7 @@ from macfleet.comm import collectives
 from macfleet.comm.framing import check_session, dtype_code, session_id
 from macfleet.comm.staging import stager_for
 from macfleet.comm.tcp import TcpTransport, check_transport, default_transport, open_listener
+from macfleet.comm.threads import solo
 from macfleet.comm.transport import Transport, check_stripes, default_stripes, split_addr
 from macfleet.device import usable_cores
 from macfleet.errors import MacFleetError, PeerLostError
@@ -537,6 +538,7 @@ class Group:
             raise self._abort_exc
 
     def _run(self, ready: queue.SimpleQueue) -> None:
+        solo()  # this thread's torch CPU ops start no OpenMP team (macfleet/comm/threads.py)
         try:
             extra = {"listener": self._listener} if self._listener is not None else {}
             make = TcpTransport if self.transport == "tcp" else Transport
@@ -610,6 +612,7 @@ class Group:
             self._landings.put((landing, fut))
 
     def _run_lander(self) -> None:
+        solo()  # callbacks of the futures it completes run here
         while True:
             item = self._landings.get()
             if item is None:

@@ -27,7 +27,12 @@ def _data(rank: int, numel: int, case: int) -> torch.Tensor:
 
 
 def _lanes_rank(rank, world_size, addrs):
+    torch.set_num_threads(2)  # a pool the comm threads must not use (macfleet/comm/threads.py)
     with Group(rank, world_size, addrs, timeout=60, lanes=3, transport="tcp", chunk_bytes=256 << 10) as g:
+        # Every lane's comm thread runs torch's CPU ops on itself alone; the caller keeps 2.
+        solo = [lane._submit_here("probe", lambda tp, t, deadline, chunk: torch.get_num_threads(), torch.zeros(1),
+                                  (), False, None, False, None).wait() for lane in g._lane_groups]
+        assert solo == [1, 1, 1, 1] and torch.get_num_threads() == 2, solo
         # The group itself (control and small collectives) and 3 data lanes.
         assert [lane.transport for lane in g._lane_groups] == ["tcp"] * 4 and g.lanes == 3
         done = []

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from macfleet.comm.collectives import _add
+from macfleet.comm.threads import solo
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
@@ -51,9 +52,9 @@ def _threads_started_by(fn) -> int:
     seen = {}
 
     def run():
-        before = len(os.listdir("/proc/self/task"))
+        before = set(os.listdir("/proc/self/task"))
         fn()
-        seen["new"] = len(os.listdir("/proc/self/task")) - before
+        seen["new"] = len(set(os.listdir("/proc/self/task")) - before)  # threads ending meanwhile do not count
 
     t = threading.Thread(target=run)
     t.start()
@@ -69,5 +70,26 @@ def test_sums_start_no_openmp_team_on_a_comm_thread():
         assert _threads_started_by(lambda: a.add_(b)) >= 1  # what torch's add does (the reason for _add)
         assert _threads_started_by(lambda: _add(a, a, b)) == 0
         assert torch.equal(a, torch.full((1 << 20,), 3.0))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_solo_keeps_a_threads_torch_ops_on_it_and_leaves_other_threads_alone():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = torch.ones(1 << 20), torch.ones(1 << 20)
+        seen = {}
+
+        def alone():
+            seen["solo"] = solo()
+            seen["threads"] = torch.get_num_threads()
+            a.add_(b)
+            a.to(torch.float16)  # a codec's cast in a future's callback
+
+        assert _threads_started_by(alone) == 0
+        assert seen == {"solo": True, "threads": 1}
+        assert torch.get_num_threads() == 2  # per thread: the caller keeps its pool
+        assert _threads_started_by(lambda: a.add_(b)) >= 1  # and so does the next new thread
     finally:
         torch.set_num_threads(threads)
