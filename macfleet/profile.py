@@ -132,17 +132,14 @@ class StepProfiler:
 
     def _write(self) -> None:
         folder = self.out_dir / "profile"
-        folder.mkdir(parents=True, exist_ok=True)
         trace = folder / f"rank{self.rank}.json"
-        try:
+        try:  # a full disk or a read-only folder: the figures still reach the log and metrics.json
+            folder.mkdir(parents=True, exist_ok=True)
             self._prof.export_chrome_trace(str(trace))
-        except Exception as exc:  # a full disk: the figures still reach the log and metrics.json
-            log.warning("profile: could not write %s: %s", trace, exc)
-        table = self._prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        try:
+            table = self._prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
             (folder / f"rank{self.rank}.txt").write_text(self.line() + "\n\n" + table + "\n")
-        except OSError as exc:
-            log.warning("profile: could not write %s: %s", folder / f"rank{self.rank}.txt", exc)
+        except Exception as exc:  # noqa: BLE001 - never lose the run over its profile
+            log.warning("profile: could not write its files under %s: %s", folder, exc)
         log.info("%s (trace: %s)", self.line(), trace)
 
 
