@@ -25,7 +25,7 @@ from datetime import datetime
 
 from macfleet.benchmark.scaling import (CpuQuotas, Run, _compose, _namespaces, _overrides, _wait, bench_dir,
                                         check_can_run, fleet_run, parse_codecs, parse_overrides, plan_nodes,
-                                        removed_unless_failed, report)
+                                        removed_unless_failed, report, run_label)
 from macfleet.errors import ConfigError, MacFleetError
 
 CONTROLLED = {
@@ -118,13 +118,14 @@ def run_convergence_benchmark(args) -> int:
     with removed_unless_failed(bench, console):
         with CpuQuotas(nodes), (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
             for k, codec in enumerate(codecs):
-                run: Run = fleet_run(bench / f"fleet-{codec}", nodes, codec, k, args.netns, [DEFAULTS, user, fixed])
+                run: Run = fleet_run(bench / f"fleet-{run_label(codec)}", nodes, codec, k, args.netns,
+                                     [DEFAULTS, user, fixed])
                 launched = time.time()
                 m = _wait([run], logs, console)[0]
                 formed, curve = read_curve((run.out / "train.log").read_text(errors="replace"))
                 row = convergence_row(setup, codec, target, m, curve, round(formed - launched, 3))
                 rows.append(row)
-                ran = f" (ran {row['ran']})" if row["ran"] != codec else ""
+                ran = f" (ran {row['ran']})" if row["ran"] != codec.split(":")[0] else ""
                 to = f"{row['time_to_target_s']:.1f} s" if row["reached"] else "not reached"
                 console.print(f"  fleet-{codec}{ran}: {target:g} in {to}, final {row['final_accuracy']:.4f}")
     report(console, args, rows, convergence_table, plot_convergence)

@@ -108,11 +108,42 @@ class Node:
 
 # --------------------------------------------------------------------------------------- options
 def parse_codecs(text: str) -> list[str]:
+    """--codecs: a comma list of codecs, each with optional compression settings after colons
+    (`topk_fp16:granularity=element:ratio=0.05`), so one run can set a codec beside a variant
+    of itself. Returns the labels as given (stripped); `codec_overrides` turns one into overrides."""
     codecs = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [c for c in codecs if c not in COMPRESSION_NAMES]
-    if bad or not codecs:
-        raise ConfigError(f"--codecs {text!r}: use a comma list of {', '.join(COMPRESSION_NAMES)}")
+    if not codecs or any(c.split(":")[0] not in COMPRESSION_NAMES for c in codecs):
+        raise ConfigError(f"--codecs {text!r}: use a comma list of {', '.join(COMPRESSION_NAMES)}, each optionally "
+                          "with compression settings after colons, e.g. topk_fp16:granularity=element")
+    for c in codecs:
+        codec_overrides(c)  # every setting names a compression key
+    if len(set(codecs)) != len(codecs):
+        raise ConfigError(f"--codecs {text!r}: a codec is listed twice")
     return codecs
+
+
+def codec_overrides(label: str) -> dict[str, str]:
+    """`topk_fp16:granularity=element` -> {"compression": "topk_fp16", "compression.granularity": "element"}."""
+    import dataclasses
+
+    from macfleet.config import CompressionConfig
+
+    name, *settings = label.split(":")
+    keys = {f.name for f in dataclasses.fields(CompressionConfig)} - {"name"}
+    out = {"compression": name}
+    for item in settings:
+        key, eq, value = item.partition("=")
+        if not eq or key not in keys or not value:
+            raise ConfigError(f"--codecs: {item!r} in {label!r}: give KEY=VALUE with KEY one of "
+                              f"{', '.join(sorted(keys))}")
+        out[f"compression.{key}"] = value
+    return out
+
+
+def run_label(codec: str) -> str:
+    """A folder-safe name for a --codecs label (`topk_fp16:granularity=element` ->
+    `topk_fp16-granularity-element`)."""
+    return codec.replace(":", "-").replace("=", "-")
 
 
 def bench_dir(prefix: str) -> tuple[Path, Path]:
@@ -604,8 +635,8 @@ def run_scaling_benchmark(args) -> int:
     ref_total = ref_steps + warmup + profiled  # the single-node references (--reference-steps)
     ref_timing = dict(timing, **{"trainer.max_steps": str(ref_total), "trainer.epochs": str(ref_total),
                                  "trainer.log_every": str(ref_total)})
-    cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n),
-                                                       "compression": codecs[0]}))
+    cfg = _compose(_overrides(DEFAULTS, user, timing, {"cluster": "pro_air", "cluster.nodes": str(n)},
+                              codec_overrides(codecs[0])))
     if cfg.cluster.weight == "auto":
         raise ConfigError("cluster.weight=auto: give the fleet's shares as cluster.weights=[...] so each node's "
                           "local batch is known")
@@ -678,7 +709,7 @@ def run_scaling_benchmark(args) -> int:
                               f"cores; ideal after the throttle {ideal_after:.1f} samples/s")
             fleets, after = {}, {}
             for k, codec in enumerate(codecs):
-                run = fleet_run(bench / f"fleet-{codec}", nodes, codec, k, args.netns,
+                run = fleet_run(bench / f"fleet-{run_label(codec)}", nodes, codec, k, args.netns,
                                 [DEFAULTS, user, data, fleet_timing])
                 if not throttle:
                     m = fleets[codec] = _wait([run], logs, console)[0]
@@ -778,7 +809,7 @@ def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, lay
     for node in nodes:
         role = {"cluster": "pro_air", "cluster.role": "master" if node.index == 0 else "worker",
                 "cluster.nodes": str(n), "cluster.master_addr": addrs[0], "cluster.master_port": str(ports[0]),
-                "cluster.tensor_port": str(ports[1 + node.index]), "compression": codec}
+                "cluster.tensor_port": str(ports[1 + node.index]), **codec_overrides(codec)}
         if not netns:
             role["cluster.host"] = "127.0.0.1"  # the master listens on loopback only
         # Every node's run folder under the benchmark's (train.log, a --profile's traces).
