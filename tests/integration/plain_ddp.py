@@ -28,4 +28,7 @@ for _ in range(5):
     opt.step()
 if rank == 0:
     torch.save(model.module.state_dict(), out)
+# Both ranks tear down together: a rank that destroyed its gloo group while the other was still
+# saving once died with "terminate called without an active exception" (SIGABRT) in CI.
+dist.barrier()
 dist.destroy_process_group()
