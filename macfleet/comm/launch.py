@@ -20,11 +20,13 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import random
 import re
 import socket
 import subprocess
 import time
 import traceback
+from pathlib import Path
 
 from macfleet.errors import MacFleetError
 
@@ -40,11 +42,40 @@ class RankFailedError(MacFleetError):
         self.failures = failures
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports that were free a moment ago (all bound at once, so they differ)."""
-    socks = []
+LOW_PORT = 20000
+"""free_ports draws from LOW_PORT up to just below the OS's range for outgoing connections."""
+
+
+def _ephemeral_floor() -> int:
+    """The lowest port the OS gives outgoing connections as their source port (Linux:
+    ip_local_port_range; elsewhere IANA's dynamic range, which macOS uses, from 49152)."""
     try:
-        for _ in range(n):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports that were free a moment ago (all bound at once, so they differ).
+
+    Drawn below the range the OS takes outgoing connections' source ports from: a port that
+    bind(0) returns lies in that range, so any connection opened before the port is used may
+    take it ("Address already in use"; seen in CI, with tests opening connections side by side)."""
+    rng = random.SystemRandom()
+    top = _ephemeral_floor() - 1
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(50 * n if top > LOW_PORT + 10 * n else 0):
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, rng.randint(LOW_PORT, top)))
+            except OSError:  # taken, or still in TIME_WAIT: try another
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below the range: what the OS picks
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)

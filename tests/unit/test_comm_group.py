@@ -371,3 +371,18 @@ def test_a_rogue_hello_claiming_the_receivers_rank_is_logged_and_the_group_keeps
     finally:
         for g in groups:
             g.close()
+
+
+def test_free_ports_lie_below_the_outgoing_connection_range():
+    """Ports for local ranks come from below the range the OS gives outgoing connections, so no
+    connection opened meanwhile can take one; they differ and are free."""
+    import socket
+
+    from macfleet.comm.launch import LOW_PORT, _ephemeral_floor, free_ports
+
+    ports = free_ports(8)
+    assert len(set(ports)) == 8
+    assert all(LOW_PORT <= p < _ephemeral_floor() for p in ports), ports
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
