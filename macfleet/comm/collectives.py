@@ -68,7 +68,9 @@ def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     counts the threads), whose workers spin-wait after every sum. On a node whose process is
     pinned to its cores, those spinning workers compete for the cores of the training thread,
     the autograd thread and libzmq's I/O threads. NumPy's elementwise add is single-threaded,
-    lets go of the GIL and gives the same IEEE sums, bit for bit."""
+    lets go of the GIL and gives the same IEEE sums, bit for bit. Comm threads also limit their
+    own torch ops (`comm/threads.py`, for a codec's callbacks); the sums do not depend on that
+    taking effect, and a collective run inline on the caller's thread sums alone as well."""
     if out.dtype in _NUMPY_ADD:
         np.add(a.numpy(), b.numpy(), out=out.numpy())
     else:
