@@ -195,6 +195,11 @@ class ClusterConfig:
     ddp: str = "auto"
     """Gradient path: torch (PyTorch DDP's reducer + MacFleet comm hook), flat (all gradients
     through the same hook after backward), auto (torch on cpu/cuda, flat on mps)."""
+    bucket_cap_mb: float = 25.0
+    """Gradients are exchanged in buckets of at most this many MB (PyTorch DDP's bucket_cap_mb;
+    the flat path's buckets too), each one collective started as soon as backward has produced
+    it. Smaller buckets start earlier and leave less to exchange after backward ends; each
+    costs a collective's fixed overhead."""
     backend: str = "auto"
     """cluster=torchrun only: the torch.distributed backend (auto: nccl on cuda, gloo on cpu;
     or macfleet)."""
@@ -228,6 +233,9 @@ class ClusterConfig:
             raise ConfigError("cluster.nodes must be >= 1")
         if self.ddp not in ("auto", "torch", "flat"):
             raise ConfigError(f"cluster.ddp={self.ddp!r}: choose auto, torch or flat")
+        if not float(self.bucket_cap_mb) > 0:
+            raise ConfigError(f"cluster.bucket_cap_mb={self.bucket_cap_mb} must be > 0 (MB per gradient bucket; "
+                              "PyTorch DDP's default is 25)")
         if self.allreduce not in ("auto", "ring", "direct"):
             raise ConfigError(f"cluster.allreduce={self.allreduce!r}: choose auto, ring or direct")
         for port_name in ("master_port", "tensor_port"):

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from macfleet.comm.threads import tracing
+
 log = logging.getLogger("macfleet")
 
 PHASES = ("data", "forward", "backward", "exchange", "optimizer")
@@ -71,8 +73,9 @@ class StepProfiler:
             # gpuGetDeviceCount failed" although nothing is wrong (a user's own setting wins).
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         synchronize(self.device)
-        self._prof = profile(activities=activities)
+        self._prof = profile(activities=activities, **_all_threads())
         self._prof.__enter__()
+        tracing(True)  # the comm threads' spans (staging, each collective, landing) join the trace
         self.active = True
         self._t0 = time.perf_counter()
 
@@ -104,10 +107,13 @@ class StepProfiler:
 
         synchronize(self.device)
         window = time.perf_counter() - self._t0
+        tracing(False)
         self._prof.__exit__(None, None, None)
         self.active, self.done = False, True
         n = max(1, self._counted)
-        busy, launches, launch_s = _device_figures(self._prof.events(), self.device)
+        events = self._prof.events()
+        busy, launches, launch_s = _device_figures(events, self.device)
+        comm = {k: v / n for k, v in _comm_figures(events).items()}
         phases = {k: v / n for k, v in self._phase_s.items() if v > 0}
         self.summary = {
             "steps": self._counted, "device": self.device.type, "window_s": window,
@@ -117,6 +123,7 @@ class StepProfiler:
             "device_busy": None if busy is None else busy / window if window > 0 else 0.0,
             "launches_per_step": None if launches is None else launches / n,
             "launch_us": None if not launches else 1e6 * launch_s / launches,
+            "comm_s": comm,
         }
         self._write()
         return self.summary
@@ -131,6 +138,8 @@ class StepProfiler:
             text += f"; device busy {1e3 * s['device_busy_s']:.1f} ms ({100 * s['device_busy']:.0f}%)"
         if s.get("launches_per_step"):
             text += f"; {s['launches_per_step']:,.0f} kernel launches a step, {s['launch_us']:.1f} us each"
+        if s.get("comm_s"):
+            text += "; comm threads: " + ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in s["comm_s"].items())
         return text
 
     def _write(self) -> None:
@@ -144,6 +153,27 @@ class StepProfiler:
         except Exception as exc:  # noqa: BLE001 - never lose the run over its profile
             log.warning("profile: could not write its files under %s: %s", folder, exc)
         log.info("%s (trace: %s)", self.line(), trace)
+
+
+def _all_threads() -> dict:
+    """torch.profiler's option to record every thread (the comm threads were started before the
+    profile), where this torch has it."""
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        return {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError):
+        return {}
+
+
+def _comm_figures(events) -> dict[str, float]:
+    """Seconds the comm threads spent in each of their spans (`comm.<collective>`, with
+    `comm.staging_wait` inside it, and `comm.landing`) over `events`, largest first."""
+    total: dict[str, float] = {}
+    for e in events:
+        if e.name.startswith("comm."):
+            total[e.name] = total.get(e.name, 0.0) + (e.time_range.end - e.time_range.start) / 1e6
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
 def _device_figures(events, device: torch.device):

@@ -874,7 +874,7 @@ class _Parallel:
 
         t = self.trainer
         self.ddp = MacFleetDDP(state.model, self.world.group, share=self.sampler.share, compression=t.comp,
-                               device=self.device, redoable=self.world.elastic,
+                               device=self.device, redoable=self.world.elastic, bucket_cap_mb=t.cc.bucket_cap_mb,
                                use_torch_ddp={"auto": None, "torch": True, "flat": False}[t.cc.ddp])
         if residuals is not None:
             self.ddp.load_state_dict(residuals)

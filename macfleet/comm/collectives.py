@@ -58,8 +58,11 @@ the same chunking from the tensor's size, the world size and chunk_bytes."""
 MIN_CHUNK_BYTES = 256 << 10
 
 
-_NUMPY_ADD = (torch.float32, torch.float16, torch.int32, torch.int64, torch.uint8)
-"""Dtypes whose sums run in NumPy (see `_add`); bfloat16, which NumPy lacks, runs in torch."""
+_NUMPY_ADD = (torch.float32, torch.int32, torch.int64, torch.uint8)
+"""Dtypes whose sums run in NumPy (see `_add`). Half precision runs in torch: NumPy lacks
+bfloat16, and its float16 add converts element by element (26x torch's time for 50 MB here; on 2
+H200s it made fleet-fp16 4x slower than before the sums moved to NumPy). On a comm thread torch's
+add is single-threaded too (`comm/threads.py`)."""
 
 
 def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -68,9 +71,10 @@ def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     counts the threads), whose workers spin-wait after every sum. On a node whose process is
     pinned to its cores, those spinning workers compete for the cores of the training thread,
     the autograd thread and libzmq's I/O threads. NumPy's elementwise add is single-threaded,
-    lets go of the GIL and gives the same IEEE sums, bit for bit. Comm threads also limit their
-    own torch ops (`comm/threads.py`, for a codec's callbacks); the sums do not depend on that
-    taking effect, and a collective run inline on the caller's thread sums alone as well."""
+    lets go of the GIL and gives the same IEEE sums, bit for bit. Half precision stays in torch
+    (see _NUMPY_ADD): the comm threads limit their own torch ops to themselves
+    (`comm/threads.py`), and a collective run inline on the caller's thread uses the caller's
+    pool."""
     if out.dtype in _NUMPY_ADD:
         np.add(a.numpy(), b.numpy(), out=out.numpy())
     else:

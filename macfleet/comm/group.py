@@ -44,7 +44,7 @@ from macfleet.comm import collectives
 from macfleet.comm.framing import check_session, dtype_code, session_id
 from macfleet.comm.staging import stager_for
 from macfleet.comm.tcp import TcpTransport, check_transport, default_transport, open_listener
-from macfleet.comm.threads import solo
+from macfleet.comm.threads import solo, span
 from macfleet.comm.transport import Transport, check_stripes, default_stripes, split_addr
 from macfleet.device import usable_cores
 from macfleet.errors import MacFleetError, PeerLostError
@@ -586,7 +586,8 @@ class Group:
         tp.op_timeout = limit
         fn, *rest = args
         try:
-            result = fn(tp, *rest, time.monotonic() + limit, self.chunk_bytes)
+            with span(f"comm.{name}"):
+                result = fn(tp, *rest, time.monotonic() + limit, self.chunk_bytes)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
             self._broken = self._broken or isinstance(exc, PeerLostError)
             if isinstance(exc, PeerLostError) and self._abort_exc is None:
@@ -619,7 +620,8 @@ class Group:
                 return
             landing, fut = item
             try:
-                landing.stager.landed(landing.event)
+                with span("comm.landing"):
+                    landing.stager.landed(landing.event)
                 landing.stager.release(landing.handle)
             except BaseException as exc:  # noqa: BLE001 - handed to the caller's future
                 fut.set_exception(exc)

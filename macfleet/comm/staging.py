@@ -36,6 +36,8 @@ from collections import defaultdict
 
 import torch
 
+from macfleet.comm.threads import span
+
 MAX_FREE_PER_SIZE = 8
 """Free host buffers kept per byte size (DDP keeps a handful of buckets in flight)."""
 
@@ -136,7 +138,8 @@ class Stager:
     def wait(self, staged: Staged) -> torch.Tensor:
         """Comm thread: the host tensor once its bytes have arrived."""
         start = time.perf_counter()
-        host = staged.wait()
+        with span("comm.staging_wait"):
+            host = staged.wait()
         self.seconds += time.perf_counter() - start
         self.bytes += staged.nbytes
         return host

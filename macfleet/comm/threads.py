@@ -10,10 +10,14 @@ callback) is memory-bound and pipelined with the network: one thread each is eno
 torch.set_num_threads would also set the count every thread torch starts later takes (the
 autograd thread among them). Where torch's OpenMP runtime is not found (a build without one),
 nothing changes and `solo()` says so.
+
+`span(name)` marks a part of a comm thread's work in a step profile's trace
+(`trainer.profile_steps`, see macfleet/profile.py), which turns `tracing` on while it records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import glob
@@ -46,3 +50,19 @@ def solo() -> bool:
     torch.get_num_threads()  # torch sets a thread's count at its first op: have that happen first
     fn(1)
     return torch.get_num_threads() == 1
+
+
+_tracing = False
+_NOTHING = contextlib.nullcontext()
+
+
+def tracing(on: bool) -> None:
+    """Turn comm threads' spans on (a step profile is recording, on all threads) or off."""
+    global _tracing
+    _tracing = bool(on)
+
+
+def span(name: str):
+    """A range named `name` in the profile's trace while one is recorded; a no-op otherwise (a
+    profiler range costs about 15 us; the check, a global's read)."""
+    return torch.profiler.record_function(name) if _tracing else _NOTHING

@@ -96,13 +96,22 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
         assert {"forward", "backward", "optimizer"} <= set(p["phases_s"]) <= {"data", "forward", "backward",
                                                                               "exchange", "optimizer"}
         assert sum(p["phases_s"].values()) <= p["train_step_s"] * 1.01
+        if r["run"] == "fleet":  # the comm threads' spans, recorded although they started before the profile
+            assert {"comm.all_gather", "comm.all_reduce"} & set(p["comm_s"]), p["comm_s"]
+            assert all(v > 0 for v in p["comm_s"].values())
+        else:
+            assert p["comm_s"] == {}
     kept = list(work.glob("outputs/benchmark-profile-*/*"))  # every rank of every run: trace and table
     assert sorted(d.name for d in kept) == ["fleet-topk_fp16-granularity-element",
                                             "fleet-topk_fp16-granularity-element-node1", "node0-alone-b64",
                                             "node0-local-b32", "node1-alone-b64", "node1-local-b32"]
     for d in kept:
         rank = 1 if d.name.endswith("node1") else 0
-        assert json.loads((d / f"rank{rank}.json").read_text())["traceEvents"]
+        events = json.loads((d / f"rank{rank}.json").read_text())["traceEvents"]
+        if d.name.startswith("fleet"):  # comm spans sit on threads of their own, beside the training thread's
+            main = {e["tid"] for e in events if e.get("name") == "macfleet.forward"}
+            comm = {e["tid"] for e in events if str(e.get("name", "")).startswith("comm.")}
+            assert main and comm and not main & comm
         assert (d / f"rank{rank}.txt").read_text().startswith(f"profile, rank {rank}, 2 steps on cpu: ")
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
     if not root:

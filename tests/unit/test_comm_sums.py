@@ -2,7 +2,8 @@
 
 torch's CPU add runs in its intra-op OpenMP pool; a team started from a comm thread keeps
 spinning after every sum and takes the cores of the training thread and of libzmq's I/O
-threads on a node pinned to its cores. The sums run in NumPy instead (bfloat16 stays in torch).
+threads on a node pinned to its cores. Single-precision and integer sums run in NumPy instead;
+half precision stays in torch, on comm threads limited to themselves (`solo`).
 """
 
 from __future__ import annotations

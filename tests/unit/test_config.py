@@ -110,6 +110,8 @@ def test_dataclass_checks_say_what_to_do():
         ClusterConfig(role="boss")
     with pytest.raises(ConfigError, match="choose auto, ring or direct"):
         ClusterConfig(allreduce="tree")
+    with pytest.raises(ConfigError, match=r"bucket_cap_mb=0 must be > 0 \(MB per gradient bucket"):
+        ClusterConfig(bucket_cap_mb=0)
     assert ClusterConfig(role="worker").role is NodeRole.WORKER
     assert ClusterConfig(role=NodeRole.MASTER).role is NodeRole.MASTER
 
@@ -248,3 +250,15 @@ def test_conf_local_is_merged_when_present(tmp_path):
     assert compose([here, "cluster=pro_air", "local=air"]).cluster.master_addr == "10.9.9.9"
     assert compose([here, "cluster=pro_air", "~local"]).cluster.master_addr == "10.0.0.1"
     assert compose(["cluster=pro_air"]).cluster.master_addr == "10.0.0.1"  # none there: nothing merged
+
+
+def test_bucket_size_composes_and_every_node_must_agree_on_it():
+    """cluster.bucket_cap_mb sets how gradients are split into collectives: nodes that disagree
+    would pair collectives of different sizes, so it is part of the join fingerprint."""
+    from macfleet.fingerprint import diff, fingerprint
+
+    cfg = compose(["cluster=local", "cluster.bucket_cap_mb=8"])
+    assert cfg.cluster.bucket_cap_mb == 8
+    a = fingerprint({"cluster": {"bucket_cap_mb": 25.0, "weight": 1.0}})
+    b = fingerprint({"cluster": {"bucket_cap_mb": 8, "weight": 2.0}})
+    assert diff(a, b) == ["cluster.bucket_cap_mb: master 25, this node 8"]  # cluster.weight is per node
