@@ -895,8 +895,10 @@ def profile_table(rows: list[dict], local: list[dict]):
 
     table = Table(title="where a step goes (rank 0, torch.profiler, ms a step; each node alone at its share first)",
                   caption="backward includes the gradient exchange under PyTorch DDP; between: the loop outside "
-                          "train_step; device busy: the union of kernels and copies on the device")
-    for col in ("run", "codec", "local batch", "step", *PHASES, "between", "device busy", "launches", "us/launch"):
+                          "train_step; device busy: the union of kernels and copies on the device; comm threads: "
+                          "time in each collective (summed over lanes), the staging waits and landings inside it")
+    for col in ("run", "codec", "local batch", "step", *PHASES, "between", "device busy", "launches", "us/launch",
+                "comm threads"):
         table.add_column(col, justify="left" if col in ("run", "codec") else "right")
     for r in local + rows:
         p = r.get("profile")
@@ -909,7 +911,8 @@ def profile_table(rows: list[dict], local: list[dict]):
                       *(f"{1e3 * p['phases_s'][k]:.1f}" if k in p["phases_s"] else "-" for k in PHASES),
                       f"{1e3 * p['between_steps_s']:.1f}", busy,
                       "-" if not p.get("launches_per_step") else f"{p['launches_per_step']:,.0f}",
-                      "-" if not p.get("launch_us") else f"{p['launch_us']:.1f}")
+                      "-" if not p.get("launch_us") else f"{p['launch_us']:.1f}",
+                      ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in (p.get("comm_s") or {}).items()) or "-")
     return table
 
 
