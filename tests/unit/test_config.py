@@ -63,7 +63,7 @@ def test_optimizers_instantiate():
         assert opt.param_groups[0]["lr"] == 0.3
 
 
-@pytest.mark.parametrize("model", ["digits_cnn", "resnet18", "resnet50", "gpt2_tiny", "gpt2"])
+@pytest.mark.parametrize("model", ["digits_cnn", "mlp", "resnet18", "resnet50", "gpt2_tiny", "gpt2"])
 def test_models_instantiate(model):
     from macfleet.run import build_model
 
@@ -72,7 +72,7 @@ def test_models_instantiate(model):
     bundle = instantiate(compose([f"dataset={dataset}"]).dataset)
     m = build_model(cfg.model, bundle)
     n = sum(p.numel() for p in m.parameters())
-    expected = {"resnet50": 23e6, "gpt2": 80e6, "resnet18": 10e6}.get(model, 1e4)
+    expected = {"resnet50": 23e6, "gpt2": 80e6, "resnet18": 10e6, "mlp": 17e6}.get(model, 1e4)
     assert n > expected
 
 

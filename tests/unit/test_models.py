@@ -12,10 +12,10 @@ from hydra.utils import instantiate
 from macfleet.config import register_configs
 from macfleet.data import digits
 from macfleet.errors import ConfigError, MacFleetError
-from macfleet.models import cnn, gpt2, resnet
+from macfleet.models import cnn, gpt2, mlp, resnet
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
-MODELS = ("digits_cnn", "resnet18", "resnet50", "gpt2", "gpt2_tiny")
+MODELS = ("digits_cnn", "mlp", "resnet18", "resnet50", "gpt2", "gpt2_tiny")
 DATASETS = ("digits", "cifar10", "shapes", "text")
 
 
@@ -43,7 +43,7 @@ def test_model_config_composes_and_instantiates(name):
             out = model(torch.randint(0, 256, (1, 8)))
             assert type(out) is torch.Tensor and out.shape == (1, 8, 256)
         else:
-            size = 8 if name == "digits_cnn" else 32
+            size = 8 if name in ("digits_cnn", "mlp") else 32
             assert model.eval()(torch.randn(2, 3, size, size)).shape == (2, 10)
 
 
@@ -59,6 +59,17 @@ def test_digits_cnn_pools_keep_every_input_size_working(pools, size):
 def test_digits_cnn_pools_out_of_range_is_a_clear_error():
     with pytest.raises(ConfigError, match="model.pools=5: give 0 to 4"):
         cnn.build(pools=5)
+
+
+def test_mlp_is_gradient_heavy_and_takes_any_image_size():
+    """model=mlp: 17M parameters by default (68 MB of fp32 gradients a step), any input size."""
+    assert 17e6 < sum(p.numel() for p in mlp.build(num_classes=10, in_channels=1).parameters()) < 17.2e6
+    model = mlp.build(num_classes=10, in_channels=3)
+    with torch.no_grad():
+        for size in (8, 32, 5):
+            assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="hidden=0, depth=2 and side=8 must all be >= 1"):
+        mlp.build(hidden=0)
 
 
 @pytest.mark.parametrize("name", ["digits", "shapes", "text"])
