@@ -205,13 +205,16 @@ def test_trials_stop_at_the_first_that_fits():
 
 
 def test_slow_trials_are_measured_once_and_the_budget_skips_the_rest():
-    # Every clock reading is 1 s later than the one before: each exchange "takes" 1 s, so its
-    # warm-up is its measurement; past the 1.5 s budget only a codec not yet measured is tried.
+    # Every clock reading is 1 s later than the one before: each exchange "takes" 1 s, so a dense
+    # codec's warm-up is its measurement; a top-k codec's warm-up (which allocates its workspace
+    # and residuals) is followed by one timed exchange; past the 1.5 s budget only a codec not yet
+    # measured is tried.
     clocks = [itertools.count(0.0, 1.0).__next__ for _ in range(2)]
     (mine, theirs), counts = _trials(backward_s=0.0, clocks=clocks)
     assert mine == theirs == ({"none": 1.0, "fp16": 1.0, "topk_fp16 at 10%": 1.0}, 6)
     # One collective per exchange (one bucket), one to share its time: the same on both ranks.
-    assert counts == [6, 6]
+    # none 1 exchange, fp16 1, topk_fp16 2 (warm-up and the timed one).
+    assert counts == [8, 8]
 
 
 def test_no_trial_when_every_estimate_is_too_long_then_bytes_decide():
