@@ -744,6 +744,8 @@ def run_scaling_benchmark(args) -> int:
                                      alone[0]), "node": nd.index, "profile": c.get("profile")}
                       for nd, c in zip(nodes, compute)]
         console.print(profile_table(rows, rows_local))
+        for line in comm_lines(rows):
+            console.print(line, highlight=False, soft_wrap=True)
     if not throttle:
         report(console, args, rows, scaling_table, plot_scaling)
         return 0
@@ -895,10 +897,8 @@ def profile_table(rows: list[dict], local: list[dict]):
 
     table = Table(title="where a step goes (rank 0, torch.profiler, ms a step; each node alone at its share first)",
                   caption="backward includes the gradient exchange under PyTorch DDP; between: the loop outside "
-                          "train_step; device busy: the union of kernels and copies on the device; comm threads: "
-                          "time in each collective (summed over lanes), the staging waits and landings inside it")
-    for col in ("run", "codec", "local batch", "step", *PHASES, "between", "device busy", "launches", "us/launch",
-                "comm threads"):
+                          "train_step; device busy: the union of kernels and copies on the device")
+    for col in ("run", "codec", "local batch", "step", *PHASES, "between", "device busy", "launches", "us/launch"):
         table.add_column(col, justify="left" if col in ("run", "codec") else "right")
     for r in local + rows:
         p = r.get("profile")
@@ -911,9 +911,22 @@ def profile_table(rows: list[dict], local: list[dict]):
                       *(f"{1e3 * p['phases_s'][k]:.1f}" if k in p["phases_s"] else "-" for k in PHASES),
                       f"{1e3 * p['between_steps_s']:.1f}", busy,
                       "-" if not p.get("launches_per_step") else f"{p['launches_per_step']:,.0f}",
-                      "-" if not p.get("launch_us") else f"{p['launch_us']:.1f}",
-                      ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in (p.get("comm_s") or {}).items()) or "-")
+                      "-" if not p.get("launch_us") else f"{p['launch_us']:.1f}")
     return table
+
+
+def comm_lines(rows: list[dict]) -> list[str]:
+    """--profile: the comm threads' time per step in each fleet run (rank 0): each collective's
+    time summed over the lanes that ran one, the staging waits inside it, the landings."""
+    lines = []
+    for r in rows:
+        spans = (r.get("profile") or {}).get("comm_s")
+        if spans:
+            lines.append(f"  {r['run']} {r['codec']}: " + ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in spans.items()))
+    if lines:
+        lines.insert(0, "comm threads, ms a step (rank 0; collectives summed over lanes, staging waits inside them, "
+                        "landings):")
+    return lines
 
 
 def _rate(v: float) -> str:

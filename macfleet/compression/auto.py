@@ -25,8 +25,8 @@ error feedback, the sum of the gathered payloads) that its few bytes on the wire
 The trials are kept short (`TRIAL_BUDGET_S`, 1.5 s): once a candidate fits, the more lossy
 ones cannot win and are not tried; a warm-up slower than `SLOW_TRIAL_S` is the measurement (no
 timed runs), except a top-k codec's, whose first exchange also allocates its workspace and
-residuals (one timed run follows); the timed runs stop at the budget; and a candidate whose estimate would end past the
-budget is not tried, unless it is the first of its codec and its estimate is short (each codec's
+residuals (one timed run follows); the timed runs stop at the budget; and a candidate whose
+estimate would end past the budget is not tried, unless it is the first of its codec and its estimate is short (each codec's
 fixed costs are measured at least once). A ResNet-50 gradient's trials take at most about 2 s
 on two busy CPU cores. A candidate not tried keeps the byte estimate (`exchange_s`), the
 fallback when a trial is impossible in the time:
@@ -372,9 +372,8 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         if c.sparse and not runs:
             # A top-k codec's first exchange also allocates its workspace and error-feedback
             # residuals (68 MB each for a 17M-parameter model). Taken as the measurement, that
-            # warm-up read 704 ms where training ran the codec at 427 ms a step, compute
-            # included, and auto chose fp16 at 19% fewer samples/s (model=mlp at 1 Gbit on 2
-            # cores). So a top-k codec always gets one timed run.
+            # warm-up read 704 ms where training then ran the codec at 427 ms a step, compute
+            # included (model=mlp at 1 Gbit on 2 cores); the timed run read 415 ms.
             runs = 1
         took = warm
         if runs:

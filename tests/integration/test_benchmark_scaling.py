@@ -88,7 +88,8 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     _check_rows(rows, [codec], profiled=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16-granularity-element", "comm wait",
-                  "in-process", "where a step goes", "node 1 alone"):
+                  "in-process", "where a step goes", "node 1 alone", "comm threads, ms a step",
+                  "fleet topk_fp16:granularity=element: all_"):
         assert label in proc.stdout  # a progress line per run, then the tables
     for r in rows:  # rank 0's profile of each run: its own steps, timed apart from the 4 timed steps
         p = r["profile"]
@@ -108,10 +109,11 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     for d in kept:
         rank = 1 if d.name.endswith("node1") else 0
         events = json.loads((d / f"rank{rank}.json").read_text())["traceEvents"]
-        if d.name.startswith("fleet"):  # comm spans sit on threads of their own, beside the training thread's
+        if d.name.startswith("fleet"):  # comm threads' spans, beside the training thread's (whose own
+            # synchronous collectives run inline, so spans may sit there too)
             main = {e["tid"] for e in events if e.get("name") == "macfleet.forward"}
             comm = {e["tid"] for e in events if str(e.get("name", "")).startswith("comm.")}
-            assert main and comm and not main & comm
+            assert main and comm - main
         assert (d / f"rank{rank}.txt").read_text().startswith(f"profile, rank {rank}, 2 steps on cpu: ")
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # run dirs, logs and data removed
     if not root:
