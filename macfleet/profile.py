@@ -105,9 +105,9 @@ class StepProfiler:
     def stop(self) -> dict:
         from macfleet.device import synchronize
 
+        tracing(False)  # first: a failing synchronize (a device error ending the run) must not leave it on
         synchronize(self.device)
         window = time.perf_counter() - self._t0
-        tracing(False)
         self._prof.__exit__(None, None, None)
         self.active, self.done = False, True
         n = max(1, self._counted)
