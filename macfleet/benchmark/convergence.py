@@ -128,6 +128,8 @@ def run_convergence_benchmark(args) -> int:
                 ran = f" (ran {row['ran']})" if row["ran"] != codec.split(":")[0] else ""
                 to = f"{row['time_to_target_s']:.1f} s" if row["reached"] else "not reached"
                 console.print(f"  fleet-{codec}{ran}: {target:g} in {to}, final {row['final_accuracy']:.4f}")
+                if row["auto_reason"]:  # why auto ran what it ran, as its train.log says
+                    console.print(f"    {row['auto_reason']}", highlight=False, soft_wrap=True)
     report(console, args, rows, convergence_table, plot_convergence)
     return 0
 

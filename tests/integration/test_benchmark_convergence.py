@@ -53,6 +53,7 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for said in ("fleet-none", f"fleet-auto (ran {auto['ran']})", "time to target", "vs none"):
         assert said in proc.stdout, proc.stdout
+    assert f"    {auto['auto_reason']}\n" in proc.stdout  # auto's reasoning, under its progress line
     assert not list((tmp_path / "scratch").glob("macfleet-convergence-*"))  # run dirs and logs removed
     if root:
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
