@@ -169,7 +169,8 @@ class MacFleetDDP(torch.nn.Module):
 
     def finish_gradients(self) -> None:
         """Flat path: wait for the bucket reductions that backward launched (launching any whose
-        gradients never arrived) and write the results into `.grad`. No-op under torch DDP."""
+        gradients never arrived); each `.grad` is then a view of its bucket's result. No-op
+        under torch DDP."""
         if self._buckets is not None:
             self._buckets.finish()
 
@@ -246,7 +247,7 @@ class _Buckets:
     reducer at once, in bucket order (a bucket that completes early waits for the ones before
     it), so every rank issues the same collectives in the same order. `finish` launches what
     never completed (parameters without a gradient this step count as zeros), waits for the
-    futures and writes the global-mean gradients into `.grad`.
+    futures and makes each `.grad` a view of its bucket's global-mean result.
     """
 
     def __init__(self, ddp: MacFleetDDP, cap_mb: float):
@@ -319,10 +320,9 @@ class _Buckets:
             self._launch(self._next)
         for params, fut in zip(self.buckets, self._futures):
             out = fut.wait()
-            views = [v.view_as(p) for p, v in zip(params, out.split([p.numel() for p in params]))]
-            with torch.no_grad():
-                for p, v in zip(params, views):
-                    if p.grad is None:
-                        p.grad = v.clone()
-                    else:
-                        p.grad.copy_(v)
+            # Each gradient becomes a view of its bucket's result, which no later step reuses
+            # (every launch flattens into a fresh buffer): no per-parameter copy, which on a
+            # device is a kernel each while the device waits for the host (PyTorch DDP's
+            # gradient_as_bucket_view does the same).
+            for p, v in zip(params, out.split([p.numel() for p in params])):
+                p.grad = v.view_as(p)
