@@ -60,9 +60,9 @@ MIN_CHUNK_BYTES = 256 << 10
 
 _NUMPY_ADD = (torch.float32, torch.int32, torch.int64, torch.uint8)
 """Dtypes whose sums run in NumPy (see `_add`). Half precision runs in torch: NumPy lacks
-bfloat16, and its float16 add converts element by element (26x torch's time for 50 MB here; on 2
-H200s it made fleet-fp16 4x slower than before the sums moved to NumPy). On a comm thread torch's
-add is single-threaded too (`comm/threads.py`)."""
+bfloat16, and its float16 add converts element by element (on 2 H200s it made fleet-fp16 4x
+slower than before the sums moved to NumPy). On a comm thread torch's add is single-threaded too
+(`comm/threads.py`)."""
 
 
 def _add(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
