@@ -11,14 +11,20 @@ backend alike. A backend may carry engine settings, measured as one more backend
 `macfleet:stripes=2` (MACFLEET_STRIPES), `macfleet:allreduce=direct` (MACFLEET_ALLREDUCE),
 `macfleet:transport=zmq` (MACFLEET_TRANSPORT), or
 both, `macfleet:stripes=2:allreduce=direct`; `--train-py` runs the plain names only. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
-"samples_per_s", "step_s", "vs_one_node", "vs_gloo"}.
+"samples_per_s", "step_s", "vs_one_node", "vs_gloo", "repeats", "interrupted"}.
+
+Ctrl-C or SIGTERM (a `timeout` around a long run) stops the run in progress with all its ranks
+and reports the rounds that completed (the exit status is still 130); before any round
+completed there is nothing to report.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -152,11 +158,64 @@ def _run_once(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
            "--warmup", str(10 if args.warmup_steps is None else args.warmup_steps), "--device", args.device, "--cores-per-node", str(args.cores_per_node or 0),
            "--out", str(out)]
     env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1), **variant}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = _run_child(cmd, env, args.timeout, f"the {backend} run on {nodes} node(s)")
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise ConfigError(f"the {backend} run on {nodes} node(s) failed (exit {proc.returncode}):\n{tail}")
     return json.loads(out.read_text())
+
+
+def _run_child(cmd: list[str], env: dict, timeout: float, what: str) -> subprocess.CompletedProcess:
+    """Run a torchrun (or train.py) in a process group of its own, so that stopping it (the
+    benchmark interrupted, or past --timeout) stops every rank it started, not torchrun alone."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        raise ConfigError(f"{what} took longer than --timeout {timeout:g} s; it was stopped (give a larger "
+                          "--timeout, or fewer --steps)") from None
+    except BaseException:
+        _stop_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the child's whole process group (torchrun forwards it to its ranks), SIGKILL to
+    whatever is left after 10 s."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        if sig == signal.SIGTERM:  # torchrun is gone; a rank it left behind is not
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        break
+    proc.wait()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a `timeout` around the benchmark) interrupts like Ctrl-C while rounds run."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run_train_py(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
@@ -190,7 +249,7 @@ def run_train_py(args, workdir: Path, prefix: list[str], overrides: list[str]) -
            "trainer.resume=none", "trainer.progress=false", "trainer.checkpoint_every=0", f"hydra.run.dir={run_dir}",
            *overrides]
     env = {**os.environ, **NCCL_ENV, "OMP_NUM_THREADS": str(args.cores_per_node or 1)}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    proc = _run_child(cmd, env, args.timeout, f"train.py {' '.join(overrides)}")
     metrics = run_dir / "metrics.json"
     if proc.returncode != 0 or not metrics.exists():
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
@@ -211,18 +270,31 @@ def run_ddp_benchmark(args) -> int:
     if getattr(args, "train_py", False):
         runs += [(f"train.py:{b}", args.nodes) for b in backends if ":" not in b]
     got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
-    with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
-        if getattr(args, "train_py", False):
-            write_synthetic_cifar(args, Path(tmp), args.batch * args.nodes)
-        for rep in range(args.repeats):
-            for backend, nodes in runs:
-                if backend.startswith("train.py:"):
-                    res = _run_train_py(args, backend.split(":", 1)[1], nodes, Path(tmp), free_ports(1)[0])
-                else:
-                    res = _run_once(args, backend, nodes, Path(tmp), free_ports(1)[0])
-                got[(backend, nodes)].append(res)
-                console.print(f"[dim]round {rep + 1}/{args.repeats}: {backend} x{nodes}: "
-                              f"{res['samples_per_s']:.0f} samples/s[/dim]")
+    rounds, interrupted = 0, False
+    with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp, _sigterm_interrupts():
+        try:
+            if getattr(args, "train_py", False):
+                write_synthetic_cifar(args, Path(tmp), args.batch * args.nodes)
+            for rep in range(args.repeats):
+                for backend, nodes in runs:
+                    if backend.startswith("train.py:"):
+                        res = _run_train_py(args, backend.split(":", 1)[1], nodes, Path(tmp), free_ports(1)[0])
+                    else:
+                        res = _run_once(args, backend, nodes, Path(tmp), free_ports(1)[0])
+                    got[(backend, nodes)].append(res)
+                    console.print(f"[dim]round {rep + 1}/{args.repeats}: {backend} x{nodes}: "
+                                  f"{res['samples_per_s']:.0f} samples/s[/dim]")
+                rounds += 1
+        except KeyboardInterrupt:
+            interrupted = True
+            if not rounds:
+                console.print("interrupted before a round completed: nothing to report")
+                return 130
+            console.print(f"interrupted in round {rounds + 1} of {args.repeats}: the table has the {rounds} "
+                          "complete round(s) (a partial round would favour the backends that ran first)",
+                          soft_wrap=True)
+            for r in got:
+                del got[r][rounds:]
     med = {r: statistics.median(x["samples_per_s"] for x in v) for r, v in got.items()}
     one = med[("gloo", 1)]
     gloo = med.get(("gloo", args.nodes))
@@ -238,16 +310,19 @@ def run_ddp_benchmark(args) -> int:
                      "step_s": statistics.median(x["step_s"] for x in got[(backend, nodes)]),
                      "vs_one_node": sps / one, "vs_gloo": (sps / gloo) if gloo and nodes > 1 else None,
                      "vs_plain_ddp": (sps / med[(backend[9:], nodes)]) if backend.startswith("train.py:") else None,
-                     "repeats": args.repeats, "transport": engine.get("transport"), "lanes": engine.get("lanes")})
+                     "repeats": rounds, "interrupted": interrupted, "transport": engine.get("transport"),
+                     "lanes": engine.get("lanes")})
     table = Table(title=f"plain DDP under torchrun: {args.model}, {args.batch} per rank, {args.device}, "
-                        f"median of {args.repeats}")
+                        f"median of {rounds}" + (f" (interrupted: {rounds} of {args.repeats} rounds)" if interrupted
+                                                 else ""))
     for col in ("backend", "nodes", "samples/s", "vs 1 node", "vs gloo", "vs plain DDP, same backend"):
         table.add_column(col, justify="left" if col == "backend" else "right")
     for r in rows:
         table.add_row(r["backend"], str(r["nodes"]), f"{r['samples_per_s']:.0f}", f"{r['vs_one_node']:.2f}x",
                       "" if r["vs_gloo"] is None else f"{r['vs_gloo']:.2f}x",
                       "" if r["vs_plain_ddp"] is None else f"{r['vs_plain_ddp']:.2f}x")
-    return print_and_save(console, table, rows, args.json)
+    code = print_and_save(console, table, rows, args.json)
+    return 130 if interrupted else code
 
 
 def print_and_save(console, table, rows: list[dict], path: str | None) -> int:

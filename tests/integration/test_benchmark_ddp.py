@@ -54,3 +54,45 @@ def test_nccl_on_cpu_is_refused_in_one_line():
     proc = _cli("--backends", "nccl,macfleet")
     assert proc.returncode == 1
     assert proc.stderr.strip() == "macfleet benchmark: error: the nccl backend needs --device cuda"
+
+
+def test_an_interrupted_run_reports_its_complete_rounds_and_leaves_no_rank(tmp_path):
+    """SIGTERM (a `timeout` around a long benchmark) in round 2: the run in progress stops with
+    its ranks, and the table and JSON hold round 1."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "ddp", "--backends", "macfleet", "--model",
+           "resnet18", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--repeats", "20", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "round 2/20: gloo x1" in line:  # round 1 is complete; round 2's 2-rank run starts next
+                break
+        bench = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        ranks: list = []
+        while len(ranks) < 3 and time.monotonic() < deadline:  # torchrun and its 2 ranks are up
+            ranks = bench.children(recursive=True)
+            time.sleep(0.05)
+        assert len(ranks) >= 3, "".join(seen)
+        proc.send_signal(signal.SIGTERM)
+        text = "".join(seen) + proc.stdout.read()
+        assert proc.wait(timeout=60) == 130, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "interrupted in round 2 of 20: the table has the 1 complete round(s)" in text
+    assert "median of 1" in text  # the table, titled with the rounds it holds
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["repeats"], r["interrupted"]) for r in rows] == [("none (1 process)", 1, True),
+                                                                               ("macfleet (zmq)", 1, True)]
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]  # torchrun and every rank it started are gone
