@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM (a `timeout` around a long benchmark, a job scheduler) interrupts like Ctrl-C, so
+    the benchmark cleans up as it does on Ctrl-C: its network namespaces, CPU quotas, processes
+    and temporary folders (killed outright, it left its namespaces behind)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
 
 def benchmark_main(args) -> int:
+    with sigterm_interrupts():
+        return _benchmark(args)
+
+
+def _benchmark(args) -> int:
     from macfleet.errors import ConfigError
 
     if args.repeats < 1:

@@ -13,9 +13,9 @@ backend alike. A backend may carry engine settings, measured as one more backend
 both, `macfleet:stripes=2:allreduce=direct`; `--train-py` runs the plain names only. JSON rows: {"backend", "nodes", "device", "model", "batch_per_rank",
 "samples_per_s", "step_s", "vs_one_node", "vs_gloo", "repeats", "interrupted"}.
 
-Ctrl-C or SIGTERM (a `timeout` around a long run) stops the run in progress with all its ranks
-and reports the rounds that completed (the exit status is still 130); before any round
-completed there is nothing to report.
+Ctrl-C or SIGTERM (a `timeout` around a long run; see `sigterm_interrupts`) stops the run in
+progress with all its ranks and reports the rounds that completed (the exit status is still
+130); before any round completed there is nothing to report.
 """
 
 from __future__ import annotations
@@ -201,23 +201,6 @@ def _stop_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM (a `timeout` around the benchmark) interrupts like Ctrl-C while rounds run."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _run_train_py(args, backend: str, nodes: int, workdir: Path, port: int) -> dict:
     """`torchrun train.py cluster=torchrun` with the plain loop's model, global batch and steps."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nodes),
@@ -271,7 +254,7 @@ def run_ddp_benchmark(args) -> int:
         runs += [(f"train.py:{b}", args.nodes) for b in backends if ":" not in b]
     got: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
     rounds, interrupted = 0, False
-    with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp, _sigterm_interrupts():
+    with tempfile.TemporaryDirectory(prefix="macfleet-bench-ddp-") as tmp:
         try:
             if getattr(args, "train_py", False):
                 write_synthetic_cifar(args, Path(tmp), args.batch * args.nodes)

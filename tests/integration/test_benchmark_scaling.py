@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +203,41 @@ def test_throttle_rows_are_consistent(tmp_path):
     cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
     assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
 
+
+
+def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a `timeout` around a long benchmark) while the fleet trains: exit 130, and no
+    namespace (as root) nor training process is left behind; killed outright it left both."""
+    import signal
+
+    import psutil
+
+    root = os.geteuid() == 0
+    cmd = [sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "scaling", "--nodes", "2", "--cores", "1,1",
+           "--steps", "100000", "--reference-steps", "4", "--warmup-steps", "2", "--codecs", "none",
+           *(["--netns"] if root else [])]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=tmp_path)
+    try:
+        seen = []
+        for line in proc.stdout:  # the references are done once node 1's is printed; the fleet starts
+            seen.append(line)
+            if "node1-local-b32" in line:
+                break
+        bench = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while len([p for p in bench.children(recursive=True) if "train.py" in " ".join(p.cmdline())]) < 2:
+            assert time.monotonic() < deadline, "".join(seen)
+            time.sleep(0.05)
+        fleet = bench.children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        text = "".join(seen) + proc.stdout.read()
+        assert proc.wait(timeout=60) == 130, text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _, alive = psutil.wait_procs(fleet, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]
+    if root:
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert "mf-scale" not in left, left
