@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.integration.test_benchmark_scaling import sigterm_mid_run
+
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "ddp", *args],
@@ -59,36 +61,13 @@ def test_nccl_on_cpu_is_refused_in_one_line():
 def test_an_interrupted_run_reports_its_complete_rounds_and_leaves_no_rank(tmp_path):
     """SIGTERM (a `timeout` around a long benchmark) in round 2: the run in progress stops with
     its ranks, and the table and JSON hold round 1."""
-    import os
-    import signal
-    import time
-
     import psutil
 
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "ddp", "--backends", "macfleet", "--model",
-           "resnet18", "--batch", "2", "--steps", "1", "--warmup-steps", "1", "--repeats", "20", "--json", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        seen = []
-        for line in proc.stdout:
-            seen.append(line)
-            if "round 2/20: gloo x1" in line:  # round 1 is complete; round 2's 2-rank run starts next
-                break
-        bench = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 120
-        ranks: list = []
-        while len(ranks) < 3 and time.monotonic() < deadline:  # torchrun and its 2 ranks are up
-            ranks = bench.children(recursive=True)
-            time.sleep(0.05)
-        assert len(ranks) >= 3, "".join(seen)
-        proc.send_signal(signal.SIGTERM)
-        text = "".join(seen) + proc.stdout.read()
-        assert proc.wait(timeout=60) == 130, text
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    args = ["--type", "ddp", "--backends", "macfleet", "--model", "resnet18", "--batch", "2", "--steps", "1",
+            "--warmup-steps", "1", "--repeats", "20", "--json", str(out)]
+    # Round 1 is complete; round 2's 2-rank run is up once torchrun and its 2 ranks are.
+    text, ranks = sigterm_mid_run(args, "round 2/20: gloo x1", lambda kids: len(kids) >= 3)
     assert "interrupted in round 2 of 20: the table has the 1 complete round(s)" in text
     assert "median of 1" in text  # the table, titled with the rounds it holds
     rows = json.loads(out.read_text())

@@ -205,37 +205,46 @@ def test_throttle_rows_are_consistent(tmp_path):
 
 
 
-def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path):
-    """SIGTERM (a `timeout` around a long benchmark) while the fleet trains: exit 130, and no
-    namespace (as root) nor training process is left behind; killed outright it left both."""
+def sigterm_mid_run(args: list[str], after: str, ready, cwd: Path | None = None) -> tuple[str, list]:
+    """Start `macfleet benchmark ARGS`, wait for an output line containing `after`, then until
+    `ready(descendants)` holds for its child processes; SIGTERM it and check it exits 130.
+    Returns its output and those descendants."""
     import signal
 
     import psutil
 
-    root = os.geteuid() == 0
-    cmd = [sys.executable, "-m", "macfleet.cli", "benchmark", "--type", "scaling", "--nodes", "2", "--cores", "1,1",
-           "--steps", "100000", "--reference-steps", "4", "--warmup-steps", "2", "--codecs", "none",
-           *(["--netns"] if root else [])]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "macfleet.cli", "benchmark", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=cwd)
     try:
         seen = []
-        for line in proc.stdout:  # the references are done once node 1's is printed; the fleet starts
+        for line in proc.stdout:
             seen.append(line)
-            if "node1-local-b32" in line:
+            if after in line:
                 break
-        bench = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 60
-        while len([p for p in bench.children(recursive=True) if "train.py" in " ".join(p.cmdline())]) < 2:
+        bench, deadline = psutil.Process(proc.pid), time.monotonic() + 120
+        while not ready(kids := bench.children(recursive=True)):  # polled: processes have no event to wait on
             assert time.monotonic() < deadline, "".join(seen)
             time.sleep(0.05)
-        fleet = bench.children(recursive=True)
         proc.send_signal(signal.SIGTERM)
         text = "".join(seen) + proc.stdout.read()
         assert proc.wait(timeout=60) == 130, text
     finally:
         if proc.poll() is None:
             proc.kill()
+    return text, kids
+
+
+def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path):
+    """SIGTERM (a `timeout` around a long benchmark) while the fleet trains: exit 130, and no
+    namespace (as root) nor training process is left behind; killed outright it left both."""
+    import psutil
+
+    root = os.geteuid() == 0
+    args = ["--type", "scaling", "--nodes", "2", "--cores", "1,1", "--steps", "100000", "--reference-steps", "4",
+            "--warmup-steps", "2", "--codecs", "none", *(["--netns"] if root else [])]
+    # The references are done once node 1's is printed; then both fleet nodes start.
+    _, fleet = sigterm_mid_run(args, "node1-local-b32", lambda kids: sum(
+        "train.py" in " ".join(k.cmdline()) for k in kids) >= 2, cwd=tmp_path)
     _, alive = psutil.wait_procs(fleet, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     if root:
