@@ -183,21 +183,14 @@ def _run_child(cmd: list[str], env: dict, timeout: float, what: str) -> subproce
 
 
 def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's whole process group (torchrun forwards it to its ranks), SIGKILL to
-    whatever is left after 10 s."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            break
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-        if sig == signal.SIGTERM:  # torchrun is gone; a rank it left behind is not
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        break
+    """SIGTERM to the child's whole process group (torchrun forwards it to its ranks), then
+    SIGKILL to whatever is left after 10 s or outlived torchrun."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10.0)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
