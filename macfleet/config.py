@@ -17,7 +17,7 @@ from macfleet.errors import ConfigError
 PROTOCOL_VERSION = 1
 """Bumped on any incompatible change to the wire or control protocol."""
 
-COMPRESSION_NAMES = ("none", "fp16", "topk", "topk_fp16", "auto")
+COMPRESSION_NAMES = ("none", "fp16", "int8", "topk", "topk_fp16", "auto")
 """Codec names; "auto" is not a codec: the trainer measures the link and backward at start and
 picks none, fp16 or topk_fp16 for the run (macfleet/compression/auto.py)."""
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -72,7 +72,7 @@ class CompressionConfig:
     """Gradient compression applied per bucket inside the comm hook."""
 
     name: str = "none"
-    """Codec: none | fp16 | topk | topk_fp16 | auto (chosen at start from the measured link and
+    """Codec: none | fp16 | int8 | topk | topk_fp16 | auto (chosen at start from the measured link and
     backward time; see macfleet/compression/auto.py)."""
     ratio: float = 0.1
     """Fraction of gradient elements kept by the top-k codecs (0 < ratio <= 1); with auto, the
@@ -81,7 +81,7 @@ class CompressionConfig:
     """Top-k selection unit: block (`block_size`-element blocks by L2 norm; least index overhead)
     or element (|x|); exact is an alias of element. Selection is exact per parameter either way."""
     block_size: int = 64
-    """Elements per block when granularity=block."""
+    """Elements per block when granularity=block, and per int8 scale."""
     sample_fraction: float = 0.01
     """Unused since selection became exact (sparse payload v2); still accepted so older configs load."""
     error_feedback: bool = True
@@ -113,7 +113,7 @@ class CompressionConfig:
 
     @property
     def lossy(self) -> bool:
-        return self.name in ("topk", "topk_fp16")
+        return self.name in ("int8", "topk", "topk_fp16")
 
 
 SCHEDULE_NAMES = ("constant", "cosine", "step")
@@ -264,7 +264,7 @@ class TrainingConfig:
     learning_rate: float = 0.05
     """Peak learning rate."""
     compression: str = "none"
-    """Gradient codec: none | fp16 | topk | topk_fp16 | auto."""
+    """Gradient codec: none | fp16 | int8 | topk | topk_fp16 | auto."""
     topk_ratio: float = 0.1
     """Fraction kept by the top-k codecs."""
     checkpoint_every: int = 1

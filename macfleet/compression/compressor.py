@@ -53,8 +53,8 @@ class GradientCompressor:
         self.cfg = cfg
         self.group = group
         self.codec: Codec = build_codec(cfg)
-        if cfg.momentum_correction and not (cfg.lossy and cfg.error_feedback):
-            raise ConfigError("compression.momentum_correction needs a top-k codec and "
+        if cfg.momentum_correction and not (cfg.name in ("topk", "topk_fp16") and cfg.error_feedback):
+            raise ConfigError("compression.momentum_correction needs a top-k codec (topk, topk_fp16) and "
                               "compression.error_feedback=true (the velocity is accumulated in the residual)")
         self.feedback: Optional[ErrorFeedback] = (
             ErrorFeedback(cfg, redoable=redoable) if cfg.lossy and cfg.error_feedback else None
@@ -85,7 +85,7 @@ class GradientCompressor:
         ratio = self.ratio_at(step)
         if self.feedback:
             self.feedback.begin(step)
-        if isinstance(codec, TopKCodec) and ratio >= 1.0:
+        if isinstance(codec, TopKCodec) and codec.name in ("topk", "topk_fp16") and ratio >= 1.0:
             self._fold_dense(flat, views)
             dense = "none" if codec.name == "topk" else "fp16"
             return self._dense(flat, dense, start)

@@ -11,7 +11,7 @@ from macfleet.comm.launch import spawn_local
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a GPU host)")
 
-CODECS = ("none", "fp16", "topk", "topk_fp16")
+CODECS = ("none", "fp16", "int8", "topk", "topk_fp16")
 STEPS = 3
 
 

@@ -11,7 +11,8 @@ import torch
 from macfleet.comm.launch import spawn_local
 
 CODECS = [("topk", "block", 0.1), ("topk", "element", 0.01), ("topk_fp16", "block", 0.01),
-          ("topk_fp16", "element", 0.1), ("topk", "block", 1.0), ("fp16", "block", 0.1), ("none", "block", 0.1)]
+          ("topk_fp16", "element", 0.1), ("topk", "block", 1.0), ("fp16", "block", 0.1), ("none", "block", 0.1),
+          ("int8", "block", 0.1)]
 SIZES = [("a.weight", 30_000), ("a.bias", 7), ("b.weight", 4_097)]
 STEPS = 2
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from macfleet.compression import build_codec, keep_count
-from macfleet.compression.codecs import HEADER_BYTES, MAGIC, TopKCodec
+from macfleet.compression.codecs import HEADER_BYTES, MAGIC, Int8Codec, TopKCodec
 from macfleet.errors import ConfigError, FrameError
 
 SIZES = [0, 1, 2, 63, 64, 65, 1000, 4097]
@@ -249,4 +249,93 @@ def test_payload_validation_counts_per_segment():
 def test_build_codec_checks_names():
     assert isinstance(build_codec("topk_fp16"), TopKCodec)
     with pytest.raises(ConfigError, match="choose one of"):
-        build_codec("int8")
+        build_codec("int4")
+
+
+# --- int8: every block as int8 values with a float32 scale -------------------------------------
+@pytest.mark.parametrize("n", SIZES)
+def test_int8_round_trip_within_half_a_step(n):
+    x = gen(n, seed=3, heavy=True)
+    codec = build_codec("int8")
+    assert isinstance(codec, Int8Codec)
+    y = codec.decode(codec.encode(x), n)
+    for a in range(0, n, 64):  # each value within half its block's step (max |x| / 127)
+        blk = x[a : a + 64]
+        step = blk.abs().max() / 127
+        assert (y[a : a + 64] - blk).abs().max() <= step / 2 * (1 + 1e-5) + 1e-30
+    if n:
+        i = int(x.abs().argmax())
+        assert y[i] == pytest.approx(float(x[i]), rel=1e-6), "a block's largest value is sent exactly"
+
+
+def test_int8_wire_is_a_quarter_plus_scales():
+    n = 1_000_000
+    codec = build_codec("int8")
+    wire = codec.payload_nbytes(codec.encode(gen(n))) / (4 * n)
+    assert wire == pytest.approx((1 + 4 / 64) / 4, rel=0.001), wire
+    assert codec.plan((n,), 0.1, "cpu", torch.int8).nbytes == codec.plan((n,), 1.0, "cpu", torch.int8).nbytes, \
+        "int8 sends every block: the top-k ratio does not change it"
+
+
+def test_int8_zero_blocks_and_non_finite_values():
+    x = torch.zeros(200)
+    x[64:128] = gen(64, seed=1)
+    x[130] = float("inf")
+    codec = build_codec("int8")
+    y = codec.decode(codec.encode(x), 200)
+    assert torch.equal(y[:64], torch.zeros(64)), "a block of zeros has scale 0 and sends zeros"
+    assert torch.isfinite(y[64:128]).all()
+    assert torch.isnan(y[128:192]).all(), "an inf makes its block NaN: never a silently finite sum"
+    assert torch.equal(y[192:], torch.zeros(8))
+
+
+def test_int8_error_feedback_keeps_the_rounding():
+    from macfleet.compression import GradientCompressor
+    from macfleet.config import CompressionConfig
+
+    comp = GradientCompressor(CompressionConfig(name="int8"))
+    segs = [("a", 0, 100), ("b", 100, 130), ("c", 230, 70)]  # partial blocks: a padded workspace
+    total = torch.zeros(300)
+    sent_total = torch.zeros(300)
+    for step in range(5):
+        g = gen(300, seed=10 + step)
+        total += g
+        out = comp.reduce(g.clone(), segs, step).wait()
+        sent_total += out
+        residual = torch.cat([comp.feedback.residuals[n] for n in "abc"])
+        # nothing is lost, only delayed: what was sent plus what is kept is every gradient so far
+        assert torch.allclose(sent_total + residual, total, atol=1e-5)
+        assert residual.abs().max() > 0
+    saved = comp.state_dict()
+    again = GradientCompressor(CompressionConfig(name="int8"))
+    again.load_state_dict(saved)
+    g = gen(300, seed=99)
+    assert torch.equal(comp.reduce(g.clone(), segs, 5).wait(), again.reduce(g.clone(), segs, 5).wait())
+
+
+def test_int8_payload_validation():
+    codec = build_codec("int8")
+    x = gen(10_000)
+    payload = codec.encode(x)
+    plan = codec.plan((x.numel(),), 1.0, "cpu", torch.int8)
+    codec.validate(payload, plan)
+    with pytest.raises(FrameError, match="truncated"):
+        codec.decode(payload[:-1], x.numel())
+    with pytest.raises(FrameError, match="same compression config"):
+        build_codec("topk", ratio=0.1).decode(payload, x.numel())
+    with pytest.raises(FrameError, match="same compression config"):
+        codec.decode(build_codec("topk_fp16").encode(x), x.numel())
+    with pytest.raises(FrameError, match="segments differ"):
+        codec.validate(payload, codec.plan((5000, 5000), 1.0, "cpu", torch.int8))
+    bad = payload.clone()
+    bad[HEADER_BYTES : HEADER_BYTES + 4].view(torch.float32)[0] = -1.0
+    with pytest.raises(FrameError, match="negative scale"):
+        codec.decode(bad, x.numel())
+
+
+def test_int8_rejects_momentum_correction():
+    from macfleet.compression import GradientCompressor
+    from macfleet.config import CompressionConfig
+
+    with pytest.raises(ConfigError, match="top-k codec"):
+        GradientCompressor(CompressionConfig(name="int8", momentum_correction=True))

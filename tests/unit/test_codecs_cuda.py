@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 # several segments, partial blocks, a 1-element and an empty parameter
 PARAMS = [("conv.weight", 4608), ("conv.bias", 10), ("empty", 0), ("fc.weight", 70_000), ("fc.bias", 1),
           ("head.weight", 12_345)]
-CODECS = [dict(name="none"), dict(name="fp16"),
+CODECS = [dict(name="none"), dict(name="fp16"), dict(name="int8"), dict(name="int8", error_feedback=False),
           dict(name="topk", granularity="block"), dict(name="topk", granularity="element"),
           dict(name="topk_fp16", granularity="block"), dict(name="topk_fp16", granularity="element"),
           dict(name="topk", granularity="block", momentum_correction=True),

@@ -31,7 +31,7 @@ def test_every_group_has_options():
         assert _options(group), f"conf/{group}/ has no options"
     assert {"digits_cnn", "resnet18", "resnet50", "gpt2", "gpt2_tiny"} <= set(_options("model"))
     assert {"digits", "cifar10", "text"} <= set(_options("dataset"))
-    assert {"none", "fp16", "topk", "topk_fp16"} <= set(_options("compression"))
+    assert {"none", "fp16", "int8", "topk", "topk_fp16"} <= set(_options("compression"))
     assert {"sgd", "adamw"} <= set(_options("optimizer"))
     assert {"constant", "cosine", "step"} <= set(_options("scheduler"))
     assert {"none", "wandb"} <= set(_options("logger"))
