@@ -1,4 +1,4 @@
-"""Gradient compression: codecs (none, fp16, topk, topk_fp16) with exact, sync-free top-k selection
+"""Gradient compression: codecs (none, fp16, int8, topk, topk_fp16) with exact, sync-free top-k selection
 on the gradient's device, error feedback, and `GradientCompressor`, which the DDP comm hook calls
 per bucket."""
 

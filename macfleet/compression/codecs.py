@@ -479,24 +479,26 @@ class Int8Codec(TopKCodec):
         rows = work.view(plan.K, self.unit)
         if rows.dtype != torch.float32:
             rows = rows.float()
-        scale = _max_abs(rows).div_(127.0)  # NaN stays NaN
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # a zero block divides by 1: zeros
-        qf = torch.div(rows, safe[:, None], out=self._scratch_like(rows, "q"))
-        # round, then +-127 (an inf scale's finite values give 0, inf / inf NaN), NaN -> 0
-        qf.round_().clamp_(-127.0, 127.0).nan_to_num_(0.0)
         payload = torch.empty(plan.nbytes, dtype=torch.uint8, device=rows.device)  # in flight until the step ends
-        payload[: HEADER_BYTES].copy_(plan.header)
-        payload[plan.scales_offset : plan.scales_offset + 4 * plan.K].view(torch.float32).copy_(scale)
+        payload[:HEADER_BYTES].copy_(plan.header)
         if plan.pad is not None:
             payload[plan.scales_offset + 4 * plan.K : plan.values_offset].zero_()
+        scale = payload[plan.scales_offset : plan.scales_offset + 4 * plan.K].view(torch.float32)
         q = payload[plan.values_offset : plan.nbytes].view(torch.int8).view(plan.K, self.unit)
-        q.copy_(qf)
+        qf = self._scratch_like(rows, "q")
+        for c in _chunks(plan.K, rows.device):
+            torch.div(_tree(rows[c], torch.abs, torch.maximum), 127.0, out=scale[c])  # NaN stays NaN
+            safe = torch.where(scale[c] > 0, scale[c], torch.ones_like(scale[c]))  # zeros divide by 1
+            torch.div(rows[c], safe[:, None], out=qf[c])
+            # round, then +-127 (an inf scale's finite values give 0, inf / inf NaN), NaN -> 0
+            q[c].copy_(qf[c].round_().clamp_(-127.0, 127.0).nan_to_num_(0.0))
         return Quantized(payload, scale, q, qf)
 
     def keep_unsent(self, work: torch.Tensor, sent: Quantized) -> None:
         """The workspace becomes what stays behind: each value minus its value as sent."""
         rows = work.view(-1, self.unit)
-        rows.sub_(sent.rounded.mul_(sent.scale[:, None]).to(rows.dtype))
+        for c in _chunks(rows.shape[0], rows.device):
+            rows[c].sub_(sent.rounded[c].mul_(sent.scale[c, None]).to(rows.dtype))
 
     def _scratch_like(self, rows: torch.Tensor, key: str) -> torch.Tensor:
         """A float32 buffer of rows' shape: on CPU one per thread and purpose, reused (a fresh
@@ -525,10 +527,11 @@ class Int8Codec(TopKCodec):
         lay = plan.layout
         dec = out if lay.aligned else self._decode_scratch(lay, out)
         rows = dec.view(-1, self.unit)
-        for p in payloads:
-            scale, q = self.unpack(p, plan)
-            value = self._scratch_like(q, "decode").copy_(q).mul_(scale[:, None])
-            rows.add_(value.to(dec.dtype))
+        parts = [self.unpack(p, plan) for p in payloads]
+        value = self._scratch_like(rows, "decode")
+        for c in _chunks(plan.K, rows.device):  # each element still adds the payloads in order
+            for scale, q in parts:
+                rows[c].add_(value[c].copy_(q[c]).mul_(scale[c, None]).to(dec.dtype))
         return _add_from_workspace(out, dec, lay)
 
     def validate(self, payload: torch.Tensor, plan: QuantPlan) -> None:
@@ -538,6 +541,13 @@ class Int8Codec(TopKCodec):
         scale = np.frombuffer(raw, dtype="<f4", count=plan.K, offset=plan.scales_offset)
         if bool(np.any(scale < 0)):
             raise FrameError(f"{self.name} payload has a negative scale: the payload is corrupt")
+
+
+def _chunks(rows: int, device: torch.device):
+    """Row slices to work through: on CPU `CPU_TREE_ROWS` rows at a time, which stay in cache
+    between one elementwise pass and the next (the same bits as whole passes); elsewhere one."""
+    step = CPU_TREE_ROWS if device.type == "cpu" else max(rows, 1)
+    return [slice(i, i + step) for i in range(0, rows, step)]
 
 
 def _add_header(plan, codec_id: int, value_dtype: torch.dtype) -> None:

@@ -138,7 +138,7 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["--cores", "1,x"], "--cores '1,x': give a whole number of cores per node, e.g. 8,4"),
     (["--rate", "1gbit"], "--rate shapes the namespaces' links: add --netns"),
     (["--reference-steps", "0"], "--reference-steps 0: give at least 1 timed step"),
-    (["--codecs", "none,zip"], "--codecs 'none,zip': use a comma list of none, fp16, topk, topk_fp16"),
+    (["--codecs", "none,zip"], "--codecs 'none,zip': use a comma list of none, fp16, int8, topk, topk_fp16"),
     (["--codecs", "topk_fp16:granularity"], "'granularity' in 'topk_fp16:granularity': give KEY=VALUE"),
     (["--codecs", "topk_fp16:speed=9"], "'speed=9' in 'topk_fp16:speed=9': give KEY=VALUE with KEY one of"),
     (["--codecs", "none,none"], "--codecs 'none,none': a codec is listed twice"),
