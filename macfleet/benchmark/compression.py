@@ -92,7 +92,7 @@ def parse_models(text: str) -> dict[str, int]:
 
 
 def label(cfg) -> str:
-    return cfg.name if cfg.name in ("none", "fp16") or cfg.granularity == "block" else f"{cfg.name}:{cfg.granularity}"
+    return cfg.name if cfg.name in ("none", "fp16", "int8") or cfg.granularity == "block" else f"{cfg.name}:{cfg.granularity}"
 
 
 def synthetic_gradient(n: int, device: str = "cpu", seed: int = 0) -> torch.Tensor:
@@ -141,9 +141,9 @@ def codec_costs(models: dict[str, int], codecs: list, repeats: int, device: str)
             codec.decode_add(payload, out.zero_())
             compress_s = _median(lambda: codec.encode(x), repeats, sync)
             decompress_s = _median(lambda: codec.decode_add(payload, out.zero_(), check=False), repeats, sync)
-            kept = float((out != 0).sum()) / n if codec.sparse else 1.0
+            kept = float((out != 0).sum()) / n if codec.selects else 1.0
             rows.append({"table": "codec", "codec": label(cfg), "granularity": cfg.granularity, "model": model,
-                         "params": n, "ratio": cfg.ratio if cfg.lossy else 1.0, "kept": kept,
+                         "params": n, "ratio": cfg.ratio if codec.selects else 1.0, "kept": kept,
                          "wire_ratio": codec.payload_nbytes(payload) / (4 * n),
                          "compress_s": compress_s, "decompress_s": decompress_s, "device": device})
             del payload

@@ -84,6 +84,8 @@ class Codec:
     """Drops information that error feedback should carry to the next step."""
     sparse = False
     """Payloads are all_gathered and summed (else all_reduced as tensors)."""
+    selects = False
+    """Sends only the units it selects (top-k): `ratio` applies."""
 
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         raise NotImplementedError
@@ -243,6 +245,7 @@ class TopKCodec(Codec):
 
     sparse = True
     lossy = True
+    selects = True
 
     def __init__(self, ratio: float = 0.1, granularity: str = "block", block_size: int = 64,
                  value_dtype: Optional[torch.dtype] = None):
@@ -455,6 +458,7 @@ class Int8Codec(TopKCodec):
 
     lossy = True
     sparse = True
+    selects = False
 
     def __init__(self, block_size: int = 64):
         super().__init__(1.0, "block", block_size, torch.int8)

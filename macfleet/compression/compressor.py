@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from macfleet.compression.codecs import Codec, TopKCodec, build_codec, to_half
+from macfleet.compression.codecs import Codec, build_codec, to_half
 from macfleet.compression.feedback import ErrorFeedback, warmup_ratio
 from macfleet.config import CompressionConfig
 from macfleet.errors import ConfigError
@@ -85,7 +85,7 @@ class GradientCompressor:
         ratio = self.ratio_at(step)
         if self.feedback:
             self.feedback.begin(step)
-        if isinstance(codec, TopKCodec) and codec.name in ("topk", "topk_fp16") and ratio >= 1.0:
+        if codec.selects and ratio >= 1.0:
             self._fold_dense(flat, views)
             dense = "none" if codec.name == "topk" else "fp16"
             return self._dense(flat, dense, start)

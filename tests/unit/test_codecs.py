@@ -339,3 +339,17 @@ def test_int8_rejects_momentum_correction():
 
     with pytest.raises(ConfigError, match="top-k codec"):
         GradientCompressor(CompressionConfig(name="int8", momentum_correction=True))
+
+
+def test_int8_row_of_the_compression_benchmark():
+    from macfleet.benchmark.compression import codec_costs, parse_codecs
+
+    threads = torch.get_num_threads()
+    try:
+        rows = codec_costs({"tiny": 4096}, parse_codecs("int8,topk_fp16", 0.1), repeats=1, device="cpu")
+    finally:
+        torch.set_num_threads(threads)  # codec_costs times one thread; later tests here keep theirs
+    int8, topk = rows
+    assert (int8["codec"], int8["ratio"], int8["kept"]) == ("int8", 1.0, 1.0), "int8 sends every value"
+    assert int8["wire_ratio"] == pytest.approx((64 + 64 * 4 + 4096) / (4 * 4096))
+    assert topk["ratio"] == 0.1 and topk["kept"] == pytest.approx(0.1, abs=0.02)
