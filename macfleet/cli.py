@@ -135,7 +135,7 @@ def _add_benchmark(sub) -> None:
                         "exchanges whole tensors, auto and ring exchange halves)")
     p.add_argument("--models", default="resnet50,vit_base,gpt2", help="compression: parameter counts to use")
     p.add_argument("--codecs", default=None,
-                   help="codecs to measure (default: compression none,fp16,topk,topk_fp16; scaling none,fp16,topk_fp16; "
+                   help="codecs to measure (default: compression none,fp16,int8,topk,topk_fp16; scaling none,fp16,topk_fp16; "
                         "convergence none,fp16,topk_fp16,auto); scaling and convergence: a codec may carry compression "
                         "settings after colons, e.g. topk_fp16,topk_fp16:granularity=element:ratio=0.05")
     p.add_argument("--ratio", type=float, default=0.1, help="compression: top-k ratio")

@@ -11,7 +11,7 @@ Two tables from one run (every figure a median of `--repeats` timed runs after a
    ResNet-50 as DDP's hook sees it (its real parameters in 25 MB buckets, issued back to back),
    the others as one bucket, one `GradientCompressor.reduce` of the whole gradient as one bucket,
    dense (`none`) beside compressed, timed on rank 0 between barriers.
-Codecs are listed as name[:granularity], e.g. `--codecs none,fp16,topk,topk_fp16,topk:element`;
+Codecs are listed as name[:granularity], e.g. `--codecs none,fp16,int8,topk,topk_fp16,topk:element`;
 the gradient is synthetic (normal values with a log-normal scale per 64-element block, so block
 norms differ as they do across a real layer). JSON rows: {"table", "codec", "granularity",
 "model", "params", "ratio", "wire_ratio", "compress_s", "decompress_s", "allreduce_s",
@@ -207,7 +207,7 @@ def run_compression_benchmark(args) -> int:
 
     console = Console()
     models = parse_models(args.models)
-    codecs = parse_codecs(args.codecs or "none,fp16,topk,topk_fp16", args.ratio)
+    codecs = parse_codecs(args.codecs or "none,fp16,int8,topk,topk_fp16", args.ratio)
     repeats = int(args.repeats)
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
