@@ -63,7 +63,8 @@ class ErrorFeedback:
         after the first step) moves its values into that bucket's buffer."""
         key = (names, starts, numels, padded, like.device, like.dtype)
         b = self._bound.get(key)
-        if b is not None and all(self._owner.get(n) is key for n in names):
+        # ==, not `is`: the key is a new tuple on every call.
+        if b is not None and all(self._owner.get(n) == key for n in names):
             if b.pending:  # the same bucket again: a new step, so the last one counted
                 self.settle()
             return b
