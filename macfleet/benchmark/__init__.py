@@ -25,6 +25,30 @@ def sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def signals_held():
+    """Holds Ctrl-C and SIGTERM while a block starts processes, then raises KeyboardInterrupt if
+    either came: an interrupt inside `subprocess.Popen`, after its fork, would leave a child
+    running that the caller never got a handle to kill. (Main thread only; elsewhere a no-op.)"""
+    came: list[int] = []
+
+    def hold(signum, frame):
+        came.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if came:
+        raise KeyboardInterrupt
+
+
 def benchmark_main(args) -> int:
     with sigterm_interrupts():
         return _benchmark(args)

@@ -46,6 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from macfleet.benchmark import signals_held
 from macfleet.config import COMPRESSION_NAMES
 from macfleet.errors import ConfigError, MacFleetError
 
@@ -412,15 +413,16 @@ def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
     started = []
     status = console.status(f"running {', '.join(r.label for r in runs)} ...")
     try:
-        for run in runs:
-            for node, argv, env in run.procs:
-                log_path = logs / f"{run.label}-node{node.index}.log"
-                with open(log_path, "w") as fh:
-                    cwd = run.out.parent / f"{run.label}-node{node.index}.cwd"
-                    cwd.mkdir(exist_ok=True)
-                    proc = subprocess.Popen(node.prefix() + argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                            cwd=cwd, preexec_fn=node.enter)
-                started.append((run, log_path, proc))
+        with signals_held():  # every process started is in `started`, for the cleanup below
+            for run in runs:
+                for node, argv, env in run.procs:
+                    log_path = logs / f"{run.label}-node{node.index}.log"
+                    with open(log_path, "w") as fh:
+                        cwd = run.out.parent / f"{run.label}-node{node.index}.cwd"
+                        cwd.mkdir(exist_ok=True)
+                        proc = subprocess.Popen(node.prefix() + argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                                cwd=cwd, preexec_fn=node.enter)
+                    started.append((run, log_path, proc))
         # The spinner's thread starts after the forks: preexec_fn runs in a child forked from
         # this process, which is safe while it has no other threads.
         status.start()
