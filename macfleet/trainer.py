@@ -284,15 +284,10 @@ class Trainer:
             log.info("joined the run at epoch %d step %d (generation %d)", state.epoch, state.step, world.generation)
         else:
             if self.comp.name == "auto":  # compression=auto: measure, then fix the codec for the run (compression/auto.py)
-                from macfleet.compression.auto import resolve, warm_up_sparsity
+                from macfleet.compression.auto import resolve
 
                 self.comp, self._compression_auto = resolve(self.comp, world, model, self._loss, data.train,
                                                             fleet.sampler.local_batch, device)
-                # A top-k pick starts sparse gradually (only here: the warm-up counts from step 0).
-                self.comp, warm = warm_up_sparsity(self.comp, steps_per_epoch)
-                if warm:
-                    self._compression_auto["compression_auto_reason"] += warm
-                    log.info("compression=auto%s", warm)
                 fleet.decided = world.generation
             fleet.build(state)
             if is_master:
@@ -413,10 +408,8 @@ class Trainer:
                         stop = epoch_end = True
                         continue
                     fresh, fleet.seen_votes = vote.votes > fleet.seen_votes, vote.votes
-                    watching = fleet.auto is not None and fresh and fleet.decided == world.generation
-                    if watching and state.step < self.comp.warmup_steps:
-                        fleet.watch.reset()  # a sparsity warm-up changes the step time on purpose: watch from its end
-                    elif watching and fleet.watch.changed(vote.step_s):
+                    if fleet.auto is not None and fresh and fleet.decided == world.generation \
+                            and fleet.watch.changed(vote.step_s):
                         line = (f"compression=auto: the step time went from {1e3 * fleet.watch.reference:.1f} to "
                                 f"{1e3 * vote.step_s:.1f} ms and stayed there: deciding again")
                         log.info("%s", line)
@@ -655,8 +648,7 @@ class Trainer:
         residuals = fleet.ddp.state_dict()
         chosen = carry_residuals(chosen, residuals)
         was = _codec_label(self.comp)
-        # the same codec: a start-of-run sparsity warm-up (warm_up_sparsity) is no change
-        if dataclasses.replace(chosen, warmup_steps=self.comp.warmup_steps) == self.comp:
+        if chosen == self.comp:
             line = f"compression=auto, generation {world.generation} ({world.world_size} node(s)): keeps {was}"
             log.info("%s", line)
             history.append({"step": state.step, "event": line, "generation": world.generation})

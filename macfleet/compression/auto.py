@@ -423,16 +423,5 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
     return chosen, {"compression_auto_reason": choice.reason}
 
 
-def warm_up_sparsity(cfg: CompressionConfig, steps: int) -> tuple[CompressionConfig, str]:
-    """auto's top-k pick at the start of a run, with a sparsity warm-up over `steps` (the first
-    epoch) unless `compression.warmup_steps` is set: the kept ratio falls from 100% to the pick's
-    over those steps (feedback.warmup_ratio). Top-k at 10% from the first step cost `model=mlp`
-    on digits a second epoch to reach 0.95 at 1 Gbit/s; with the warm-up it reached 0.95 in the
-    first. Returns the config and what to add to the reason line ("" when nothing changes)."""
-    if cfg.name not in ("topk", "topk_fp16") or cfg.warmup_steps > 0 or steps <= 1 or cfg.ratio >= 1.0:
-        return cfg, ""
-    return dataclasses.replace(cfg, warmup_steps=int(steps)), f"; sparsity warm-up over the first epoch ({steps} steps)"
-
-
 __all__ = ["Link", "Candidate", "Choice", "choose", "candidates", "exchange_s", "exchange_times", "buckets",
-           "probe_link", "measure_backward", "trial_exchanges", "resolve", "warm_up_sparsity"]
+           "probe_link", "measure_backward", "trial_exchanges", "resolve"]

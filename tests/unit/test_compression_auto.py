@@ -251,19 +251,3 @@ def test_python_api_alone_runs_none_and_says_why(tmp_path):
     metrics = trainer.fit()
     assert metrics["compression"] == "none"
     assert metrics["compression_auto_reason"] == "compression=auto: one process, nothing to exchange: none"
-
-
-def test_a_top_k_pick_starts_with_a_sparsity_warm_up_over_the_first_epoch():
-    from macfleet.compression.auto import warm_up_sparsity
-    from macfleet.compression.feedback import warmup_ratio
-
-    picked = CompressionConfig(name="topk_fp16", ratio=0.1)
-    warm, note = warm_up_sparsity(picked, 22)
-    assert warm.warmup_steps == 22 and (warm.name, warm.ratio) == ("topk_fp16", 0.1)
-    assert note == "; sparsity warm-up over the first epoch (22 steps)"
-    assert warmup_ratio(warm, 0) == 1.0 and warmup_ratio(warm, 11) == pytest.approx(0.1 ** 0.5)
-    assert warmup_ratio(warm, 22) == 0.1
-    # Nothing changes for a dense pick, a warm-up the user set, or a one-step epoch.
-    for cfg, steps in ((CompressionConfig(name="fp16"), 22), (CompressionConfig(name="none"), 22),
-                       (CompressionConfig(name="topk", ratio=0.1, warmup_steps=5), 22), (picked, 1)):
-        assert warm_up_sparsity(cfg, steps) == (cfg, "")
