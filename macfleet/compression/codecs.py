@@ -516,9 +516,6 @@ class Int8Codec(TopKCodec):
             setattr(local, key, buf)
         return buf[: rows.numel()].view(rows.shape)
 
-    def sent_mask(self, plan, ids):
-        raise ConfigError("compression.momentum_correction needs a top-k codec (topk or topk_fp16)")
-
     def unpack(self, payload: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales float32 (K,), values int8 (K, unit)): views of a payload of `plan`."""
         scale = _view(payload[plan.scales_offset : plan.scales_offset + 4 * plan.K], torch.float32)

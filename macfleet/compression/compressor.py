@@ -53,7 +53,7 @@ class GradientCompressor:
         self.cfg = cfg
         self.group = group
         self.codec: Codec = build_codec(cfg)
-        if cfg.momentum_correction and not (cfg.name in ("topk", "topk_fp16") and cfg.error_feedback):
+        if cfg.momentum_correction and not (self.codec.selects and cfg.error_feedback):
             raise ConfigError("compression.momentum_correction needs a top-k codec (topk, topk_fp16) and "
                               "compression.error_feedback=true (the velocity is accumulated in the residual)")
         self.feedback: Optional[ErrorFeedback] = (
