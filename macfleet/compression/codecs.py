@@ -444,7 +444,8 @@ class Int8Codec(TopKCodec):
     """Sends every block of `block_size` values as int8 with one float32 scale per block: a
     quarter of fp32's bytes (26.6% with the scales at 64-element blocks), nothing left out.
 
-    Each block's scale is max |x| / 127 and its values round(x / scale), so each value is off by
+    Each block's scale is max |x| / 127 (computed as max |x| times float32(1/127), which rounds
+    alike on every device) and its values round(x / scale), so each value is off by
     at most scale / 2, a 254th of its block's largest; error feedback (on by default) carries
     that rounding into the next step's gradient, as it carries what top-k leaves out. A block
     of zeros has scale 0 and sends zeros. A non-finite value makes its block's scale inf or NaN,
@@ -491,7 +492,9 @@ class Int8Codec(TopKCodec):
         q = payload[plan.values_offset : plan.nbytes].view(torch.int8).view(plan.K, self.unit)
         qf = self._scratch_like(rows, "q")
         for c in _chunks(plan.K, rows.device):
-            torch.div(_tree(rows[c], torch.abs, torch.maximum), 127.0, out=scale[c])  # NaN stays NaN
+            # times float32(1/127), not / 127: CUDA divides by a host scalar as a multiplication by
+            # its reciprocal, so only this rounds alike on every device. NaN stays NaN.
+            torch.mul(_tree(rows[c], torch.abs, torch.maximum), INV_127, out=scale[c])
             safe = torch.where(scale[c] > 0, scale[c], torch.ones_like(scale[c]))  # zeros divide by 1
             torch.div(rows[c], safe[:, None], out=qf[c])
             # round, then +-127 (an inf scale's finite values give 0, inf / inf NaN), NaN -> 0
@@ -603,6 +606,9 @@ def _checked_header(name: str, payload: torch.Tensor, plan) -> np.ndarray:
         raise FrameError(f"{name} payload is {raw.size} bytes, its header says {plan.nbytes}: truncated or corrupt")
     return raw
 
+
+INV_127 = float(np.float32(1.0 / 127.0))
+"""int8's scale factor: a block's scale is its max |x| times this (see `Int8Codec.compress`)."""
 
 CPU_TREE_ROWS = 8192
 """On CPU the tree runs over chunks of this many rows, which stay in cache between its levels:

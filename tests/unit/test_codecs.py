@@ -268,6 +268,19 @@ def test_int8_round_trip_within_half_a_step(n):
         assert y[i] == pytest.approx(float(x[i]), rel=1e-6), "a block's largest value is sent exactly"
 
 
+def test_int8_scale_is_max_times_float32_reciprocal():
+    # CUDA divides by a host scalar as a multiplication by its reciprocal; the scale is computed
+    # that way on every device so that CPU and GPU nodes send the same bits.
+    x = gen(64 * 300, seed=5, heavy=True)
+    codec = build_codec("int8")
+    payload = codec.encode(x)
+    plan = codec.plan((x.numel(),), 1.0, x.device, torch.float32)
+    scale, q = codec.unpack(payload, plan)
+    want = x.view(-1, 64).abs().numpy().max(axis=1) * np.float32(1.0 / 127.0)
+    assert np.array_equal(scale.numpy(), want.astype(np.float32))
+    assert int(q.abs().max()) == 127
+
+
 def test_int8_wire_is_a_quarter_plus_scales():
     n = 1_000_000
     codec = build_codec("int8")
