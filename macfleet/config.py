@@ -19,7 +19,7 @@ PROTOCOL_VERSION = 1
 
 COMPRESSION_NAMES = ("none", "fp16", "int8", "topk", "topk_fp16", "auto")
 """Codec names; "auto" is not a codec: the trainer measures the link and backward at start and
-picks none, fp16 or topk_fp16 for the run (macfleet/compression/auto.py)."""
+picks none, fp16, int8 or topk_fp16 for the run (macfleet/compression/auto.py)."""
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -791,10 +791,10 @@ class _StepWatch:
 
 
 def _codec_label(cfg: CompressionConfig) -> str:
-    """'none', 'fp16', 'topk_fp16 at 10%'; a dense codec's top-k form paying out residuals says so."""
+    """'none', 'fp16', 'int8', 'topk_fp16 at 10%'; a dense codec's top-k form paying out residuals says so."""
     if cfg.name in ("topk", "topk_fp16") and cfg.ratio >= 1.0:
         return f"{'none' if cfg.name == 'topk' else 'fp16'} (as {cfg.name} at 100%, paying out the residuals)"
-    return cfg.name if cfg.name in ("none", "fp16") else f"{cfg.name} at {100 * cfg.ratio:.3g}%"
+    return cfg.name if cfg.name in ("none", "fp16", "int8") else f"{cfg.name} at {100 * cfg.ratio:.3g}%"
 
 
 class _Parallel:

@@ -13,13 +13,16 @@ After the fleet is connected and before MacFleetDDP is built, every rank runs `r
    gradient, split into buckets as MacFleetDDP splits it, then waits for the results and
    synchronizes the device: 1 warm-up + 2 timed exchanges, the faster of which is this rank's
    time; the slowest rank's counts (a step waits for it). Candidates go least lossy first:
-   none, fp16, topk_fp16 at `ratio`, ratio/2, ratio/5, ratio/10.
+   none, fp16, int8 (these three send every value), topk_fp16 at `ratio`, ratio/2, ratio/5,
+   ratio/10.
 4. Rank 0 `choose`s and broadcasts the decision, so every rank builds the same codec.
 
 The rule (`choose`, pure arithmetic on those times): the least lossy candidate whose exchange
 fits within backward (where it can hide) wins; when none fits, the least lossy within `MARGIN`
-of the fastest. A top-k ratio below `compression.ratio` wins only on its measured time, never on
-an estimate, once any trial ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
+of the fastest, where a top-k exchange counts `TOPK_STEPS` (1.5) times its time: top-k needs
+more steps to the same accuracy, and the time to accuracy is what a user waits for. int8 and a
+top-k ratio below `compression.ratio` win only on their measured time, never on an estimate,
+once any trial ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
 error feedback, the sum of the gathered payloads) that its few bytes on the wire do not show.
 
 The trials are kept short (`TRIAL_BUDGET_S`, 1.5 s): once a candidate fits, the more lossy
@@ -33,9 +36,10 @@ fallback when a trial is impossible in the time:
 
     buckets x latency + wire bytes x f / bandwidth  (+ its codec's excess measured at another ratio)
 
-with wire bytes 4 B/param (none), 2 B/param (fp16) or the top-k payload's exact size (kept
-values in fp16 plus a 4-byte id per kept unit, codecs.py); f = 2(N-1)/N for a dense all_reduce
-of N ranks and N-1 for the top-k all_gather (each rank receives every other rank's payload).
+with wire bytes 4 B/param (none), 2 B/param (fp16), int8's payload (1 B/param and a 4-byte
+scale per 64) or the top-k payload's exact size (kept values in fp16 plus a 4-byte id per kept
+unit, codecs.py); f = 2(N-1)/N for a dense all_reduce of N ranks and N-1 for the int8 and top-k
+all_gathers (each rank receives every other rank's payload).
 The bandwidth is derived with the same f from the probe, so for 2 ranks both are 1. The excess
 is how much longer a tried ratio of the same codec took than its estimate (its fixed costs).
 Every decision about which trial runs and how often is taken from figures every rank has
@@ -82,6 +86,11 @@ RATIO_STEPS = (1.0, 0.5, 0.2, 0.1)
 """Top-k ratios auto may pick, as fractions of compression.ratio."""
 MARGIN = 0.1
 """When nothing fits behind backward, a less lossy codec within 10% of the fastest wins."""
+TOPK_STEPS = 1.5
+"""When nothing fits behind backward, a top-k exchange counts this many times its time: top-k
+leaves values out each step and needs more steps to the same accuracy than a codec that sends
+every value (none, fp16, int8). model=mlp on digits at 1 Gbit/s (benchmark --type convergence):
+topk_fp16 at 10% ran 1.5x int8's samples/s and reached 0.95 in 2 epochs where int8 took 1."""
 TIMED_RUNS = 2
 """Timed trial exchanges per candidate, after one warm-up."""
 SLOW_TRIAL_S = 0.5
@@ -114,7 +123,13 @@ class Candidate:
 
     @property
     def sparse(self) -> bool:
+        """A top-k candidate: it leaves values out (and costs steps, see TOPK_STEPS)."""
         return self.ratio is not None
+
+    @property
+    def gathered(self) -> bool:
+        """Its payloads are all_gathered (top-k, int8), not all_reduced."""
+        return self.sparse or self.name == "int8"
 
 
 @dataclass(frozen=True)
@@ -136,7 +151,7 @@ def exchange_s(c: Candidate, link: Link, world_size: int, dense_bytes: int) -> f
     """Estimated seconds of `c`'s exchange per step from its bytes (see the module docstring)."""
     n = max(2, world_size)
     buckets = max(1, math.ceil(dense_bytes / BUCKET_BYTES))
-    factor = (n - 1) if c.sparse else 2 * (n - 1) / n
+    factor = (n - 1) if c.gathered else 2 * (n - 1) / n
     return c.codec_s + buckets * link.latency_s + c.wire_bytes * factor / max(link.bandwidth, 1.0)
 
 
@@ -178,11 +193,15 @@ def choose(candidates: list[Candidate], link: Link, backward_s: float, world_siz
         pick, t = fits[0]
         why = "fits behind backward"
     else:
-        fastest = min(t for _, t, _ in eligible)
-        pick, t = next((c, t) for c, t, _ in eligible if t <= fastest * (1 + margin))
-        why = "nothing fits behind backward: the fastest" + ("" if t == fastest else f" within {margin:.0%}")
+        # The time to accuracy decides: a top-k step counts TOPK_STEPS times (its extra steps).
+        cost = [(c, t * (TOPK_STEPS if c.sparse else 1.0)) for c, t, _ in eligible]
+        fastest = min(k for _, k in cost)
+        pick, k = next((c, k) for c, k in cost if k <= fastest * (1 + margin))
+        why = "nothing fits behind backward: the fastest" + ("" if k == fastest else f" within {margin:.0%}")
+        if any(c.sparse for c, _ in cost) and any(not c.sparse for c, _ in cost):
+            why += f", a top-k exchange counted {TOPK_STEPS:g}x for its extra steps to the same accuracy"
     if len(eligible) < len(times):
-        why += "; below the configured top-k ratio only on a measured exchange"
+        why += "; int8 and top-k below the configured ratio only on a measured exchange"
     reason = (f"compression=auto: {_listed(times)}; backward {1e3 * backward_s:.1f} ms; "
               f"link {link.bandwidth / 1e6:.0f} MB/s, {1e3 * link.latency_s:.2f} ms: {pick.label} ({why})")
     return Choice(pick.name, pick.ratio, reason, {c.label: t for c, t, _ in times})
@@ -198,7 +217,9 @@ def _eligible(times: list[tuple[Candidate, float, bool]]) -> list[tuple[Candidat
     if not any(m for _, _, m in times):
         return times
     top = next((c.ratio for c, _, _ in times if c.sparse), None)
-    return [(c, t, m) for c, t, m in times if m or not c.sparse or c.ratio >= top]
+    # int8 likewise: its byte estimate leaves out the codec's work, which costs it more than its
+    # bytes on a CPU (a 17M-parameter bucket on one core: ~100 ms of encode and sum a step).
+    return [(c, t, m) for c, t, m in times if m or not c.gathered or (c.sparse and c.ratio >= top)]
 
 
 def _listed(times: list[tuple[Candidate, float, bool]]) -> str:
@@ -218,14 +239,18 @@ def _listed(times: list[tuple[Candidate, float, bool]]) -> str:
 
 
 def candidates(numels: list[int], cfg: CompressionConfig, codec_s: dict | None = None) -> list[Candidate]:
-    """none, fp16, then topk_fp16 at cfg.ratio x RATIO_STEPS, with their wire bytes for a model
+    """none, fp16, int8, then topk_fp16 at cfg.ratio x RATIO_STEPS, with their wire bytes for a model
     whose parameters have `numels` elements; `codec_s` maps a codec name to its encode + decode
     seconds for the byte estimate (top-k's is taken for every ratio), 0 if absent."""
     from macfleet.compression.codecs import TopKCodec
 
+    from macfleet.compression.codecs import Int8Codec
+
     codec_s = codec_s or {}
     n = sum(numels)
-    out = [Candidate("none", None, 4 * n), Candidate("fp16", None, 2 * n, codec_s.get("fp16", 0.0))]
+    int8 = Int8Codec(cfg.block_size).plan(tuple(numels), 1.0, torch.device("cpu"), torch.int8).nbytes
+    out = [Candidate("none", None, 4 * n), Candidate("fp16", None, 2 * n, codec_s.get("fp16", 0.0)),
+           Candidate("int8", None, int8, codec_s.get("int8", 0.0))]
     codec = TopKCodec(cfg.ratio, cfg.granularity, cfg.block_size, torch.float16)
     for step in RATIO_STEPS:
         r = cfg.ratio * step
@@ -369,8 +394,8 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         reducer = make_reducer(_trial_cfg(cfg, c), group)
         warm, elapsed = _slowest(group, rank, n, [once(reducer, 0), clock() - start])
         runs = 0 if warm > SLOW_TRIAL_S else min(TIMED_RUNS, max(0, int((budget_s - elapsed) / max(warm, 1e-6))))
-        if c.sparse and not runs:
-            # A top-k codec's first exchange also allocates its workspace and error-feedback
+        if c.gathered and not runs:
+            # A top-k (or int8) codec's first exchange also allocates its workspace and error-feedback
             # residuals (68 MB each for a 17M-parameter model). Taken as the measurement, that
             # warm-up read 704 ms where training then ran the codec at 427 ms a step, compute
             # included (model=mlp at 1 Gbit on 2 cores); the timed run read 415 ms.

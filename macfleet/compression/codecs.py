@@ -420,12 +420,91 @@ class QuantPlan:
         self.ratio = 1.0
         self.K = layout.total_units
         self.kept = layout.units
+        self.first = 0
+        """The first unit of the bucket's workspace that this plan covers (a piece's; else 0)."""
         self.scales_offset = HEADER_BYTES
         self.values_offset = HEADER_BYTES + 8 * (-(-self.K // 2))
         self.nbytes = self.values_offset + self.K * layout.unit
         """Bytes of every payload of this plan: the header, K float32 scales (padded to 8 bytes)
         and K x unit int8 values."""
         _add_header(self, codec_id, torch.int8)
+        self._pieces: Optional[tuple] = None
+
+    @property
+    def bucket_plan(self) -> "QuantPlan":
+        """The whole bucket's plan (this one, unless this is a piece of it)."""
+        return self
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(bucket offset, offset in this plan's units, count) of each run of bucket elements."""
+        lay = self.layout
+        return list(zip(lay.offsets, lay.starts, lay.numels))
+
+    def index(self) -> torch.Tensor:
+        """Per bucket element, its position in this plan's units (device int64)."""
+        return self.layout.to_work
+
+    def pieces(self, units: int) -> list["QuantPlan"]:
+        """The plan cut into pieces of at most `units` units (one piece: the plan itself), each a
+        plan of its own with its own payload, so a piece can cross the wire while the next is
+        encoded and the last decoded (see GradientCompressor). Built once per plan."""
+        if self._pieces is None or self._pieces[0] != units:
+            made = [self] if self.K <= units else [_Piece(self, a, min(a + units, self.K))
+                                                    for a in range(0, self.K, units)]
+            self._pieces = (units, made)
+        return self._pieces[1]
+
+
+class _PieceLayout(NamedTuple):
+    """What a piece's plan reads of a layout: its units in one run, and a checksum that names the
+    bucket's layout and the piece's place in it (two nodes' pieces match only if both do)."""
+
+    unit: int
+    units: tuple[int, ...]
+    total_units: int
+    n: int
+    padded: int
+    checksum: int
+    device: torch.device
+
+
+class _Piece(QuantPlan):
+    """Units [first, end) of a bucket's int8 plan as a plan of its own; `bucket` is the whole
+    bucket's plan (its layout places the piece's elements in the bucket)."""
+
+    def __init__(self, bucket: QuantPlan, first: int, end: int):
+        lay = bucket.layout
+        units = end - first
+        checksum = zlib.crc32(np.asarray([lay.checksum, first, units], dtype="<i8").tobytes())
+        piece = _PieceLayout(lay.unit, (units,), units, units * lay.unit, units * lay.unit, checksum, lay.device)
+        super().__init__(piece, CODEC_IDS["int8"])  # type: ignore[arg-type]
+        self.first = first
+        self.bucket = bucket
+        self._spans: Optional[list] = None
+        self._index: Optional[torch.Tensor] = None
+
+    @property
+    def bucket_plan(self) -> QuantPlan:
+        return self.bucket
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(bucket offset, piece offset, count) of each run of the bucket's elements inside this
+        piece, in order (padding after a segment's partial last block is in no run)."""
+        if self._spans is None:
+            lay, unit = self.bucket.layout, self.layout.unit
+            lo, hi = self.first * unit, (self.first + self.K) * unit
+            self._spans = [(at + max(lo, start) - start, max(lo, start) - lo, min(hi, start + n) - max(lo, start))
+                           for at, start, n in zip(lay.offsets, lay.starts, lay.numels)
+                           if start < hi and start + n > lo]
+        return self._spans
+
+    def index(self) -> torch.Tensor:
+        """Per bucket element inside this piece, its position in the piece (device int64): one
+        gather moves a decoded piece into the bucket on an accelerator."""
+        if self._index is None:
+            pos = [torch.arange(n, dtype=torch.int64) + p for _, p, n in self.spans()]
+            self._index = _upload(torch.cat(pos) if pos else torch.empty(0, dtype=torch.int64), self.layout.device)
+        return self._index
 
 
 class Quantized(NamedTuple):
@@ -508,16 +587,20 @@ class Int8Codec(TopKCodec):
             rows[c].sub_(sent.rounded[c].mul_(sent.scale[c, None]).to(rows.dtype))
 
     def _scratch_like(self, rows: torch.Tensor, key: str) -> torch.Tensor:
-        """A float32 buffer of rows' shape: on CPU one per thread and purpose, reused (a fresh
-        100 MB tensor costs ~40 ms of page faults there); on an accelerator a fresh one."""
-        if rows.device.type != "cpu":
-            return torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+        return self._scratch_rows(tuple(rows.shape), rows.device, key)
+
+    def _scratch_rows(self, shape: tuple[int, int], device: torch.device, key: str) -> torch.Tensor:
+        """A float32 buffer of `shape`: on CPU one per thread and purpose, reused (a fresh 100 MB
+        tensor costs ~40 ms of page faults there); on an accelerator a fresh one."""
+        if device.type != "cpu":
+            return torch.empty(shape, dtype=torch.float32, device=device)
         local = self._decode_local
         buf = getattr(local, key, None)
-        if buf is None or buf.numel() < rows.numel():
-            buf = torch.empty(rows.numel(), dtype=torch.float32)
+        numel = shape[0] * shape[1]
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=torch.float32)
             setattr(local, key, buf)
-        return buf[: rows.numel()].view(rows.shape)
+        return buf[:numel].view(shape)
 
     def unpack(self, payload: torch.Tensor, plan: QuantPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """(scales float32 (K,), values int8 (K, unit)): views of a payload of `plan`."""
@@ -535,8 +618,44 @@ class Int8Codec(TopKCodec):
         value = self._scratch_like(rows, "decode")
         for c in _chunks(plan.K, rows.device):  # each element still adds the payloads in order
             for scale, q in parts:
-                rows[c].add_(value[c].copy_(q[c]).mul_(scale[c, None]).to(dec.dtype))
+                rows[c].add_(torch.mul(q[c], scale[c, None], out=value[c]).to(dec.dtype))
         return _add_from_workspace(out, dec, lay)
+
+    PIECE_UNITS = 32768
+    """A bucket of more units is sent as pieces of this many (2M values, 2.1 MB on the wire):
+    GradientCompressor encodes the next piece while one crosses the wire and another is summed."""
+
+    def sum_payloads(self, out: torch.Tensor, plan: QuantPlan, payloads) -> torch.Tensor:
+        """The bucket elements of `plan` (a bucket's plan or a piece of it) in `out` (the whole
+        bucket) become the sum of `payloads` (each a payload of `plan`), added in the order given
+        so that every node that sums the same payloads gets the same bits. Elements outside the
+        plan are left as they are."""
+        unit, bucket = self.unit, plan.bucket_plan
+        parts = [self.unpack(p, plan) for p in payloads]
+        direct = bucket.layout.aligned and out.dtype == torch.float32
+        if direct:  # the plan's units are bucket elements, in order
+            rows = out[plan.first * unit : (plan.first + plan.K) * unit].view(plan.K, unit)
+        else:
+            rows = self._scratch_rows((plan.K, unit), out.device, "decode")
+        value = self._scratch_like(rows, "value")
+        for c in _chunks(plan.K, rows.device):
+            for i, (scale, q) in enumerate(parts):
+                if i == 0:  # int8 x float32 is float32: no separate cast of the values
+                    torch.mul(q[c], scale[c, None], out=rows[c])
+                else:
+                    rows[c].add_(torch.mul(q[c], scale[c, None], out=value[c]))
+        if not parts:
+            rows.zero_()
+        if not direct:
+            dec = rows.view(-1)
+            spans = plan.spans()
+            if out.device.type == "cpu":
+                for at, pos, n in spans:
+                    out[at : at + n].copy_(dec[pos : pos + n])
+            elif spans:
+                lo, hi = spans[0][0], spans[-1][0] + spans[-1][2]
+                out[lo:hi].copy_(dec.index_select(0, plan.index()))
+        return out
 
     def validate(self, payload: torch.Tensor, plan: QuantPlan) -> None:
         """Raise FrameError unless `payload` (host memory) is a well-formed payload of `plan`:

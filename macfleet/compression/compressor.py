@@ -29,6 +29,7 @@ exactly what a node contributes.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from typing import Optional
 
@@ -59,6 +60,7 @@ class GradientCompressor:
         self.feedback: Optional[ErrorFeedback] = (
             ErrorFeedback(cfg, redoable=redoable) if cfg.lossy and cfg.error_feedback else None
         )
+        self._stats_lock = threading.Lock()
         self.stats = {"calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compress_s": 0.0, "decompress_s": 0.0}
         """Totals since construction: payload bytes this node sent, the dense fp32 bytes they
         stand for, and seconds spent encoding / decoding. wire_ratio = bytes_sent / dense_bytes."""
@@ -99,17 +101,47 @@ class GradientCompressor:
             # the bucket's residuals as one buffer in workspace layout: one kernel each way
             bound = self.feedback.bind(tuple(name for name, _ in views), lay.starts, lay.numels, lay.padded, work)
             bound.accumulate(work)
+        if hasattr(codec, "sum_payloads"):
+            return self._in_pieces(flat, plan, work, bound, start)
         sent = codec.compress(work, plan)
         if bound is not None:
             codec.keep_unsent(work, sent)
             bound.commit(work, codec.sent_mask(plan, sent.ids) if self.feedback.momentum else None)
-        self._count(flat, sent.payload, start)
+        self._count(flat, sent.payload.numel(), start)
         if self.world_size == 1:
             return _done(self._sum(flat, plan, [sent.payload]))
         # Every payload of this plan has plan.nbytes bytes on every rank; each is validated on
         # its host copy (comm thread) before it reaches the device.
         fut = self.group.all_gather_async(sent.payload, check=lambda p: codec.validate(p, plan))
         return fut.then(lambda f: self._sum(flat, plan, f.value()))
+
+    def _in_pieces(self, flat: torch.Tensor, plan, work: torch.Tensor, bound, start: float) -> torch.futures.Future:
+        """int8: a large bucket goes as pieces (Int8Codec.PIECE_UNITS units each), each encoded,
+        all_gathered and summed on its own, so one piece crosses the wire while this thread
+        encodes the next and a comm thread sums the last: a 68 MB bucket no longer waits for its
+        whole encode before its first byte leaves, nor for its last byte before its sum starts.
+        Blocks are independent, so the bits are those of one payload per bucket."""
+        codec = self.codec
+        pieces = plan.pieces(codec.PIECE_UNITS) if self.world_size > 1 else [plan]
+        unit = codec.unit
+        futures, nbytes = [], 0
+        for piece in pieces:
+            part = work[piece.first * unit : (piece.first + piece.K) * unit]
+            sent = codec.compress(part, piece)
+            if bound is not None:
+                codec.keep_unsent(part, sent)  # before the next piece's compress reuses its scratch
+            nbytes += sent.payload.numel()
+            if self.world_size == 1:
+                futures.append(_done(self._sum(flat, piece, [sent.payload])))
+                continue
+            fut = self.group.all_gather_async(sent.payload, check=lambda p, piece=piece: codec.validate(p, piece))
+            futures.append(fut.then(lambda f, piece=piece: self._sum(flat, piece, f.value())))
+        if bound is not None:
+            bound.commit(work, None)
+        self._count(flat, nbytes, start)
+        if len(futures) == 1:
+            return futures[0]
+        return torch.futures.collect_all(futures).then(lambda f: _each_done(flat, f.value()))
 
     def _fold_dense(self, flat: torch.Tensor, views) -> None:
         # ratio 1.0: everything is sent, so flat becomes residual + gradient and the residual
@@ -125,7 +157,7 @@ class GradientCompressor:
 
     def _dense(self, flat: torch.Tensor, name: str, start: float) -> torch.futures.Future:
         payload = flat if name == "none" else to_half(flat)
-        self._count(flat, payload, start)
+        self._count(flat, payload.numel() * payload.element_size(), start)
         if self.world_size == 1:
             return _done(flat if payload is flat else flat.copy_(payload))
         fut = self.group.all_reduce_async(payload, "sum")
@@ -133,14 +165,19 @@ class GradientCompressor:
 
     def _sum(self, flat: torch.Tensor, plan, payloads: list) -> torch.Tensor:
         start = time.perf_counter()
-        flat.zero_()
-        self.codec.add_payloads(flat, plan, payloads)
-        self.stats["decompress_s"] += time.perf_counter() - start
+        if hasattr(self.codec, "sum_payloads"):  # int8: overwrites the plan's elements (a piece's)
+            self.codec.sum_payloads(flat, plan, payloads)
+        else:
+            flat.zero_()
+            self.codec.add_payloads(flat, plan, payloads)
+        with self._stats_lock:  # pieces are summed on several comm threads
+            self.stats["decompress_s"] += time.perf_counter() - start
         return flat
 
-    def _count(self, flat: torch.Tensor, payload: torch.Tensor, start: float) -> None:
+    def _count(self, flat: torch.Tensor, nbytes: int, start: float) -> None:
+        """One bucket sent: `nbytes` payload bytes (uint8 payloads)."""
         self.stats["calls"] += 1
-        self.stats["bytes_sent"] += payload.numel() * payload.element_size()
+        self.stats["bytes_sent"] += nbytes
         self.stats["dense_bytes"] += flat.numel() * 4
         self.stats["compress_s"] += time.perf_counter() - start
 
@@ -197,6 +234,12 @@ def load_counters(stats: dict, state: dict) -> None:
     for k, v in (state.get("counters") or {}).items():
         if k in stats:
             stats[k] = int(v)
+
+
+def _each_done(flat: torch.Tensor, futures: list) -> torch.Tensor:
+    for fut in futures:
+        fut.value()  # raises the first piece's error
+    return flat
 
 
 def _into(flat: torch.Tensor, result) -> torch.Tensor:

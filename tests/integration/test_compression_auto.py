@@ -65,11 +65,11 @@ def test_auto_compresses_on_a_100mbit_link(tmp_path):
     assert codes == [0, 0], f"{master.text()[-3000:]}\n--- worker:\n{worker.text()[-3000:]}"
     m = _metrics(tmp_path / "run")
     reason = m["compression_auto_reason"]
-    assert m["world_size"] == 2 and m["compression"] in ("fp16", "topk_fp16"), reason
+    assert m["world_size"] == 2 and m["compression"] in ("fp16", "int8", "topk_fp16"), reason
     # Tried least lossy first until one fits behind backward (all of them if none does): the digits
     # CNN's exchanges are short even at 100 Mbit/s, so each is measured, none estimated.
-    assert re.match(r"compression=auto: measured exchanges none [0-9.]+ ms, fp16 [0-9.]+ ms(, topk_fp16 10% [0-9.]+ ms"
-                    r"(, [0-9.]+% [0-9.]+ ms)*)?; backward ", reason), reason
+    assert re.match(r"compression=auto: measured exchanges none [0-9.]+ ms, fp16 [0-9.]+ ms(, int8 [0-9.]+ ms"
+                    r"(, topk_fp16 10% [0-9.]+ ms(, [0-9.]+% [0-9.]+ ms)*)?)?; backward ", reason), reason
     link_mb_s = float(re.search(r"; link ([0-9.]+) MB/s", reason).group(1))
     assert link_mb_s < 40, reason  # the probe saw the shaped link (100 Mbit/s = 12.5 MB/s), not loopback's
     dense_ms = float(re.search(r"exchanges none ([0-9.]+) ms", reason).group(1))
@@ -114,15 +114,15 @@ def test_auto_decides_again_when_the_fleet_changes(tmp_path):
                 node.kill()
     text = master.text()
     assert code == 0, text[-3000:]
-    first = re.search(r"compression=auto: .*: (fp16|topk_fp16 at [0-9.]+%) \(", text)
+    first = re.search(r"compression=auto: .*: (fp16|int8|topk_fp16 at [0-9.]+%) \(", text)
     assert first, text[-3000:]  # the pair compressed (see test_auto_compresses_on_a_100mbit_link)
     again = re.search(r"compression=auto, generation 2 \(1 node\(s\)\): (.*) -> (.*) at step (\d+)", text)
     assert again, text[-3000:]
     was, now = again.group(1), again.group(2)
     print(first.group(0), "|", again.group(0))
     assert was == first.group(1)
-    # One process: "none". From top-k it runs as topk at 100%, so the residuals are sent, not dropped.
-    assert now == ("none (as topk at 100%, paying out the residuals)" if was.startswith("topk") else "none")
+    # One process: "none". From top-k or int8 it runs as topk at 100%, so the residuals are sent, not dropped.
+    assert now == ("none (as topk at 100%, paying out the residuals)" if was != "fp16" else "none")
     assert "compression=auto: one process, nothing to exchange: none" in text
     m = _metrics(tmp_path / "run")
     assert m["world_size"] == 1 and m["compression"] in ("none", "topk"), m

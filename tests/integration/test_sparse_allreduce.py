@@ -48,6 +48,14 @@ def _rank(rank, world_size, addrs):
                 # numpy, not tensors: torch's queue shares tensor memory, which dies with the rank process
                 outs.append(comp.reduce(flat, segments(), step).wait().numpy().copy())
             results[f"{name}/{gran}/{ratio}"] = (outs, comp.wire_ratio)
+        # int8 in pieces: 533 units as 6 pieces of 100, segment ends inside pieces
+        comp = GradientCompressor(CompressionConfig(name="int8"), group)
+        comp.codec.PIECE_UNITS = 100
+        outs = []
+        for step in range(STEPS):
+            group.set_step(step)
+            outs.append(comp.reduce(local_grad(rank, step) * (1.0 / world_size), segments(), step).wait().numpy().copy())
+        results["int8 pieces"] = (outs, comp.wire_ratio)
     return results
 
 
@@ -90,6 +98,9 @@ def test_compressed_all_reduce_equals_sum_of_what_each_rank_sent(world_size):
                 else:
                     assert torch.equal(out, total), (key, step, rank)
                 assert torch.equal(out, torch.from_numpy(got[0][key][0][step])), "every rank must hold the same bits"
+    for step, (total, _) in enumerate(expected["int8/block/0.1"]):
+        for rank in range(world_size):  # pieces give the bits of one payload per bucket
+            assert torch.equal(torch.from_numpy(got[rank]["int8 pieces"][0][step]), total), (step, rank)
     for rank in range(world_size):
         assert got[rank]["topk_fp16/block/0.01"][1] < 0.015
         assert got[rank]["topk/block/0.1"][1] < 0.15

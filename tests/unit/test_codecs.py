@@ -281,6 +281,34 @@ def test_int8_scale_is_max_times_float32_reciprocal():
     assert int(q.abs().max()) == 127
 
 
+def test_int8_pieces_cover_the_bucket_and_refuse_each_others_payloads():
+    codec = build_codec("int8")
+    numels = (30_000, 7, 4_097)  # segment ends inside pieces
+    plan = codec.plan(numels, 1.0, torch.device("cpu"), torch.int8)
+    pieces = plan.pieces(100)
+    assert [p.first for p in pieces] == list(range(0, plan.K, 100))
+    assert sum(p.K for p in pieces) == plan.K
+    assert plan.pieces(plan.K) == [plan]
+    runs = [(at, n) for p in pieces for at, _, n in p.spans()]
+    covered = torch.zeros(sum(numels), dtype=torch.int64)
+    for at, n in runs:
+        covered[at : at + n] += 1
+    assert bool((covered == 1).all()), "every bucket element in exactly one piece"
+    g = gen(sum(numels), seed=7, heavy=True)
+    work = codec.fill(codec.workspace(plan, g.dtype), g, plan)
+    whole = torch.empty_like(g)
+    codec.sum_payloads(whole, plan, [codec.compress(work.clone(), plan).payload])
+    pieced = torch.full_like(g, float("nan"))
+    for p in pieces:
+        part = work[p.first * 64 : (p.first + p.K) * 64].clone()
+        sent = codec.compress(part, p)
+        codec.validate(sent.payload, p)
+        with pytest.raises(FrameError, match="segments differ"):
+            codec.validate(sent.payload, pieces[1] if p is pieces[0] else pieces[0])
+        codec.sum_payloads(pieced, p, [sent.payload, sent.payload])
+    assert torch.equal(pieced, whole * 2)
+
+
 def test_int8_wire_is_a_quarter_plus_scales():
     n = 1_000_000
     codec = build_codec("int8")
