@@ -761,25 +761,33 @@ class _StepWatch:
     """compression=auto's watch on the fleet's step time within a generation: the link or a Mac's
     speed changed a lot when the step time (rank 0's, from the stop vote, so every rank sees the
     same numbers and decides alike) stays more than FACTOR away from its reference for SUSTAINED
-    votes in a row. The reference is the median of the first REFERENCE_VOTES votes after a
-    decision (the codec just chosen runs then). One slow interval (an evaluation, a checkpoint,
-    the probe itself) never triggers."""
+    votes in a row. The reference is the median of REFERENCE_VOTES votes after a decision (the
+    codec just chosen runs then), once WARMUP_VOTES have passed: a codec's first steps allocate
+    its buffers and PyTorch DDP rebuilds its buckets after the first step (model=mlp on one core:
+    919 ms a step over the first votes, 514 ms after, which read as a change and made auto
+    decide again). One slow interval (an evaluation, a checkpoint, the probe itself) never
+    triggers."""
 
     FACTOR = 1.5
     SUSTAINED = 3
     REFERENCE_VOTES = 3
+    WARMUP_VOTES = 3
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
         self._first: list[float] = []
+        self._skipped = 0
         self.reference: float | None = None
         self._off = 0
 
     def changed(self, step_s: float) -> bool:
         if step_s <= 0:
             return False  # no figure yet (rank 0's first vote)
+        if self._skipped < self.WARMUP_VOTES:
+            self._skipped += 1
+            return False
         if self.reference is None:
             self._first.append(step_s)
             if len(self._first) >= self.REFERENCE_VOTES:

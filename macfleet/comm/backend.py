@@ -77,9 +77,13 @@ def _work(futures: list, value):
 class MacFleetProcessGroup(dist.ProcessGroup):
     """torch.distributed ProcessGroup whose collectives run on a macfleet.comm.Group."""
 
-    def __init__(self, group: Group):
+    def __init__(self, group: Group, owns_group: bool = True):
+        """`owns_group`: shutdown (destroy_process_group) closes `group`. False for a Group the
+        caller made and keeps (init_process_group_from_group): a trainer that rebuilds its DDP
+        within a generation (compression=auto deciding again) keeps training on that Group."""
         super().__init__(group.rank, group.world_size)
         self.group = group
+        self.owns_group = owns_group
 
     def getBackendName(self) -> str:
         return BACKEND_NAME
@@ -141,7 +145,8 @@ class MacFleetProcessGroup(dist.ProcessGroup):
         return self.group.rank
 
     def shutdown(self) -> None:
-        self.group.close()
+        if self.owns_group:
+            self.group.close()
 
     def __repr__(self) -> str:
         return f"MacFleetProcessGroup(rank={self.group.rank}, world_size={self.group.world_size})"
@@ -184,6 +189,7 @@ def create_process_group(store, rank: int, world_size: int, timeout: datetime.ti
     global _pending_group
     with _lock:
         group, _pending_group = _pending_group, None
+    owns = group is None
     if group is None:
         host = _local_host_towards(_store_host(store))
         port = int(os.environ.get("MACFLEET_TENSOR_PORT", "0")) or free_ports(1, host)[0]
@@ -201,7 +207,7 @@ def create_process_group(store, rank: int, world_size: int, timeout: datetime.ti
             f"init_process_group(rank={rank}, world_size={world_size}) does not match the Group "
             f"(rank={group.rank}, world_size={group.world_size}); pass the Group's own rank and size"
         )
-    return MacFleetProcessGroup(group)
+    return MacFleetProcessGroup(group, owns_group=owns)
 
 
 def init_process_group_from_group(group: Group) -> None:

@@ -50,8 +50,11 @@ def _train(backend: str, rank: int, world_size: int, port: int, hook: bool) -> d
     dist.all_gather(gathered, torch.tensor([float(rank), 7.0]))
     dist.barrier()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = dist.distributed_c10d._get_default_group().group if backend == "macfleet" else None
     dist.destroy_process_group()
-    return {"state": state, "gathered": gathered, "session": session}
+    # A group the backend made is the backend's: destroying the process group closes it.
+    closed = engine._closed if engine is not None else None
+    return {"state": state, "gathered": gathered, "session": session, "closed": closed}
 
 
 def _from_group(rank: int, world_size: int, addrs: list[str]) -> dict:
@@ -71,9 +74,16 @@ def _from_group(rank: int, world_size: int, addrs: list[str]) -> dict:
     b = torch.full((2,), float(rank))
     dist.broadcast(b, src=1)
     dist.destroy_process_group()
+    # The caller's Group outlives the process group (a trainer rebuilding its DDP within a
+    # generation keeps training on it): it still sums, and serves a second process group.
+    again = torch.full((1,), 10.0 * (rank + 1))
+    group.all_reduce(again)
+    init_process_group_from_group(group)
+    dist.all_reduce(again)
+    dist.destroy_process_group()
     group.close()
     comm_threads = [th.name for th in threading.enumerate() if th.name.startswith("macfleet-comm")]
-    return {"sum": t.tolist(), "bcast": b.tolist(), "threads_left": comm_threads}
+    return {"sum": t.tolist(), "bcast": b.tolist(), "again": again.tolist(), "threads_left": comm_threads}
 
 
 def _ranks(rank, world_size, addrs, ports):
@@ -97,7 +107,9 @@ def test_ddp_over_macfleet_matches_gloo():
     assert sessions[0][0] == sessions[0][1] and sessions[1][0] == sessions[1][1], sessions
     assert sessions[0][0] != sessions[1][0] and 0 not in sessions[0] + sessions[1], sessions
     for rank in range(2):
-        assert results[rank]["from_group"] == {"sum": [3.0] * 3, "bcast": [1.0, 1.0], "threads_left": []}
+        assert results[rank]["from_group"] == {"sum": [3.0] * 3, "bcast": [1.0, 1.0], "again": [60.0],
+                                               "threads_left": []}
+        assert results[rank]["macfleet"]["closed"] is True and results[rank]["macfleet+hook"]["closed"] is True
     # The replicas agree with each other exactly (both ranks hold the same all_reduce result).
     for key in ref:
         assert torch.equal(results[0]["macfleet"]["state"][key], results[1]["macfleet"]["state"][key])
