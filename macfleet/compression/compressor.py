@@ -122,7 +122,11 @@ class GradientCompressor:
         whole encode before its first byte leaves, nor for its last byte before its sum starts.
         Blocks are independent, so the bits are those of one payload per bucket."""
         codec = self.codec
-        pieces = plan.pieces(codec.PIECE_UNITS) if self.world_size > 1 else [plan]
+        # On an accelerator the codec is a few kernels: there each piece's staging and collective
+        # cost more than the overlap saves (ResNet-50 on 2 H100s: 42 ms of comm wait in pieces, 28
+        # in one payload per bucket), so pieces are for CPU buckets.
+        cpu = flat.device.type == "cpu"
+        pieces = plan.pieces(codec.PIECE_UNITS) if self.world_size > 1 and cpu else [plan]
         unit = codec.unit
         futures, nbytes = [], 0
         for piece in pieces:
