@@ -805,9 +805,8 @@ def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, lay
     (node 0 the master, writing `out`), with the override `layers` and `codec`."""
     n = len(nodes)
     if netns:  # every namespace has its own ports; a fresh pair per run skips TIME_WAIT. Below
-        # the kernel's ephemeral range (32768-60999): a node's random heartbeat port or an
-        # outgoing connection of the run before could hold a port in it (seen once: "rank 0
-        # cannot listen on 10.0.0.1:50054", the second run's data port, on a GPU host).
+        # the kernel's ephemeral range (32768-60999), where a node's random heartbeat port or an
+        # outgoing connection of an earlier run could hold one.
         addrs, ports = [f"10.0.0.{i + 1}" for i in range(n)], [20051 + 2 * k] + [20052 + 2 * k] * n
     else:
         from macfleet.comm.launch import free_ports
