@@ -121,9 +121,21 @@ def run(cfg: DictConfig, output_dir: str | None = None) -> float:
     return float(metrics.get("test_loss", float("nan")))
 
 
+def dump_stacks_on_sigusr1() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to this process's stderr (its log),
+    and training goes on: how to see where a node that seems hung is waiting, without py-spy
+    (which needs sudo on macOS). Idempotent; a no-op where SIGUSR1 does not exist."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True, chain=False)
+
+
 def fit(cfg: DictConfig, output_dir: str | None = None) -> dict[str, Any]:
     """Build data, model, optimizer and LR schedule from `cfg` and train: this process's metrics
     (none when the job went to running agents). train.py and the recipes both come here."""
+    dump_stacks_on_sigusr1()
     if cfg.cluster.mode == "agent" or _agent_listening(cfg):
         check_keys(cfg)
         submit_to_agents(cfg, output_dir)
