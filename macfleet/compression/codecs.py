@@ -580,11 +580,13 @@ class Int8Codec(TopKCodec):
             q[c].copy_(qf[c].round_().clamp_(-127.0, 127.0).nan_to_num_(0.0))
         return Quantized(payload, scale, q, qf)
 
-    def keep_unsent(self, work: torch.Tensor, sent: Quantized) -> None:
-        """The workspace becomes what stays behind: each value minus its value as sent."""
+    def keep_unsent(self, work: torch.Tensor, sent: Quantized, out: Optional[torch.Tensor] = None) -> None:
+        """What stays behind, each value minus its value as sent, goes into `out` (work's shape;
+        None: into the workspace itself)."""
         rows = work.view(-1, self.unit)
+        dst = rows if out is None else out.view(-1, self.unit)
         for c in _chunks(rows.shape[0], rows.device):
-            rows[c].sub_(sent.rounded[c].mul_(sent.scale[c, None]).to(rows.dtype))
+            torch.sub(rows[c], sent.rounded[c].mul_(sent.scale[c, None]).to(rows.dtype), out=dst[c])
 
     def _scratch_like(self, rows: torch.Tensor, key: str) -> torch.Tensor:
         return self._scratch_rows(tuple(rows.shape), rows.device, key)

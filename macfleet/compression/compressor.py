@@ -95,13 +95,19 @@ class GradientCompressor:
             return self._dense(flat, codec.name, start)
         plan = codec.plan(tuple(v.numel() for _, v in views), ratio, flat.device, codec.wire_dtype(flat.dtype))
         lay = plan.layout
-        work = codec.fill(codec.workspace(plan, flat.dtype), flat, plan)
+        pieced = hasattr(codec, "sum_payloads")  # int8
+        if pieced and lay.aligned:
+            # The bucket is its own workspace: int8 reads each piece once before its sum
+            # overwrites it, and writes the residual elsewhere (one buffer and one copy saved).
+            work = flat
+        else:
+            work = codec.fill(codec.workspace(plan, flat.dtype), flat, plan)
         bound = None
         if self.feedback:
             # the bucket's residuals as one buffer in workspace layout: one kernel each way
             bound = self.feedback.bind(tuple(name for name, _ in views), lay.starts, lay.numels, lay.padded, work)
             bound.accumulate(work)
-        if hasattr(codec, "sum_payloads"):
+        if pieced:
             return self._in_pieces(flat, plan, work, bound, start)
         sent = codec.compress(work, plan)
         if bound is not None:
@@ -129,11 +135,15 @@ class GradientCompressor:
         pieces = plan.pieces(codec.PIECE_UNITS) if self.world_size > 1 and cpu else [plan]
         unit = codec.unit
         futures, nbytes = [], 0
+        # Each piece's residual goes straight into the buffer commit would copy it to, before
+        # the piece's sum can overwrite the bucket (which may be the workspace).
+        residual = bound.next_residual() if bound is not None else None
         for piece in pieces:
-            part = work[piece.first * unit : (piece.first + piece.K) * unit]
+            span = slice(piece.first * unit, (piece.first + piece.K) * unit)
+            part = work[span]
             sent = codec.compress(part, piece)
             if bound is not None:
-                codec.keep_unsent(part, sent)  # before the next piece's compress reuses its scratch
+                codec.keep_unsent(part, sent, out=residual[span])  # before the next compress reuses its scratch
             nbytes += sent.payload.numel()
             if self.world_size == 1:
                 futures.append(_done(self._sum(flat, piece, [sent.payload])))
@@ -141,7 +151,7 @@ class GradientCompressor:
             fut = self.group.all_gather_async(sent.payload, check=lambda p, piece=piece: codec.validate(p, piece))
             futures.append(fut.then(lambda f, piece=piece: self._sum(flat, piece, f.value())))
         if bound is not None:
-            bound.commit(work, None)
+            bound.commit(None)  # written above
         self._count(flat, nbytes, start)
         if len(futures) == 1:
             return futures[0]

@@ -199,16 +199,25 @@ class Bound:
             return torch.add(self.residual, u, out=work)
         return work.add_(self.residual)
 
-    def commit(self, unsent: torch.Tensor, sent: Optional[torch.Tensor] = None) -> None:
-        """The residual becomes `unsent`; the velocity is zeroed where `sent` (a bool mask)."""
+    def next_residual(self) -> torch.Tensor:
+        """The buffer `commit` puts the new residual in (the spare one when redoable). A codec
+        may write the residual there itself and then `commit(None)`, which saves commit's copy
+        of the bucket."""
+        return self._spare_r if self.owner is not None else self.residual
+
+    def commit(self, unsent: Optional[torch.Tensor], sent: Optional[torch.Tensor] = None) -> None:
+        """The residual becomes `unsent` (None: already written into `next_residual()`); the
+        velocity is zeroed where `sent` (a bool mask)."""
         if self.owner is not None:
-            self._spare_r.copy_(unsent)
+            if unsent is not None:
+                self._spare_r.copy_(unsent)
             if self._spare_u is not None:
                 self._spare_u.zero_() if sent is None else self._spare_u.masked_fill_(sent, 0.0)
             self.pending = True
             self.owner._pending_bounds.append(self)
             return
-        self.residual.copy_(unsent)
+        if unsent is not None:
+            self.residual.copy_(unsent)
         if self.velocity is not None:
             if sent is None:
                 self.velocity.zero_()

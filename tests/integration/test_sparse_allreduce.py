@@ -56,7 +56,22 @@ def _rank(rank, world_size, addrs):
             group.set_step(step)
             outs.append(comp.reduce(local_grad(rank, step) * (1.0 / world_size), segments(), step).wait().numpy().copy())
         results["int8 pieces"] = (outs, comp.wire_ratio)
+        # and with whole blocks only, where the bucket is its own workspace
+        comp = GradientCompressor(CompressionConfig(name="int8"), group)
+        comp.codec.PIECE_UNITS = 100
+        outs = []
+        for step in range(STEPS):
+            group.set_step(step)
+            outs.append(comp.reduce(aligned_grad(rank, step) * (1.0 / world_size), ALIGNED, step).wait().numpy().copy())
+        results["int8 pieces aligned"] = (outs, comp.wire_ratio)
     return results
+
+
+ALIGNED = [("a.weight", 0, 64 * 300), ("b.weight", 64 * 300, 64 * 200)]
+
+
+def aligned_grad(rank: int, step: int) -> torch.Tensor:
+    return local_grad(rank, step)[: 64 * 500].clone()  # SIZES hold 34104 values
 
 
 def _expected(world_size):
@@ -101,6 +116,18 @@ def test_compressed_all_reduce_equals_sum_of_what_each_rank_sent(world_size):
     for step, (total, _) in enumerate(expected["int8/block/0.1"]):
         for rank in range(world_size):  # pieces give the bits of one payload per bucket
             assert torch.equal(torch.from_numpy(got[rank]["int8 pieces"][0][step]), total), (step, rank)
+    from macfleet.compression import GradientCompressor
+    from macfleet.config import CompressionConfig
+
+    nodes = [GradientCompressor(CompressionConfig(name="int8"), None) for _ in range(world_size)]
+    for step in range(STEPS):
+        sent = [node.reduce(aligned_grad(r, step) * (1.0 / world_size), ALIGNED, step).wait()
+                for r, node in enumerate(nodes)]
+        total = torch.zeros_like(sent[0])
+        for s in sent:
+            total += s
+        for rank in range(world_size):
+            assert torch.equal(torch.from_numpy(got[rank]["int8 pieces aligned"][0][step]), total), (step, rank)
     for rank in range(world_size):
         assert got[rank]["topk_fp16/block/0.01"][1] < 0.015
         assert got[rank]["topk/block/0.1"][1] < 0.15

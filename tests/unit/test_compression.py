@@ -224,17 +224,21 @@ def test_a_rank_with_another_config_is_a_frame_error():
         assert "same compression config" in str(exc)
 
 
-@pytest.mark.parametrize("cfg", [
-    CompressionConfig(name="topk_fp16", ratio=0.05),
-    CompressionConfig(name="topk", ratio=0.1, granularity="element", momentum_correction=True),
-    CompressionConfig(name="topk_fp16", ratio=0.05, warmup_steps=2),  # the per-name (ratio 1.0) path first
+@pytest.mark.parametrize("cfg,segs", [
+    (CompressionConfig(name="topk_fp16", ratio=0.05), [("a", 0, 300), ("b", 300, 1000)]),
+    (CompressionConfig(name="topk", ratio=0.1, granularity="element", momentum_correction=True),
+     [("a", 0, 300), ("b", 300, 1000)]),
+    # the per-name (ratio 1.0) path first
+    (CompressionConfig(name="topk_fp16", ratio=0.05, warmup_steps=2), [("a", 0, 300), ("b", 300, 1000)]),
+    (CompressionConfig(name="int8"), [("a", 0, 300), ("b", 300, 1000)]),  # a workspace
+    (CompressionConfig(name="int8"), [("a", 0, 320), ("b", 320, 960)]),  # whole blocks: the bucket is the workspace
 ])
-def test_a_rolled_back_step_redone_counts_its_gradient_once(cfg):
+def test_a_rolled_back_step_redone_counts_its_gradient_once(cfg, segs):
     """An elastic fleet redoes a step whose exchange failed: the redone step must start from the
     residuals before it, so the result equals a run where the step never failed."""
     torch.manual_seed(0)
-    segs = [("a", 0, 300), ("b", 300, 1000)]
-    grads = [torch.randn(1300) for _ in range(4)]
+    n = sum(k for _, _, k in segs)
+    grads = [torch.randn(n) for _ in range(4)]
     plain = GradientCompressor(cfg, None)
     redo = GradientCompressor(cfg, None, redoable=True)
     for step, g in enumerate(grads):
