@@ -96,6 +96,12 @@ TIMED_RUNS = 2
 """Timed trial exchanges per candidate, after one warm-up."""
 SLOW_TRIAL_S = 0.5
 """A candidate whose warm-up exchange took longer is measured by that one exchange."""
+FAR = 2.0
+"""A dense codec (none, fp16) whose warm-up exchange took more than this many backwards cannot
+fit behind backward: its warm-up is its measurement (no timed runs)."""
+HOPELESS = 4.0
+"""`none` is not tried when its byte estimate (a lower bound) is over this many backwards and
+over SLOW_TRIAL_S: fp16, tried next, sends half its bytes."""
 TRIAL_BUDGET_S = 2.5
 """The trials start nothing that would end past this many seconds (the slowest rank's clock).
 At 1.5 s, int8's trial (0.93 s for ResNet-50 at 250 Mbit/s) left no time for the top-k ratios
@@ -394,9 +400,15 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         fresh = not any(d.name == c.name and d.label in measured for d in cands)
         if elapsed + guess > budget_s and not (fresh and guess <= SLOW_TRIAL_S):
             continue
+        if c.name == "none" and guess > max(SLOW_TRIAL_S, HOPELESS * backward_s):
+            # Its bytes alone take far longer than backward, and fp16 (tried next) sends half of
+            # them: it keeps its estimate (model=mlp at 1 Gbit/s: 0.6 s of a 3.6 s probe saved).
+            continue
         reducer = make_reducer(_trial_cfg(cfg, c), group)
         warm, elapsed = _slowest(group, rank, n, [once(reducer, 0), clock() - start])
-        runs = 0 if warm > SLOW_TRIAL_S else min(TIMED_RUNS, max(0, int((budget_s - elapsed) / max(warm, 1e-6))))
+        far = not c.gathered and warm > FAR * backward_s  # cannot fit: one exchange is enough
+        runs = 0 if warm > SLOW_TRIAL_S or far else \
+            min(TIMED_RUNS, max(0, int((budget_s - elapsed) / max(warm, 1e-6))))
         if c.gathered and not runs:
             # A top-k (or int8) codec's first exchange also allocates its workspace and error-feedback
             # residuals (68 MB each for a 17M-parameter model). Taken as the measurement, that

@@ -221,6 +221,17 @@ def test_trials_stop_at_the_first_that_fits():
     assert mine == theirs == ({"none": mine[0]["none"]}, 1) and counts[0] == counts[1]
 
 
+def test_dense_is_not_tried_where_its_bytes_alone_take_many_backwards():
+    # On paper a 0.5 MB/s link: dense's 0.38 MB would take 0.76 s, 76 backwards; fp16 is tried instead
+    # (really loopback, so it fits and the trials end there).
+    (mine, theirs), counts = _trials(backward_s=0.010, link=Link(0.0001, 5e5))
+    assert mine == theirs and counts[0] == counts[1]
+    measured, counted = mine
+    assert "none" not in measured and list(measured) == ["fp16"] and counted == 2
+    got = choose(_cands(DIGITS_CNN)[:counted], Link(0.0001, 5e5), 0.010, 2, measured=measured)
+    assert got.name == "fp16" and "none ~" in got.reason, got.reason
+
+
 def test_slow_trials_are_measured_once_and_the_budget_skips_the_rest():
     # Every clock reading is 1 s later than the one before: each exchange "takes" 1 s, so a dense
     # codec's warm-up is its measurement; a top-k codec's warm-up (which allocates its workspace
