@@ -400,6 +400,13 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         fresh = not any(d.name == c.name and d.label in measured for d in cands)
         if elapsed + guess > budget_s and not (fresh and guess <= SLOW_TRIAL_S):
             continue
+        weight = TOPK_STEPS if c.sparse else 1.0
+        best = min((TOPK_STEPS if d.sparse else 1.0) * measured[d.label] for d in cands if d.label in measured) \
+            if measured else None
+        if best is not None and guess > backward_s and weight * guess > best * (1 + MARGIN):
+            # It cannot fit, and even at its estimate it cannot come within the margin of what
+            # was measured: `choose` could not pick it (a top-k ratio below a slow measured one).
+            continue
         if c.name == "none" and guess > max(SLOW_TRIAL_S, HOPELESS * backward_s):
             # Its bytes alone take far longer than backward, and fp16 (tried next) sends half of
             # them: it keeps its estimate (model=mlp at 1 Gbit/s: 0.6 s of a 3.6 s probe saved).

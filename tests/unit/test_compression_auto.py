@@ -212,7 +212,12 @@ def test_trials_measure_every_candidate_the_same_on_both_ranks():
     (mine, theirs), counts = _trials(backward_s=0.0)
     assert mine == theirs and counts[0] == counts[1]
     measured, counted = mine
-    assert counted == 7 and list(measured) == [c.label for c in _cands(DIGITS_CNN)]
+    # Every codec is measured. A top-k ratio below 10% is skipped where its estimate (with 10%'s
+    # measured fixed costs, counted 2x) cannot come within 10% of the best measured (on loopback,
+    # dense's exchange: usually all of them).
+    labels = [c.label for c in _cands(DIGITS_CNN)]
+    assert counted == 7 and list(measured)[:4] == labels[:4]
+    assert list(measured) == [label for label in labels if label in measured]
     assert all(0 < t < 5 for t in measured.values())
 
 
