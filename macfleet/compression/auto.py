@@ -97,8 +97,9 @@ TIMED_RUNS = 2
 SLOW_TRIAL_S = 0.5
 """A candidate whose warm-up exchange took longer is measured by that one exchange."""
 FAR = 2.0
-"""A dense codec (none, fp16) whose warm-up exchange took more than this many backwards cannot
-fit behind backward: its warm-up is its measurement (no timed runs)."""
+"""A codec whose warm-up exchange took more than this many backwards cannot fit behind backward:
+one exchange measures it, the warm-up itself for none and fp16, one timed run after the warm-up
+for int8 and top-k (whose warm-up also allocates their buffers)."""
 HOPELESS = 4.0
 """`none` is not tried when its byte estimate (a lower bound) is over this many backwards and
 over SLOW_TRIAL_S: fp16, tried next, sends half its bytes."""
@@ -243,7 +244,7 @@ def _listed(times: list[tuple[Candidate, float, bool]]) -> str:
         items.append(f"{what} {mark}{1e3 * t:.1f} ms")
         last = c.name
     head = ("measured exchanges" if every == {True} else "estimated exchanges" if every == {False}
-            else "exchanges (~ estimated: not tried in the probe's time)")
+            else "exchanges (~ estimated, not tried)")
     return f"{head} {', '.join(items)}"
 
 
@@ -413,7 +414,7 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
             continue
         reducer = make_reducer(_trial_cfg(cfg, c), group)
         warm, elapsed = _slowest(group, rank, n, [once(reducer, 0), clock() - start])
-        far = not c.gathered and warm > FAR * backward_s  # cannot fit: one exchange is enough
+        far = warm > FAR * backward_s  # cannot fit: one exchange is enough (int8 and top-k: one after the warm-up)
         runs = 0 if warm > SLOW_TRIAL_S or far else \
             min(TIMED_RUNS, max(0, int((budget_s - elapsed) / max(warm, 1e-6))))
         if c.gathered and not runs:

@@ -50,7 +50,7 @@ def test_measured_exchanges_decide_not_bytes():
     got = choose(cs, link, backward_s=0.015, world_size=2, measured=H100_PAIR)
     assert (got.name, got.ratio) == ("fp16", None)
     # int8 was not measured: its byte estimate (10.3 ms) leaves its codec's work out, so it cannot win.
-    assert got.reason == ("compression=auto: exchanges (~ estimated: not tried in the probe's time) none 38.1 ms, "
+    assert got.reason == ("compression=auto: exchanges (~ estimated, not tried) none 38.1 ms, "
                           "fp16 21.0 ms, int8 ~10.3 ms, topk_fp16 10% 24.5 ms, 5% 23.6 ms, 2% 23.1 ms, 1% 22.9 ms; "
                           "backward 15.0 ms; link 3000 MB/s, 0.30 ms: fp16 (nothing fits behind backward: the fastest, "
                           "a top-k exchange counted 2x for its extra steps to the same accuracy; int8 and top-k "
@@ -82,7 +82,7 @@ def test_untried_candidates_are_estimated_with_their_codecs_measured_excess():
     # 1% is estimated fastest, but a ratio below the configured 10% is taken only on a measured
     # time: the measured 5% wins (within 10% of the fastest eligible, itself).
     assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.05))
-    assert got.reason.startswith("compression=auto: exchanges (~ estimated: not tried in the probe's time) "
+    assert got.reason.startswith("compression=auto: exchanges (~ estimated, not tried) "
                                  "none ~8193.2 ms, fp16 ~4097.2 ms, int8 ~2177.2 ms, topk_fp16 10% ")
     assert ", 1% ~" in got.reason and "; link 12 MB/s, 0.30 ms: topk_fp16 at 5% (nothing fits" in got.reason
     assert got.reason.endswith("; int8 and top-k below the configured ratio only on a measured exchange)")
