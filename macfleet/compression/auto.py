@@ -3,8 +3,8 @@
 After the fleet is connected and before MacFleetDDP is built, every rank runs `resolve`:
 
 1. `measure_backward`: forward + backward of a copy of the model on this node's local batch
-   (RNG states restored, so the run is the same as without the probe): the backward time, and
-   that real gradient as one flat tensor on the device.
+   (RNG states restored, so the run is the same as without the probe): the forward and backward
+   times, and that real gradient as one flat tensor on the device.
 2. `probe_link`: timed all_reduces on the fleet's own group (the engine the gradients will
    cross): 1 KB ones for the latency of a collective, 4 MB ones for the bandwidth. Rank 0 takes
    the slowest rank's figures and broadcasts them, so every rank plans the trials alike.
@@ -17,12 +17,14 @@ After the fleet is connected and before MacFleetDDP is built, every rank runs `r
    ratio/10.
 4. Rank 0 `choose`s and broadcasts the decision, so every rank builds the same codec.
 
-The rule (`choose`, pure arithmetic on those times): the least lossy candidate whose exchange
-fits within backward (where it can hide) wins; when none fits, the least lossy within `MARGIN`
-of the fastest, where a top-k exchange counts `TOPK_STEPS` (2) times its time: top-k needs
-more steps to the same accuracy, and the time to accuracy is what a user waits for. int8 and a
-top-k ratio below `compression.ratio` win only on their measured time, never on an estimate,
-once any trial ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
+The rule (`choose`, pure arithmetic on those times): each candidate's step is forward +
+backward + the part of its exchange that backward does not hide, and a top-k step counts
+`TOPK_STEPS` (2) times (top-k needs more steps to the same accuracy, and the time to accuracy
+is what a user waits for); the least lossy candidate within `MARGIN` of the lowest wins. So the
+least lossy exchange that fits behind backward wins over any that does not, except that
+int8 or fp16 left a little exposed can beat a top-k that hides. int8 and a top-k ratio below
+`compression.ratio` win only on their measured time, never on an estimate, once any trial
+ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
 error feedback, the sum of the gathered payloads) that its few bytes on the wire do not show.
 
 The trials are kept short (`TRIAL_BUDGET_S`, 2.5 s): once a candidate fits, the more lossy
@@ -186,29 +188,37 @@ def exchange_times(cands: list[Candidate], link: Link, world_size: int,
             for c in cands]
 
 
+def step_cost(c: Candidate, exchange: float, backward_s: float, forward_s: float = 0.0) -> float:
+    """What `c` costs a run per step of progress: forward + backward + the part of its exchange
+    that backward does not hide, counted TOPK_STEPS times for top-k (its extra steps to the
+    same accuracy)."""
+    step = forward_s + backward_s + max(0.0, exchange - backward_s)
+    return step * (TOPK_STEPS if c.sparse else 1.0)
+
+
 def choose(candidates: list[Candidate], link: Link, backward_s: float, world_size: int,
-           margin: float = MARGIN, measured: dict | None = None) -> Choice:
+           margin: float = MARGIN, measured: dict | None = None, forward_s: float = 0.0) -> Choice:
     """The least lossy of `candidates` (given least lossy first, dense "none" first) whose
-    exchange fits within `backward_s`; if none fits, the least lossy within `margin` of the
-    fastest. `measured` maps a candidate's label to its measured exchange seconds (the slowest
-    rank's); a candidate without one is estimated (`exchange_times`). Once anything was measured,
-    a top-k ratio below the configured one (the first top-k candidate's) is picked only on its
-    own measured time, never on an estimate (see `_eligible`). One process: none."""
+    `step_cost` is within `margin` of the lowest: where an exchange fits within `backward_s`,
+    the least lossy that fits; a top-k exchange counts TOPK_STEPS times. `measured` maps a
+    candidate's label to its measured exchange seconds (the slowest rank's); a candidate without
+    one is estimated (`exchange_times`). Once anything was measured, int8 and a top-k ratio below
+    the configured one (the first top-k candidate's) are picked only on their own measured time,
+    never on an estimate (see `_eligible`). One process: none."""
     if world_size <= 1:
         return Choice("none", None, "compression=auto: one process, nothing to exchange: none", {})
     times = exchange_times(candidates, link, world_size, measured)
     eligible = _eligible(times)
-    fits = [(c, t) for c, t, _ in eligible if t <= backward_s]
-    if fits:
-        pick, t = fits[0]
+    cost = [(c, t, step_cost(c, t, backward_s, forward_s)) for c, t, _ in eligible]
+    lowest = min(k for _, _, k in cost)
+    pick, t, k = next((c, t, k) for c, t, k in cost if k <= lowest * (1 + margin))
+    fits = [c for c, t, _ in cost if t <= backward_s]
+    if t <= backward_s:
         why = "fits behind backward"
     else:
-        # The time to accuracy decides: a top-k step counts TOPK_STEPS times (its extra steps).
-        cost = [(c, t * (TOPK_STEPS if c.sparse else 1.0)) for c, t, _ in eligible]
-        fastest = min(k for _, k in cost)
-        pick, k = next((c, k) for c, k in cost if k <= fastest * (1 + margin))
-        why = "nothing fits behind backward: the fastest" + ("" if k == fastest else f" within {margin:.0%}")
-        if any(c.sparse for c, _ in cost) and any(not c.sparse for c, _ in cost):
+        why = ("nothing fits behind backward: " if not fits else "") + "the fastest"
+        why += ("" if k == lowest else f" within {margin:.0%}")
+        if any(c.sparse for c, _, _ in cost) and any(not c.sparse for c, _, _ in cost):
             why += f", a top-k exchange counted {TOPK_STEPS:g}x for its extra steps to the same accuracy"
     if len(eligible) < len(times):
         why += "; int8 and top-k below the configured ratio only on a measured exchange"
@@ -295,10 +305,10 @@ def probe_link(group, world_size: int) -> Link:
 
 
 def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, device: torch.device,
-                     repeats: int = 3) -> tuple[float, torch.Tensor, list[tuple[str, int, int]]]:
+                     repeats: int = 3) -> tuple[float, torch.Tensor, list[tuple[str, int, int]], float]:
     """(backward seconds, the gradient as one flat tensor on `device`, its (parameter name,
-    offset, numel) segments) of a copy of `model` on `batch`; RNG states and the model are left
-    as they were."""
+    offset, numel) segments, forward seconds) of a copy of `model` on `batch`; RNG states and
+    the model are left as they were."""
     from macfleet import checkpoint as ckpt
     from macfleet.device import synchronize
 
@@ -306,9 +316,11 @@ def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, devic
     try:
         work = copy.deepcopy(model).to(device).train()
         x, y = (t.to(device) for t in batch)
-        times = []
+        times, forwards = [], []
         for i in range(repeats + 1):  # the first pass warms allocators and kernels up
             work.zero_grad(set_to_none=True)
+            synchronize(device)
+            t_fwd = time.perf_counter()
             out = loss(work(x), y)
             synchronize(device)
             t0 = time.perf_counter()
@@ -316,6 +328,7 @@ def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, devic
             synchronize(device)
             if i:
                 times.append(time.perf_counter() - t0)
+                forwards.append(t0 - t_fwd)
         params = [(n, p) for n, p in work.named_parameters() if p.requires_grad]
         flat = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=device)
                           for _, p in params]).detach()
@@ -326,7 +339,7 @@ def measure_backward(model: torch.nn.Module, loss: Callable, batch: tuple, devic
     finally:
         ckpt.set_rng_state(rng)
     # The fastest pass: what the model costs here, not what another process on the same cores took.
-    return min(times), flat, segments
+    return min(times), flat, segments, min(forwards)
 
 
 def buckets(segments: list[tuple[str, int, int]], cap_bytes: int = BUCKET_BYTES,
@@ -369,7 +382,7 @@ def _trial_cfg(cfg: CompressionConfig, c: Candidate) -> CompressionConfig:
 def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[str, int, int]],
                     cfg: CompressionConfig, cands: list[Candidate], link: Link, backward_s: float,
                     device: torch.device, budget_s: float = TRIAL_BUDGET_S,
-                    clock: Callable[[], float] = time.perf_counter) -> tuple[dict, int]:
+                    clock: Callable[[], float] = time.perf_counter, forward_s: float = 0.0) -> tuple[dict, int]:
     """({label: seconds}, how many of `cands` count) from real exchanges of `grad` on `group`,
     the slowest rank's time per candidate (see the module docstring). Every rank must call it
     with the same `cands`, `link`, `backward_s` and `budget_s`: it makes collectives, and which
@@ -401,10 +414,9 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         fresh = not any(d.name == c.name and d.label in measured for d in cands)
         if elapsed + guess > budget_s and not (fresh and guess <= SLOW_TRIAL_S):
             continue
-        weight = TOPK_STEPS if c.sparse else 1.0
-        best = min((TOPK_STEPS if d.sparse else 1.0) * measured[d.label] for d in cands if d.label in measured) \
+        best = min(step_cost(d, measured[d.label], backward_s, forward_s) for d in cands if d.label in measured) \
             if measured else None
-        if best is not None and guess > backward_s and weight * guess > best * (1 + MARGIN):
+        if best is not None and guess > backward_s and step_cost(c, guess, backward_s, forward_s) > best * (1 + MARGIN):
             # It cannot fit, and even at its estimate it cannot come within the margin of what
             # was measured: `choose` could not pick it (a top-k ratio below a slow measured one).
             continue
@@ -445,24 +457,26 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
         choice = choose([], Link(0.0, 1.0), 0.0, 1)
     else:
         batch = fetch(dataset, list(range(min(len(dataset), max(1, local_batch)))))
-        backward_s, grad, segments = measure_backward(model, loss, batch, device)
+        backward_s, grad, segments, forward_s = measure_backward(model, loss, batch, device)
         link = probe_link(world.group, world.world_size)
         every = world.gather_object({"latency_s": link.latency_s, "bandwidth": link.bandwidth,
-                                     "backward_s": backward_s})
+                                     "backward_s": backward_s, "forward_s": forward_s})
         worst = None
         if world.rank == 0:
             # The slowest figures count: a step waits for the slowest rank and the slowest link.
             worst = {"latency_s": max(r["latency_s"] for r in every), "bandwidth": min(r["bandwidth"] for r in every),
-                     "backward_s": max(r["backward_s"] for r in every)}
+                     "backward_s": max(r["backward_s"] for r in every),
+                     "forward_s": max(r["forward_s"] for r in every)}
         worst = world.broadcast_object(worst)  # every rank plans the same trials from the same figures
         slowest_link = Link(worst["latency_s"], worst["bandwidth"])
         cands = candidates([k for _, _, k in segments], cfg)
         measured, counted = trial_exchanges(world.group, world.rank, grad, segments, cfg, cands, slowest_link,
-                                            worst["backward_s"], device)
+                                            worst["backward_s"], device, forward_s=worst["forward_s"])
         del grad
         decided = None
         if world.rank == 0:
-            choice = choose(cands[:counted], slowest_link, worst["backward_s"], world.world_size, measured=measured)
+            choice = choose(cands[:counted], slowest_link, worst["backward_s"], world.world_size, measured=measured,
+                            forward_s=worst["forward_s"])
             decided = {"name": choice.name, "ratio": choice.ratio, "reason": choice.reason}
         decided = world.broadcast_object(decided)
         choice = Choice(decided["name"], decided["ratio"], decided["reason"], {})

@@ -127,10 +127,16 @@ def test_slow_link_compresses_as_little_as_fits():
     assert got.reason.startswith("compression=auto: estimated exchanges none 820.4 ms, fp16 410.8 ms, "
                                  "int8 218.8 ms, topk_fp16 10% 43.4 ms, 5% ")
     assert got.reason.endswith(": int8 (fits behind backward)")
-    # A shorter one needs top-k, a longer one hides fp16, then dense.
-    got = choose(cs, Link(0.0003, GIGABIT), backward_s=0.100, world_size=2)
+    # Shorter: top-k at 10% fits, int8 does not; top-k's step, counted 2x, is still the cheaper one
+    # at 80 ms of backward (int8 218.8 ms against 2 x 80), not at 100 ms (218.8 within 10% of 200).
+    got = choose(cs, Link(0.0003, GIGABIT), backward_s=0.080, world_size=2)
     assert (got.name, got.ratio) == ("topk_fp16", 0.1)
     assert got.reason.endswith(": topk_fp16 at 10% (fits behind backward)")
+    got = choose(cs, Link(0.0003, GIGABIT), backward_s=0.100, world_size=2)
+    assert got.name == "int8" and "(the fastest within 10%, a top-k exchange counted 2x" in got.reason, got.reason
+    # A forward pass makes every step longer, so the exchange int8 leaves exposed weighs less.
+    got = choose(cs, Link(0.0003, GIGABIT), backward_s=0.080, world_size=2, forward_s=0.080)
+    assert got.name == "int8", got.reason
     # A longer backward hides fp16, then dense.
     assert choose(cs, Link(0.0003, GIGABIT), backward_s=0.5, world_size=2).name == "fp16"
     assert choose(cs, Link(0.0003, GIGABIT), backward_s=1.0, world_size=2).name == "none"
@@ -142,7 +148,7 @@ def test_slow_link_compresses_as_little_as_fits():
 def test_digits_cnn_on_100mbit_compresses():
     got = choose(_cands(DIGITS_CNN), Link(0.0005, MBIT100), backward_s=0.010, world_size=2)
     assert got.name == "int8" and got.reason.endswith(": int8 (fits behind backward)"), got.reason
-    assert choose(_cands(DIGITS_CNN), Link(0.0005, MBIT100), backward_s=0.005, world_size=2).name == "topk_fp16"
+    assert choose(_cands(DIGITS_CNN), Link(0.0005, MBIT100), backward_s=0.002, world_size=2).name == "topk_fp16"
 
 
 def test_nothing_fits_takes_the_least_lossy_within_the_margin_of_the_fastest():
