@@ -48,7 +48,7 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
         assert r["samples_per_s"] > 0 and 0 < r["wire_ratio"] <= 1
     none, auto = rows
     assert none["ran"] == "none" and none["auto_reason"] is None and none["wire_ratio"] == 1.0
-    assert auto["ran"] in ("none", "fp16", "topk_fp16")
+    assert auto["ran"] in ("none", "fp16", "int8", "topk_fp16")
     assert auto["auto_reason"].startswith("compression=auto: measured exchanges ") and f": {auto['ran']}" in auto["auto_reason"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for said in ("fleet-none", f"fleet-auto (ran {auto['ran']})", "time to target", "vs none"):
