@@ -110,6 +110,21 @@ def test_an_untried_sparser_ratio_never_wins_on_its_estimate():
     assert got.name == "int8", got.reason
 
 
+def test_the_rule_on_figures_measured_on_gpu_and_cpu_fleets():
+    """The trials' figures as measured (the reason lines of 2026-11-27's runs) give the codec that
+    ran fastest there (ResNet-50 on 2 H100s) or reached 0.95 soonest (model=mlp, 2 one-core nodes)."""
+    r50, mlp = _cands(RESNET50), _cands([64 * 4096 + 4096, 4096 * 4096 + 4096, 4096 * 10 + 10])
+    gbit = {"none": 0.8342, "fp16": 0.4397, "int8": 0.2330, "topk_fp16 at 10%": 0.0508}
+    got = choose(r50, Link(0.00116, 121e6), 0.0571, 2, measured=gbit)
+    assert (got.name, got.ratio) == ("topk_fp16", 0.1), got.reason  # 9089 samples/s, int8 4086
+    mbit250 = {"fp16": 1.6200, "topk_fp16 at 10%": 0.1620, "topk_fp16 at 5%": 0.0821, "topk_fp16 at 2%": 0.0318}
+    got = choose(r50, Link(0.00036, 25e6), 0.0485, 2, measured=mbit250)
+    assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.02)), got.reason  # 11208, 10%: 5473
+    one_gbit_cpu = {"fp16": 0.3343, "int8": 0.2073, "topk_fp16 at 10%": 0.1405}
+    got = choose(mlp, Link(0.00049, 120e6), 0.0956, 2, measured=one_gbit_cpu)
+    assert got.name == "int8", got.reason  # 0.95 in 10.3 s; topk_fp16 15.6 s (2 epochs), none 18.7 s
+
+
 def test_fast_link_keeps_dense():
     got = choose(_cands(DIGITS_CNN), Link(0.0005, LOOPBACK), backward_s=0.010, world_size=2)
     assert (got.name, got.ratio) == ("none", None)
