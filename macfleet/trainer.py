@@ -228,9 +228,10 @@ class Trainer:
                 try:
                     return self._fit(world, device, t_start, ctrl_c, state)
                 except RuntimeError as exc:
-                    if not str(exc).startswith("DataLoader worker"):
+                    died = _worker_death(exc)
+                    if died is None:
                         raise
-                    what = str(exc).strip().rstrip(".")
+                    what = str(died).strip().rstrip(".")
                     raise MacFleetError(
                         f"a DataLoader worker process died at step {state.step}: {what}. A worker killed "
                         "by SIGKILL is most often the system running out of memory. Resume with trainer.resume=auto; "
@@ -755,6 +756,18 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = int(state["step"]), int(state["epoch"]), int(state["step_in_epoch"])
         self.shares = state.get("shares")
+
+
+def _worker_death(exc: BaseException) -> BaseException | None:
+    """PyTorch's "DataLoader worker ... killed / exited" error in `exc` or the errors it was
+    raised while handling: its SIGCHLD handler raises it wherever the main thread is, e.g.
+    inside torch.save, whose cleanup then fails with an error of its own."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 class _StepWatch:

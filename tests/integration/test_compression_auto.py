@@ -66,10 +66,11 @@ def test_auto_compresses_on_a_100mbit_link(tmp_path):
     m = _metrics(tmp_path / "run")
     reason = m["compression_auto_reason"]
     assert m["world_size"] == 2 and m["compression"] in ("fp16", "int8", "topk_fp16"), reason
-    # Tried least lossy first until one fits behind backward (all of them if none does): the digits
-    # CNN's exchanges are short even at 100 Mbit/s, so each is measured, none estimated.
-    assert re.match(r"compression=auto: measured exchanges none [0-9.]+ ms, fp16 [0-9.]+ ms(, int8 [0-9.]+ ms"
-                    r"(, topk_fp16 10% [0-9.]+ ms(, [0-9.]+% [0-9.]+ ms)*)?)?; backward ", reason), reason
+    # Tried least lossy first until one fits behind backward: the digits CNN's exchanges are short
+    # even at 100 Mbit/s, so dense is measured; a later one that could not win is skipped (~).
+    assert re.match(r"compression=auto: (measured exchanges|exchanges \(~ estimated, not tried\)) none [0-9.]+ ms, "
+                    r"fp16 ~?[0-9.]+ ms(, int8 ~?[0-9.]+ ms(, topk_fp16 10% ~?[0-9.]+ ms(, [0-9.]+% ~?[0-9.]+ ms)*)?)?; "
+                    r"backward ", reason), reason
     link_mb_s = float(re.search(r"; link ([0-9.]+) MB/s", reason).group(1))
     assert link_mb_s < 40, reason  # the probe saw the shaped link (100 Mbit/s = 12.5 MB/s), not loopback's
     dense_ms = float(re.search(r"exchanges none ([0-9.]+) ms", reason).group(1))
@@ -102,7 +103,7 @@ def test_auto_decides_again_when_the_fleet_changes(tmp_path):
                            ["ip", "netns", "exec", ns.names[0]], env)
         worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
         try:
-            t_picked = master.wait_line("compression=auto: measured exchanges", timeout=180)
+            t_picked = master.wait_line(re.compile(r"compression=auto: (measured )?exchanges"), timeout=180)
             master.wait_line(f"checkpoint {tmp_path / 'run'}", timeout=120, after=t_picked)  # training is under way
             worker.signal(signal.SIGINT)
             assert worker.wait(60) == 130, worker.text()[-3000:]

@@ -81,3 +81,19 @@ def test_auto_decides_again_only_when_the_step_time_stays_far_from_its_reference
     assert not any(w.changed(s) for s in (0.200, 0.200, 0.200, 0.050, 0.052, 0.051))
     assert w.reference == pytest.approx(0.051)
     assert [w.changed(s) for s in (0.030, 0.031, 0.032)] == [False, False, True]  # faster counts too
+
+
+def test_a_dataloader_worker_death_is_found_behind_the_error_it_interrupted():
+    """PyTorch raises a worker's death from its SIGCHLD handler wherever the main thread is; inside
+    torch.save the zip writer's cleanup then fails too (seen in CI): the death must still be found."""
+    from macfleet.trainer import _worker_death
+
+    try:
+        try:
+            raise RuntimeError("DataLoader worker (pid 32039) is killed by signal: Killed. ")
+        except RuntimeError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 93824 vs 93720")
+    except RuntimeError as exc:
+        outer = exc
+    assert str(_worker_death(outer)).startswith("DataLoader worker (pid 32039)")
+    assert _worker_death(RuntimeError("CUDA out of memory")) is None
