@@ -86,6 +86,8 @@ class Codec:
     """Payloads are all_gathered and summed (else all_reduced as tensors)."""
     selects = False
     """Sends only the units it selects (top-k): `ratio` applies."""
+    pieced = False
+    """Sums payloads with `sum_payloads` (overwriting), and may send a bucket as pieces (int8)."""
 
     def encode(self, t: torch.Tensor, step: int = 0) -> torch.Tensor:
         raise NotImplementedError
@@ -539,6 +541,7 @@ class Int8Codec(TopKCodec):
     lossy = True
     sparse = True
     selects = False
+    pieced = True
 
     def __init__(self, block_size: int = 64):
         super().__init__(1.0, "block", block_size, torch.int8)

@@ -95,8 +95,7 @@ class GradientCompressor:
             return self._dense(flat, codec.name, start)
         plan = codec.plan(tuple(v.numel() for _, v in views), ratio, flat.device, codec.wire_dtype(flat.dtype))
         lay = plan.layout
-        pieced = hasattr(codec, "sum_payloads")  # int8
-        if pieced and lay.aligned:
+        if codec.pieced and lay.aligned:
             # The bucket is its own workspace: int8 reads each piece once before its sum
             # overwrites it, and writes the residual elsewhere (one buffer and one copy saved).
             work = flat
@@ -107,7 +106,7 @@ class GradientCompressor:
             # the bucket's residuals as one buffer in workspace layout: one kernel each way
             bound = self.feedback.bind(tuple(name for name, _ in views), lay.starts, lay.numels, lay.padded, work)
             bound.accumulate(work)
-        if pieced:
+        if codec.pieced:
             return self._in_pieces(flat, plan, work, bound, start)
         sent = codec.compress(work, plan)
         if bound is not None:
@@ -179,7 +178,7 @@ class GradientCompressor:
 
     def _sum(self, flat: torch.Tensor, plan, payloads: list) -> torch.Tensor:
         start = time.perf_counter()
-        if hasattr(self.codec, "sum_payloads"):  # int8: overwrites the plan's elements (a piece's)
+        if self.codec.pieced:  # int8: overwrites the plan's elements (a piece's)
             self.codec.sum_payloads(flat, plan, payloads)
         else:
             flat.zero_()
