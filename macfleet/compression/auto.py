@@ -89,8 +89,9 @@ RATIO_STEPS = (1.0, 0.5, 0.2, 0.1)
 MARGIN = 0.1
 """When nothing fits behind backward, a less lossy codec within 10% of the fastest wins."""
 TOPK_STEPS = 2.0
-"""A top-k candidate's step counts this many times in `step_cost`: top-k leaves values out each step and needs more steps to the same accuracy than a codec that sends
-every value (none, fp16, int8). model=mlp on digits at 1 Gbit/s (benchmark --type convergence):
+"""A top-k candidate's step counts this many times in `step_cost`: top-k leaves values out each
+step and needs more steps to the same accuracy than a codec that sends every value (none, fp16,
+int8). model=mlp on digits at 1 Gbit/s (benchmark --type convergence):
 topk_fp16 at 10% ran at up to 1.6x int8's samples/s and reached 0.95 in 2 epochs in every run,
 where none, fp16 and int8 took 1."""
 TIMED_RUNS = 2
