@@ -19,9 +19,9 @@ After the fleet is connected and before MacFleetDDP is built, every rank runs `r
 
 The rule (`choose`, pure arithmetic on those times): each candidate's step is forward +
 backward + the part of its exchange that backward does not hide, and a top-k step counts
-`TOPK_STEPS` (2) times (top-k needs more steps to the same accuracy, and the time to accuracy
-is what a user waits for); the least lossy candidate within `MARGIN` of the lowest wins. So the
-least lossy exchange that fits behind backward wins over any that does not, except that
+`steps_factor` times: 2 at 10%, more at sparser ratios (top-k needs more steps to the same
+accuracy, and the time to accuracy is what a user waits for); the least lossy candidate within
+`MARGIN` of the lowest wins. So the least lossy exchange that fits behind backward wins over any that does not, except that
 int8 or fp16 left a little exposed can beat a top-k that hides. int8 and a top-k ratio below
 `compression.ratio` win only on their measured time, never on an estimate, once any trial
 ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
@@ -89,11 +89,19 @@ RATIO_STEPS = (1.0, 0.5, 0.2, 0.1)
 MARGIN = 0.1
 """When nothing fits behind backward, a less lossy codec within 10% of the fastest wins."""
 TOPK_STEPS = 2.0
-"""A top-k candidate's step counts this many times in `step_cost`: top-k leaves values out each
-step and needs more steps to the same accuracy than a codec that sends every value (none, fp16,
-int8). model=mlp on digits at 1 Gbit/s (benchmark --type convergence):
+"""A top-k candidate at TOPK_REFERENCE_RATIO counts this many steps in `step_cost`: top-k leaves
+values out each step and needs more steps to the same accuracy than a codec that sends every
+value (none, fp16, int8). model=mlp on digits at 1 Gbit/s (benchmark --type convergence):
 topk_fp16 at 10% ran at up to 1.6x int8's samples/s and reached 0.95 in 2 epochs in every run,
 where none, fp16 and int8 took 1."""
+TOPK_REFERENCE_RATIO = 0.1
+TOPK_RATIO_EXPONENT = 0.5
+"""A sparser ratio costs more steps still: a top-k step counts
+TOPK_STEPS x (TOPK_REFERENCE_RATIO / ratio) ** TOPK_RATIO_EXPONENT, at least 1 (10%: 2, 5%: 2.8,
+2%: 4.5, 1%: 6.3). Measured (model=mlp on digits, 2 nodes, `trainer.epochs=6`, epochs to 0.95):
+10% 2, 5% 4, 2% 4 (0.77 after 2 epochs, 0.90 after 3); none 1. With a flat 2x, auto picked 2% on
+a 16-core host's 8-core nodes at 1 Gbit/s (backward 9.8 ms), which ended 2 epochs at 0.85 where
+int8 reached 0.95 in one."""
 TIMED_RUNS = 2
 """Timed trial exchanges per candidate, after one warm-up."""
 SLOW_TRIAL_S = 0.5
@@ -135,7 +143,7 @@ class Candidate:
 
     @property
     def sparse(self) -> bool:
-        """A top-k candidate: it leaves values out (and costs steps, see TOPK_STEPS)."""
+        """A top-k candidate: it leaves values out (and costs steps, see steps_factor)."""
         return self.ratio is not None
 
     @property
@@ -188,19 +196,27 @@ def exchange_times(cands: list[Candidate], link: Link, world_size: int,
             for c in cands]
 
 
+def steps_factor(c: Candidate) -> float:
+    """How many steps `c` takes for one step of a codec that sends every value (see
+    TOPK_RATIO_EXPONENT): 1 for none, fp16 and int8."""
+    if not c.sparse:
+        return 1.0
+    return max(1.0, TOPK_STEPS * (TOPK_REFERENCE_RATIO / c.ratio) ** TOPK_RATIO_EXPONENT)
+
+
 def step_cost(c: Candidate, exchange: float, backward_s: float, forward_s: float = 0.0) -> float:
     """What `c` costs a run per step of progress: forward + backward + the part of its exchange
-    that backward does not hide, counted TOPK_STEPS times for top-k (its extra steps to the
-    same accuracy)."""
+    that backward does not hide, times `steps_factor` (top-k's extra steps to the same
+    accuracy)."""
     step = forward_s + backward_s + max(0.0, exchange - backward_s)
-    return step * (TOPK_STEPS if c.sparse else 1.0)
+    return step * steps_factor(c)
 
 
 def choose(candidates: list[Candidate], link: Link, backward_s: float, world_size: int,
            margin: float = MARGIN, measured: dict | None = None, forward_s: float = 0.0) -> Choice:
     """The least lossy of `candidates` (given least lossy first, dense "none" first) whose
     `step_cost` is within `margin` of the lowest: where an exchange fits within `backward_s`,
-    the least lossy that fits; a top-k exchange counts TOPK_STEPS times. `measured` maps a
+    the least lossy that fits; a top-k step counts `steps_factor` times. `measured` maps a
     candidate's label to its measured exchange seconds (the slowest rank's); a candidate without
     one is estimated (`exchange_times`). Once anything was measured, int8 and a top-k ratio below
     the configured one (the first top-k candidate's) are picked only on their own measured time,
@@ -219,7 +235,8 @@ def choose(candidates: list[Candidate], link: Link, backward_s: float, world_siz
         why = ("nothing fits behind backward: " if not fits else "") + "the fastest"
         why += ("" if k == lowest else f" within {margin:.0%}")
         if any(c.sparse for c, _, _ in cost) and any(not c.sparse for c, _, _ in cost):
-            why += f", a top-k exchange counted {TOPK_STEPS:g}x for its extra steps to the same accuracy"
+            why += (f", top-k steps counted {TOPK_STEPS:g}x at {_percent(TOPK_REFERENCE_RATIO)} and more below it "
+                    "for their extra steps to the same accuracy")
     if len(eligible) < len(times):
         why += "; int8 and top-k below the configured ratio only on a measured exchange"
     reason = (f"compression=auto: {_listed(times)}; backward {1e3 * backward_s:.1f} ms; "
@@ -485,5 +502,5 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
     return chosen, {"compression_auto_reason": choice.reason}
 
 
-__all__ = ["Link", "Candidate", "Choice", "choose", "candidates", "exchange_s", "exchange_times", "buckets",
-           "probe_link", "measure_backward", "trial_exchanges", "resolve"]
+__all__ = ["Link", "Candidate", "Choice", "choose", "candidates", "exchange_s", "exchange_times", "steps_factor",
+           "step_cost", "buckets", "probe_link", "measure_backward", "trial_exchanges", "resolve"]
