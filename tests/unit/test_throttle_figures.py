@@ -29,3 +29,14 @@ def test_never_back_and_too_few_steps():
     assert "not within 5% of the ideal within 20 steps" in _recovery(never)
     short = throttle_figures(_history(lambda s: 100)[:23], 20, 2, 100.0)
     assert (short["steps_to_recover"], short["slowed"], short["steps_after_throttle"]) == (None, None, 3)
+
+
+def test_a_late_dip_counts_from_where_the_fleet_is_back_for_good():
+    """The first window after the throttle still ran at full speed; the dip came after it (the
+    shape of a run on a 16-core host: within 5%, then 6-9% short, then back)."""
+    got = throttle_figures(_history(lambda s: 50 if 25 <= s <= 30 else 100), 20, 2, 100.0)
+    assert (got["slowed"], got["steps_to_recover"]) == (True, 13)
+    assert "back within 5% of the ideal after 13 steps" in _recovery(got)
+    # Back, then short again at the end: not recovered.
+    got = throttle_figures(_history(lambda s: 50 if s > 35 else 100), 20, 2, 100.0)
+    assert (got["slowed"], got["steps_to_recover"]) == (True, None)
