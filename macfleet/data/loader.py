@@ -126,8 +126,58 @@ def resolve_workers(setting, dataset, device) -> int:
     return auto_workers(dataset, device) if setting == "auto" else int(setting)
 
 
+def drop_inherited_sockets(worker_id: int = 0) -> int:
+    """A DataLoader worker's `worker_init_fn`: point every network (IPv4/IPv6) socket the worker
+    inherited from its node at /dev/null, and return how many there were.
+
+    On Linux DataLoader workers are forked, and a fork copies every descriptor: the fleet's data
+    listener, its connections to peers and the control sockets. The node's copy closing did not
+    free them while a worker (persistent: for the whole run) held its own. When a peer was lost,
+    the next generation could not listen on its port again ("rank 0 cannot listen on ...: Address
+    already in use"), so the run stopped instead of going on without the peer: every elastic
+    recovery with `trainer.num_workers` > 0 failed this way (seen on the GPU hosts, where
+    `num_workers=auto` starts 2 workers; reproduced on CPU by `macfleet benchmark --type elastic
+    --cases kill -- trainer.num_workers=2`). A worker never talks to the network: it reads the
+    dataset and hands batches back over pipes (and Unix sockets for shared memory), which are
+    left alone. Each descriptor keeps its number (dup2 of /dev/null, not close), so nothing in the
+    worker can close a reused number by mistake later. Spawned workers (macOS) inherit none:
+    nothing to do."""
+    import os
+    import socket
+    import stat
+
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    try:
+        fds = sorted(int(name) for name in os.listdir(fd_dir))
+    except OSError:
+        return 0
+    dropped, null = 0, None
+    try:
+        for fd in fds:
+            try:
+                if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    continue
+                sock = socket.socket(fileno=fd)
+            except OSError:  # the listing's own descriptor, gone by now; or not a socket we can read
+                continue
+            try:
+                family = sock.family
+            finally:
+                sock.detach()
+            if family in (socket.AF_INET, socket.AF_INET6):
+                if null is None:
+                    null = os.open(os.devnull, os.O_RDWR)
+                os.dup2(null, fd)
+                dropped += 1
+    finally:
+        if null is not None:
+            os.close(null)
+    return dropped
+
+
 def build_loader(dataset, sampler, seed: int, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """DataLoader over `dataset` in `sampler`'s batches; `sampler.set_epoch` before each `iter()`."""
+    """DataLoader over `dataset` in `sampler`'s batches; `sampler.set_epoch` before each `iter()`.
+    Its workers drop the node's network sockets they inherit (`drop_inherited_sockets`)."""
     return DataLoader(
         SeededBatches(dataset, seed),
         batch_sampler=EpochBatches(sampler),
@@ -136,7 +186,8 @@ def build_loader(dataset, sampler, seed: int, num_workers: int = 0, pin_memory: 
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=drop_inherited_sockets if num_workers > 0 else None,
     )
 
 
-__all__ = ["SeededBatches", "EpochBatches", "auto_workers", "build_loader", "fetch", "resolve_workers", "sample_seed"]
+__all__ = ["SeededBatches", "EpochBatches", "auto_workers", "build_loader", "drop_inherited_sockets", "fetch", "resolve_workers", "sample_seed"]
