@@ -248,8 +248,10 @@ def test_trials_measure_every_candidate_the_same_on_both_ranks():
     # Every codec is measured. A top-k ratio below 10% is skipped where its estimate (with 10%'s
     # measured fixed costs, counted 2x) cannot come within 10% of the best measured (on loopback,
     # dense's exchange: usually all of them).
+    # With no backward to hide behind, fp16 cannot fit: int8, half its bytes, is tried before it.
     labels = [c.label for c in _cands(DIGITS_CNN)]
-    assert counted == 7 and list(measured)[:4] == labels[:4]
+    labels[1:3] = labels[2:0:-1]
+    assert counted == 7 and list(measured)[:4] == ["none", "int8", "fp16", "topk_fp16 at 10%"]
     assert list(measured) == [label for label in labels if label in measured]
     assert all(0 < t < 5 for t in measured.values())
 
@@ -260,14 +262,28 @@ def test_trials_stop_at_the_first_that_fits():
 
 
 def test_dense_is_not_tried_where_its_bytes_alone_take_many_backwards():
-    # On paper a 0.5 MB/s link: dense's 0.38 MB would take 0.76 s, 76 backwards; fp16 is tried instead
-    # (really loopback, so it fits and the trials end there).
+    # On paper a 0.5 MB/s link: dense's 0.38 MB would take 0.76 s, 76 backwards, and fp16's half of
+    # it cannot fit either: int8 is tried first (really loopback, so it fits); fp16, which even at
+    # its estimate cannot come within 10% of int8's step, is not tried, and the trials end there.
     (mine, theirs), counts = _trials(backward_s=0.010, link=Link(0.0001, 5e5))
     assert mine == theirs and counts[0] == counts[1]
     measured, counted = mine
-    assert "none" not in measured and list(measured) == ["fp16"] and counted == 2
+    assert list(measured) == ["int8"] and counted == 3
     got = choose(_cands(DIGITS_CNN)[:counted], Link(0.0001, 5e5), 0.010, 2, measured=measured)
-    assert got.name == "fp16" and "none ~" in got.reason, got.reason
+    assert got.name == "int8" and "none ~" in got.reason and "fp16 ~" in got.reason, got.reason
+
+
+def test_fp16_is_still_tried_where_it_could_come_within_the_margin():
+    # On paper fp16 just misses a 40 ms backward (its estimate 41.9 ms), so int8 goes before it.
+    # Every exchange "takes" 50 ms (each clock reading is 50 ms after the one before): nothing
+    # fits, and fp16 at its estimate would cost less than anything measured, so it is tried too.
+    cs = _cands(DIGITS_CNN)
+    link = Link(0.0, cs[1].wire_bytes / 0.0419)
+    clocks = [itertools.count(0.0, 0.05).__next__ for _ in range(2)]
+    (mine, theirs), counts = _trials(backward_s=0.040, link=link, clocks=clocks)
+    assert mine == theirs and counts[0] == counts[1]
+    order = list(mine[0])
+    assert order[:3] == ["none", "int8", "fp16"], order
 
 
 def test_slow_trials_are_measured_once_and_the_budget_skips_the_rest():
