@@ -546,7 +546,8 @@ def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after
     recovery in RECOVER_WINDOW steps says nothing (None: fewer steps than a window ran after it).
     A dip that starts a few steps late (a cgroup quota bites within its period, the shares move
     after votes) counts: in a run of 2026-11-27 on CPU nodes of 8 cores, the fleet was within 5%
-    over the first windows after the throttle, short of it around 11-15 steps after, then back."""
+    over the first windows after the throttle, 6-9% short of it in windows ending 7-15 steps after,
+    then back."""
     import statistics
 
     curve = sorted((int(r["step"]), float(r["samples_per_s"])) for r in history if "samples_per_s" in r)
