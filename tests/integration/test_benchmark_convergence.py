@@ -49,7 +49,10 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
     none, auto = rows
     assert none["ran"] == "none" and none["auto_reason"] is None and none["wire_ratio"] == 1.0
     assert auto["ran"] in ("none", "fp16", "int8", "topk_fp16")
-    assert auto["auto_reason"].startswith("compression=auto: measured exchanges ") and f": {auto['ran']}" in auto["auto_reason"]
+    # Measured; a candidate that could not win may be left untried ("~ estimated, not tried").
+    assert auto["auto_reason"].startswith(("compression=auto: measured exchanges ",
+                                           "compression=auto: exchanges (~ estimated, not tried) "))
+    assert f": {auto['ran']}" in auto["auto_reason"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for said in ("fleet-none", f"fleet-auto (ran {auto['ran']})", "time to target", "vs none"):
         assert said in proc.stdout, proc.stdout

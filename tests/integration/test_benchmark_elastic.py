@@ -16,11 +16,9 @@ KEYS = {"type", "case", "nodes", "link", "heartbeat_s", "trials", "ok", "measure
 
 
 def test_kill_row_table_and_cleanup(tmp_path):
-    # With DataLoader workers: forked from the node, they must not keep its data port, which the
-    # survivor listens on again in its next generation (macfleet/data/loader.py).
     out = tmp_path / "elastic.json"
     proc = run_benchmark("elastic", tmp_path, "--cases", "kill", "--nodes", "2", "--trials", "1", "--json", str(out),
-                         "--", "trainer.num_workers=2", timeout=120)
+                         timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (row,) = json.loads(out.read_text())
     assert set(row) == KEYS

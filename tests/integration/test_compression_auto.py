@@ -129,3 +129,54 @@ def test_auto_decides_again_when_the_fleet_changes(tmp_path):
     m = _metrics(tmp_path / "run")
     assert m["world_size"] == 1 and m["compression"] in ("none", "topk"), m
     assert t_again > t_picked
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
+@pytest.mark.skipif(shutil.which("ip") is None or shutil.which("tc") is None, reason="needs iproute2's ip and tc")
+def test_auto_switches_codec_when_the_link_slows(tmp_path):
+    """Two nodes on an unshaped veth keep the gradient dense. Mid-run the link is shaped to
+    20 Mbit/s (as when traffic falls back from a Thunderbolt cable to Wi-Fi): the step time
+    jumps, auto decides again within the same generation and moves to a compressed codec. On the
+    PyTorch DDP path that retires the DDP and builds another around the fleet's group, which must
+    stay open (a switch used to end the run with "all_gather on a closed group"). Both nodes
+    train on to their last step."""
+    env = {"MACFLEET_TOKEN": "auto-secret"}
+    run = tmp_path / "run"
+    steps = ["compression=auto", "trainer.epochs=1000", "trainer.max_steps=120", "trainer.progress=false",
+             "trainer.checkpoint_every=0", "trainer.checkpoint_every_steps=30", "trainer.batch_size=256",
+             "scheduler=constant", "cluster.ddp=torch", "cluster.heartbeat_interval=2.0", "cluster.wait_timeout=120"]
+    with Netns(2, prefix="mf-slow") as ns:
+        nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", *steps]
+                 for role in ("master", "worker")]
+        master = TrainProc([*nodes[0], f"hydra.run.dir={run}"], tmp_path / "pro",
+                           ["ip", "netns", "exec", ns.names[0]], env)
+        worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+        try:
+            t_picked = master.wait_line(re.compile(r"compression=auto: .*: none \(fits behind backward\)"), timeout=180)
+            # 30 steps in, the step-time watch has its reference (it skips 3 votes, then takes 3).
+            t_ckpt = master.wait_line(f"{run / 'checkpoints' / 'step-00000030'}", timeout=120, after=t_picked)
+            ns.set_rate("20mbit")
+            t_slow = master.wait_line("and stayed there: deciding again", timeout=120, after=t_ckpt)
+            master.wait_line(re.compile(r"compression=auto, generation 1 \(2 node\(s\)\): none -> "), timeout=120,
+                             after=t_slow)
+            codes = [master.wait(240), worker.wait(60)]
+        finally:
+            for node in (worker, master):
+                node.kill()
+    text = master.text()
+    assert codes == [0, 0], f"{text[-3000:]}\n--- worker:\n{worker.text()[-3000:]}"
+    switched = re.search(r"compression=auto, generation 1 \(2 node\(s\)\): none -> (fp16|int8|topk_fp16 at [0-9.]+%) "
+                         r"at step (\d+)", text)
+    assert switched, text[-3000:]
+    print(switched.group(0))
+    m = _metrics(run)
+    assert m["steps"] == 120 and m["compression"] == switched.group(1).split(" at ")[0], m  # it ran to the end
+    # The worker took the same second decision at the same step.
+    assert f"none -> {switched.group(1)} at step {switched.group(2)}" in worker.text()
+    events = [h for h in json.loads((run / "history.json").read_text()) if "event" in h]
+    assert any("deciding again" in e["event"] for e in events) and any("none -> " in e["event"] for e in events)
+    # Nobody was lost on the way: a worker that finishes its last step a moment before the master
+    # leaves then, and only then.
+    gone = [e for e in events if e["event"].startswith("generation ")]
+    assert all(e["step"] == 120 and "finished its run" in e["event"] for e in gone), events
