@@ -26,6 +26,17 @@ def _metrics(run_dir) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def _pair(ns: Netns, args: list[str], tmp_path, run) -> tuple[TrainProc, TrainProc]:
+    """A master (its run folder `run`) and a worker, `cluster=pro_air`, in namespaces 1 and 2."""
+    env = {"MACFLEET_TOKEN": "auto-secret"}
+    nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", *args]
+             for role in ("master", "worker")]
+    master = TrainProc([*nodes[0], f"hydra.run.dir={run}"], tmp_path / "pro", ["ip", "netns", "exec", ns.names[0]],
+                       env)
+    worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+    return master, worker
+
+
 def test_auto_keeps_dense_on_loopback(tmp_path):
     out = tmp_path / "run"
     # 128 images a node: backward outlasts dense's loopback exchange of the 0.6 MB gradient even
@@ -48,15 +59,10 @@ def test_auto_keeps_dense_on_loopback(tmp_path):
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI runs as root)")
 @pytest.mark.skipif(shutil.which("ip") is None or shutil.which("tc") is None, reason="needs iproute2's ip and tc")
 def test_auto_compresses_on_a_100mbit_link(tmp_path):
-    env = {"MACFLEET_TOKEN": "auto-secret"}
     with Netns(2, rate="100mbit", prefix="mf-auto") as ns:
         # A small batch keeps backward short (a few ms), far below dense's 48 ms at 100 Mbit/s, so
         # two busy shared cores cannot tip the decision.
-        nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", "trainer.batch_size=8",
-                  *SHORT] for role in ("master", "worker")]
-        master = TrainProc([*nodes[0], f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "pro",
-                           ["ip", "netns", "exec", ns.names[0]], env)
-        worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+        master, worker = _pair(ns, ["trainer.batch_size=8", *SHORT], tmp_path, tmp_path / "run")
         try:
             codes = [master.wait(240), worker.wait(60)]
         finally:
@@ -92,17 +98,12 @@ def test_auto_decides_again_when_the_fleet_changes(tmp_path):
     it moves to none, paying out top-k's residuals when it ran top-k. It trains on to its end."""
     import signal
 
-    env = {"MACFLEET_TOKEN": "auto-secret"}
     steps = ["compression=auto", "trainer.epochs=1000", "trainer.max_steps=400", "trainer.progress=false",
              "trainer.checkpoint_every=0", "trainer.checkpoint_every_steps=10", "trainer.batch_size=8",
              "scheduler=constant",
              "cluster.heartbeat_interval=1.0", "cluster.wait_timeout=120"]
     with Netns(2, rate="100mbit", prefix="mf-redo") as ns:
-        nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", *steps]
-                 for role in ("master", "worker")]
-        master = TrainProc([*nodes[0], f"hydra.run.dir={tmp_path / 'run'}"], tmp_path / "pro",
-                           ["ip", "netns", "exec", ns.names[0]], env)
-        worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+        master, worker = _pair(ns, steps, tmp_path, tmp_path / "run")
         try:
             t_picked = master.wait_line(re.compile(r"compression=auto: (measured )?exchanges"), timeout=180)
             master.wait_line(f"checkpoint {tmp_path / 'run'}", timeout=120, after=t_picked)  # training is under way
@@ -141,17 +142,12 @@ def test_auto_switches_codec_when_the_link_slows(tmp_path):
     PyTorch DDP path that retires the DDP and builds another around the fleet's group, which must
     stay open (a switch used to end the run with "all_gather on a closed group"). Both nodes
     train on to their last step."""
-    env = {"MACFLEET_TOKEN": "auto-secret"}
     run = tmp_path / "run"
     steps = ["compression=auto", "trainer.epochs=1000", "trainer.max_steps=120", "trainer.progress=false",
              "trainer.checkpoint_every=0", "trainer.checkpoint_every_steps=30", "trainer.batch_size=256",
              "scheduler=constant", "cluster.ddp=torch", "cluster.heartbeat_interval=2.0", "cluster.wait_timeout=120"]
     with Netns(2, prefix="mf-slow") as ns:
-        nodes = [["cluster=pro_air", f"cluster.role={role}", "cluster.master_addr=10.0.0.1", *steps]
-                 for role in ("master", "worker")]
-        master = TrainProc([*nodes[0], f"hydra.run.dir={run}"], tmp_path / "pro",
-                           ["ip", "netns", "exec", ns.names[0]], env)
-        worker = TrainProc(nodes[1], tmp_path / "air", ["ip", "netns", "exec", ns.names[1]], env)
+        master, worker = _pair(ns, steps, tmp_path, run)
         try:
             t_picked = master.wait_line(re.compile(r"compression=auto: .*: none \(fits behind backward\)"), timeout=180)
             # 30 steps in, the step-time watch has its reference (it skips 3 votes, then takes 3).
@@ -166,14 +162,18 @@ def test_auto_switches_codec_when_the_link_slows(tmp_path):
                 node.kill()
     text = master.text()
     assert codes == [0, 0], f"{text[-3000:]}\n--- worker:\n{worker.text()[-3000:]}"
-    switched = re.search(r"compression=auto, generation 1 \(2 node\(s\)\): none -> (fp16|int8|topk_fp16 at [0-9.]+%) "
-                         r"at step (\d+)", text)
-    assert switched, text[-3000:]
-    print(switched.group(0))
+    # The first switch leaves none; on a busy machine the watch may decide again after it (the new
+    # codec's first steps are slower than its later ones), and the last switch's codec ran to the end.
+    switch = re.compile(r"compression=auto, generation 1 \(2 node\(s\)\): (.+?) -> (.+?) at step (\d+)")
+    switches = switch.findall(text)
+    assert switches and switches[0][0] == "none" and not switches[0][1].startswith("none"), text[-3000:]
+    print(switches)
     m = _metrics(run)
-    assert m["steps"] == 120 and m["compression"] == switched.group(1).split(" at ")[0], m  # it ran to the end
-    # The worker took the same second decision at the same step.
-    assert f"none -> {switched.group(1)} at step {switched.group(2)}" in worker.text()
+    last = switches[-1][1]  # "int8", "topk_fp16 at 10%", or "none (as topk at 100%, paying out the residuals)"
+    ran = last.split("(as ")[1].split()[0] if "(as " in last else last.split()[0]
+    assert m["steps"] == 120 and m["compression"] == ran, (m, switches)
+    # The worker took the same decisions at the same steps.
+    assert switch.findall(worker.text()) == switches
     events = [h for h in json.loads((run / "history.json").read_text()) if "event" in h]
     assert any("deciding again" in e["event"] for e in events) and any("none -> " in e["event"] for e in events)
     # Nobody was lost on the way: a worker that finishes its last step a moment before the master
