@@ -190,4 +190,5 @@ def build_loader(dataset, sampler, seed: int, num_workers: int = 0, pin_memory: 
     )
 
 
-__all__ = ["SeededBatches", "EpochBatches", "auto_workers", "build_loader", "drop_inherited_sockets", "fetch", "resolve_workers", "sample_seed"]
+__all__ = ["SeededBatches", "EpochBatches", "auto_workers", "build_loader", "drop_inherited_sockets", "fetch",
+           "resolve_workers", "sample_seed"]
