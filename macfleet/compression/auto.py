@@ -23,9 +23,9 @@ backward + the part of its exchange that backward does not hide, and a top-k ste
 `steps_factor` times: 2 at 10%, more at sparser ratios (top-k needs more steps to the same
 accuracy, and the time to accuracy is what a user waits for); the least lossy candidate within
 `MARGIN` of the lowest wins. So the least lossy exchange that fits behind backward wins over
-any that does not, except that int8 or fp16 left a little exposed can beat a top-k that hides. int8 and a top-k ratio below
-`compression.ratio` win only on their measured time, never on an estimate, once any trial
-ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
+any that does not, except that int8 or fp16 left a little exposed can beat a top-k that hides.
+int8 and a top-k ratio below `compression.ratio` win only on their measured time, never on an
+estimate, once any trial ran (`_eligible`). Measured, not estimated from bytes: a top-k exchange has fixed costs (selection,
 error feedback, the sum of the gathered payloads) that its few bytes on the wire do not show.
 
 The trials are kept short (`TRIAL_BUDGET_S`, 2.5 s): once a candidate fits, the more lossy
