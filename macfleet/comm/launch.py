@@ -232,7 +232,6 @@ class Netns:
         self.names = [f"{prefix}-{tag}-{i + 1}" for i in range(n)]
         self.bridge_ns = f"{prefix}-{tag}-br" if n > 2 else None
         self._short = f"{os.getpid() % 100000}{int(time.time()) % 100}"
-        self._devs: dict[int, str] = {}  # namespace index -> its veth end
 
     def addrs(self, port: int) -> list[str]:
         return [f"10.0.0.{i + 1}:{port}" for i in range(self.n)]
@@ -269,24 +268,12 @@ class Netns:
 
     def _up(self, i: int, dev: str) -> None:
         ns = self.names[i]
-        self._devs[i] = dev
         _ip("-n", ns, "addr", "add", f"10.0.0.{i + 1}/24", "dev", dev)
         _ip("-n", ns, "link", "set", dev, "up")
         if self.rate:
-            self._shape(i, "add", self.rate)
-
-    def _shape(self, i: int, verb: str, rate: str) -> None:
-        subprocess.run(["ip", "netns", "exec", self.names[i], "tc", "qdisc", verb, "dev", self._devs[i], "root",
-                        "tbf", "rate", rate, "burst", str(tbf_burst(rate)), "latency", "50ms"], check=True,
-                       capture_output=True, text=True)
-
-    def set_rate(self, rate: str) -> None:
-        """Shape every namespace's link to `rate` now (tbf), e.g. mid-run: a fleet whose link got
-        slower (a Thunderbolt cable pulled, traffic falling back to Wi-Fi)."""
-        tbf_burst(rate)
-        for i in range(self.n):
-            self._shape(i, "replace", rate)
-        self.rate = rate
+            subprocess.run(["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate",
+                            self.rate, "burst", str(tbf_burst(self.rate)), "latency", "50ms"], check=True,
+                           capture_output=True, text=True)
 
     def run(self, i: int, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         """Run a command inside namespace i (0-based)."""
