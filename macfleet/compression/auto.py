@@ -20,8 +20,9 @@ After the fleet is connected and before MacFleetDDP is built, every rank runs `r
 
 The rule (`choose`, pure arithmetic on those times): each candidate's step is forward +
 backward + the part of its exchange that backward does not hide, and a top-k step counts
-`steps_factor` times: 2 at 10%, more at sparser ratios (top-k needs more steps to the same
-accuracy, and the time to accuracy is what a user waits for); the least lossy candidate within
+`steps_factor` times: `compression.topk_steps` (2 by default) at 10%, more at sparser ratios
+(top-k needs more steps to the same accuracy, and the time to accuracy is what a user waits for;
+1 weighs samples/s alone at 10%); the least lossy candidate within
 `MARGIN` of the lowest wins. So the least lossy exchange that fits behind backward wins over
 any that does not, except that int8 or fp16 left a little exposed can beat a top-k that hides.
 int8 and a top-k ratio below `compression.ratio` win only on their measured time, never on an
@@ -197,24 +198,27 @@ def exchange_times(cands: list[Candidate], link: Link, world_size: int,
             for c in cands]
 
 
-def steps_factor(c: Candidate) -> float:
+def steps_factor(c: Candidate, topk_steps: float = TOPK_STEPS) -> float:
     """How many steps `c` takes for one step of a codec that sends every value (see
-    TOPK_RATIO_EXPONENT): 1 for none, fp16 and int8."""
+    TOPK_RATIO_EXPONENT; `topk_steps` is compression.topk_steps, the count at 10%): 1 for none,
+    fp16 and int8."""
     if not c.sparse:
         return 1.0
-    return max(1.0, TOPK_STEPS * (TOPK_REFERENCE_RATIO / c.ratio) ** TOPK_RATIO_EXPONENT)
+    return max(1.0, topk_steps * (TOPK_REFERENCE_RATIO / c.ratio) ** TOPK_RATIO_EXPONENT)
 
 
-def step_cost(c: Candidate, exchange: float, backward_s: float, forward_s: float = 0.0) -> float:
+def step_cost(c: Candidate, exchange: float, backward_s: float, forward_s: float = 0.0,
+              topk_steps: float = TOPK_STEPS) -> float:
     """What `c` costs a run per step of progress: forward + backward + the part of its exchange
     that backward does not hide, times `steps_factor` (top-k's extra steps to the same
     accuracy)."""
     step = forward_s + backward_s + max(0.0, exchange - backward_s)
-    return step * steps_factor(c)
+    return step * steps_factor(c, topk_steps)
 
 
 def choose(candidates: list[Candidate], link: Link, backward_s: float, world_size: int,
-           margin: float = MARGIN, measured: dict | None = None, forward_s: float = 0.0) -> Choice:
+           margin: float = MARGIN, measured: dict | None = None, forward_s: float = 0.0,
+           topk_steps: float = TOPK_STEPS) -> Choice:
     """The least lossy of `candidates` (given least lossy first, dense "none" first) whose
     `step_cost` is within `margin` of the lowest: where an exchange fits within `backward_s`,
     the least lossy that fits; a top-k step counts `steps_factor` times. `measured` maps a
@@ -226,7 +230,7 @@ def choose(candidates: list[Candidate], link: Link, backward_s: float, world_siz
         return Choice("none", None, "compression=auto: one process, nothing to exchange: none", {})
     times = exchange_times(candidates, link, world_size, measured)
     eligible = _eligible(times)
-    cost = [(c, t, step_cost(c, t, backward_s, forward_s)) for c, t, _ in eligible]
+    cost = [(c, t, step_cost(c, t, backward_s, forward_s, topk_steps)) for c, t, _ in eligible]
     lowest = min(k for _, _, k in cost)
     pick, t, k = next((c, t, k) for c, t, k in cost if k <= lowest * (1 + margin))
     fits = [c for c, t, _ in cost if t <= backward_s]
@@ -236,7 +240,7 @@ def choose(candidates: list[Candidate], link: Link, backward_s: float, world_siz
         why = ("nothing fits behind backward: " if not fits else "") + "the fastest"
         why += ("" if k == lowest else f" within {margin:.0%}")
         if any(c.sparse for c, _, _ in cost) and any(not c.sparse for c, _, _ in cost):
-            why += (f", top-k steps counted {TOPK_STEPS:g}x at {_percent(TOPK_REFERENCE_RATIO)} and more below it "
+            why += (f", top-k steps counted {topk_steps:g}x at {_percent(TOPK_REFERENCE_RATIO)} and more below it "
                     "for their extra steps to the same accuracy")
     if len(eligible) < len(times):
         why += "; int8 and top-k below the configured ratio only on a measured exchange"
@@ -443,9 +447,10 @@ def trial_exchanges(group, rank: int, grad: torch.Tensor, segments: list[tuple[s
         fresh = not any(d.name == c.name and d.label in measured for d in cands)
         if elapsed + guess > budget_s and not (fresh and guess <= SLOW_TRIAL_S):
             continue
-        best = min(step_cost(d, measured[d.label], backward_s, forward_s) for d in cands if d.label in measured) \
-            if measured else None
-        if best is not None and guess > backward_s and step_cost(c, guess, backward_s, forward_s) > best * (1 + MARGIN):
+        best = min(step_cost(d, measured[d.label], backward_s, forward_s, cfg.topk_steps)
+                   for d in cands if d.label in measured) if measured else None
+        if best is not None and guess > backward_s \
+                and step_cost(c, guess, backward_s, forward_s, cfg.topk_steps) > best * (1 + MARGIN):
             # It cannot fit, and even at its estimate it cannot come within the margin of what
             # was measured: `choose` could not pick it (a top-k ratio below a slow measured one).
             continue
@@ -525,7 +530,7 @@ def resolve(cfg: CompressionConfig, world, model: torch.nn.Module, loss: Callabl
         decided = None
         if world.rank == 0:
             choice = choose(cands[:counted], slowest_link, worst["backward_s"], world.world_size, measured=measured,
-                            forward_s=worst["forward_s"])
+                            forward_s=worst["forward_s"], topk_steps=cfg.topk_steps)
             decided = {"name": choice.name, "ratio": choice.ratio, "reason": choice.reason}
         decided = world.broadcast_object(decided)
         choice = Choice(decided["name"], decided["ratio"], decided["reason"], {})

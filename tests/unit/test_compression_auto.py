@@ -137,6 +137,23 @@ def test_the_rule_on_figures_measured_on_gpu_and_cpu_fleets():
     assert got.name == "int8", got.reason
 
 
+def test_topk_steps_trades_time_to_accuracy_for_samples_per_s():
+    """ResNet-18 on two 8-core CPU nodes at 250 Mbit/s (2026-11-27): int8 ran 182 samples/s,
+    top-k at 10% 234. With its steps counted 2x (the default) top-k loses; at
+    compression.topk_steps=1 it wins, and a sparser ratio still counts more steps than 10%."""
+    r18 = _cands([9408, 64, 64] + [36864] * 4 + [73728, 147456 * 3, 8192] + [294912, 589824 * 3, 32768]
+                 + [1179648, 2359296 * 3, 131072] + [5120, 10])
+    mbit250 = {"int8": 0.4395, "topk_fp16 at 10%": 0.0934}
+    assert choose(r18, Link(0.0004, 31e6), 0.3146, 2, measured=mbit250).name == "int8"
+    got = choose(r18, Link(0.0004, 31e6), 0.3146, 2, measured=mbit250, topk_steps=1.0)
+    assert (got.name, got.ratio) == ("topk_fp16", 0.1), got.reason
+    assert "top-k steps counted 1x" not in got.reason  # it fits: no weighing to report
+    assert steps_factor(r18[-1], 1.0) == pytest.approx(10 ** 0.5) and steps_factor(r18[3], 1.0) == 1.0
+    for bad in (0.5, "two", True):
+        with pytest.raises(ConfigError, match="compression.topk_steps"):
+            CompressionConfig(name="auto", topk_steps=bad)
+
+
 def test_fast_link_keeps_dense():
     got = choose(_cands(DIGITS_CNN), Link(0.0005, LOOPBACK), backward_s=0.010, world_size=2)
     assert (got.name, got.ratio) == ("none", None)
