@@ -58,6 +58,7 @@ class StepProfiler:
         self._step_s = 0.0
         self._counted = 0
         self._t0 = 0.0
+        self._window = 0.0
 
     # -- the trainer's calls --------------------------------------------------------------------
     def start(self) -> None:
@@ -92,7 +93,8 @@ class StepProfiler:
         self._phase_s[name] += time.perf_counter() - t0
 
     def step_done(self, seconds: float) -> bool:
-        """One profiled step took `seconds` (train_step's wall time); True once the last is in."""
+        """One profiled step took `seconds` (train_step's wall time); True once the last is in
+        (the recording then stops; `finish` reads it)."""
         if not self.active:
             return False
         self._step_s += seconds
@@ -102,16 +104,33 @@ class StepProfiler:
         self.stop()
         return True
 
-    def stop(self) -> dict:
+    def stop(self) -> None:
+        """End the recording. Its events are read and its files written by `finish`, once the
+        run's steps are over: reading and writing a trace takes long, and while one rank did it
+        between its last profiled step and its first timed one, the other ranks' first timed step
+        waited for it."""
         from macfleet.device import synchronize
 
         tracing(False)  # first: a failing synchronize (a device error ending the run) must not leave it on
         synchronize(self.device)
-        window = time.perf_counter() - self._t0
+        self._window = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         self.active, self.done = False, True
+
+    def finish(self) -> dict | None:
+        """The figures of the recorded steps (None if none were recorded); the first call reads
+        the events and writes profile/rank<R>.json and .txt."""
+        if self.active:
+            self.stop()
+        if not self.done or self.summary is not None:
+            return self.summary
+        window = self._window
         n = max(1, self._counted)
-        events = self._prof.events()
+        try:
+            events = self._prof.events()
+        except Exception as exc:  # noqa: BLE001 - never lose the run (or hide its error) over its profile
+            log.warning("profile: could not read the recorded steps: %s", exc)
+            return None
         busy, launches, launch_s = _device_figures(events, self.device)
         comm = {k: v / n for k, v in _comm_figures(events).items()}
         phases = {k: v / n for k, v in self._phase_s.items() if v > 0}

@@ -486,8 +486,9 @@ class Trainer:
                                               out_dir=out_dir if is_master else None)
         finally:
             progress.close()
-            if prof.active:  # the run ended inside the profiled steps: keep what was recorded
-                prof.stop()
+            # The recorded steps are read and written now, after the run's steps (see
+            # StepProfiler.stop); a run that ended inside them keeps what was recorded.
+            prof.finish()
 
         step, epoch = state.step, state.epoch
         if not timed_steps and interrupted is None:

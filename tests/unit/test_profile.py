@@ -44,7 +44,9 @@ def test_a_profile_that_cannot_be_written_still_gives_its_figures(tmp_path, capl
             loss.backward()
         done = prof.step_done(0.001)
     assert done and prof.done and not prof.active
-    s = prof.summary
+    assert prof.summary is None and "could not write" not in caplog.text  # read and written at finish
+    s = prof.finish()
+    assert prof.finish() is s  # once
     assert s["steps"] == 2 and s["device_busy_s"] is None and set(s["phases_s"]) == {"forward", "backward"}
     assert "profile: could not write its files" in caplog.text
     assert prof.line().startswith("profile, rank 0, 2 steps on cpu: ")
