@@ -333,6 +333,13 @@ def test_one_process_is_none():
 def test_auto_config_group_and_the_codec_it_is_not(compose_cfg):
     cfg = compose_cfg(["compression=auto"])
     assert cfg.compression.name == "auto" and cfg.trainer.compression == "auto"
+    from macfleet.config import to_dataclass
+
+    assert to_dataclass(CompressionConfig, cfg.compression).topk_steps == 2.0
+    one = to_dataclass(CompressionConfig, compose_cfg(["compression=auto", "compression.topk_steps=1"]).compression)
+    assert one.topk_steps == 1.0
+    with pytest.raises(ConfigError, match="compression.topk_steps=0.5 must be a number from 1 to 100"):
+        to_dataclass(CompressionConfig, compose_cfg(["compression=auto", "compression.topk_steps=0.5"]).compression)
     from macfleet.compression.codecs import build_codec
 
     with pytest.raises(ConfigError, match="compression=auto is not a codec"):
