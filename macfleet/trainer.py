@@ -319,6 +319,7 @@ class Trainer:
         # a synchronize at its two boundaries, none in between, so queued kernels are neither lost
         # nor waited on per step.
         timed_steps, timed_samples, timed_s = 0, 0, 0.0
+        slowest = (0.0, 0)  # the slowest timed step's seconds and number: a stall shows there, not in a mean
         steps_run = 0
         # trainer.profile_steps: recorded right after the warm-up, then timed (the profiler slows them).
         self._prof = prof = StepProfiler(tc.profile_steps, device, out_dir, world.rank)
@@ -457,6 +458,7 @@ class Trainer:
                         timed_steps += 1
                         timed_samples += tc.batch_size
                         timed_s += dt
+                        slowest = max(slowest, (dt, state.step))
                     step = state.step
                     if step % tc.log_every == 0 or step == total_steps:
                         sps = window_samples / max(1e-9, window_s)
@@ -501,6 +503,8 @@ class Trainer:
             "epochs": epoch,
             "samples_per_s": timed_samples / max(1e-9, timed_s),
             "step_s": timed_s / max(1, timed_steps),
+            "step_max_s": slowest[0],
+            "step_max_at": slowest[1],
             "timed_steps": timed_steps,
             "wall_s": wall,
             "world_size": world.world_size,

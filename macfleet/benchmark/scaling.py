@@ -20,10 +20,11 @@ Figures, each beside its reference from the same benchmark:
   metrics.json.
 JSON rows, the 1-node reference first, then one per codec: {"type", "run", "codec", "nodes",
 "global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
-"samples_per_s", "step_s", "one_node_samples_per_s", "single_samples_per_s",
+"samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
 "wire_ratio", "data_workers"}; per-node figures are lists indexed by node; data_workers: the
-DataLoader workers of rank 0 (trainer.num_workers as resolved).
+DataLoader workers of rank 0 (trainer.num_workers as resolved); step_max_s: the slowest timed
+step (a run whose slowest step took over STALL_FACTOR x its mean also gets a line saying so).
 --throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
 drops to QUOTA of its cores WHEN s after the first step (or at step N), the master's step watched
 through its status requests; NODE is also measured alone at QUOTA, the fleet logs every step, and
@@ -734,6 +735,8 @@ def run_scaling_benchmark(args) -> int:
                                     **throttle_figures(history, watch.at_step, warmup, ideal_after)}
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
+                if stalled(m):
+                    console.print(f"    [yellow]{stalled(m)}[/yellow]", highlight=False)
                 if m.get("compression_auto_reason"):  # why auto ran what it ran, as its train.log says
                     console.print(f"    {m['compression_auto_reason']}", highlight=False, soft_wrap=True)
                 if throttle:
@@ -844,6 +847,20 @@ def _namespaces(nodes: list[Node], args):
     return ns
 
 
+STALL_FACTOR = 3.0
+"""A timed step this many times the mean step is called out: a stall that the mean hides."""
+
+
+def stalled(m: dict) -> str:
+    """A line on a run's slowest timed step when it took over STALL_FACTOR x the mean (its
+    metrics.json), else ''."""
+    worst, mean = m.get("step_max_s") or 0.0, m.get("step_s") or 0.0
+    if mean <= 0 or worst <= STALL_FACTOR * mean or m.get("timed_steps", 0) < 2:
+        return ""
+    return (f"step {m.get('step_max_at')} took {1e3 * worst:.1f} ms, {worst / mean:.1f}x the mean step: a stall on "
+            "some node, inside the figures above (its train.log says more; --steps N spreads it)")
+
+
 def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: list[int], m: dict,
                 alone: list[dict], compute: list[dict], one_node: dict) -> dict:
     """One JSON row: run `m` of the nodes `used`, beside their own runs alone at the global batch
@@ -853,7 +870,7 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
     staging = m.get("staging_s")
     return {**setup, "run": run, "codec": codec, "nodes": len(used), "local_batches": batches,
             "cores": [len(nd.cores) for nd in used], "cpu_quota": [nd.quota for nd in used],
-            "samples_per_s": m["samples_per_s"], "step_s": m["step_s"],
+            "samples_per_s": m["samples_per_s"], "step_s": m["step_s"], "step_max_s": m.get("step_max_s"),
             "one_node_samples_per_s": one_node["samples_per_s"], "single_samples_per_s": single,
             "ideal_samples_per_s": sum(single), "speedup": m["samples_per_s"] / one_node["samples_per_s"],
             "efficiency": m["samples_per_s"] / sum(single), "compute_s": compute_s,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
-        "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "one_node_samples_per_s",
+        "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
         "staging_s", "wire_ratio", "data_workers"}
 
@@ -48,7 +48,7 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0) -> None:
         assert set(r) == (KEYS | {"profile"} if profiled else KEYS)
         assert (r["type"], r["model"], r["dataset"], r["global_batch"]) == ("scaling", "digits_cnn", "digits", 64)
         assert (r["steps"], r["reference_steps"], r["warmup_steps"], r["device"]) == (4, 4, 2, "cpu")
-        assert r["samples_per_s"] > 0 and r["step_s"] > 0
+        assert r["samples_per_s"] > 0 and r["step_max_s"] >= r["step_s"] > 0
         assert all(v > 0 for v in r["single_samples_per_s"] + r["compute_s"])
         # Every figure derives from its references, measured in the same benchmark.
         assert r["one_node_samples_per_s"] == one["samples_per_s"]

@@ -57,6 +57,19 @@ def test_warmup_steps_are_left_out_of_throughput(tmp_path):
     assert every["timed_steps"] == STEPS
     assert every["step_s"] >= SLOW_STEPS * SLEEP_S / STEPS
     assert every["samples_per_s"] == pytest.approx(32 / every["step_s"])
+    # The slowest timed step: a sleeping one when they count, never one when they are left out.
+    assert every["step_max_s"] >= SLEEP_S and every["step_max_at"] in range(1, SLOW_STEPS + 1)
+    assert m["step_max_s"] < SLEEP_S and m["step_max_at"] in range(SLOW_STEPS + 1, STEPS + 1)
+
+
+def test_a_stall_that_the_mean_hides_is_called_out():
+    from macfleet.benchmark.scaling import stalled
+
+    line = stalled({"step_s": 0.2, "step_max_s": 0.9, "step_max_at": 7, "timed_steps": 6})
+    assert line.startswith("step 7 took 900.0 ms, 4.5x the mean step: a stall")
+    assert stalled({"step_s": 0.2, "step_max_s": 0.5, "step_max_at": 7, "timed_steps": 6}) == ""
+    assert stalled({"step_s": 0.2, "step_max_s": 0.9, "step_max_at": 1, "timed_steps": 1}) == ""  # one step: no mean
+    assert stalled({"samples_per_s": 10.0, "step_s": 0.1}) == ""  # metrics from before the field
 
 
 def test_timing_warmup_steps_must_not_be_negative():
