@@ -241,7 +241,7 @@ def choose(candidates: list[Candidate], link: Link, backward_s: float, world_siz
         why += ("" if k == lowest else f" within {margin:.0%}")
         if any(c.sparse for c, _, _ in cost) and any(not c.sparse for c, _, _ in cost):
             why += (f", top-k steps counted {topk_steps:g}x at {_percent(TOPK_REFERENCE_RATIO)} and more below it "
-                    "for their extra steps to the same accuracy")
+                    "for their extra steps to the same accuracy, compression.topk_steps")
     if len(eligible) < len(times):
         why += "; int8 and top-k below the configured ratio only on a measured exchange"
     reason = (f"compression=auto: {_listed(times)}; backward {1e3 * backward_s:.1f} ms; "

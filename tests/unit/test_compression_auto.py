@@ -53,7 +53,8 @@ def test_measured_exchanges_decide_not_bytes():
     assert got.reason == ("compression=auto: exchanges (~ estimated, not tried) none 38.1 ms, "
                           "fp16 21.0 ms, int8 ~10.3 ms, topk_fp16 10% 24.5 ms, 5% 23.6 ms, 2% 23.1 ms, 1% 22.9 ms; "
                           "backward 15.0 ms; link 3000 MB/s, 0.30 ms: fp16 (nothing fits behind backward: the fastest, "
-                          "top-k steps counted 2x at 10% and more below it for their extra steps to the same accuracy; "
+                          "top-k steps counted 2x at 10% and more below it for their extra steps to the same accuracy, "
+                          "compression.topk_steps; "
                           "int8 and top-k "
                           "below the configured ratio only on a measured exchange)")
     assert got.estimates["topk_fp16 at 1%"] == 0.0229
@@ -67,7 +68,8 @@ def test_measured_exchanges_decide_not_bytes():
     got = choose(cs, link, 0.005, 2, measured=faster)
     assert (got.name, got.ratio) == ("topk_fp16", pytest.approx(0.05))
     assert ": topk_fp16 at 5% (nothing fits behind backward: the fastest, top-k steps counted " \
-           "2x at 10% and more below it for their extra steps to the same accuracy; int8 and top-k below" in got.reason
+           "2x at 10% and more below it for their extra steps to the same accuracy, compression.topk_steps; int8 " \
+           "and top-k below" in got.reason
     # Barely faster is not enough: 2% at 5.4 ms counts 4.47x, 1% 6.32x.
     assert steps_factor(cs[-2]) == pytest.approx(2 * 5 ** 0.5) and steps_factor(cs[-1]) == pytest.approx(2 * 10 ** 0.5)
 
