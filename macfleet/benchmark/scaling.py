@@ -424,9 +424,11 @@ def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
                         proc = subprocess.Popen(node.prefix() + argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
                                                 cwd=cwd, preexec_fn=node.enter)
                     started.append((run, log_path, proc))
-        # The spinner's thread starts after the forks: preexec_fn runs in a child forked from
-        # this process, which is safe while it has no other threads.
-        status.start()
+            # The spinner's thread starts after the forks: preexec_fn runs in a child forked from
+            # this process, which is safe while it has no other threads. It starts with the
+            # signals held too: a SIGTERM inside rich's start left it half started, and stopping
+            # it then raised IndexError over the interrupt (exit 1 with a traceback, not 130).
+            status.start()
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while any(p.poll() is None for _, _, p in started):
             if any(p.returncode not in (None, 0) for _, _, p in started):
