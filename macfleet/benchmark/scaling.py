@@ -443,11 +443,13 @@ def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
             if proc.returncode not in (None, 0):
                 raise MacFleetError(f"{run.label} failed: {_why(log_path, proc)} (log: {log_path})")
     finally:
-        status.stop()
+        # The processes first: when stopping the spinner raised (see above), the training
+        # processes of that run were left behind, still training.
         for _, _, proc in started:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+        status.stop()
     return [json.loads((run.out / "metrics.json").read_text()) for run in runs]
 
 
