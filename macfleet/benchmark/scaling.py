@@ -739,8 +739,9 @@ def run_scaling_benchmark(args) -> int:
                                     **throttle_figures(history, watch.at_step, warmup, ideal_after)}
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
-                if stalled(m):
-                    console.print(f"    [yellow]{stalled(m)}[/yellow]", highlight=False)
+                stall = stalled(m)
+                if stall:
+                    console.print(f"    [yellow]{stall}[/yellow]", highlight=False)
                 if m.get("compression_auto_reason"):  # why auto ran what it ran, as its train.log says
                     console.print(f"    {m['compression_auto_reason']}", highlight=False, soft_wrap=True)
                 if throttle:
