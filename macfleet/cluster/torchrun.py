@@ -100,9 +100,10 @@ class TorchGroup:
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return self.all_reduce_async(t, op).wait()
 
-    def all_gather_async(self, t: torch.Tensor, check=None) -> torch.futures.Future:
+    def all_gather_async(self, t: torch.Tensor, check=None, *, equal: bool = True) -> torch.futures.Future:
         """Every rank's `t`, in rank order. Parts must have the same size on every rank (the
-        codecs' payloads do: their size is fixed by the layout). `check` runs on CPU parts only:
+        codecs' payloads do: their size is fixed by the layout; `equal` is accepted for Group's
+        signature). `check` runs on CPU parts only:
         validating device parts would make the host wait for the GPU every step."""
         src = self._on(t.contiguous())
         parts = [torch.empty_like(src) for _ in range(self.world_size)]

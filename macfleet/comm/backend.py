@@ -110,7 +110,7 @@ class MacFleetProcessGroup(dist.ProcessGroup):
                 for dst, src in zip(outs, f.value()):
                     dst.copy_(src.reshape(dst.shape))
                 return outs
-            futures.append(self.group.all_gather_async(inp).then(copy_out))
+            futures.append(self.group.all_gather_async(inp, equal=True).then(copy_out))  # torch: equal sizes
         return _work(futures, output_tensors)
 
     def _allgather_base(self, output_tensor, input_tensor, opts=AllgatherOptions()):

@@ -363,8 +363,11 @@ def send_tensor(tp: Transport, dst: int, t: torch.Tensor, chunk_bytes: int):
     return last
 
 
-def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Receive a whole tensor of a shape announced by its first header, chunks landing in place."""
+def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | None = None,
+                into: torch.Tensor | None = None) -> torch.Tensor:
+    """Receive a whole tensor of a shape announced by its first header, chunks landing in place:
+    in `into` (contiguous) when the header announces its shape and dtype, else in a new tensor
+    (which the caller tells apart by identity)."""
     state: dict = {"got": 0}
 
     def land(h: Header) -> memoryview:
@@ -372,7 +375,8 @@ def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | N
             if dtype is not None and h.dtype != dtype:
                 raise FrameError(f"{tp.op} #{tp.seq}: rank {src} sent {h.dtype}, rank {tp.rank} has {dtype}: "
                                  "every rank must use the same dtype")
-            state["out"] = torch.empty(h.shape, dtype=h.dtype)
+            fits = into is not None and h.shape == tuple(into.shape) and h.dtype == into.dtype
+            state["out"] = into if fits else torch.empty(h.shape, dtype=h.dtype)
             state["mv"] = byte_view(state["out"])
         out, got = state["out"], state["got"]
         if h.offset != got or h.shape != tuple(out.shape) or h.dtype != out.dtype:
@@ -389,14 +393,18 @@ def recv_tensor(tp: Transport, src: int, deadline: float, dtype: torch.dtype | N
             return state["out"]
 
 
-def all_gather(tp: Transport, t: torch.Tensor, deadline: float, chunk_bytes: int) -> list[torch.Tensor]:
+def all_gather(tp: Transport, t: torch.Tensor, deadline: float, chunk_bytes: int,
+               into: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Every rank's `t` in rank order. `into` (shape (n, *t.shape), t's dtype): each peer's part
+    that has t's shape lands in its row (another shape lands in a tensor of its own, for the
+    caller to refuse); this rank's row is left as it is and its part is `t` itself, not a copy."""
     n, rank = tp.world_size, tp.rank
     trackers = {peer: send_tensor(tp, peer, t, chunk_bytes) for peer in range(n) if peer != rank}
     out: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
-    out[rank] = t.clone()
+    out[rank] = t if into is not None else t.clone()
     for k in range(1, n):
         src = (rank - k) % n
-        out[src] = recv_tensor(tp, src, deadline, t.dtype)
+        out[src] = recv_tensor(tp, src, deadline, t.dtype, into=None if into is None else into[src])
     for peer, tracker in trackers.items():
         tp.wait_sent(peer, tracker, deadline)
     return out

@@ -47,7 +47,7 @@ from macfleet.comm.tcp import TcpTransport, check_transport, default_transport, 
 from macfleet.comm.threads import solo, span
 from macfleet.comm.transport import Transport, check_stripes, default_stripes, split_addr
 from macfleet.device import usable_cores
-from macfleet.errors import MacFleetError, PeerLostError
+from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,16 @@ def _tensor_key(t) -> tuple | None:
     if not isinstance(t, torch.Tensor) or t.numel() == 0:
         return None
     return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _check_equal(tp, parts: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """An all_gather with equal=True: every peer's part landed in its row of `rows`."""
+    for src, part in enumerate(parts):
+        if src != tp.rank and part is not rows[src] and part.data_ptr() != rows[src].data_ptr():
+            raise FrameError(
+                f"{tp.op} #{tp.seq}: rank {src} sent {tuple(part.shape)} {part.dtype}, rank {tp.rank} has "
+                f"{tuple(rows.shape[1:])} {rows.dtype}: every rank must pass the same shape and dtype"
+            )
 
 
 def _wait_quietly(fut) -> None:
@@ -223,26 +233,42 @@ class Group:
         self._check_rank(src, "src")
         return self._submit("broadcast", collectives.broadcast, t, src, staged=True, sync=_sync)
 
-    def all_gather(self, t: torch.Tensor, check=None) -> list[torch.Tensor]:
-        return self.all_gather_async(t, check=check).wait()
+    def all_gather(self, t: torch.Tensor, check=None, *, equal: bool = False) -> list[torch.Tensor]:
+        return self.all_gather_async(t, check=check, equal=equal).wait()
 
-    def all_gather_async(self, t: torch.Tensor, check=None) -> torch.futures.Future:
+    def all_gather_async(self, t: torch.Tensor, check=None, *, equal: bool = False) -> torch.futures.Future:
         """Every rank's `t` (shapes may differ), in rank order, on `t`'s device. `check(part)`,
         if given, runs on the comm thread on the host copy of every part (this rank's too)
         before it moves to the device: raise FrameError there to reject a malformed part, so
-        validation costs no device synchronisation. A device `t` is staged like all_reduce's."""
+        validation costs no device synchronisation. A device `t` is staged like all_reduce's.
+
+        `equal=True` promises that every rank passes the same shape and dtype (a codec's
+        payloads, whose size the bucket's layout fixes; torch's all_gather): a part of another
+        shape is then a FrameError. Such an all_gather of at least LANE_MIN_BYTES goes to the
+        next data lane like a large all_reduce (every rank decides alike, from its own
+        tensor), so a step's buckets are gathered on several lanes at once. On a device the
+        parts land in one pooled host buffer and cross to the device in one copy, completed by
+        the landing thread, and this rank's part never leaves the device."""
         self._check_tensor(t)
+        nbytes = t.numel() * t.element_size()
+        spread = equal and nbytes >= LANE_MIN_BYTES
         if t.device.type == "cpu":
             src = t.detach().contiguous()
 
             def run_cpu(tp, _, *rest):
-                parts = collectives.all_gather(tp, src, *rest)
+                rows = torch.empty((tp.world_size, *src.shape), dtype=src.dtype) if equal else None
+                parts = collectives.all_gather(tp, src, *rest, into=rows)
+                if rows is not None:
+                    parts[tp.rank] = rows[tp.rank].copy_(src)  # the caller may change `t` later
                 if check is not None:
                     for part in parts:
                         check(part)
+                if rows is not None:
+                    _check_equal(tp, parts, rows)
                 return parts
 
-            return self._submit("all_gather", run_cpu, t)  # t: later lanes' writes to it wait for this read
+            # t: later lanes' writes to it wait for this read
+            return self._submit("all_gather", run_cpu, t, spread=spread)
         stager = stager_for(t.device)
         after = self._unfinished(_tensor_key(t))
         handle = stager.to_host(t) if after is None else None
@@ -254,15 +280,27 @@ class Group:
                 _wait_quietly(after)
                 handle = stager.to_host(t, after=ready)
             host = stager.wait(handle)
-            parts = collectives.all_gather(tp, host, *rest)
-            if check is not None:
-                for part in parts:
-                    check(part)
-            out = [stager.new_on_device(p) for p in parts]
-            stager.release(handle)  # all_gather's sends have left (it waits for them)
-            return out
+            rows = stager.host_buffer((tp.world_size, *host.shape), host.dtype) if equal else None
+            try:
+                parts = collectives.all_gather(tp, host, *rest, into=None if rows is None else rows.host)
+                if check is not None:
+                    for part in parts:
+                        check(part)
+                if rows is not None:
+                    _check_equal(tp, parts, rows.host)
+            except BaseException:
+                if rows is not None:
+                    stager.release(rows)  # no send reads it: only receives wrote it
+                raise
+            if rows is None:
+                out = [stager.new_on_device(p) for p in parts]
+                stager.release(handle)  # all_gather's sends have left (it waits for them)
+                return out
+            stager.release(handle)
+            dev, event = stager.rows_to_device(rows.host, t, tp.rank)
+            return _Landing(list(dev.unbind(0)), stager, event, rows, None)
 
-        return self._submit("all_gather", run_device, t)
+        return self._submit("all_gather", run_device, t, spread=spread)
 
     def gather(self, t: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
         self._check_rank(dst, "dst")

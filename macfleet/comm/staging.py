@@ -173,6 +173,38 @@ class Stager:
             event.synchronize()
             self.seconds += time.perf_counter() - start
 
+    def host_buffer(self, shape: tuple, dtype: torch.dtype) -> Staged:
+        """A pooled host buffer (pinned on CUDA) for bytes that arrive from the network, such as
+        an all_gather's parts; give it back with `release` once its copy to the device landed."""
+        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        raw = self._acquire(nbytes)
+        host = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
+        return Staged(host, None, nbytes, None)
+
+    def rows_to_device(self, rows: torch.Tensor, own: torch.Tensor, rank: int):
+        """Comm thread: issue one copy of an all_gather's host rows (a `host_buffer`) to a new
+        device tensor, whose row `rank` is then copied from `own` (this rank's part, still on the
+        device: it never makes the round trip). Returns (the device tensor, what `landed` waits on)."""
+        self.bytes += rows.numel() * rows.element_size()
+        if self.kind != "cuda":  # mps: one command queue, so the copies run in this order
+            out = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
+            out.copy_(rows, non_blocking=True)
+            out[rank].copy_(own.reshape(out.shape[1:]), non_blocking=True)
+            done = torch.mps.Event()
+            done.record()
+            return out, done
+        consumer = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._stream):  # allocated for the copy stream: see new_on_device
+            out = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
+            out.copy_(rows, non_blocking=True)
+            # `own` was read by this stream's copy to the host (after the event its producer's
+            # stream recorded), so this stream may read it again without a new wait.
+            out[rank].copy_(own.reshape(out.shape[1:]), non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
+        return out, done
+
     def new_on_device(self, host: torch.Tensor) -> torch.Tensor:
         """Comm thread: a device copy of a host tensor (a received all_gather part), landed."""
         if self.kind != "cuda":
@@ -190,6 +222,13 @@ class Stager:
         self.landed(self.to_device_async(host, out))
         out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
         return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:

@@ -117,7 +117,7 @@ class GradientCompressor:
             return _done(self._sum(flat, plan, [sent.payload]))
         # Every payload of this plan has plan.nbytes bytes on every rank; each is validated on
         # its host copy (comm thread) before it reaches the device.
-        fut = self.group.all_gather_async(sent.payload, check=lambda p: codec.validate(p, plan))
+        fut = self.group.all_gather_async(sent.payload, check=lambda p: codec.validate(p, plan), equal=True)
         return fut.then(lambda f: self._sum(flat, plan, f.value()))
 
     def _in_pieces(self, flat: torch.Tensor, plan, work: torch.Tensor, bound, start: float) -> torch.futures.Future:
@@ -147,7 +147,8 @@ class GradientCompressor:
             if self.world_size == 1:
                 futures.append(_done(self._sum(flat, piece, [sent.payload])))
                 continue
-            fut = self.group.all_gather_async(sent.payload, check=lambda p, piece=piece: codec.validate(p, piece))
+            fut = self.group.all_gather_async(sent.payload, check=lambda p, piece=piece: codec.validate(p, piece),
+                                             equal=True)
             futures.append(fut.then(lambda f, piece=piece: self._sum(flat, piece, f.value())))
         if bound is not None:
             bound.commit(None)  # written above

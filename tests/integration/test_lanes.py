@@ -17,7 +17,7 @@ import torch
 
 from macfleet.comm.group import LANE_MIN_BYTES, Group, check_lanes, default_lanes
 from macfleet.comm.launch import RankFailedError, spawn_local
-from macfleet.errors import MacFleetError, PeerLostError
+from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
 BIG = 3 * LANE_MIN_BYTES // 4 + 1001  # float32 elements: above the lane threshold, not a round size
 
@@ -110,6 +110,42 @@ def test_a_killed_peer_breaks_every_lane_within_the_timeout():
         assert len(out["errors"]) == 2, out  # both lanes' collectives failed, none hung
         assert out["elapsed"] < 2 * timeout + 2.0
         assert out["again"] is not None
+
+
+def _equal_gathers(rank, world_size, addrs):
+    with Group(rank, world_size, addrs, timeout=60, lanes=2, transport="tcp", chunk_bytes=256 << 10) as g:
+        seen = []
+        # Codec payloads: the same shape on every rank, so large ones go to the data lanes in turn.
+        payloads = [_data(rank, BIG if i % 2 else 999, i) for i in range(6)]
+        futs = [g.all_gather_async(p, check=lambda part: seen.append(part.numel()), equal=True) for p in payloads]
+        parts = [f.wait() for f in futs]
+        lanes_used = [lane._seq for lane in g._lane_groups]
+        # A rank that breaks the promise gets an error that says so, never a misread part.
+        try:
+            g.all_gather(torch.zeros(BIG + rank), equal=True)
+            mismatch = None
+        except FrameError as exc:
+            mismatch = str(exc)
+        return {"parts": parts, "payloads": payloads, "lanes_used": lanes_used, "seen": sorted(seen),
+                "mismatch": mismatch}
+
+
+def test_equal_all_gathers_go_to_the_data_lanes_and_refuse_another_shape():
+    out = spawn_local(_equal_gathers, 2, (), timeout=120)
+    for r in range(2):
+        got = out[r]
+        for i, parts in enumerate(got["parts"]):
+            assert len(parts) == 2
+            for src in range(2):
+                assert torch.equal(parts[src], out[src]["payloads"][i]), (r, i, src)
+        # The 3 large gathers went to the 2 data lanes (2 on one, 1 on the other); the 3 small
+        # ones and the port exchange stayed on the group's own lane.
+        first, *data = got["lanes_used"]
+        assert sorted(data) == [1, 2], got["lanes_used"]
+        assert first >= 3
+        # check ran on every part, this rank's too.
+        assert got["seen"] == sorted([999] * 6 + [BIG] * 6)
+        assert got["mismatch"] is not None and "every rank must pass the same shape and dtype" in got["mismatch"]
 
 
 def test_lane_settings_are_checked_with_a_clear_message(monkeypatch):
