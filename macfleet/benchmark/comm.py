@@ -27,6 +27,7 @@ import queue
 import re
 import socket
 import statistics
+import tempfile
 import threading
 import time
 
@@ -95,25 +96,26 @@ def _timed(candidates: dict, repeats: int, sync) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _socket_pair(rank: int, host: str, port: int) -> socket.socket:
-    """Rank 0 listens, rank 1 connects: a plain TCP connection for the reference figures."""
-    if rank == 0:
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((host, port))
-        srv.listen(1)
+def _listen(host: str) -> tuple[socket.socket, int]:
+    """A listener on a port the system picks: a port chosen before the ranks start could be taken
+    meanwhile (by another process's connection, or by one of the engine's own lanes)."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind((host, 0))
+    srv.listen(1)
+    return srv, srv.getsockname()[1]
+
+
+def _socket_pair(rank: int, host: str, g) -> socket.socket:
+    """Rank 0 listens, rank 1 connects (the port goes over the engine `g`): a plain TCP
+    connection for the reference figures."""
+    srv, port = _listen(host) if rank == 0 else (None, 0)
+    port = int(g.broadcast(torch.tensor([port], dtype=torch.int64), src=0)[0])
+    if srv is not None:
+        srv.settimeout(60)
         conn, _ = srv.accept()
         srv.close()
     else:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                conn = socket.create_connection((host, port), timeout=30)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        conn = socket.create_connection((host, port), timeout=30)
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     conn.settimeout(None)
     return conn
@@ -128,13 +130,12 @@ class _SocketRing:
     Receives land straight in the tensor (all-gather) or in one reused scratch (sums); a sender
     thread writes to the right neighbour while this thread reads from the left."""
 
-    def __init__(self, rank: int, world_size: int, hosts: list[str], ports: list[int], sync):
+    def __init__(self, rank: int, world_size: int, hosts: list[str], g):
         self.rank, self.n = rank, world_size
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((hosts[rank], ports[rank]))
-        srv.listen(1)
-        sync()  # every rank listens before any connects
+        srv, port = _listen(hosts[rank])
+        # every rank listens before any connects; the ports go round on the engine
+        ports = [int(p[0]) for p in g.all_gather(torch.tensor([port], dtype=torch.int64))]
+        srv.settimeout(60)
         right = (rank + 1) % world_size
         self.right = socket.create_connection((hosts[right], ports[right]), timeout=30)
         self.left, _ = srv.accept()
@@ -190,7 +191,7 @@ def _engine(stripes: int) -> str:
 
 
 def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: list[int], repeats: int,
-               algorithm: str, stripes: list[int], cores: int, extra_ports: list[int],
+               algorithm: str, stripes: list[int], cores: int, gloo_store: str,
                stripe_addrs: list[list[str]]) -> dict | None:
     import torch.distributed as dist
 
@@ -213,7 +214,7 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
     results: dict[int, dict[str, float]] = {}
     try:
         if kind == "bandwidth":
-            conn = _socket_pair(rank, hosts[0], extra_ports[0])
+            conn = _socket_pair(rank, hosts[0], g)
             ack = torch.zeros(1)
             for size in sizes:
                 buf = torch.ones(size // 4, dtype=torch.float32)
@@ -236,10 +237,10 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 results[size] = _timed({**candidates, "socket": socket_once}, repeats, sync)
             conn.close()
         else:
-            dist.init_process_group("gloo", init_method=f"tcp://{hosts[0]}:{extra_ports[1]}", rank=rank,
-                                    world_size=world_size)
-            conn = _socket_pair(rank, hosts[0], extra_ports[0]) if world_size == 2 else None
-            ring = _SocketRing(rank, world_size, hosts, extra_ports[2:], sync) if world_size > 2 else None
+            # A file store: no port to pick ahead (ranks in namespaces share the file system).
+            dist.init_process_group("gloo", init_method=f"file://{gloo_store}", rank=rank, world_size=world_size)
+            conn = _socket_pair(rank, hosts[0], g) if world_size == 2 else None
+            ring = _SocketRing(rank, world_size, hosts, g) if world_size > 2 else None
             for size in sizes:
                 numel = size // 4
                 data = torch.ones(numel, dtype=torch.float32)
@@ -302,16 +303,16 @@ def run_comm_benchmark(args) -> int:
     striped = f", stripes {','.join(map(str, stripes))}" if stripes != [1] else ""
     console.print(f"[bold]{kind}[/bold]: {nodes} local ranks on {where}{pinned}, median of {repeats} runs{engine}"
                   f"{striped}")
-    fn_args = (kind, sizes, repeats, algorithm, stripes, cores)
-    if args.netns:
-        with Netns(nodes, rate=args.rate) as ns:
-            ports = [29600, 29601] + [29602] * nodes  # every namespace has its own address
-            more = [ns.addrs(29610 + i) for i in range(len(stripes) - 1)]
-            per_rank = spawn_local(_rank_main, nodes, fn_args + (ports, more), timeout=3600, netns=ns, port=29500)
-    else:
-        ports = free_ports(2 + nodes + nodes * (len(stripes) - 1))
-        more = [[f"127.0.0.1:{p}" for p in ports[2 + nodes * i:2 + nodes * (i + 1)]] for i in range(1, len(stripes))]
-        per_rank = spawn_local(_rank_main, nodes, fn_args + (ports[:2 + nodes], more), timeout=3600)
+    with tempfile.TemporaryDirectory(prefix="macfleet-bench-") as tmp:
+        fn_args = (kind, sizes, repeats, algorithm, stripes, cores, os.path.join(tmp, "gloo-store"))
+        if args.netns:
+            with Netns(nodes, rate=args.rate) as ns:
+                more = [ns.addrs(29610 + i) for i in range(len(stripes) - 1)]
+                per_rank = spawn_local(_rank_main, nodes, fn_args + (more,), timeout=3600, netns=ns, port=29500)
+        else:
+            ports = free_ports(nodes * (len(stripes) - 1))
+            more = [[f"127.0.0.1:{p}" for p in ports[nodes * (i - 1):nodes * i]] for i in range(1, len(stripes))]
+            per_rank = spawn_local(_rank_main, nodes, fn_args + (more,), timeout=3600)
     results = per_rank[0]
     ran = results.pop("engines")
     first = ran[_engine(stripes[0])]

@@ -14,10 +14,11 @@ and every later collective raise `exc` within about POLL_SLICE_S.
 
 Lanes (`lanes`, default `default_lanes()`: MACFLEET_LANES, else one per 4 usable cores, at most
 4). With lanes=k > 1 the group opens k data lanes beside itself: each a comm thread with its own
-plain-TCP transport (tcp.py) and connections. Every all_reduce of at least LANE_MIN_BYTES goes to
-the next data lane in turn (every rank counts the same calls, so the n-th one meets the peers'
-n-th on the same lane); everything else (small all_reduces, broadcasts, gathers, barriers) runs
-here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
+plain-TCP transport (tcp.py) and connections. Every all_reduce of at least LANE_MIN_BYTES, and
+every all_gather of that size whose caller promises the same shape on every rank (`equal=True`:
+the codecs' payloads), goes to the next data lane in turn (every rank counts the same calls, so
+the n-th one meets the peers' n-th on the same lane); everything else (small all_reduces,
+broadcasts, other gathers, barriers) runs here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
 cores: each lane's socket copies and sums leave the GIL, while one thread alone is bound by one
 core's copies through the kernel. Futures still complete in issue order, and a collective on a
 tensor that an earlier one (on any lane) still works on starts after that one has finished. The
