@@ -316,7 +316,7 @@ def run_comm_benchmark(args) -> int:
     results = per_rank[0]
     ran = results.pop("engines")
     first = ran[_engine(stripes[0])]
-    lanes = f"{first['lanes']} tcp data lanes (one all_reduce at a time uses one)" if first["lanes"] > 1 else "one lane"
+    lanes = f"{first['lanes']} tcp data lanes (a collective of 1 MB or more runs on one of them)" if first["lanes"] > 1 else "one lane"
     console.print(f"engine: {first['transport']} transport, {lanes}")
 
     rows = []

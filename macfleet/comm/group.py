@@ -14,11 +14,11 @@ and every later collective raise `exc` within about POLL_SLICE_S.
 
 Lanes (`lanes`, default `default_lanes()`: MACFLEET_LANES, else one per 4 usable cores, at most
 4). With lanes=k > 1 the group opens k data lanes beside itself: each a comm thread with its own
-plain-TCP transport (tcp.py) and connections. Every all_reduce of at least LANE_MIN_BYTES, and
-every all_gather of that size whose caller promises the same shape on every rank (`equal=True`:
-the codecs' payloads), goes to the next data lane in turn (every rank counts the same calls, so
-the n-th one meets the peers' n-th on the same lane); everything else (small all_reduces,
-broadcasts, other gathers, barriers) runs here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
+plain-TCP transport (tcp.py) and connections. Every all_reduce and broadcast of at least
+LANE_MIN_BYTES, and every all_gather of that size whose caller promises the same shape on every
+rank (`equal=True`: the codecs' payloads), goes to the next data lane in turn (every rank counts
+the same calls, so the n-th one meets the peers' n-th on the same lane); everything else (small
+collectives, other gathers, barriers) runs here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
 cores: each lane's socket copies and sums leave the GIL, while one thread alone is bound by one
 core's copies through the kernel. Futures still complete in issue order, and a collective on a
 tensor that an earlier one (on any lane) still works on starts after that one has finished. The
@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 _OPS = ("sum", "avg")
 MAX_LANES = 8
 LANE_MIN_BYTES = 1 << 20
-"""An all_reduce below this many bytes stays on the first lane: its time is latency, not copies."""
+"""An all_reduce, broadcast or equal all_gather below this many bytes stays on the first lane: its
+time is latency, not copies."""
 
 
 def check_lanes(n) -> int:
@@ -232,7 +233,9 @@ class Group:
 
     def broadcast_async(self, t: torch.Tensor, src: int = 0, *, _sync: bool = False) -> torch.futures.Future:
         self._check_rank(src, "src")
-        return self._submit("broadcast", collectives.broadcast, t, src, staged=True, sync=_sync)
+        nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+        return self._submit("broadcast", collectives.broadcast, t, src, staged=True, sync=_sync,
+                            spread=nbytes >= LANE_MIN_BYTES)
 
     def all_gather(self, t: torch.Tensor, check=None, *, equal: bool = False) -> list[torch.Tensor]:
         return self.all_gather_async(t, check=check, equal=equal).wait()

@@ -119,6 +119,8 @@ def _equal_gathers(rank, world_size, addrs):
         payloads = [_data(rank, BIG if i % 2 else 999, i) for i in range(6)]
         futs = [g.all_gather_async(p, check=lambda part: seen.append(part.numel()), equal=True) for p in payloads]
         parts = [f.wait() for f in futs]
+        # A large broadcast goes to the next data lane too.
+        sent = g.broadcast(torch.full((BIG,), float(rank)), src=1)
         lanes_used = [lane._seq for lane in g._lane_groups]
         # A rank that breaks the promise gets an error that says so, never a misread part.
         try:
@@ -127,10 +129,10 @@ def _equal_gathers(rank, world_size, addrs):
         except FrameError as exc:
             mismatch = str(exc)
         return {"parts": parts, "payloads": payloads, "lanes_used": lanes_used, "seen": sorted(seen),
-                "mismatch": mismatch}
+                "mismatch": mismatch, "sent": sent}
 
 
-def test_equal_all_gathers_go_to_the_data_lanes_and_refuse_another_shape():
+def test_equal_all_gathers_and_broadcasts_go_to_the_data_lanes_and_another_shape_is_refused():
     out = spawn_local(_equal_gathers, 2, (), timeout=120)
     for r in range(2):
         got = out[r]
@@ -138,10 +140,11 @@ def test_equal_all_gathers_go_to_the_data_lanes_and_refuse_another_shape():
             assert len(parts) == 2
             for src in range(2):
                 assert torch.equal(parts[src], out[src]["payloads"][i]), (r, i, src)
-        # The 3 large gathers went to the 2 data lanes (2 on one, 1 on the other); the 3 small
-        # ones and the port exchange stayed on the group's own lane.
+        # The 3 large gathers and the broadcast went to the 2 data lanes in turn; the 3 small
+        # gathers and the port exchange stayed on the group's own lane.
         first, *data = got["lanes_used"]
-        assert sorted(data) == [1, 2], got["lanes_used"]
+        assert data == [2, 2], got["lanes_used"]
+        assert torch.equal(got["sent"], torch.ones(BIG))
         assert first >= 3
         # check ran on every part, this rank's too.
         assert got["seen"] == sorted([999] * 6 + [BIG] * 6)
