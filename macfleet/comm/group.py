@@ -18,13 +18,14 @@ plain-TCP transport (tcp.py) and connections. Every all_reduce and broadcast of 
 LANE_MIN_BYTES, and every all_gather of that size whose caller promises the same shape on every
 rank (`equal=True`: the codecs' payloads), goes to the next data lane in turn (every rank counts
 the same calls, so the n-th one meets the peers' n-th on the same lane); everything else (small
-collectives, other gathers, barriers) runs here, on the transport asked for. So several of DDP's buckets are reduced at once, on as many
-cores: each lane's socket copies and sums leave the GIL, while one thread alone is bound by one
-core's copies through the kernel. Futures still complete in issue order, and a collective on a
-tensor that an earlier one (on any lane) still works on starts after that one has finished. The
-data lanes listen on ports the system picks, told to the peers here when the group starts; every
-rank opens as many as the rank that offers fewest (the default follows each machine's cores), and
-they use sessions derived from the group's. A lost peer on any lane breaks them all.
+collectives, other gathers, barriers) runs here, on the transport asked for. So several of DDP's
+buckets are reduced at once, on as many cores: each lane's socket copies and sums leave the GIL,
+while one thread alone is bound by one core's copies through the kernel. Futures still complete
+in issue order, and a collective on a tensor that an earlier one (on any lane) still works on
+starts after that one has finished. The data lanes listen on ports the system picks, told to the
+peers here when the group starts; every rank opens as many as the rank that offers fewest (the
+default follows each machine's cores), and they use sessions derived from the group's. A lost
+peer on any lane breaks them all.
 
 `session` is a 64-bit id shared by every rank of one Group and different for any other run or
 generation (framing.session_id derives one, framing.random_session draws one); frames stamped
@@ -94,7 +95,7 @@ def _tensor_key(t) -> tuple | None:
 def _check_equal(tp, parts: list[torch.Tensor], rows: torch.Tensor) -> None:
     """An all_gather with equal=True: every peer's part landed in its row of `rows`."""
     for src, part in enumerate(parts):
-        if src != tp.rank and part is not rows[src] and part.data_ptr() != rows[src].data_ptr():
+        if src != tp.rank and part.data_ptr() != rows[src].data_ptr():  # landed elsewhere: another shape
             raise FrameError(
                 f"{tp.op} #{tp.seq}: rank {src} sent {tuple(part.shape)} {part.dtype}, rank {tp.rank} has "
                 f"{tuple(rows.shape[1:])} {rows.dtype}: every rank must pass the same shape and dtype"
