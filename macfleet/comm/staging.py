@@ -30,6 +30,7 @@ faults on every first touch).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
@@ -176,7 +177,7 @@ class Stager:
     def host_buffer(self, shape: tuple, dtype: torch.dtype) -> Staged:
         """A pooled host buffer (pinned on CUDA) for bytes that arrive from the network, such as
         an all_gather's parts; give it back with `release` once its copy to the device landed."""
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         raw = self._acquire(nbytes)
         host = raw.view(dtype).view(shape) if nbytes else torch.empty(shape, dtype=dtype)
         return Staged(host, None, nbytes, None)
@@ -222,13 +223,6 @@ class Stager:
         self.landed(self.to_device_async(host, out))
         out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
         return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
