@@ -347,19 +347,21 @@ def broadcast(tp: Transport, t: torch.Tensor, src: int, deadline: float, chunk_b
         if rank != src:
             _recv_chunk(tp, left, deadline, flat, a, _lander(tp, flat, mv, a, b))
         if right != src:
-            last = tp.send(right, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True)
+            last = tp.send(right, _header(tp, flat, a, b), mv[a * isz:b * isz], track=True, one_way=True)
     tp.wait_sent(right, last, deadline)
     return t
 
 
-def send_tensor(tp: Transport, dst: int, t: torch.Tensor, chunk_bytes: int):
-    """Send a whole tensor (its shape travels in every header); returns the last tracker."""
+def send_tensor(tp: Transport, dst: int, t: torch.Tensor, chunk_bytes: int, one_way: bool = False):
+    """Send a whole tensor (its shape travels in every header); returns the last tracker.
+    `one_way`: `dst` sends nothing back in this collective (see Transport.send)."""
     flat = t.reshape(-1)
     mv = byte_view(flat)
     isz = flat.element_size()
     last = None
     for a, b in _ranges(0, flat.numel(), max(1, chunk_bytes // isz)):
-        last = tp.send(dst, _header(tp, flat, a, b, shape=tuple(t.shape)), mv[a * isz:b * isz], track=True)
+        last = tp.send(dst, _header(tp, flat, a, b, shape=tuple(t.shape)), mv[a * isz:b * isz], track=True,
+                       one_way=one_way)
     return last
 
 
@@ -412,7 +414,7 @@ def all_gather(tp: Transport, t: torch.Tensor, deadline: float, chunk_bytes: int
 
 def gather(tp: Transport, t: torch.Tensor, dst: int, deadline: float, chunk_bytes: int) -> list[torch.Tensor] | None:
     if tp.rank != dst:
-        tp.wait_sent(dst, send_tensor(tp, dst, t, chunk_bytes), deadline)
+        tp.wait_sent(dst, send_tensor(tp, dst, t, chunk_bytes, one_way=True), deadline)
         return None
     return [t.clone() if r == dst else recv_tensor(tp, r, deadline, t.dtype) for r in range(tp.world_size)]
 
@@ -420,7 +422,7 @@ def gather(tp: Transport, t: torch.Tensor, dst: int, deadline: float, chunk_byte
 def scatter(tp: Transport, tensors, src: int, deadline: float, chunk_bytes: int) -> torch.Tensor:
     if tp.rank != src:
         return recv_tensor(tp, src, deadline)
-    trackers = {r: send_tensor(tp, r, tensors[r], chunk_bytes) for r in range(tp.world_size) if r != src}
+    trackers = {r: send_tensor(tp, r, tensors[r], chunk_bytes, one_way=True) for r in range(tp.world_size) if r != src}
     for r, tracker in trackers.items():
         tp.wait_sent(r, tracker, deadline)
     return tensors[src].clone()

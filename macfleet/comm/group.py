@@ -14,13 +14,16 @@ and every later collective raise `exc` within about POLL_SLICE_S.
 
 Lanes (`lanes`, default `default_lanes()`: MACFLEET_LANES, else one per 4 usable cores, at most
 4). With lanes=k > 1 the group opens k data lanes beside itself: each a comm thread with its own
-plain-TCP transport (tcp.py) and connections. Every all_reduce and broadcast of at least
-LANE_MIN_BYTES, and every all_gather of that size whose caller promises the same shape on every
-rank (`equal=True`: the codecs' payloads), goes to the next data lane in turn (every rank counts
-the same calls, so the n-th one meets the peers' n-th on the same lane); everything else (small
-collectives, other gathers, barriers) runs here, on the transport asked for. So several of DDP's
-buckets are reduced at once, on as many cores: each lane's socket copies and sums leave the GIL,
-while one thread alone is bound by one core's copies through the kernel. Futures still complete
+plain-TCP transport (tcp.py) and connections. Every all_reduce of at least LANE_MIN_BYTES,
+every all_gather of that size whose caller promises the same shape on every rank (`equal=True`:
+the codecs' payloads), and every broadcast of at least BROADCAST_LANE_MIN_BYTES (one-way, so
+written on the calling thread there) goes to the next data lane in turn (every rank counts
+the same calls, so the n-th one meets the peers' n-th on the same lane); an all_reduce of at
+least 2 x SPLIT_PART_MIN_BYTES is cut into parts on consecutive lanes, reduced at once.
+Everything else (small collectives, other gathers, barriers) runs here, on the transport asked
+for. So several of DDP's buckets, or the parts of one, are reduced at once, on as many cores:
+each lane's socket copies and sums leave the GIL, while one thread alone is bound by one core's
+copies through the kernel. Futures still complete
 in issue order, and a collective on a tensor that an earlier one (on any lane) still works on
 starts after that one has finished. The data lanes listen on ports the system picks, told to the
 peers here when the group starts; every rank opens as many as the rank that offers fewest (the
@@ -56,8 +59,16 @@ log = logging.getLogger(__name__)
 _OPS = ("sum", "avg")
 MAX_LANES = 8
 LANE_MIN_BYTES = 1 << 20
-"""An all_reduce, broadcast or equal all_gather below this many bytes stays on the first lane: its
-time is latency, not copies."""
+"""An all_reduce or equal all_gather below this many bytes stays on the first lane: its time is
+latency, not copies."""
+SPLIT_PART_MIN_BYTES = 16 << 20
+"""A contiguous all_reduce of at least twice this many bytes is cut into up to one part per data lane
+(none under this size), reduced on all of them at once, so one large tensor is not held to one
+lane's thread and connection. DDP's buckets (25 MB) stay whole: cut into 4 MB parts, they made
+DDP on 2 GPUs at 128 images a node 0.58x one GPU against 0.91x-0.99x whole (README, "Lanes")."""
+BROADCAST_LANE_MIN_BYTES = 64 << 10
+"""A broadcast from this size goes to a data lane: it only flows one way, so the TCP transport
+writes it on the calling thread (tcp.py, "Sending") and the receiver reads it straight into place."""
 
 
 def check_lanes(n) -> int:
@@ -227,7 +238,7 @@ class Group:
             raise MacFleetError(f"all_reduce op={op!r} is not supported; use 'sum' or 'avg'")
         nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
         return self._submit("all_reduce", collectives.all_reduce, t, op, self.algorithm, staged=True, sync=_sync,
-                            spread=nbytes >= LANE_MIN_BYTES)
+                            spread=nbytes >= LANE_MIN_BYTES, split=True)
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         return self.broadcast_async(t, src, _sync=True).wait()
@@ -236,7 +247,7 @@ class Group:
         self._check_rank(src, "src")
         nbytes = t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
         return self._submit("broadcast", collectives.broadcast, t, src, staged=True, sync=_sync,
-                            spread=nbytes >= LANE_MIN_BYTES)
+                            spread=nbytes >= BROADCAST_LANE_MIN_BYTES)
 
     def all_gather(self, t: torch.Tensor, check=None, *, equal: bool = False) -> list[torch.Tensor]:
         return self.all_gather_async(t, check=check, equal=equal).wait()
@@ -393,24 +404,42 @@ class Group:
         return t.detach().to("cpu").contiguous()
 
     def _submit(self, name: str, fn, t, *args, staged: bool = False, timeout: float | None = None,
-                sync: bool = False, spread: bool = False):
+                sync: bool = False, spread: bool = False, split: bool = False):
         """Queue a collective for the worker and return its future. A sync call (the caller waits
         at once) with nothing queued or running runs inline on the caller's thread instead: the
         same job under the same lock, minus two thread hand-offs (about 70 us here).
-        With lanes, a `spread` collective goes to the next lane in turn, the rest to this one."""
+        With lanes, a `spread` collective goes to the next lane in turn, the rest to this one; a
+        `split` one (an elementwise collective: each part's result depends on that part alone) of
+        a contiguous tensor may be cut into parts on consecutive lanes (SPLIT_PART_MIN_BYTES)."""
         if self._closed:
             raise MacFleetError(f"{name} on a closed group; create a new Group")
         if len(self._lane_groups) == 1:
             return self._submit_here(name, fn, t, args, staged, timeout, sync, None)
+        key = _tensor_key(t)
+        after = self._unfinished(key)
         lane = self
         if spread:
             data = self._lane_groups[1:] or self._lane_groups
+            parts = min(len(data), t.numel() * t.element_size() // SPLIT_PART_MIN_BYTES) if split else 1
+            if parts > 1 and t.is_contiguous():
+                return self._hand_out(self._submit_parts(name, fn, t, args, timeout, data, parts, after), key)
             lane = data[self._turn % len(data)]
             self._turn += 1
-        key = _tensor_key(t)
-        after = self._unfinished(key)
         fut = lane._submit_here(name, fn, t, args, staged, timeout, sync and after is None, after)
         return self._hand_out(fut, key)
+
+    def _submit_parts(self, name: str, fn, t: torch.Tensor, args: tuple, timeout: float | None, data: list,
+                      parts: int, after) -> torch.futures.Future:
+        """`t` cut into `parts` near-equal slices, each queued on the next data lane in turn (every
+        rank cuts alike: the size decides); the future completes with `t` once every part has."""
+        flat = t.view(-1)
+        bounds = [flat.numel() * i // parts for i in range(parts + 1)]
+        futs = []
+        for a, b in zip(bounds, bounds[1:]):
+            lane = data[self._turn % len(data)]
+            self._turn += 1
+            futs.append(lane._submit_here(name, fn, flat[a:b], args, True, timeout, False, after))
+        return _all_of(futs, t)
 
     def _hand_out(self, fut: torch.futures.Future, key) -> torch.futures.Future:
         """The future the caller gets (lanes > 1): completes after every earlier one, and is what
@@ -690,6 +719,31 @@ class _Landing:
 
     def __init__(self, value, stager, event, handle, key):
         self.value, self.stager, self.event, self.handle, self.key = value, stager, event, handle, key
+
+
+def _all_of(futs: list[torch.futures.Future], value) -> torch.futures.Future:
+    """A future that completes with `value` once every one of `futs` has, or with the first
+    one's error (still only once all are done: no part is left working on the tensor)."""
+    out: torch.futures.Future = torch.futures.Future()
+    left = [len(futs)]
+    lock = threading.Lock()
+
+    def one(_):
+        with lock:
+            left[0] -= 1
+            if left[0]:
+                return
+        for f in futs:
+            try:
+                f.value()
+            except BaseException as exc:  # noqa: BLE001 - the collective's own error
+                out.set_exception(exc)
+                return
+        out.set_result(value)
+
+    for f in futs:
+        f.add_done_callback(one)
+    return out
 
 
 def _after(prev: torch.futures.Future, fut: torch.futures.Future) -> torch.futures.Future:

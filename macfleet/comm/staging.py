@@ -15,8 +15,9 @@ it made DDP over macfleet 0.51x gloo. Here the caller only *issues* the copy:
 CUDA: the copy waits for the caller's current stream through an event (no host wait), runs on
 a dedicated copy stream into a pinned buffer (page-locked, so the DMA engine copies it
 asynchronously), and records an event the comm thread synchronises on. Results go back the
-same way on the copy stream; once `to_device` returns the device tensor holds them, so any
-kernel launched after the collective's future completes reads the result.
+same way on a second copy stream, so a result never queues behind later buckets' copies to the
+host (each waiting for backward to produce its gradients); once the landing thread has seen
+its event, any kernel launched after the collective's future completes reads the result.
 
 MPS (unverified on a Mac; the same shape, coded against PyTorch's documented MPS API): one
 command queue, unified memory, no pinned memory. Copies are issued with non_blocking=True and an
@@ -76,6 +77,9 @@ class Stager:
         self.bytes = 0
         if self.kind == "cuda":
             self._stream = torch.cuda.Stream(device=self.device)
+            # Results go back on a stream of their own: on the one above they queued behind later
+            # buckets' copies to the host, each waiting for backward to produce its gradients.
+            self._back = torch.cuda.Stream(device=self.device)
 
     # -- buffers ------------------------------------------------------------------------------
     def _acquire(self, nbytes: int) -> torch.Tensor:
@@ -154,10 +158,10 @@ class Stager:
         self.bytes += host.numel() * host.element_size()
         src = host.view(t.shape)
         if self.kind == "cuda":
-            with torch.cuda.stream(self._stream):
+            with torch.cuda.stream(self._back):
                 t.copy_(src, non_blocking=True)
                 done = torch.cuda.Event()
-                done.record(self._stream)
+                done.record(self._back)
             return done
         if self.kind == "mps":
             t.copy_(src, non_blocking=True)
@@ -195,14 +199,15 @@ class Stager:
             done.record()
             return out, done
         consumer = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._stream):  # allocated for the copy stream: see new_on_device
+        with torch.cuda.stream(self._back):  # allocated for the copy stream: see new_on_device
             out = torch.empty(rows.shape, dtype=rows.dtype, device=self.device)
             out.copy_(rows, non_blocking=True)
-            # `own` was read by this stream's copy to the host (after the event its producer's
-            # stream recorded), so this stream may read it again without a new wait.
+            # `own`'s copy to the host has been waited for (after the event its producer's stream
+            # recorded), so its producer is done and this stream may read it.
             out[rank].copy_(own.reshape(out.shape[1:]), non_blocking=True)
             done = torch.cuda.Event()
-            done.record(self._stream)
+            done.record(self._back)
+        own.record_stream(self._back)
         out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy
         return out, done
 
@@ -218,7 +223,7 @@ class Stager:
         # a received top-k payload was overwritten by a pending kernel (a device-side index
         # assert in a 2-GPU ResNet-50 run).
         consumer = torch.cuda.current_stream(self.device)
-        with torch.cuda.stream(self._stream):
+        with torch.cuda.stream(self._back):
             out = torch.empty(host.shape, dtype=host.dtype, device=self.device)
         self.landed(self.to_device_async(host, out))
         out.record_stream(consumer)  # freed after the consumers' kernels, not just the copy

@@ -28,7 +28,14 @@ with a HELLO as its first message, and only then is it read with trust:
 
 Sending. `send` queues (header, body) for the peer's sender thread and returns at once; the
 body is read later, so the zero-copy rule of `Transport.send` holds unchanged, and a tracked
-send's tracker is done once the kernel has every byte. A connection that breaks before the
+send's tracker is done once the kernel has every byte. Two kinds of message are written on the
+calling thread instead, when nothing is queued for that peer: a small one (under
+COPY_THRESHOLD), and a one-way one (`one_way`: a broadcast's, a gather's, a scatter's), whose
+peer sends nothing back in that collective, so the write cannot wait on a peer that waits on
+us. That saves the hand-off to the sender thread and the wake-up that says the bytes left.
+An exchange's large chunks still go to the sender
+thread, so both ends write and read at once. A blocked write checks for an abort and the
+deadline as a tracked send's wait does. A connection that breaks before the
 peer acknowledged our HELLO is made again (the handshake's HELLOs are re-sent); after that, a
 broken connection means the peer exited or was killed: queued sends fail at once, and a later
 `send`, or `wait_sent` on an earlier one, raises PeerLostError.
@@ -90,6 +97,17 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def _advance(views: list[memoryview], sent: int) -> None:
+    """Drop the first `sent` bytes of a message's parts (what one sendmsg wrote)."""
+    while sent:
+        if sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        else:
+            views[0] = views[0][sent:]
+            sent = 0
+
+
 class _Sent:
     """A send's tracker (zmq.MessageTracker's `done` and `wait`): done once the kernel holds
     every byte, or failed (`error`) when the connection broke first."""
@@ -129,6 +147,8 @@ class _Link:
         """When it broke (monotonic); the comm thread copies it into the transport's `_gone`."""
         self.closing = False
         self.idle = True
+        self.owned = False
+        """The comm thread is writing the connection itself (`write_now`); the sender thread keeps off."""
         self.thread = threading.Thread(target=self._run, name=f"macfleet-send-{tp.rank}-to-{peer}", daemon=True)
         self.thread.start()
 
@@ -137,11 +157,48 @@ class _Link:
             self.items.append((parts, tracker))
             self.cond.notify()
 
+    def write_now(self, parts: tuple, deadline: float) -> bool:
+        """Write one message on the calling (comm) thread when nothing is queued ahead of it: no
+        hand-off to the sender thread and no wake-up to learn it has left. False when the sender
+        thread has work or the connection is not ready, so the caller queues it instead. Waits for a
+        slow reader in slices, checking for an abort and `deadline` as a tracked send's wait does."""
+        with self.cond:
+            if self.items or not self.idle or self.owned or self.sock is None or self.broken is not None:
+                return False
+            self.owned = True
+        try:
+            sock = self.sock
+            views = [memoryview(p).cast("B") for p in parts if len(p)]
+            while views:
+                try:
+                    sent = sock.sendmsg(views)
+                except (TimeoutError, BlockingIOError, InterruptedError):
+                    self.tp._abort_check()
+                    if time.monotonic() >= deadline:
+                        raise self.tp._lost(self.peer, "did not take data") from None
+                    continue
+                except OSError:
+                    self._lose("closed its connection (it exited or was killed)")
+                    return True  # the bytes go nowhere, as on the sender thread (see _run)
+                _advance(views, sent)
+            return True
+        finally:
+            with self.cond:
+                self.owned = False
+                self.cond.notify_all()
+
+    def _lose(self, why: str) -> None:
+        self.broken_at = time.monotonic()
+        self.broken = why
+        self._drop_socket()
+        with self.cond:
+            self.items.clear()
+
     def drain(self, timeout: float) -> None:
         """Wait until every queued send has left (graceful close), at most `timeout`."""
         end = time.monotonic() + timeout
         with self.cond:
-            while (self.items or not self.idle) and self.broken is None and self.sock is not None:
+            while (self.items or not self.idle or self.owned) and self.broken is None and self.sock is not None:
                 left = end - time.monotonic()
                 if left <= 0:
                     return
@@ -197,13 +254,7 @@ class _Link:
                 continue  # the peer reads slowly (or is frozen): look at `closing` and go on
             except OSError:
                 return False
-            while sent:
-                if sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][sent:]
-                    sent = 0
+            _advance(views, sent)
         return True
 
     def _run(self) -> None:
@@ -212,7 +263,7 @@ class _Link:
                 return
             while True:
                 with self.cond:
-                    while not self.items and not self.closing:
+                    while (not self.items or self.owned) and not self.closing:
                         self.idle = True
                         self.cond.notify_all()
                         self.cond.wait()
@@ -236,11 +287,7 @@ class _Link:
                 # The peer exited or was killed. As with a ZeroMQ peer that went away, what is sent
                 # to it never leaves (trackers stay pending): the receive deadline, or the heartbeat
                 # monitor's abort, says who is gone, and `_gone` tells the blame whose end closed.
-                self.broken_at = time.monotonic()
-                self.broken = "closed its connection (it exited or was killed)"
-                self._drop_socket()
-                with self.cond:
-                    self.items.clear()
+                self._lose("closed its connection (it exited or was killed)")
                 return
         finally:
             with self.cond:
@@ -319,9 +366,15 @@ class TcpTransport(Transport):
             raise
 
     # -- sending ----------------------------------------------------------------------------
-    def send(self, dst: int, header: Header, body, *, track: bool = False):
+    def send(self, dst: int, header: Header, body, *, track: bool = False, one_way: bool = False):
         link = self.push[dst]
-        if len(body) < COPY_THRESHOLD:
+        small = len(body) < COPY_THRESHOLD
+        if (small or one_way) and dst in self._acked:
+            # Written here when the connection is idle (see the module docstring, "Sending").
+            parts = (framing.encode_header(header), body)
+            if link.write_now(parts, time.monotonic() + self.op_timeout):
+                return _Sent() if track and link.broken is not None else None
+        if small:
             body, track = bytes(body), False  # copied: the caller may reuse its buffer at once
         tracker = _Sent() if track else None
         if link.broken is None:

@@ -281,8 +281,10 @@ class Transport:
         return ", ".join(same) or "a peer's address"
 
     # -- sending ----------------------------------------------------------------------------
-    def send(self, dst: int, header: Header, body, *, track: bool = False):
+    def send(self, dst: int, header: Header, body, *, track: bool = False, one_way: bool = False):
         """Queue one message for `dst`; returns a MessageTracker when zero-copy and tracked.
+        `one_way`: `dst` sends nothing to this rank in this collective (the TCP transport may then
+        write a large body on this thread; libzmq's I/O thread writes every message here).
 
         Zero-copy rule: a body sent with copy=False is read by libzmq's I/O thread later, so its
         memory must not change until the tracker is done, or until causality proves the peer got it

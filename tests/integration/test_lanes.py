@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from macfleet.comm.group import LANE_MIN_BYTES, Group, check_lanes, default_lanes
+from macfleet.comm.group import LANE_MIN_BYTES, SPLIT_PART_MIN_BYTES, Group, check_lanes, default_lanes
 from macfleet.comm.launch import RankFailedError, spawn_local
 from macfleet.errors import FrameError, MacFleetError, PeerLostError
 
@@ -71,6 +71,41 @@ def test_lanes_sum_exactly_in_issue_order_with_a_tensor_reused_across_lanes():
         # Every lane carried collectives (the first lane the small ones and the port exchange).
         assert all(n > 0 for n in out[r]["lanes_used"]), out[r]["lanes_used"]
     assert out[0]["collectives"] == out[1]["collectives"]
+
+
+HUGE = 3 * SPLIT_PART_MIN_BYTES // 4 + 7  # float32 elements: 3 parts, not an even cut
+
+
+def _split_rank(rank, world_size, addrs):
+    with Group(rank, world_size, addrs, timeout=60, lanes=3, transport="tcp") as g:
+        before = [lane._seq for lane in g._lane_groups]
+        t = _data(rank, HUGE, 0)
+        g.all_reduce(t)
+        per_lane = [lane._seq - b for lane, b in zip(g._lane_groups, before)]
+        # The same tensor twice more, each cut again: every part must read the previous result.
+        x = torch.full((HUGE,), float(rank + 1))
+        futs = [g.all_reduce_async(x), g.all_reduce_async(x), g.all_reduce_async(x, op="avg")]
+        futs[-1].wait()
+        # Not contiguous: reduced whole, on one lane.
+        y = _data(rank, HUGE - 7, 1).view(3, -1).t()
+        before = [lane._seq for lane in g._lane_groups]
+        g.all_reduce(y)
+        whole = [lane._seq - b for lane, b in zip(g._lane_groups, before)]
+        return {"t": t, "per_lane": per_lane, "x": x, "done": [f.done() for f in futs], "y": y.clone(),
+                "whole": whole}
+
+
+def test_a_large_all_reduce_is_cut_across_the_data_lanes_and_sums_exactly():
+    out = spawn_local(_split_rank, 2, (), timeout=120)
+    want = _data(0, HUGE, 0) + _data(1, HUGE, 0)
+    want_y = (_data(0, HUGE - 7, 1) + _data(1, HUGE - 7, 1)).view(3, -1).t()
+    for r in range(2):
+        assert torch.allclose(out[r]["t"], want, atol=1e-5)
+        assert out[r]["per_lane"] == [0, 1, 1, 1]  # one part on each data lane, none on the group's own
+        assert out[r]["done"] == [True] * 3 and torch.equal(out[r]["x"], torch.full((HUGE,), 6.0))
+        assert torch.allclose(out[r]["y"], want_y, atol=1e-5)
+        assert sorted(out[r]["whole"]) == [0, 0, 0, 1]
+    assert torch.equal(out[0]["t"], out[1]["t"]) and torch.equal(out[0]["y"], out[1]["y"])
 
 
 def _lane_dies(rank, world_size, addrs, timeout):

@@ -169,3 +169,59 @@ def test_idle_strangers_are_capped_oldest_first():
             sock.close()
         for g in groups:
             g.close()
+
+
+def _owned(link, deadline: float = 10.0) -> bool:
+    """Whether the comm thread is writing `link` itself (tcp._Link.write_now), seen within `deadline`."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if link.owned:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_a_one_way_send_is_written_by_the_caller_and_still_gives_up_on_a_peer_that_does_not_read():
+    """A broadcast flows one way, so the TCP transport writes it on the calling thread, not the
+    sender thread. A peer that never reads it must still be named at the deadline, and an abort
+    must still stop the write."""
+    groups = _groups(2, timeout=1.5, transport="tcp", lanes=1)
+    g0, g1 = groups
+    try:
+        sent = [torch.arange(300_000, dtype=torch.float32) * (g.rank + 1) for g in groups]
+        _each(groups, lambda g: g.broadcast(sent[g.rank], src=0))
+        assert torch.equal(sent[1], torch.arange(300_000, dtype=torch.float32))
+        link = g0._transport.push[1]
+        # 64 MB: more than both ends' socket buffers hold, and rank 1 reads none of it.
+        big = torch.ones(16_000_000)
+        t0 = time.monotonic()
+        with pytest.raises(PeerLostError, match="did not take data") as err:
+            g0.broadcast(big, src=0)
+        assert err.value.rank == 1 and time.monotonic() - t0 < 10
+        assert not link.items and not link.owned  # nothing went to the sender thread; the link is free
+    finally:
+        for g in groups:
+            g.close()
+
+    groups = _groups(2, timeout=60, transport="tcp", lanes=1)
+    g0, g1 = groups
+    try:
+        outcome: list = []
+        writer = threading.Thread(target=lambda: outcome.append(_raised(lambda: g0.broadcast(torch.ones(16_000_000)))))
+        writer.start()
+        assert _owned(g0._transport.push[1])
+        g0.abort(PeerLostError("rank 1 stopped answering (test)", rank=1))
+        writer.join(10)
+        assert not writer.is_alive()
+        assert isinstance(outcome[0], PeerLostError) and "stopped answering (test)" in str(outcome[0])
+    finally:
+        for g in groups:
+            g.close()
+
+
+def _raised(fn):
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - returned to the test
+        return exc
+    return None
