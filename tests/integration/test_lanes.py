@@ -115,11 +115,12 @@ def _lane_dies(rank, world_size, addrs, timeout):
     if rank == 2:
         g.all_reduce_async(torch.ones(4_000_000))  # lane 0
         g.all_reduce_async(big)                      # lane 1
+        g.all_reduce_async(torch.ones(HUGE))         # cut in two, one part on each lane
         time.sleep(0.005)
         os.kill(os.getpid(), signal.SIGKILL)
     t0 = time.monotonic()
     errors = []
-    for f in [g.all_reduce_async(torch.ones(4_000_000)), g.all_reduce_async(big)]:
+    for f in [g.all_reduce_async(torch.ones(4_000_000)), g.all_reduce_async(big), g.all_reduce_async(torch.ones(HUGE))]:
         try:
             f.wait()
         except PeerLostError as exc:
@@ -142,7 +143,7 @@ def test_a_killed_peer_breaks_every_lane_within_the_timeout():
     assert set(err.failures) == {2}, err.failures
     for r in (0, 1):
         out = err.results[r]
-        assert len(out["errors"]) == 2, out  # both lanes' collectives failed, none hung
+        assert len(out["errors"]) == 3, out  # both lanes' collectives and the cut one failed, none hung
         assert out["elapsed"] < 2 * timeout + 2.0
         assert out["again"] is not None
 
