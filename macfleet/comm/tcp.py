@@ -183,9 +183,11 @@ class _Link:
                 _advance(views, sent)
             return True
         finally:
+            # No notify: the sender thread waits for items (`put` wakes it), and `drain` runs on
+            # this thread, so nobody waits for this; waking the sender thread here for nothing
+            # cost about 10% of a small message's CPU time on the 2-core machine.
             with self.cond:
                 self.owned = False
-                self.cond.notify_all()
 
     def _lose(self, why: str) -> None:
         self.broken_at = time.monotonic()
