@@ -16,7 +16,10 @@ comm/transport.py), interleaved in the same run; the default is MACFLEET_STRIPES
 fleet (and each rank of the DDP benchmark) has cores of its own; without it every rank runs one
 torch thread on any core.
 JSON rows, one per engine setting and reference: {"type", "nodes", "size_bytes", "stripes",
-"macfleet_s", "reference", "reference_s", "ratio"} with ratio = macfleet_s / reference_s.
+"transport", "lanes", "via", "macfleet_s", "reference", "reference_s", "ratio"} with ratio =
+macfleet_s / reference_s; `via` says which of the engine's lanes carried that size ("zmq group"
+or "tcp group": the group's own; "tcp lane": one data lane; "N tcp lanes": an all_reduce cut
+into N parts), read from the lanes' counts around one more call.
 """
 
 from __future__ import annotations
@@ -94,6 +97,24 @@ def _timed(candidates: dict, repeats: int, sync) -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _carried_by(g, run) -> str:
+    """Which of `g`'s lanes one call of `run` used: its own (ZeroMQ by default), one data lane,
+    or several (an all_reduce cut into parts)."""
+    before = g.per_lane
+    run()
+    used = [i for i, (a, b) in enumerate(zip(before, g.per_lane)) if b != a]
+    data = [i for i in used if i > 0]
+    if not data:
+        return f"{g.transport} group"
+    return "tcp lane" if len(data) == 1 else f"{len(data)} tcp lanes"
+
+
+def _via_words(via: str) -> str:
+    if via.endswith(" group"):
+        return f"the {via}"
+    return "a tcp lane" if via == "tcp lane" else f"{via.split()[0]} tcp lanes (cut)"
 
 
 def _listen(host: str) -> tuple[socket.socket, int]:
@@ -235,6 +256,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
 
                 candidates = {name: (lambda e=e: zmq_once(e)) for name, e in engines.items()}
                 results[size] = _timed({**candidates, "socket": socket_once}, repeats, sync)
+                results[size]["via"] = {name: _carried_by(e, lambda e=e: e.broadcast(buf, src=0))
+                                        for name, e in engines.items()}
             conn.close()
         else:
             # A file store: no port to pick ahead (ranks in namespaces share the file system).
@@ -261,6 +284,8 @@ def _rank_main(rank: int, world_size: int, addrs: list[str], kind: str, sizes: l
                 if ring is not None:
                     candidates["socket_ring"] = lambda: ring.all_reduce(work)
                 results[size] = _timed(candidates, repeats, sync)
+                results[size]["via"] = {name: _carried_by(e, lambda e=e: e.all_reduce(work))
+                                        for name, e in engines.items()}
             if conn is not None:
                 conn.close()
             if ring is not None:
@@ -316,7 +341,7 @@ def run_comm_benchmark(args) -> int:
     results = per_rank[0]
     ran = results.pop("engines")
     first = ran[_engine(stripes[0])]
-    lanes = f"{first['lanes']} tcp data lanes (a collective of 1 MB or more runs on one of them)" if first["lanes"] > 1 else "one lane"
+    lanes = f"{first['lanes']} tcp data lanes" if first["lanes"] > 1 else "one lane"
     console.print(f"engine: {first['transport']} transport, {lanes}")
 
     rows = []
@@ -328,7 +353,7 @@ def run_comm_benchmark(args) -> int:
                 if ref in fig:
                     rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k,
                                  "transport": ran[_engine(k)]["transport"], "lanes": ran[_engine(k)]["lanes"],
-                                 "macfleet_s": mine,
+                                 "via": fig["via"][_engine(k)], "macfleet_s": mine,
                                  "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref]})
     table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
     several = len(stripes) > 1  # the column only when it tells settings apart (the table fits 80 columns)
@@ -340,6 +365,9 @@ def run_comm_benchmark(args) -> int:
                       f"{row['size_bytes'] / row['macfleet_s'] / 1e9:.2f}", row["reference"],
                       f"{row['reference_s'] * 1e3:.2f} ms", f"{row['ratio']:.2f}x")
     console.print(table)
+    via = {(r["size_bytes"], r["stripes"]): r["via"] for r in rows}
+    console.print("via: " + ", ".join(f"{_human(size)}{f' (stripes {k})' if several else ''} on {_via_words(v)}"
+                                      for (size, k), v in via.items()))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)

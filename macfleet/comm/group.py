@@ -215,6 +215,12 @@ class Group:
         return sum(lane._seq for lane in self._lane_groups)
 
     @property
+    def per_lane(self) -> list[int]:
+        """Collectives started so far on each lane: this group's own first, then the data lanes
+        (what `macfleet benchmark` reads to say which lanes carried a size)."""
+        return [lane._seq for lane in self._lane_groups]
+
+    @property
     def settled(self) -> bool:
         """No collective queued or running, and none failed: every one started has completed."""
         for lane in self._lane_groups:

@@ -36,9 +36,12 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
     assert f"engine: {transport} transport, " + (f"{lanes} tcp data lanes" if lanes > 1 else "one lane") in words
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
-        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "macfleet_s", "reference",
-                          "reference_s", "ratio"}
+        assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "via", "macfleet_s",
+                          "reference", "reference_s", "ratio"}
         assert (r["type"], r["nodes"], r["transport"], r["lanes"]) == ("allreduce", nodes, transport, lanes)
+        # 5 MB is above the data lanes' 1 MB threshold, 256 KB below it; neither is cut.
+        want = "tcp lane" if lanes > 1 and r["size_bytes"] > 1 << 20 else f"{transport} group"
+        assert r["via"] == want, r
         assert r["macfleet_s"] > 0 and r["reference_s"] > 0
         assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
     for ref in references:
@@ -54,6 +57,18 @@ def test_stripes_are_measured_side_by_side_on_pinned_cores(tmp_path):
 def test_bandwidth_rows(tmp_path):
     rows, _ = _bench(tmp_path, "--type", "bandwidth", "--sizes", "1MB")
     assert [(r["type"], r["nodes"], r["size_bytes"], r["reference"]) for r in rows] == [("bandwidth", 2, 10**6, "socket")]
+
+
+def test_the_rows_say_which_lanes_carried_each_size(tmp_path):
+    """With 2 data lanes: a 4-byte broadcast stays on the group, a 1 MB one goes to a lane, and a
+    40 MB all_reduce is cut over both."""
+    env = {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"}
+    rows, stdout = _bench(tmp_path, "--type", "bandwidth", "--sizes", "4B,1MB", env=env)
+    assert {r["size_bytes"]: r["via"] for r in rows} == {4: "zmq group", 10**6: "tcp lane"}
+    assert "via: 4 B on the zmq group, 1 MB on a tcp lane" in " ".join(stdout.split())
+    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--sizes", "40MB", env=env)
+    assert {r["via"] for r in rows} == {"2 tcp lanes"}
+    assert "via: 40 MB on 2 tcp lanes (cut)" in " ".join(stdout.split())
 
 
 def test_bad_sizes_is_a_clear_error(tmp_path):
