@@ -27,9 +27,10 @@ def _bench(tmp_path, *args: str, env=None) -> tuple[list[dict], str]:
     (2, "auto", {"gloo", "socket_exchange"}, {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"}, "zmq", 2),
 ])
 def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, references, env, transport, lanes):
-    sizes = [256_000, 5_000_000]
-    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes", "256KB,5MB",
-                          "--algorithm", algorithm, env=env)
+    # With data lanes, also 40 MB: an all_reduce that is cut into one part per lane.
+    sizes = [256_000, 5_000_000] + ([40_000_000] if lanes > 1 else [])
+    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--nodes", str(nodes), "--sizes",
+                          ",".join(f"{s}B" for s in sizes), "--algorithm", algorithm, env=env)
     words = " ".join(stdout.split())  # the table's title line wraps at the terminal's width
     if nodes > 2:
         assert f"engine algorithm {'direct' if algorithm == 'auto' else algorithm}" in words
@@ -39,13 +40,16 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
         assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "via", "macfleet_s",
                           "reference", "reference_s", "ratio"}
         assert (r["type"], r["nodes"], r["transport"], r["lanes"]) == ("allreduce", nodes, transport, lanes)
-        # 5 MB is above the data lanes' 1 MB threshold, 256 KB below it; neither is cut.
-        want = "tcp lane" if lanes > 1 and r["size_bytes"] > 1 << 20 else f"{transport} group"
-        assert r["via"] == want, r
+        # Which lanes carried it: 256 KB is under the data lanes' 1 MB threshold, 5 MB over it,
+        # and 40 MB is cut into one part per lane.
+        want = {256_000: f"{transport} group", 5_000_000: "tcp lane", 40_000_000: f"{lanes} tcp lanes"}
+        assert r["via"] == (want[r["size_bytes"]] if lanes > 1 else f"{transport} group"), r
         assert r["macfleet_s"] > 0 and r["reference_s"] > 0
         assert r["ratio"] == pytest.approx(r["macfleet_s"] / r["reference_s"])
     for ref in references:
         assert ref in stdout  # the table shows every reference beside the engine's figure
+    if lanes > 1:
+        assert f"40 MB on {lanes} tcp lanes (cut)" in words
 
 
 def test_stripes_are_measured_side_by_side_on_pinned_cores(tmp_path):
@@ -55,20 +59,12 @@ def test_stripes_are_measured_side_by_side_on_pinned_cores(tmp_path):
 
 
 def test_bandwidth_rows(tmp_path):
-    rows, _ = _bench(tmp_path, "--type", "bandwidth", "--sizes", "1MB")
-    assert [(r["type"], r["nodes"], r["size_bytes"], r["reference"]) for r in rows] == [("bandwidth", 2, 10**6, "socket")]
-
-
-def test_the_rows_say_which_lanes_carried_each_size(tmp_path):
-    """With 2 data lanes: a 4-byte broadcast stays on the group, a 1 MB one goes to a lane, and a
-    40 MB all_reduce is cut over both."""
-    env = {"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"}
-    rows, stdout = _bench(tmp_path, "--type", "bandwidth", "--sizes", "4B,1MB", env=env)
-    assert {r["size_bytes"]: r["via"] for r in rows} == {4: "zmq group", 10**6: "tcp lane"}
+    """With 2 data lanes a 4-byte broadcast stays on the group and a 1 MB one goes to a lane."""
+    rows, stdout = _bench(tmp_path, "--type", "bandwidth", "--sizes", "4B,1MB",
+                          env={"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"})
+    assert [(r["type"], r["nodes"], r["size_bytes"], r["reference"], r["via"]) for r in rows] == [
+        ("bandwidth", 2, 4, "socket", "zmq group"), ("bandwidth", 2, 10**6, "socket", "tcp lane")]
     assert "via: 4 B on the zmq group, 1 MB on a tcp lane" in " ".join(stdout.split())
-    rows, stdout = _bench(tmp_path, "--type", "allreduce", "--sizes", "40MB", env=env)
-    assert {r["via"] for r in rows} == {"2 tcp lanes"}
-    assert "via: 40 MB on 2 tcp lanes (cut)" in " ".join(stdout.split())
 
 
 def test_bad_sizes_is_a_clear_error(tmp_path):
