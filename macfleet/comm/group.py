@@ -23,12 +23,11 @@ least 2 x SPLIT_PART_MIN_BYTES is cut into parts on consecutive lanes, reduced a
 Everything else (small collectives, other gathers, barriers) runs here, on the transport asked
 for. So several of DDP's buckets, or the parts of one, are reduced at once, on as many cores:
 each lane's socket copies and sums leave the GIL, while one thread alone is bound by one core's
-copies through the kernel. Futures still complete
-in issue order, and a collective on a tensor that an earlier one (on any lane) still works on
-starts after that one has finished. The data lanes listen on ports the system picks, told to the
-peers here when the group starts; every rank opens as many as the rank that offers fewest (the
-default follows each machine's cores), and they use sessions derived from the group's. A lost
-peer on any lane breaks them all.
+copies through the kernel. Futures still complete in issue order, and a collective on a tensor
+that an earlier one (on any lane) still works on starts after that one has finished. The data
+lanes listen on ports the system picks, told to the peers here when the group starts; every
+rank opens as many as the rank that offers fewest (the default follows each machine's cores),
+and they use sessions derived from the group's. A lost peer on any lane breaks them all.
 
 `session` is a 64-bit id shared by every rank of one Group and different for any other run or
 generation (framing.session_id derives one, framing.random_session draws one); frames stamped

@@ -33,12 +33,12 @@ calling thread instead, when nothing is queued for that peer: a small one (under
 COPY_THRESHOLD), and a one-way one (`one_way`: a broadcast's, a gather's, a scatter's), whose
 peer sends nothing back in that collective, so the write cannot wait on a peer that waits on
 us. That saves the hand-off to the sender thread and the wake-up that says the bytes left.
-An exchange's large chunks still go to the sender
-thread, so both ends write and read at once. A blocked write checks for an abort and the
-deadline as a tracked send's wait does. A connection that breaks before the
-peer acknowledged our HELLO is made again (the handshake's HELLOs are re-sent); after that, a
-broken connection means the peer exited or was killed: queued sends fail at once, and a later
-`send`, or `wait_sent` on an earlier one, raises PeerLostError.
+An exchange's large chunks still go to the sender thread, so both ends write and read at once.
+A blocked write checks for an abort and the deadline as a tracked send's wait does. A
+connection that breaks before the peer acknowledged our HELLO is made again (the handshake's
+HELLOs are re-sent); after that, a broken connection means the peer exited or was killed:
+queued sends fail at once, and a later `send`, or `wait_sent` on an earlier one, raises
+PeerLostError.
 
 Receiving. Messages arrive on the sender's own connection, so a receive reads the awaited
 peer's connection, and the others are read only to file their messages (park, drop, answer a
@@ -95,17 +95,6 @@ def _tune(sock: socket.socket) -> None:
         except OSError:
             pass  # above the system's cap (macOS kern.ipc.maxsockbuf): keep its default
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-
-
-def _advance(views: list[memoryview], sent: int) -> None:
-    """Drop the first `sent` bytes of a message's parts (what one sendmsg wrote)."""
-    while sent:
-        if sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        else:
-            views[0] = views[0][sent:]
-            sent = 0
 
 
 class _Sent:
@@ -166,26 +155,19 @@ class _Link:
             if self.items or not self.idle or self.owned or self.sock is None or self.broken is not None:
                 return False
             self.owned = True
+
+        def waiting() -> None:
+            self.tp._abort_check()
+            if time.monotonic() >= deadline:
+                raise self.tp._lost(self.peer, "did not take data")
+
         try:
-            sock = self.sock
-            views = [memoryview(p).cast("B") for p in parts if len(p)]
-            while views:
-                try:
-                    sent = sock.sendmsg(views)
-                except (TimeoutError, BlockingIOError, InterruptedError):
-                    self.tp._abort_check()
-                    if time.monotonic() >= deadline:
-                        raise self.tp._lost(self.peer, "did not take data") from None
-                    continue
-                except OSError:
-                    self._lose("closed its connection (it exited or was killed)")
-                    return True  # the bytes go nowhere, as on the sender thread (see _run)
-                _advance(views, sent)
+            if not self._write(self.sock, parts, waiting):
+                self._lose("closed its connection (it exited or was killed)")  # the bytes go nowhere, as in _run
             return True
         finally:
             # No notify: the sender thread waits for items (`put` wakes it), and `drain` runs on
-            # this thread, so nobody waits for this; waking the sender thread here for nothing
-            # cost about 10% of a small message's CPU time on the 2-core machine.
+            # this thread, so nobody waits for this (a wake-up would only cost CPU).
             with self.cond:
                 self.owned = False
 
@@ -245,7 +227,9 @@ class _Link:
             self.sock.close()
             self.sock = None
 
-    def _write(self, sock: socket.socket, parts) -> bool:
+    def _write(self, sock: socket.socket, parts, waiting=None) -> bool:
+        """Write a whole message; False if the connection broke (or the transport closed hard).
+        `waiting`, called while the peer reads slowly (or is frozen), may raise to give up."""
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         while views:
             if self.closing and self.tp._hard_close:
@@ -253,10 +237,18 @@ class _Link:
             try:
                 sent = sock.sendmsg(views)
             except (TimeoutError, BlockingIOError, InterruptedError):
-                continue  # the peer reads slowly (or is frozen): look at `closing` and go on
+                if waiting is not None:
+                    waiting()
+                continue  # look at `closing` and go on
             except OSError:
                 return False
-            _advance(views, sent)
+            while sent:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
         return True
 
     def _run(self) -> None:
@@ -370,17 +362,17 @@ class TcpTransport(Transport):
     # -- sending ----------------------------------------------------------------------------
     def send(self, dst: int, header: Header, body, *, track: bool = False, one_way: bool = False):
         link = self.push[dst]
+        head = framing.encode_header(header)
         small = len(body) < COPY_THRESHOLD
-        if (small or one_way) and dst in self._acked:
-            # Written here when the connection is idle (see the module docstring, "Sending").
-            parts = (framing.encode_header(header), body)
-            if link.write_now(parts, time.monotonic() + self.op_timeout):
-                return _Sent() if track and link.broken is not None else None
+        # Written here when the connection is idle (see the module docstring, "Sending").
+        if ((small or one_way) and dst in self._acked
+                and link.write_now((head, body), time.monotonic() + self.op_timeout)):
+            return _Sent() if track and link.broken is not None else None
         if small:
             body, track = bytes(body), False  # copied: the caller may reuse its buffer at once
         tracker = _Sent() if track else None
         if link.broken is None:
-            link.put((framing.encode_header(header), body), tracker)
+            link.put((head, body), tracker)
         # else: the peer is gone and the bytes go nowhere (see _Link._run); a tracker stays pending
         return tracker
 
