@@ -59,19 +59,23 @@ def test_status_rows_and_log_follow_each_nodes_thermal_level(level, caplog):
 
     def thermals():
         return [r["thermal"] for r in coord.status()]
+
+    def said():
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("thermal:")]
     try:
         level["level"] = "nominal"
         master.report(1, 100.0)
         assert _until(lambda: thermals() == ["nominal", "nominal"]), coord.status()
-        assert not [r for r in caplog.records if r.getMessage().startswith("thermal:")]  # nothing to say yet
+        assert not said()  # nothing to say yet
 
         level["level"] = "heavy"
         master.report(2, 90.0)
         assert _until(lambda: thermals() == ["heavy", "heavy"]), coord.status()
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("thermal:")]
-        assert any(s.startswith("thermal: node rank 1 (air, ") and " is heavy (was nominal): macOS is slowing" in s
-                   for s in said), said
-        assert any(s.startswith("thermal: rank 0 (pro, the master) is heavy (was nominal)") for s in said), said
+        # The heartbeat server logs a change just after it updates the table: wait for the line.
+        assert _until(lambda: any(s.startswith("thermal: node rank 1 (air, ") and
+                                  " is heavy (was nominal): macOS is slowing" in s for s in said())), said()
+        assert _until(lambda: any(s.startswith("thermal: rank 0 (pro, the master) is heavy (was nominal)")
+                                  for s in said())), said()
 
         out = _status(coord.port, "--json")
         assert out.returncode == 0, out.stderr
@@ -82,9 +86,8 @@ def test_status_rows_and_log_follow_each_nodes_thermal_level(level, caplog):
 
         level["level"] = "moderate"
         assert _until(lambda: thermals()[1] == "moderate"), coord.status()
-        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("thermal:")]
-        assert any(s.startswith("thermal: node rank 1 (air, ") and s.endswith("is back to moderate (was heavy)")
-                   for s in said), said
+        assert _until(lambda: any(s.startswith("thermal: node rank 1 (air, ") and
+                                  s.endswith("is back to moderate (was heavy)") for s in said())), said()
     finally:
         worker.close()
         master.close()
