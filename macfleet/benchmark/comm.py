@@ -16,10 +16,14 @@ comm/transport.py), interleaved in the same run; the default is MACFLEET_STRIPES
 fleet (and each rank of the DDP benchmark) has cores of its own; without it every rank runs one
 torch thread on any core.
 JSON rows, one per engine setting and reference: {"type", "nodes", "size_bytes", "stripes",
-"transport", "lanes", "via", "macfleet_s", "reference", "reference_s", "ratio"} with ratio =
-macfleet_s / reference_s; `via` says which of the engine's lanes carried that size ("zmq group"
-or "tcp group": the group's own; "tcp lane": one data lane; "N tcp lanes": an all_reduce cut
-into N parts), read from the lanes' counts around one more call.
+"transport", "lanes", "via", "macfleet_s", "reference", "reference_s", "ratio", "ratio_p25",
+"ratio_p75", "macfleet_rounds_s", "reference_rounds_s"} with ratio = macfleet_s / reference_s;
+the two quartiles are those of the ratio taken round by round (each round runs every candidate
+once, back to back), the table's "rounds" column: how much the ratio moves with the load of the
+moment, beside the ratio of the medians; the *_rounds_s lists are every round's seconds. `via`
+says which of the engine's lanes carried that size ("zmq group" or "tcp group": the group's own;
+"tcp lane": one data lane; "N tcp lanes": an all_reduce cut into N parts), read from the lanes'
+counts around one more call.
 """
 
 from __future__ import annotations
@@ -83,9 +87,10 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _timed(candidates: dict, repeats: int, sync) -> dict[str, float]:
-    """Median seconds per candidate. Runs are interleaved (one of each per round), so load from
-    other processes that comes and goes weighs on every candidate alike."""
+def _timed(candidates: dict, repeats: int, sync) -> dict:
+    """Median seconds per candidate, and under "rounds" every round's seconds. Runs are
+    interleaved (one of each per round), so load from other processes that comes and goes weighs
+    on every candidate alike, and a round's figures can be compared with each other."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for fn in candidates.values():
         sync()
@@ -96,7 +101,17 @@ def _timed(candidates: dict, repeats: int, sync) -> dict[str, float]:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {**{name: statistics.median(ts) for name, ts in times.items()}, "rounds": times}
+
+
+def round_ratios(mine: list[float], ref: list[float]) -> tuple[float, float]:
+    """The lower and upper quartile of the engine's time over the reference's, round by round
+    (the two ran back to back in each round): how far the ratio moves between rounds."""
+    ratios = sorted(a / b for a, b in zip(mine, ref))
+    if len(ratios) < 2:
+        return ratios[0], ratios[0]
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, q3
 
 
 def _carried_by(g, run) -> str:
@@ -351,20 +366,28 @@ def run_comm_benchmark(args) -> int:
             mine = fig[_engine(k)]
             for ref in ("socket", "gloo", "socket_exchange", "socket_ring"):
                 if ref in fig:
+                    rounds, ref_rounds = fig["rounds"][_engine(k)], fig["rounds"][ref]
+                    low, high = round_ratios(rounds, ref_rounds)
                     rows.append({"type": kind, "nodes": nodes, "size_bytes": size, "stripes": k,
                                  "transport": ran[_engine(k)]["transport"], "lanes": ran[_engine(k)]["lanes"],
                                  "via": fig["via"][_engine(k)], "macfleet_s": mine,
-                                 "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref]})
+                                 "reference": ref, "reference_s": fig[ref], "ratio": mine / fig[ref],
+                                 "ratio_p25": low, "ratio_p75": high,
+                                 "macfleet_rounds_s": rounds, "reference_rounds_s": ref_rounds})
     table = Table(title=f"macfleet benchmark --type {kind} --nodes {nodes}")
     several = len(stripes) > 1  # the column only when it tells settings apart (the table fits 80 columns)
-    for col in ("size", *(("stripes",) if several else ()), "macfleet", "GB/s", "reference", "reference time", "ratio"):
+    for col in ("size", *(("stripes",) if several else ()), "macfleet", "GB/s", "reference", "its time", "ratio",
+                "rounds"):
         table.add_column(col, justify="right")
     for row in rows:
         table.add_row(_human(row["size_bytes"]), *((str(row["stripes"]),) if several else ()),
                       f"{row['macfleet_s'] * 1e3:.2f} ms",
                       f"{row['size_bytes'] / row['macfleet_s'] / 1e9:.2f}", row["reference"],
-                      f"{row['reference_s'] * 1e3:.2f} ms", f"{row['ratio']:.2f}x")
+                      f"{row['reference_s'] * 1e3:.2f} ms", f"{row['ratio']:.2f}x",
+                      f"{row['ratio_p25']:.2f}-{row['ratio_p75']:.2f}")
     console.print(table)
+    console.print("ratio: the medians' ratio; rounds: the middle half of the ratios of each round, in which the "
+                  "engine and its reference ran back to back")
     via = {(r["size_bytes"], r["stripes"]): r["via"] for r in rows}
     console.print("via: " + ", ".join(f"{_human(size)}{f' (stripes {k})' if several else ''} on {_via_words(v)}"
                                       for (size, k), v in via.items()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 
@@ -38,7 +39,9 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
     assert {(r["size_bytes"], r["reference"]) for r in rows} == {(s, ref) for s in sizes for ref in references}
     for r in rows:
         assert set(r) == {"type", "nodes", "size_bytes", "stripes", "transport", "lanes", "via", "macfleet_s",
-                          "reference", "reference_s", "ratio"}
+                          "reference", "reference_s", "ratio", "ratio_p25", "ratio_p75", "macfleet_rounds_s",
+                          "reference_rounds_s"}
+        _check_rounds(r)
         assert (r["type"], r["nodes"], r["transport"], r["lanes"]) == ("allreduce", nodes, transport, lanes)
         # Which lanes carried it: 256 KB is under the data lanes' 1 MB threshold, 5 MB over it,
         # and 40 MB is cut into one part per lane.
@@ -50,6 +53,17 @@ def test_allreduce_rows_carry_their_references(tmp_path, nodes, algorithm, refer
         assert ref in stdout  # the table shows every reference beside the engine's figure
     if lanes > 1:
         assert f"40 MB on {lanes} tcp lanes (cut)" in words
+
+
+def _check_rounds(r: dict) -> None:
+    """Each of the 5 rounds' times is there, the medians are theirs, and the spread is the
+    quartiles of the ratios round by round (the engine and its reference ran back to back)."""
+    mine, ref = r["macfleet_rounds_s"], r["reference_rounds_s"]
+    assert len(mine) == len(ref) == 5 and min(mine + ref) > 0
+    assert r["macfleet_s"] == statistics.median(mine) and r["reference_s"] == statistics.median(ref)
+    q1, _, q3 = statistics.quantiles(sorted(a / b for a, b in zip(mine, ref)), n=4, method="inclusive")
+    assert (r["ratio_p25"], r["ratio_p75"]) == pytest.approx((q1, q3))
+    assert r["ratio_p25"] <= r["ratio_p75"]
 
 
 def test_stripes_are_measured_side_by_side_on_pinned_cores(tmp_path):
@@ -64,6 +78,9 @@ def test_bandwidth_rows(tmp_path):
                           env={"MACFLEET_TRANSPORT": "zmq", "MACFLEET_LANES": "2"})
     assert [(r["type"], r["nodes"], r["size_bytes"], r["reference"], r["via"]) for r in rows] == [
         ("bandwidth", 2, 4, "socket", "zmq group"), ("bandwidth", 2, 10**6, "socket", "tcp lane")]
+    for r in rows:
+        _check_rounds(r)
+    assert "rounds: the middle half of the ratios of each round" in " ".join(stdout.split())
     assert "via: 4 B on the zmq group, 1 MB on a tcp lane" in " ".join(stdout.split())
 
 
