@@ -767,6 +767,8 @@ def run_scaling_benchmark(args) -> int:
             console.print(line, highlight=False, soft_wrap=True)
     if not throttle:
         report(console, args, rows, scaling_table, plot_scaling)
+        for line in verdict(rows):
+            console.print(line, highlight=False, soft_wrap=True)
         return 0
     from rich.console import Group
 
@@ -883,6 +885,33 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
             # The engine reports a total over the run's steps, as it does bytes_sent.
             "staging_s": staging / m["steps"] if staging is not None else None,
             "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers")}
+
+
+def verdict(rows: list[dict]) -> list[str]:
+    """What to try when a fleet run came out slower than one node, from the figures of the table:
+    where that run's step went (the slowest node's compute at its share, the rest waiting on the
+    exchange), then the fastest codec run here, or a larger batch when every one is slower."""
+    fleets = [r for r in rows if r["run"] == "fleet"]
+    slow = [r for r in fleets if r["speedup"] < 1.0]
+    if not slow:
+        return []
+    lines = []
+    for r in slow:
+        compute = max(r["compute_s"])
+        lines.append(f"fleet {r['codec']} is {r['speedup']:.2f}x one node: each node alone at its share takes at most "
+                     f"{1e3 * compute:.1f} ms a step, and the other {1e3 * max(0.0, r['step_s'] - compute):.1f} ms of "
+                     f"the fleet's {1e3 * r['step_s']:.1f} ms step go to the gradient exchange and waiting for it.")
+    best = max(fleets, key=lambda r: r["speedup"])
+    batch = rows[0]["global_batch"]
+    if best["speedup"] >= 1.0:
+        lines.append(f"compression={best['codec']} was the fastest here ({best['speedup']:.2f}x one node); "
+                     "compression=auto picks a codec from the link and the model at the start of a run.")
+    else:
+        lines.append(f"Every codec run here is slower than one node at a global batch of {batch}: each node's "
+                     f"step is too short to hide the exchange. A larger batch (trainer.batch_size={2 * batch}) "
+                     "gives every step more compute to overlap it; compression=auto picks a codec from the link "
+                     "and the model.")
+    return lines
 
 
 def scaling_table(rows: list[dict]):

@@ -1,0 +1,37 @@
+"""The lines `macfleet benchmark --type scaling` prints under its table when a fleet run is slower
+than one node: where the step went and what to try, from the rows' own figures."""
+
+from __future__ import annotations
+
+from macfleet.benchmark.scaling import verdict
+
+
+def _row(run: str, codec: str, speedup: float, step_ms: float, compute_ms: list[float]) -> dict:
+    return {"run": run, "codec": codec, "speedup": speedup, "step_s": step_ms / 1e3,
+            "compute_s": [c / 1e3 for c in compute_ms], "global_batch": 256}
+
+
+def test_nothing_to_say_when_every_fleet_run_beats_one_node():
+    rows = [_row("1 node", "none", 1.0, 37.6, [37.6]), _row("fleet", "none", 1.74, 40.0, [21.0, 22.0])]
+    assert verdict(rows) == []
+
+
+def test_a_slow_run_is_explained_and_the_fastest_codec_named():
+    rows = [_row("1 node", "none", 1.0, 37.6, [37.6]), _row("fleet", "none", 0.93, 40.4, [20.8, 20.9]),
+            _row("fleet", "fp16", 1.21, 31.0, [20.8, 20.9])]
+    lines = verdict(rows)
+    assert len(lines) == 2
+    # Each node's compute at its share (the longer of the two), and the rest of the fleet's step.
+    assert lines[0] == ("fleet none is 0.93x one node: each node alone at its share takes at most 20.9 ms a step, "
+                        "and the other 19.5 ms of the fleet's 40.4 ms step go to the gradient exchange and waiting "
+                        "for it.")
+    assert lines[1].startswith("compression=fp16 was the fastest here (1.21x one node)")
+
+
+def test_every_codec_slower_suggests_a_larger_batch():
+    rows = [_row("1 node", "none", 1.0, 37.6, [37.6]), _row("fleet", "none", 0.91, 41.3, [21.1, 21.1]),
+            _row("fleet", "topk_fp16", 0.97, 38.0, [21.1, 21.1])]
+    lines = verdict(rows)
+    assert [ln.split(":")[0] for ln in lines[:2]] == ["fleet none is 0.91x one node", "fleet topk_fp16 is 0.97x one node"]
+    assert lines[2].startswith("Every codec run here is slower than one node at a global batch of 256")
+    assert "trainer.batch_size=512" in lines[2]
