@@ -98,6 +98,7 @@ def _add_benchmark(sub) -> None:
                 "  macfleet benchmark --type allreduce --nodes 2 --stripes 1,2,4 --cores-per-node 16\n"
                 "  macfleet benchmark --type compression --models resnet50 --codecs none,topk_fp16\n"
                 "  macfleet benchmark --type scaling --nodes 2 --plot scaling.png model=resnet18\n"
+                "  macfleet benchmark --type scaling --device cuda --backends nccl,gloo model=resnet50 dataset=cifar10\n"
                 "  macfleet benchmark --type scaling --nodes 2 --codecs none --throttle 1:0.6@20   # as root\n"
                 "  macfleet benchmark --type convergence --target 0.95 --plot accuracy.png trainer.epochs=10\n"
                 "  macfleet benchmark --type ddp --nodes 2 --train-py\n"
@@ -176,7 +177,9 @@ def _add_benchmark(sub) -> None:
                                                 "elastic: each trial's time per case against its goal")
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu); engine "
-                        "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct")
+                        "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct; "
+                        "scaling: the peers, the same job as train.py cluster=torchrun on each backend on the same "
+                        "nodes (default gloo, nccl,gloo on cuda; none with --throttle or on mps; none: no peer)")
     p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
     p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")

@@ -9,20 +9,28 @@ Runs, all with the same global batch B and model:
 1. references: each node alone (`cluster=single`) at B, and at its own local batch b_i (its
    share of B in the fleet); nodes run their references side by side, each on its own cores,
    as separate machines would (one at a time where GPUs are shared);
-2. the fleet: one run per codec, node 0 the master, started as the README's two-Mac flow does
+2. the peers (`--backends`, default gloo, and nccl first on cuda): the same job on stock PyTorch,
+   `torchrun --nnodes N --node-rank i train.py cluster=torchrun cluster.backend=B` on the same
+   nodes (cores, GPU, namespace), global batch, shares and steps, compression none; the user's
+   overrides go with it but for cluster.* keys other than cluster.weights (the fleet's engine
+   settings);
+3. the fleet: one run per codec, node 0 the master, started as the README's two-Mac flow does
    (`cluster=pro_air cluster.role=master|worker`, token in MACFLEET_TOKEN).
 Figures, each beside its reference from the same benchmark:
 - samples/s of the fleet; speedup = fleet / node 0 alone at B ("one machine");
+- vs_peers: fleet samples/s / each peer's ({"gloo": ..., "nccl": ...});
 - efficiency = fleet / ideal, ideal = the sum of every node's own samples/s at B;
 - where a fleet step goes, per node: compute = the node's own step time alone at b_i;
   communication wait = fleet step time - compute (codec encode/decode included); staging =
   device<->host copy time per step, when the engine reports `staging_s` (a run total) in
   metrics.json.
-JSON rows, the 1-node reference first, then one per codec: {"type", "run", "codec", "nodes",
+JSON rows, the 1-node reference first, then one per peer ("run": "torchrun"), then one per
+codec ("run": "fleet"): {"type", "run", "backend", "codec", "nodes",
 "global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
 "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
-"wire_ratio", "data_workers"}; per-node figures are lists indexed by node; data_workers: the
+"wire_ratio", "data_workers", "vs_peers"}; backend: None for the 1-node row, "macfleet" for the
+fleet's; vs_peers: None but in fleet rows; per-node figures are lists indexed by node; data_workers: the
 DataLoader workers of rank 0 (trainer.num_workers as resolved); step_max_s: the slowest timed
 step (a run whose slowest step took over STALL_FACTOR x its mean also gets a line saying so).
 --throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
@@ -40,6 +48,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -81,6 +90,7 @@ class Node:
     quota: float | None = None
     gpu: str | None = None
     netns: str | None = None
+    dev: str | None = None  # with --netns: its link's name in the namespace
     cgroup: Path | None = None
 
     def prefix(self) -> list[str]:
@@ -197,6 +207,32 @@ def parse_cores(text: str | None, nodes: int) -> list[int] | None:
     if any(c < 1 for c in counts):
         raise ConfigError(f"--cores {text!r}: every node needs at least one core")
     return counts
+
+
+def parse_peers(text: str | None, device: str, throttle: bool) -> list[str]:
+    """--backends for --type scaling: the torch backends whose `train.py cluster=torchrun` run
+    stands beside the fleet. Default: gloo, and nccl first on cuda; none with --throttle (a stock
+    backend does not adapt) or on mps (neither stock backend reduces MPS tensors); `none`: no peer."""
+    from macfleet.benchmark.ddp import backend_spec
+
+    if text is None:
+        return [] if throttle or device == "mps" else (["nccl", "gloo"] if device == "cuda" else ["gloo"])
+    peers = [b.strip() for b in text.split(",") if b.strip()]
+    if peers == ["none"]:
+        return []
+    for b in peers:
+        name = backend_spec(b)[0]
+        if name not in ("gloo", "nccl", "macfleet"):
+            raise ConfigError(f"--backends {text!r}: {name!r} is not a torch backend train.py runs on under torchrun; "
+                              "use gloo, nccl or macfleet (or none)")
+        if name == "nccl" and device != "cuda":
+            raise ConfigError(f"--backends {text!r}: nccl needs --device cuda; use gloo")
+    if throttle:
+        raise ConfigError("--throttle watches the fleet adapt; a stock backend's run does not: drop --backends "
+                          "(or give --backends none)")
+    if len(set(peers)) != len(peers):
+        raise ConfigError(f"--backends {text!r}: a backend is listed twice")
+    return peers
 
 
 def parse_quotas(text: str | None, nodes: int) -> list[float] | None:
@@ -405,6 +441,7 @@ class Run:
     label: str
     out: Path
     procs: list[tuple[Node, list[str], dict]] = field(default_factory=list)
+    own_group: bool = False  # each process leads a process group, stopped whole (torchrun and its ranks)
 
 
 def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
@@ -422,7 +459,7 @@ def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
                         cwd = run.out.parent / f"{run.label}-node{node.index}.cwd"
                         cwd.mkdir(exist_ok=True)
                         proc = subprocess.Popen(node.prefix() + argv, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                                cwd=cwd, preexec_fn=node.enter)
+                                                cwd=cwd, preexec_fn=_grouped(node.enter) if run.own_group else node.enter)
                     started.append((run, log_path, proc))
             # The spinner's thread starts after the forks: preexec_fn runs in a child forked from
             # this process, which is safe while it has no other threads. It starts with the
@@ -445,12 +482,39 @@ def _wait(runs: list[Run], logs: Path, console, tick=None) -> list[dict]:
     finally:
         # The processes first: when stopping the spinner raised (see above), the training
         # processes of that run were left behind, still training.
-        for _, _, proc in started:
-            if proc.poll() is None:
+        for run, _, proc in started:
+            if run.own_group:
+                _kill_tree(proc)
+            elif proc.poll() is None:
                 proc.kill()
             proc.wait()
         status.stop()
     return [json.loads((run.out / "metrics.json").read_text()) for run in runs]
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun agent, its process group and every process below it: its ranks run in
+    sessions of their own and outlive a killed agent."""
+    import psutil
+
+    try:
+        below = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        below = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in below:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(below, timeout=10)
+
+
+def _grouped(enter):
+    """A preexec_fn: the child leads a process group of its own, then `enter`."""
+    def run() -> None:
+        os.setpgid(0, 0)
+        enter()
+    return run
 
 
 # The master's step, polled through its status requests (what `macfleet status` asks), run in
@@ -632,6 +696,7 @@ def run_scaling_benchmark(args) -> int:
         raise ConfigError(f"--reference-steps {ref_steps}: give at least 1 timed step for each node's reference runs")
     check_can_run(args, "scaling")
     user = parse_overrides(list(args.overrides or []))
+    peers = parse_peers(getattr(args, "backends", None), args.device, getattr(args, "throttle", None) is not None)
     nodes = plan_nodes(args)
     throttle = parse_throttle(getattr(args, "throttle", None), len(nodes))
     profiled = int(getattr(args, "profile", 0) or 0)
@@ -681,6 +746,8 @@ def run_scaling_benchmark(args) -> int:
                   f"{warmup} warm-up" + (f" ({ref_steps} in each node's references)" if ref_steps != steps else ""))
     for node in nodes:
         console.print(f"  {node.describe()}")
+    if peers:
+        console.print(f"  peers: {', '.join(peers)} (train.py cluster=torchrun, compression none, on the same nodes)")
     if throttle:
         console.print(f"  throttle: node {throttle.node} to {throttle.quota:g} of its cores {throttle.when()}, "
                       f"in every fleet run")
@@ -721,6 +788,16 @@ def run_scaling_benchmark(args) -> int:
                 ideal_after = ideal - alone[slow.index]["samples_per_s"] + throttled["samples_per_s"]
                 console.print(f"  {r.label}: {throttled['samples_per_s']:.1f} samples/s at {throttle.quota:g} of its "
                               f"cores; ideal after the throttle {ideal_after:.1f} samples/s")
+            # The user's cluster.* settings are the fleet's engine; torchrun's job takes only the shares.
+            peer_user = {k: v for k, v in user.items() if not k.lstrip("+~").startswith("cluster.")
+                         or k.lstrip("+~") == "cluster.weights"}
+            peer_runs = {}
+            for j, peer in enumerate(peers):
+                run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
+                               [DEFAULTS, peer_user, data, timing])
+                m = peer_runs[peer] = _wait([run], logs, console)[0]
+                console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
+                              f"efficiency {m['samples_per_s'] / ideal:.2f}")
             fleets, after = {}, {}
             for k, codec in enumerate(codecs):
                 run = fleet_run(bench / f"fleet-{run_label(codec)}", nodes, codec, k, args.netns,
@@ -755,9 +832,13 @@ def run_scaling_benchmark(args) -> int:
                 console.print(f"  profiles (a trace and an op table per rank and run): {kept}")
 
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
-    rows += [scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]) for c in codecs]
+    rows += [{**scaling_row(setup, "torchrun", "none", nodes, local, peer_runs[p], alone, compute, alone[0]),
+              "backend": p} for p in peers]
+    rows += [{**scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]), "backend": "macfleet",
+              "vs_peers": {p: fleets[c]["samples_per_s"] / peer_runs[p]["samples_per_s"] for p in peers}}
+             for c in codecs]
     if profiled:  # rank 0's profile of each run, the compute references included
-        for r, m in zip(rows, [alone[0], *(fleets[c] for c in codecs)]):
+        for r, m in zip(rows, [alone[0], *(peer_runs[p] for p in peers), *(fleets[c] for c in codecs)]):
             r["profile"] = m.get("profile")
         rows_local = [{**scaling_row(setup, "node alone", "none", [nd], [local[nd.index]], c, alone, compute,
                                      alone[0]), "node": nd.index, "profile": c.get("profile")}
@@ -844,14 +925,44 @@ def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, lay
     return run
 
 
+def peer_run(out: Path, nodes: list[Node], peer: str, j: int, netns: bool, layers: list[dict]) -> Run:
+    """Peer `j`: the same job on a stock backend, as a user scales it out with torchrun: one
+    `torchrun --nnodes N --node-rank i` per node (in its namespace, on its cores and GPU), rank 0
+    on node 0 writing `out`; `peer` is a --backends item (engine settings of macfleet in env)."""
+    from macfleet.benchmark.ddp import backend_spec
+
+    name, variant = backend_spec(peer)
+    n = len(nodes)
+    if netns:
+        addr, port = "10.0.0.1", 20151 + j
+    else:
+        from macfleet.comm.launch import free_ports
+
+        addr, port = "127.0.0.1", free_ports(1)[0]
+    run = Run(out.name, out, own_group=True)
+    for node in nodes:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(n), "--node-rank", str(node.index),
+                    "--nproc-per-node", "1", "--master-addr", addr, "--master-port", str(port)]
+        role = {"cluster": "torchrun", "cluster.backend": name, "compression": "none",
+                "hydra.run.dir": str(out if node.index == 0 else out / f"node{node.index}")}
+        dev = node.dev or "lo"  # gloo's and nccl's sockets on the node's own link
+        env = dict(node.env(), GLOO_SOCKET_IFNAME=dev, NCCL_SOCKET_IFNAME=dev, **variant)
+        run.procs.append((node, [*torchrun, str(ROOT / "train.py"), *_overrides(*layers, role)], env))
+    return run
+
+
 def _namespaces(nodes: list[Node], args):
     """The namespaces of comm/launch.py, one per node: node i at 10.0.0.i+1."""
     from macfleet.comm.launch import Netns
 
-    ns = Netns(len(nodes), rate=args.rate, prefix="mf-scale")
-    for node, name in zip(nodes, ns.names):
-        node.netns = name
-    return ns
+    class Placed(Netns):  # each node learns its namespace and link once they exist
+        def __enter__(self):
+            super().__enter__()
+            for node, name, dev in zip(nodes, self.names, self.devs):
+                node.netns, node.dev = name, dev
+            return self
+
+    return Placed(len(nodes), rate=args.rate, prefix="mf-scale")
 
 
 STALL_FACTOR = 3.0
@@ -884,7 +995,7 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
             "comm_wait_s": [m["step_s"] - c for c in compute_s],
             # The engine reports a total over the run's steps, as it does bytes_sent.
             "staging_s": staging / m["steps"] if staging is not None else None,
-            "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers")}
+            "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers"), "backend": None, "vs_peers": None}
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -892,10 +1003,10 @@ def verdict(rows: list[dict]) -> list[str]:
     where that run's step went (the slowest node's compute at its share, the rest waiting on the
     exchange), then the fastest codec run here, or a larger batch when every one is slower."""
     fleets = [r for r in rows if r["run"] == "fleet"]
+    lines = peer_lines(rows)
     slow = [r for r in fleets if r["speedup"] < 1.0]
     if not slow:
-        return []
-    lines = []
+        return lines
     for r in slow:
         compute = max(r["compute_s"])
         lines.append(f"fleet {r['codec']} is {r['speedup']:.2f}x one node: each node alone at its share takes at most "
@@ -914,6 +1025,25 @@ def verdict(rows: list[dict]) -> list[str]:
     return lines
 
 
+def peer_lines(rows: list[dict]) -> list[str]:
+    """The fleet beside the stock backends of the same benchmark: one line per codec run."""
+    peers = [r for r in rows if r["run"] == "torchrun"]
+    if not peers:
+        return []
+    ref = ", ".join(f"torchrun {p['backend']} {p['speedup']:.2f}x" for p in peers)
+    lines = [f"The same job under torchrun on the same nodes (compression none): {ref} one node."]
+    for r in rows:
+        if r["run"] == "fleet" and r["vs_peers"]:
+            lines.append(f"fleet {r['codec']}: " + ", ".join(f"{v:.2f}x torchrun {b}'s samples/s"
+                                                             for b, v in r["vs_peers"].items()) + ".")
+    return lines
+
+
+def run_name(r: dict) -> str:
+    """The table's label of a row: `torchrun gloo` for a peer."""
+    return f"torchrun {r['backend']}" if r["run"] == "torchrun" else r["run"]
+
+
 def scaling_table(rows: list[dict]):
     from rich.table import Table
 
@@ -924,7 +1054,7 @@ def scaling_table(rows: list[dict]):
     table = Table(title=f"macfleet benchmark --type scaling: {first['model']} on {first['dataset']}, global batch "
                         f"{first['global_batch']}, {first['device']}, {first['link']}{loading}",
                   caption="ideal: the sum of each node's own samples/s at the global batch; compute: each node "
-                          "alone at its local batch; comm wait: fleet step - compute (node 0 / node 1 / ...)")
+                          "alone at its local batch; comm wait: the run's step - compute (node 0 / node 1 / ...)")
     cols = ["run", "codec", "samples/s", "vs 1 node", "ideal", "efficiency", "step ms", "compute ms", "comm wait ms"]
     for col in cols + (["staging ms"] if staging else []) + ["wire"]:
         table.add_column(col, justify="left" if col in ("run", "codec") else "right")
@@ -933,9 +1063,9 @@ def scaling_table(rows: list[dict]):
         return " / ".join(f"{1e3 * v:.1f}" for v in values)
 
     for r in rows:
-        cells = [r["run"], r["codec"], _rate(r["samples_per_s"]), f"{r['speedup']:.2f}x",
+        cells = [run_name(r), r["codec"], _rate(r["samples_per_s"]), f"{r['speedup']:.2f}x",
                  _rate(r["ideal_samples_per_s"]), f"{r['efficiency']:.2f}", ms([r["step_s"]]), ms(r["compute_s"]),
-                 ms(r["comm_wait_s"]) if r["run"] == "fleet" else "-"]
+                 ms(r["comm_wait_s"]) if r["run"] != "1 node" else "-"]
         if staging:
             cells.append(ms([r["staging_s"]]) if r["staging_s"] is not None else "-")
         cells.append(f"{100 * r['wire_ratio']:.1f}%" if r["wire_ratio"] is not None else "-")
@@ -945,10 +1075,11 @@ def scaling_table(rows: list[dict]):
 
 def keep_profiles(bench: Path, dest: Path) -> Path:
     """Copy every run's profile/ folder out of the benchmark's temporary folder (removed at its
-    end) to dest/<run>/ (a fleet's node i>0 under dest/<run>-node<i>/)."""
+    end) to dest/<run>/ (a fleet's node i>0 under dest/<run>-node<i>/; a torchrun rank i>0 writes
+    into its working folder, <run>-node<i>.cwd)."""
     for folder in sorted(bench.glob("**/profile")):
         run = folder.parent.relative_to(bench)
-        shutil.copytree(folder, dest / "-".join(run.parts), dirs_exist_ok=True)
+        shutil.copytree(folder, dest / "-".join(run.parts).removesuffix(".cwd"), dirs_exist_ok=True)
     return dest
 
 
@@ -968,7 +1099,7 @@ def profile_table(rows: list[dict], local: list[dict]):
         p = r.get("profile")
         if not p:
             continue
-        label = f"node {r['node']} alone" if "node" in r else r["run"]
+        label = f"node {r['node']} alone" if "node" in r else run_name(r)
         busy = ("-" if p.get("device_busy_s") is None else
                 f"{1e3 * p['device_busy_s']:.1f} ({100 * p['device_busy']:.0f}%)")
         table.add_row(label, r["codec"], str(r["local_batches"][0]), f"{1e3 * p['step_s']:.1f}",
@@ -986,7 +1117,7 @@ def comm_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         spans = (r.get("profile") or {}).get("comm_s")
         if spans:
-            lines.append(f"  {r['run']} {r['codec']}: " + ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in spans.items()))
+            lines.append(f"  {run_name(r)} {r['codec']}: " + ", ".join(f"{k[5:]} {1e3 * v:.1f}" for k, v in spans.items()))
     if lines:
         lines.insert(0, "comm threads, ms a step (rank 0; collectives summed over lanes, staging waits inside them, "
                         "landings):")
@@ -1005,7 +1136,11 @@ def plot_scaling(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fleet = [r for r in rows if r["run"] == "fleet"]
-    fig, ax = plt.subplots(figsize=(1.6 * len(fleet) + 3, 4))
+    peers = [r for r in rows if r["run"] == "torchrun"]
+    fig, ax = plt.subplots(figsize=(1.6 * (len(fleet) + len(peers)) + 3, 4))
+    if peers:  # the stock backends first, greyed: the references
+        ax.bar([run_name(r) for r in peers], [r["samples_per_s"] for r in peers], color="tab:gray", hatch="//",
+               label="the same job under torchrun")
     bars = ax.bar([r["codec"] for r in fleet], [r["samples_per_s"] for r in fleet], color="tab:blue")
     ax.axhline(rows[0]["samples_per_s"], color="tab:gray", linestyle="--", label="1 node (node 0 alone)")
     ax.axhline(fleet[0]["ideal_samples_per_s"], color="tab:green", linestyle=":", label="ideal (sum of nodes alone)")
@@ -1013,7 +1148,7 @@ def plot_scaling(rows: list[dict], path: str) -> None:
         ax.annotate(f"{r['efficiency']:.0%} eff.\n{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", fontsize=9)
     ax.set_ylabel("samples/s")
-    ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet]))
+    ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet + peers]))
     _save_plot(fig, ax, path, f"{fleet[0]['nodes']} nodes vs 1", rows[0], "upper right")
 
 

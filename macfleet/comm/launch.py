@@ -232,6 +232,7 @@ class Netns:
         self.names = [f"{prefix}-{tag}-{i + 1}" for i in range(n)]
         self.bridge_ns = f"{prefix}-{tag}-br" if n > 2 else None
         self._short = f"{os.getpid() % 100000}{int(time.time()) % 100}"
+        self.devs: list[str | None] = [None] * n  # namespace i's link to the others (for GLOO_SOCKET_IFNAME)
 
     def addrs(self, port: int) -> list[str]:
         return [f"10.0.0.{i + 1}:{port}" for i in range(self.n)]
@@ -268,6 +269,7 @@ class Netns:
 
     def _up(self, i: int, dev: str) -> None:
         ns = self.names[i]
+        self.devs[i] = dev
         _ip("-n", ns, "addr", "add", f"10.0.0.{i + 1}/24", "dev", dev)
         _ip("-n", ns, "link", "set", dev, "up")
         if self.rate:

@@ -16,7 +16,7 @@ import pytest
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
-        "staging_s", "wire_ratio", "data_workers"}
+        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers"}
 
 
 def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
@@ -41,8 +41,9 @@ def _scaling(tmp_path: Path, *args: str, timeout: float = 240, cwd: Path | None 
     return run_benchmark("scaling", tmp_path, *args, timeout=timeout, cwd=cwd)
 
 
-def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0) -> None:
-    assert [(r["run"], r["codec"]) for r in rows] == [("1 node", "none")] + [("fleet", c) for c in codecs]
+def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0, peers: tuple[str, ...] = ()) -> None:
+    assert [(r["run"], r["backend"], r["codec"]) for r in rows] == [("1 node", None, "none")] + [
+        ("torchrun", p, "none") for p in peers] + [("fleet", "macfleet", c) for c in codecs]
     one = rows[0]
     for r in rows:
         assert set(r) == (KEYS | {"profile"} if profiled else KEYS)
@@ -60,11 +61,23 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0) -> None:
         assert r["data_workers"] == 0  # trainer.num_workers=auto: digits are tensors sliced whole
     assert (one["nodes"], one["local_batches"], one["efficiency"], one["speedup"]) == (1, [64], 1.0, 1.0)
     assert one["single_samples_per_s"] == [one["samples_per_s"]] and one["wire_ratio"] is None
+    # The peers: the same job under torchrun on the same nodes; every fleet row beside each of them.
+    by_peer = {r["backend"]: r for r in rows if r["run"] == "torchrun"}
+    for r in rows:
+        if r["run"] == "fleet":
+            assert r["vs_peers"].keys() == by_peer.keys()
+            for b, v in r["vs_peers"].items():
+                assert v == pytest.approx(r["samples_per_s"] / by_peer[b]["samples_per_s"])
+        else:
+            assert r["vs_peers"] is None
     for r in rows[1:]:
         assert (r["nodes"], r["local_batches"], r["cores"]) == (2, [32, 32], [1, 1])
         assert r["single_samples_per_s"][0] == one["samples_per_s"]  # node 0 alone is the 1-node row
         assert len(r["compute_s"]) == len(r["comm_wait_s"]) == 2
-        assert r["wire_ratio"] > 0
+        if r["run"] == "fleet":
+            assert r["wire_ratio"] > 0
+        else:  # torch's own all_reduce: every byte, if the trainer counts them at all
+            assert r["wire_ratio"] is None or r["wire_ratio"] == pytest.approx(1.0, rel=0.05)
     by_codec = {r["codec"]: r for r in rows[1:]}
     if "topk_fp16" in by_codec:
         assert by_codec["topk_fp16"]["wire_ratio"] < 0.1  # the codec really ran in the fleet: blocks, 5.3%
@@ -74,8 +87,9 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0) -> None:
 
 def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     """One fleet benchmark, as root (CI) in network namespaces with a CPU quota on node 1,
-    elsewhere on loopback: rows, the table, the plot, 2 profiled steps per run (--profile), and
-    nothing left behind."""
+    elsewhere on loopback: rows, the table, the plot, 2 profiled steps per run (--profile), the
+    default peer (the same job under real torchrun on gloo, on the same nodes), and nothing left
+    behind."""
     root = os.geteuid() == 0
     out, png, work = tmp_path / "scaling.json", tmp_path / "scaling.png", tmp_path / "work"
     work.mkdir()
@@ -86,11 +100,12 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
                     "--codecs", codec, "--json", str(out), "--plot", str(png), *extra, cwd=work)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    _check_rows(rows, [codec], profiled=2)
+    _check_rows(rows, [codec], profiled=2, peers=("gloo",))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16-granularity-element", "comm wait",
                   "in-process", "where a step goes", "node 1 alone", "comm threads, ms a step",
-                  "fleet topk_fp16:granularity=element: all_"):
+                  "fleet topk_fp16:granularity=element: all_", "torchrun-gloo: ", "peers: gloo",
+                  "The same job under torchrun on the same nodes (compression none): torchrun gloo ", "x torchrun gloo's samples/s"):
         assert label in proc.stdout  # a progress line per run, then the tables
     for r in rows:  # rank 0's profile of each run: its own steps, timed apart from the 4 timed steps
         p = r["profile"]
@@ -106,7 +121,8 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     kept = list(work.glob("outputs/benchmark-profile-*/*"))  # every rank of every run: trace and table
     assert sorted(d.name for d in kept) == ["fleet-topk_fp16-granularity-element",
                                             "fleet-topk_fp16-granularity-element-node1", "node0-alone-b64",
-                                            "node0-local-b32", "node1-alone-b64", "node1-local-b32"]
+                                            "node0-local-b32", "node1-alone-b64", "node1-local-b32",
+                                            "torchrun-gloo", "torchrun-gloo-node1"]
     for d in kept:
         rank = 1 if d.name.endswith("node1") else 0
         events = json.loads((d / f"rank{rank}.json").read_text())["traceEvents"]
@@ -146,6 +162,11 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     (["trainer.batch_size=abc"], "a trailing override was refused"),
     (["--throttle", "1:0.5"], "--throttle '1:0.5': give NODE:QUOTA@SECONDS or NODE:QUOTA@stepN"),
     (["--throttle", "2:0.5@10"], "--throttle '2:0.5@10': node 2 is not one of the 2 nodes"),
+    (["--backends", "nccl"], "--backends 'nccl': nccl needs --device cuda; use gloo"),
+    (["--backends", "gloo,mpi"], "--backends 'gloo,mpi': 'mpi' is not a torch backend train.py runs on"),
+    (["--backends", "gloo,gloo"], "--backends 'gloo,gloo': a backend is listed twice"),
+    (["--backends", "macfleet:speed=2"], "--backends item 'macfleet:speed=2': engine settings go as"),
+    (["--backends", "gloo", "--throttle", "1:0.5@10"], "--throttle watches the fleet adapt; a stock backend's run"),
 ])
 def test_bad_option_is_one_clear_line(tmp_path, args, said):
     assert_one_clear_line(_scaling(tmp_path, *args, timeout=120), said)
@@ -236,17 +257,24 @@ def sigterm_mid_run(args: list[str], after: str, ready, cwd: Path | None = None)
     return text, kids
 
 
-def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path):
-    """SIGTERM (a `timeout` around a long benchmark) while the fleet trains: exit 130, and no
+@pytest.mark.parametrize("peer", ["none", "gloo"])
+def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path, peer):
+    """SIGTERM (a `timeout` around a long benchmark) while the fleet trains (peer none), or while
+    the peer's torchrun job does (gloo: torchrun's agents and their ranks): exit 130, and no
     namespace (as root) nor training process is left behind; killed outright it left both."""
     import psutil
 
     root = os.geteuid() == 0
     args = ["--type", "scaling", "--nodes", "2", "--cores", "1,1", "--steps", "100000", "--reference-steps", "4",
-            "--warmup-steps", "2", "--codecs", "none", *(["--netns"] if root else [])]
-    # The references are done once node 1's is printed; then both fleet nodes start.
-    _, fleet = sigterm_mid_run(args, "node1-local-b32", lambda kids: sum(
-        "train.py" in " ".join(k.cmdline()) for k in kids) >= 2, cwd=tmp_path)
+            "--warmup-steps", "2", "--codecs", "none", "--backends", peer, *(["--netns"] if root else [])]
+    # The references are done once node 1's is printed; then both nodes of the next run start
+    # (the peer runs before the fleet).
+    def trainers(kids) -> int:  # train.py processes, not torchrun's agents (whose command names it too)
+        lines = [" ".join(k.cmdline()) for k in kids]
+        return sum("train.py" in c and "torch.distributed.run" not in c for c in lines)
+
+    _, fleet = sigterm_mid_run(args, "node1-local-b32", lambda kids: trainers(kids) >= 2, cwd=tmp_path)
+    assert len(fleet) == (2 if peer == "none" else 4)  # with torchrun: 2 agents and their 2 ranks
     _, alive = psutil.wait_procs(fleet, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     if root:

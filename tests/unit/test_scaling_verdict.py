@@ -35,3 +35,15 @@ def test_every_codec_slower_suggests_a_larger_batch():
     assert [ln.split(":")[0] for ln in lines[:2]] == ["fleet none is 0.91x one node", "fleet topk_fp16 is 0.97x one node"]
     assert lines[2].startswith("Every codec run here is slower than one node at a global batch of 256")
     assert "trainer.batch_size=512" in lines[2]
+
+
+def test_peers_are_named_beside_every_fleet_run():
+    """With peers (the same job under torchrun), their speed comes first, then each fleet run
+    against each of them, from the rows' own vs_peers."""
+    peer = lambda b, speedup: {**_row("torchrun", "none", speedup, 30.0, [21.0, 21.0]), "backend": b}  # noqa: E731
+    fleet = {**_row("fleet", "none", 1.02, 36.9, [21.0, 21.0]), "vs_peers": {"nccl": 0.97, "gloo": 1.84}}
+    rows = [_row("1 node", "none", 1.0, 37.6, [37.6]), peer("nccl", 1.05), peer("gloo", 0.554), fleet]
+    assert verdict(rows) == [
+        "The same job under torchrun on the same nodes (compression none): torchrun nccl 1.05x, torchrun gloo 0.55x "
+        "one node.",
+        "fleet none: 0.97x torchrun nccl's samples/s, 1.84x torchrun gloo's samples/s."]
