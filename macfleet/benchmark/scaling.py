@@ -13,7 +13,8 @@ Runs, all with the same global batch B and model:
    `torchrun --nnodes N --node-rank i train.py cluster=torchrun cluster.backend=B` on the same
    nodes (cores, GPU, namespace), global batch, shares and steps, compression none; the user's
    overrides go with it but for cluster.* keys other than cluster.weights (the fleet's engine
-   settings);
+   settings). On loopback nccl copies between the GPUs directly (as GPUs of one machine); with
+   --netns it gets P2P and shared memory off, so its bytes cross the link as between machines;
 3. the fleet: one run per codec, node 0 the master, started as the README's two-Mac flow does
    (`cluster=pro_air cluster.role=master|worker`, token in MACFLEET_TOKEN).
 Figures, each beside its reference from the same benchmark:
@@ -46,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -641,9 +643,16 @@ def throttle_figures(history: list[dict], at_step: int, warmup: int, ideal_after
                              if str(r.get("event", "")).startswith("compression=auto")]}
 
 
+_RAISED = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exception): ")
+
+
 def _why(log_path: Path, proc) -> str:
+    """The line of a failed run's log that says why: the last exception a Python process raised
+    (not torchrun's ChildFailedError, which only says that a rank failed), else the last line
+    that says error, else the last line."""
     lines = log_path.read_text(errors="replace").splitlines()
-    said = [ln for ln in lines if "error:" in ln.lower() or ln.startswith(("Error", "Traceback"))]
+    said = [ln for ln in lines if _RAISED.match(ln) and "torch.distributed.elastic" not in ln] or [
+        ln for ln in lines if "error:" in ln.lower() or ln.startswith(("Error", "Traceback"))]
     line = (said[-1] if said else (lines[-1] if lines else f"exit code {proc.returncode}")).strip()
     return line.removeprefix("macfleet: error: ")
 
@@ -748,6 +757,10 @@ def run_scaling_benchmark(args) -> int:
         console.print(f"  {node.describe()}")
     if peers:
         console.print(f"  peers: {', '.join(peers)} (train.py cluster=torchrun, compression none, on the same nodes)")
+        if any(p.startswith("nccl") for p in peers):
+            console.print("  nccl " + ("through the link, as between machines (P2P and shared memory off)" if args.netns
+                                       else "between the GPUs directly (P2P), as GPUs of one machine; --netns sends "
+                                            "its bytes through the link"))
     if throttle:
         console.print(f"  throttle: node {throttle.node} to {throttle.quota:g} of its cores {throttle.when()}, "
                       f"in every fleet run")
@@ -947,6 +960,8 @@ def peer_run(out: Path, nodes: list[Node], peer: str, j: int, netns: bool, layer
                 "hydra.run.dir": str(out if node.index == 0 else out / f"node{node.index}")}
         dev = node.dev or "lo"  # gloo's and nccl's sockets on the node's own link
         env = dict(node.env(), GLOO_SOCKET_IFNAME=dev, NCCL_SOCKET_IFNAME=dev, **variant)
+        if netns:  # nccl's bytes through the link too, as between machines: no GPU-to-GPU copies
+            env.update(NCCL_P2P_DISABLE="1", NCCL_SHM_DISABLE="1")
         run.procs.append((node, [*torchrun, str(ROOT / "train.py"), *_overrides(*layers, role)], env))
     return run
 
