@@ -110,3 +110,28 @@ def test_a_dataloader_worker_death_is_found_behind_the_error_it_interrupted():
         outer = exc
     assert str(_worker_death(outer)).startswith("DataLoader worker (pid 32039)")
     assert _worker_death(RuntimeError("CUDA out of memory")) is None
+
+
+def test_the_boundary_between_timed_steps_counts_unless_paused():
+    """_StepClock: a step's cost is its own time and the boundary before it (where the stop vote
+    can wait on the device); not the boundary after a pause (evaluation, checkpoint, regroup),
+    nor one before the timing starts."""
+    from macfleet.trainer import _StepClock
+
+    gap = 0.05
+    clock = _StepClock()
+    clock.start()
+    assert clock.end(timed=False) == 0.0  # a warm-up step
+    time.sleep(gap)
+    clock.start()
+    assert clock.end(timed=True) == 0.0  # the first timed step: the boundary before it is the warm-up's
+    time.sleep(gap)
+    clock.start()
+    assert clock.end(timed=True) >= gap  # the boundary between two timed steps is part of the second
+    clock.pause()
+    time.sleep(gap)
+    clock.start()
+    assert clock.end(timed=True) == 0.0  # evaluation or a regroup in between: left out
+    time.sleep(gap)
+    clock.start()
+    assert clock.end(timed=True) >= gap
