@@ -1154,9 +1154,13 @@ def plot_scaling(rows: list[dict], path: str) -> None:
     peers = [r for r in rows if r["run"] == "torchrun"]
     fig, ax = plt.subplots(figsize=(1.6 * (len(fleet) + len(peers)) + 3, 4))
     if peers:  # the stock backends first, greyed: the references
-        ax.bar([run_name(r) for r in peers], [r["samples_per_s"] for r in peers], color="tab:gray", hatch="//",
-               label="the same job under torchrun")
-    bars = ax.bar([r["codec"] for r in fleet], [r["samples_per_s"] for r in fleet], color="tab:blue")
+        stock = ax.bar([run_name(r) for r in peers], [r["samples_per_s"] for r in peers], color="tab:gray",
+                       hatch="//", label="the same job under torchrun")
+        for bar, r in zip(stock, peers):
+            ax.annotate(f"{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=9)
+    bars = ax.bar([r["codec"] for r in fleet], [r["samples_per_s"] for r in fleet], color="tab:blue",
+                  label="the fleet, per codec")
     ax.axhline(rows[0]["samples_per_s"], color="tab:gray", linestyle="--", label="1 node (node 0 alone)")
     ax.axhline(fleet[0]["ideal_samples_per_s"], color="tab:green", linestyle=":", label="ideal (sum of nodes alone)")
     for bar, r in zip(bars, fleet):
