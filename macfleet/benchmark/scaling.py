@@ -1033,7 +1033,10 @@ def verdict(rows: list[dict]) -> list[str]:
         lines.append(f"compression={best['codec']} was the fastest here ({best['speedup']:.2f}x one node); "
                      "compression=auto picks a codec from the link and the model at the start of a run.")
     else:
-        lines.append(f"Every codec run here is slower than one node at a global batch of {batch}: each node's "
+        peers = [r for r in rows if r["run"] == "torchrun"]
+        who = ("Every codec run here, and the same job on " + " and ".join(r["backend"] for r in peers) + ","
+               if peers and all(r["speedup"] < 1.0 for r in peers) else "Every codec run here")
+        lines.append(f"{who} is slower than one node at a global batch of {batch}: each node's "
                      f"step is too short to hide the exchange. A larger batch (trainer.batch_size={2 * batch}) "
                      "gives every step more compute to overlap it; compression=auto picks a codec from the link "
                      "and the model.")

@@ -37,6 +37,14 @@ def test_every_codec_slower_suggests_a_larger_batch():
     assert "trainer.batch_size=512" in lines[2]
 
 
+def test_when_the_stock_backends_are_slower_too_the_advice_says_so():
+    peer = lambda b, speedup: {**_row("torchrun", "none", speedup, 52.0, [21.1, 23.8]), "backend": b}  # noqa: E731
+    fleet = {**_row("fleet", "none", 0.85, 43.8, [21.1, 23.8]), "vs_peers": {"nccl": 1.18, "gloo": 1.53}}
+    rows = [_row("1 node", "none", 1.0, 37.4, [37.4]), peer("nccl", 0.72), peer("gloo", 0.56), fleet]
+    assert verdict(rows)[-1].startswith("Every codec run here, and the same job on nccl and gloo, is slower than "
+                                        "one node at a global batch of 256")
+
+
 def test_peers_are_named_beside_every_fleet_run():
     """With peers (the same job under torchrun), their speed comes first, then each fleet run
     against each of them, from the rows' own vs_peers."""
