@@ -30,8 +30,9 @@ codec ("run": "fleet"): {"type", "run", "backend", "codec", "nodes",
 "global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
 "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
-"wire_ratio", "data_workers", "vs_peers"}; backend: None for the 1-node row, "macfleet" for the
-fleet's; vs_peers: None but in fleet rows; per-node figures are lists indexed by node; data_workers: the
+"wire_ratio", "data_workers", "vs_peers", "peers_failed"}; backend: None for the 1-node row, "macfleet" for the
+fleet's; vs_peers, peers_failed (a peer whose run failed: its error line; the fleet ran without
+it, and the benchmark's folder is kept for its log): None but in fleet rows; per-node figures are lists indexed by node; data_workers: the
 DataLoader workers of rank 0 (trainer.num_workers as resolved); step_max_s: the slowest timed
 step (a run whose slowest step took over STALL_FACTOR x its mean also gets a line saying so).
 --throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
@@ -169,12 +170,17 @@ def bench_dir(prefix: str) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def removed_unless_failed(bench: Path, console):
-    """`bench` is removed when the block ends well, and kept (and named) when it fails, for its logs."""
+    """`bench` is removed when the block ends well, and kept (and named) when it fails, for its
+    logs; also when the block set `keep["why"]` (a run that failed without stopping the rest)."""
+    keep: dict = {}
     try:
-        yield
+        yield keep
     except BaseException:
         console.print(f"runs and logs kept in {bench}")
         raise
+    if keep.get("why"):
+        console.print(f"runs and logs kept in {bench} ({keep['why']})")
+        return
     shutil.rmtree(bench, ignore_errors=True)
 
 
@@ -647,12 +653,12 @@ _RAISED = re.compile(r"^(?:\[rank\d+\]:\s*)?(?:[a-z_]\w*\.)*[A-Z]\w*(?:Error|Exc
 
 
 def _why(log_path: Path, proc) -> str:
-    """The line of a failed run's log that says why: the last exception a Python process raised
-    (not torchrun's ChildFailedError, which only says that a rank failed), else the last line
-    that says error, else the last line."""
-    lines = log_path.read_text(errors="replace").splitlines()
-    said = [ln for ln in lines if _RAISED.match(ln) and "torch.distributed.elastic" not in ln] or [
-        ln for ln in lines if "error:" in ln.lower() or ln.startswith(("Error", "Traceback"))]
+    """The line of a failed run's log that says why: the last exception a Python process raised,
+    else the last line that says "error:", else the last that starts a traceback, else the last
+    line; never torchrun's own closing lines (ChildFailedError only says that a rank failed)."""
+    lines = [ln for ln in log_path.read_text(errors="replace").splitlines() if "torch.distributed.elastic" not in ln]
+    said = ([ln for ln in lines if _RAISED.match(ln)] or [ln for ln in lines if "error:" in ln.lower()]
+            or [ln for ln in lines if ln.startswith(("Error", "Traceback"))])
     line = (said[-1] if said else (lines[-1] if lines else f"exit code {proc.returncode}")).strip()
     return line.removeprefix("macfleet: error: ")
 
@@ -778,7 +784,7 @@ def run_scaling_benchmark(args) -> int:
     # Each node's references run beside the other nodes' (own cores, as separate machines), unless
     # nodes share a GPU: then one at a time.
     side_by_side = args.device == "cpu" or (None not in gpus and len(set(gpus)) == n)
-    with removed_unless_failed(bench, console):
+    with removed_unless_failed(bench, console) as keep:
         with CpuQuotas(nodes, also=(throttle.node,) if throttle else ()) as quotas, \
                 (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
             alone, compute = [], []
@@ -804,11 +810,18 @@ def run_scaling_benchmark(args) -> int:
             # The user's cluster.* settings are the fleet's engine; torchrun's job takes only the shares.
             peer_user = {k: v for k, v in user.items() if not k.lstrip("+~").startswith("cluster.")
                          or k.lstrip("+~") == "cluster.weights"}
-            peer_runs = {}
+            peer_runs, peers_failed = {}, {}
             for j, peer in enumerate(peers):
                 run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
                                [DEFAULTS, peer_user, data, timing])
-                m = peer_runs[peer] = _wait([run], logs, console)[0]
+                try:
+                    m = peer_runs[peer] = _wait([run], logs, console)[0]
+                except MacFleetError as exc:  # a reference: the fleet's runs go on without it
+                    peers_failed[peer] = str(exc)
+                    keep["why"] = "a peer failed: its log is there"
+                    console.print(f"  [yellow]{exc}; the fleet runs without this peer[/yellow]", highlight=False,
+                                  soft_wrap=True)
+                    continue
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
             fleets, after = {}, {}
@@ -845,13 +858,13 @@ def run_scaling_benchmark(args) -> int:
                 console.print(f"  profiles (a trace and an op table per rank and run): {kept}")
 
     rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
-    rows += [{**scaling_row(setup, "torchrun", "none", nodes, local, peer_runs[p], alone, compute, alone[0]),
-              "backend": p} for p in peers]
+    rows += [{**scaling_row(setup, "torchrun", "none", nodes, local, m, alone, compute, alone[0]),
+              "backend": p} for p, m in peer_runs.items()]
     rows += [{**scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]), "backend": "macfleet",
-              "vs_peers": {p: fleets[c]["samples_per_s"] / peer_runs[p]["samples_per_s"] for p in peers}}
-             for c in codecs]
+              "vs_peers": {p: fleets[c]["samples_per_s"] / m["samples_per_s"] for p, m in peer_runs.items()},
+              "peers_failed": peers_failed} for c in codecs]
     if profiled:  # rank 0's profile of each run, the compute references included
-        for r, m in zip(rows, [alone[0], *(peer_runs[p] for p in peers), *(fleets[c] for c in codecs)]):
+        for r, m in zip(rows, [alone[0], *peer_runs.values(), *(fleets[c] for c in codecs)]):
             r["profile"] = m.get("profile")
         rows_local = [{**scaling_row(setup, "node alone", "none", [nd], [local[nd.index]], c, alone, compute,
                                      alone[0]), "node": nd.index, "profile": c.get("profile")}
@@ -1010,7 +1023,8 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
             "comm_wait_s": [m["step_s"] - c for c in compute_s],
             # The engine reports a total over the run's steps, as it does bytes_sent.
             "staging_s": staging / m["steps"] if staging is not None else None,
-            "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers"), "backend": None, "vs_peers": None}
+            "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers"), "backend": None, "vs_peers": None,
+            "peers_failed": None}
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -1046,10 +1060,12 @@ def verdict(rows: list[dict]) -> list[str]:
 def peer_lines(rows: list[dict]) -> list[str]:
     """The fleet beside the stock backends of the same benchmark: one line per codec run."""
     peers = [r for r in rows if r["run"] == "torchrun"]
+    failed = next((r.get("peers_failed") for r in rows if r["run"] == "fleet" and r.get("peers_failed")), {})
+    lines = [f"No figure for torchrun {b}: its run failed ({why})." for b, why in failed.items()]
     if not peers:
-        return []
+        return lines
     ref = ", ".join(f"torchrun {p['backend']} {p['speedup']:.2f}x" for p in peers)
-    lines = [f"The same job under torchrun on the same nodes (compression none): {ref} one node."]
+    lines.append(f"The same job under torchrun on the same nodes (compression none): {ref} one node.")
     for r in rows:
         if r["run"] == "fleet" and r["vs_peers"]:
             lines.append(f"fleet {r['codec']}: " + ", ".join(f"{v:.2f}x torchrun {b}'s samples/s"

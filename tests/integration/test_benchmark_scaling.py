@@ -16,7 +16,7 @@ import pytest
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
-        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers"}
+        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers", "peers_failed"}
 
 
 def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
@@ -65,11 +65,11 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0, peers: t
     by_peer = {r["backend"]: r for r in rows if r["run"] == "torchrun"}
     for r in rows:
         if r["run"] == "fleet":
-            assert r["vs_peers"].keys() == by_peer.keys()
+            assert r["vs_peers"].keys() == by_peer.keys() and r["peers_failed"] == {}
             for b, v in r["vs_peers"].items():
                 assert v == pytest.approx(r["samples_per_s"] / by_peer[b]["samples_per_s"])
         else:
-            assert r["vs_peers"] is None
+            assert r["vs_peers"] is None and r["peers_failed"] is None
     for r in rows[1:]:
         assert (r["nodes"], r["local_batches"], r["cores"]) == (2, [32, 32], [1, 1])
         assert r["single_samples_per_s"][0] == one["samples_per_s"]  # node 0 alone is the 1-node row
@@ -142,6 +142,28 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     assert "mf-scale" not in left, "namespaces were not removed"
     cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
     assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
+
+
+def test_a_failed_peer_leaves_the_fleet_measured_and_its_log_kept(tmp_path):
+    """A peer is a reference: when its torchrun job fails (here the macfleet backend under
+    torchrun with a malformed engine setting, MACFLEET_LANES=x), the benchmark says why, runs the
+    fleet without it, names it in the fleet rows' peers_failed, and keeps its log."""
+    out = tmp_path / "scaling.json"
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores", "1,1", "--steps", "2", "--warmup-steps", "1", "--codecs",
+                    "none", "--backends", "macfleet:lanes=x", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["run"], r["backend"]) for r in rows] == [("1 node", None), ("fleet", "macfleet")]
+    fleet = rows[-1]
+    assert fleet["vs_peers"] == {} and fleet["samples_per_s"] > 0
+    why = fleet["peers_failed"]["macfleet:lanes=x"]
+    assert why.startswith("torchrun-macfleet-lanes-x failed: MACFLEET_LANES='x': give a whole number"), why
+    assert "the fleet runs without this peer" in proc.stdout
+    assert "No figure for torchrun macfleet:lanes=x: its run failed" in proc.stdout
+    kept = list((tmp_path / "scratch").glob("macfleet-scaling-*"))
+    assert len(kept) == 1 and "a peer failed" in proc.stdout
+    log = kept[0] / "logs" / "torchrun-macfleet-lanes-x-node0.log"
+    assert "MACFLEET_LANES='x'" in log.read_text()
 
 
 @pytest.mark.parametrize("args, said", [

@@ -31,3 +31,11 @@ def test_a_macfleet_error_line_is_given_as_it_reads(tmp_path):
     log = tmp_path / "run.log"
     log.write_text("starting\nmacfleet: error: cluster.weights has 3 values for 2 nodes\n")
     assert _why(log, None) == "cluster.weights has 3 values for 2 nodes"
+
+
+def test_a_macfleet_error_under_torchrun_wins_over_torchrun_s_closing_lines(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("macfleet: error: MACFLEET_LANES='x': give a whole number of comm lanes, 1..8\n"
+                   "Traceback (most recent call last):\n    raise ChildFailedError(\n"
+                   "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n  error_file: <N/A>\n")
+    assert _why(log, None) == "MACFLEET_LANES='x': give a whole number of comm lanes, 1..8"
