@@ -178,8 +178,9 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--backends", default=None,
                    help="ddp: torch.distributed backends (default nccl,gloo,macfleet on cuda, gloo,macfleet on cpu); engine "
                         "settings make more backends of the same run: macfleet:stripes=2, macfleet:allreduce=direct; "
-                        "scaling: the peers, the same job as train.py cluster=torchrun on each backend on the same "
-                        "nodes (default gloo, nccl,gloo on cuda; none with --throttle or on mps; none: no peer)")
+                        "scaling and convergence: the peers, the same job as train.py cluster=torchrun on each "
+                        "backend on the same nodes (default gloo, nccl,gloo on cuda; none with --throttle or on mps; "
+                        "none: no peer)")
     p.add_argument("--model", default="resnet50", help="ddp, loader: resnet18 or resnet50 (CIFAR stem, 32x32 synthetic images)")
     p.add_argument("--batch", type=int, default=128, help="ddp: samples per rank per step; loader: the batch")
     p.add_argument("--timeout", type=float, default=600.0, help="ddp: seconds one torchrun may take")

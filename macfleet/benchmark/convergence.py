@@ -9,9 +9,15 @@ seed, model, data and global batch. Every epoch ends with a test evaluation; its
 from rank 0's train.log (the "epoch N: ... test accuracy A" line) and counted from the line
 that says the fleet is formed ("rank 0 of N"), so a node's start-up and join do not count and
 auto's probe does. Time to target = the first evaluation at or above `--target`.
+Before the fleet, the peers (`--backends`, as in `--type scaling`: default gloo, nccl,gloo on
+cuda) train the same job under torchrun (`train.py cluster=torchrun`, compression none) on the
+same nodes, timed the same way from rank 0's train.log; a peer whose run fails is a line, and
+the fleet runs without it.
 
-JSON rows, one per codec: {"type", "model", "dataset", "global_batch", "epochs", "device",
-"link", "nodes", "target", "codec", "ran" (the codec that ran: auto's choice), "auto_reason",
+JSON rows, one per peer ("run": "torchrun", "backend": its name, "codec": "none"), then one per
+codec ("run": "fleet", "backend": "macfleet"): {"type", "run", "backend", "model", "dataset",
+"global_batch", "epochs", "device", "link", "nodes", "target", "codec", "ran" (the codec that
+ran: auto's choice), "auto_reason",
 "reached", "time_to_target_s", "epochs_to_target", "final_accuracy", "best_accuracy",
 "train_s" (to the last evaluation), "startup_s" (launch to the fleet formed, rank 0),
 "samples_per_s", "wire_ratio", "curve": [{"epoch", "wall_s", "accuracy"}]}.
@@ -24,8 +30,9 @@ import re
 from datetime import datetime
 
 from macfleet.benchmark.scaling import (CpuQuotas, Run, _compose, _namespaces, _overrides, _wait, bench_dir,
-                                        check_can_run, fleet_run, parse_codecs, parse_overrides, plan_nodes,
-                                        removed_unless_failed, report, run_label)
+                                        check_can_run, fleet_run, parse_codecs, parse_overrides, parse_peers,
+                                        peer_overrides, peer_run, plan_nodes, removed_unless_failed, report,
+                                        run_label, run_name)
 from macfleet.errors import ConfigError, MacFleetError
 
 CONTROLLED = {
@@ -63,11 +70,11 @@ def read_curve(log_text: str) -> tuple[float, list[dict]]:
 
 
 def convergence_row(setup: dict, codec: str, target: float, metrics: dict, curve: list[dict],
-                    startup_s: float) -> dict:
+                    startup_s: float, run: str = "fleet", backend: str = "macfleet") -> dict:
     """One JSON row (see the module docstring) from a run's metrics.json and its curve."""
     hit = next((p for p in curve if p["accuracy"] >= target), None)
     accs = [p["accuracy"] for p in curve]
-    return {**setup, "target": target, "codec": codec, "ran": metrics.get("compression"),
+    return {**setup, "run": run, "backend": backend, "target": target, "codec": codec, "ran": metrics.get("compression"),
             "auto_reason": metrics.get("compression_auto_reason"), "reached": hit is not None,
             "time_to_target_s": hit["wall_s"] if hit else None, "epochs_to_target": hit["epoch"] if hit else None,
             "final_accuracy": accs[-1] if accs else None, "best_accuracy": max(accs) if accs else None,
@@ -89,6 +96,7 @@ def run_convergence_benchmark(args) -> int:
         raise ConfigError(f"--target {args.target}: give a test accuracy in (0, 1], e.g. 0.95")
     check_can_run(args, "convergence")
     user = parse_overrides(list(args.overrides or []), CONTROLLED, "convergence")
+    peers = parse_peers(getattr(args, "backends", None), args.device, False)
     nodes = plan_nodes(args)
     n = len(nodes)
     fixed = {"trainer.device": args.device, "trainer.resume": "none"}
@@ -112,11 +120,29 @@ def run_convergence_benchmark(args) -> int:
                   f"accuracy {target:g} per codec ({', '.join(codecs)})")
     for node in nodes:
         console.print(f"  {node.describe()}")
+    if peers:
+        console.print(f"  peers: {', '.join(peers)} (train.py cluster=torchrun, compression none, on the same nodes)")
 
     bench, logs = bench_dir("macfleet-convergence-")
     rows = []
-    with removed_unless_failed(bench, console):
+    with removed_unless_failed(bench, console) as keep:
         with CpuQuotas(nodes), (_namespaces(nodes, args) if args.netns else contextlib.nullcontext()):
+            for j, peer in enumerate(peers):
+                run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
+                               [DEFAULTS, peer_overrides(user), fixed])
+                launched = time.time()
+                try:
+                    m = _wait([run], logs, console)[0]
+                except MacFleetError as exc:  # a reference: the fleet's runs go on without it
+                    keep["why"] = "a peer failed: its log is there"
+                    console.print(f"  [yellow]{exc}; the fleet runs without this peer[/yellow]", highlight=False,
+                                  soft_wrap=True)
+                    continue
+                formed, curve = read_curve((run.out / "train.log").read_text(errors="replace"))
+                row = convergence_row(setup, "none", target, m, curve, round(formed - launched, 3), "torchrun", peer)
+                rows.append(row)
+                to = f"{row['time_to_target_s']:.1f} s" if row["reached"] else "not reached"
+                console.print(f"  {run.label}: {target:g} in {to}, final {row['final_accuracy']:.4f}")
             for k, codec in enumerate(codecs):
                 run: Run = fleet_run(bench / f"fleet-{run_label(codec)}", nodes, codec, k, args.netns,
                                      [DEFAULTS, user, fixed])
@@ -138,17 +164,17 @@ def convergence_table(rows: list[dict]):
     from rich.table import Table
 
     first = rows[0]
-    base = next((r for r in rows if r["codec"] == "none" and r["reached"]), None)
+    base = next((r for r in rows if r["run"] == "fleet" and r["codec"] == "none" and r["reached"]), None)
     table = Table(title=f"macfleet benchmark --type convergence: {first['model']} on {first['dataset']}, global batch "
                         f"{first['global_batch']}, {first['nodes']} nodes, {first['device']}, {first['link']}",
                   caption=f"time to test accuracy {first['target']:g}, from the fleet's forming (start-up and join "
-                          f"left out, auto's probe counted); vs none: none's time / this one's")
+                          f"left out, auto's probe counted); vs none: the fleet's none's time / this one's")
     for col in ("codec", "ran", "time to target", "epochs", "vs none", "final acc", "best acc", "samples/s", "wire"):
         table.add_column(col, justify="left" if col in ("codec", "ran") else "right")
     for r in rows:
         speed = (f"{base['time_to_target_s'] / r['time_to_target_s']:.2f}x" if base and r["reached"]
                  and r["time_to_target_s"] > 0 else "-")
-        table.add_row(r["codec"], r["ran"] or "-", f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached",
+        table.add_row(r["codec"] if r["run"] == "fleet" else run_name(r), r["ran"] or "-", f"{r['time_to_target_s']:.1f} s" if r["reached"] else "not reached",
                       str(r["epochs_to_target"] or "-"), speed, _acc(r["final_accuracy"]), _acc(r["best_accuracy"]),
                       f"{r['samples_per_s']:.0f}" if r["samples_per_s"] else "-",
                       f"{100 * r['wire_ratio']:.1f}%" if r["wire_ratio"] is not None else "-")
@@ -168,8 +194,10 @@ def plot_convergence(rows: list[dict], path: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in rows:
-        label = r["codec"] + (f" ({r['ran']})" if r["ran"] and r["ran"] != r["codec"] else "")
-        ax.plot([p["wall_s"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]], "o-", label=label, markersize=3)
+        label = run_name(r) if r["run"] != "fleet" else \
+            r["codec"] + (f" ({r['ran']})" if r["ran"] and r["ran"] != r["codec"] else "")
+        ax.plot([p["wall_s"] for p in r["curve"]], [p["accuracy"] for p in r["curve"]],
+                "o-" if r["run"] == "fleet" else "s:", label=label, markersize=3)  # peers dotted
     ax.axhline(rows[0]["target"], color="tab:gray", linestyle="--", label=f"target {rows[0]['target']:g}")
     ax.set_xlabel("wall time since the fleet formed (s); a point per epoch's evaluation")
     ax.set_ylabel("test accuracy")

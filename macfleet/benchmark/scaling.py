@@ -807,9 +807,7 @@ def run_scaling_benchmark(args) -> int:
                 ideal_after = ideal - alone[slow.index]["samples_per_s"] + throttled["samples_per_s"]
                 console.print(f"  {r.label}: {throttled['samples_per_s']:.1f} samples/s at {throttle.quota:g} of its "
                               f"cores; ideal after the throttle {ideal_after:.1f} samples/s")
-            # The user's cluster.* settings are the fleet's engine; torchrun's job takes only the shares.
-            peer_user = {k: v for k, v in user.items() if not k.lstrip("+~").startswith("cluster.")
-                         or k.lstrip("+~") == "cluster.weights"}
+            peer_user = peer_overrides(user)
             peer_runs, peers_failed = {}, {}
             for j, peer in enumerate(peers):
                 run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
@@ -949,6 +947,13 @@ def fleet_run(out: Path, nodes: list[Node], codec: str, k: int, netns: bool, lay
         env = dict(node.env(), MACFLEET_TOKEN=token, MACFLEET_RANK=str(node.index))
         run.procs.append((node, [sys.executable, str(ROOT / "train.py"), *_overrides(*layers, role)], env))
     return run
+
+
+def peer_overrides(user: dict) -> dict:
+    """The user's overrides for a peer's run: the user's cluster.* settings are the fleet's engine;
+    torchrun's job takes only the shares (cluster.weights)."""
+    return {k: v for k, v in user.items() if not k.lstrip("+~").startswith("cluster.")
+            or k.lstrip("+~") == "cluster.weights"}
 
 
 def peer_run(out: Path, nodes: list[Node], peer: str, j: int, netns: bool, layers: list[dict]) -> Run:

@@ -14,7 +14,7 @@ import pytest
 
 from tests.integration.test_benchmark_scaling import assert_one_clear_line, run_benchmark
 
-KEYS = {"type", "model", "dataset", "global_batch", "epochs", "device", "link", "nodes", "target", "codec", "ran",
+KEYS = {"type", "run", "backend", "model", "dataset", "global_batch", "epochs", "device", "link", "nodes", "target", "codec", "ran",
         "auto_reason", "reached", "time_to_target_s", "epochs_to_target", "final_accuracy", "best_accuracy",
         "train_s", "startup_s", "samples_per_s", "wire_ratio", "curve"}
 
@@ -31,7 +31,9 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
                         "--json", str(out), "--plot", str(png), *extra, "trainer.epochs=1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(out.read_text())
-    assert [r["codec"] for r in rows] == ["none", "auto"]
+    # The default peer first: the same job under real torchrun on gloo, on the same nodes.
+    assert [(r["run"], r["backend"], r["codec"]) for r in rows] == [
+        ("torchrun", "gloo", "none"), ("fleet", "macfleet", "none"), ("fleet", "macfleet", "auto")]
     for r in rows:
         assert set(r) == KEYS
         assert (r["type"], r["model"], r["dataset"], r["global_batch"], r["epochs"], r["nodes"], r["target"]) == \
@@ -46,7 +48,8 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
         assert r["final_accuracy"] == r["curve"][-1]["accuracy"] == r["best_accuracy"]
         assert r["train_s"] == r["curve"][-1]["wall_s"] and r["startup_s"] > 0
         assert r["samples_per_s"] > 0 and 0 < r["wire_ratio"] <= 1
-    none, auto = rows
+    peer, none, auto = rows
+    assert peer["ran"] == "none" and peer["auto_reason"] is None
     assert none["ran"] == "none" and none["auto_reason"] is None and none["wire_ratio"] == 1.0
     assert auto["ran"] in ("none", "fp16", "int8", "topk_fp16")
     # Measured; a candidate that could not win may be left untried ("~ estimated, not tried").
@@ -54,7 +57,8 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
                                            "compression=auto: exchanges (~ estimated, not tried) "))
     assert f": {auto['ran']}" in auto["auto_reason"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for said in ("fleet-none", f"fleet-auto (ran {auto['ran']})", "time to target", "vs none"):
+    for said in ("fleet-none", f"fleet-auto (ran {auto['ran']})", "time to target", "vs none", "torchrun-gloo: ",
+                 "torchrun gloo"):
         assert said in proc.stdout, proc.stdout
     assert f"    {auto['auto_reason']}\n" in proc.stdout  # auto's reasoning, under its progress line
     assert not list((tmp_path / "scratch").glob("macfleet-convergence-*"))  # run dirs and logs removed
