@@ -435,6 +435,10 @@ class MasterAgent:
         if rank in job["codes"]:
             return
         job["codes"][rank] = code
+        if code == 0 and cause is None:
+            # A rank whose job ended by itself with success was in the formed job: a job of a few
+            # steps can end between two of `_watch`'s polls, before it saw the job form.
+            job["formed"] = True
         node = job["ranks"][rank]
         with self._lock:
             if node["peer_id"] in self._agents:
