@@ -32,7 +32,7 @@ from datetime import datetime
 from macfleet.benchmark.scaling import (CpuQuotas, Run, _compose, _namespaces, _overrides, _wait, bench_dir,
                                         check_can_run, fleet_run, parse_codecs, parse_overrides, parse_peers,
                                         peer_overrides, peer_run, plan_nodes, removed_unless_failed, report,
-                                        run_label, run_name)
+                                        run_label, run_name, wait_peer)
 from macfleet.errors import ConfigError, MacFleetError
 
 CONTROLLED = {
@@ -131,12 +131,8 @@ def run_convergence_benchmark(args) -> int:
                 run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
                                [DEFAULTS, peer_overrides(user), fixed])
                 launched = time.time()
-                try:
-                    m = _wait([run], logs, console)[0]
-                except MacFleetError as exc:  # a reference: the fleet's runs go on without it
-                    keep["why"] = "a peer failed: its log is there"
-                    console.print(f"  [yellow]{exc}; the fleet runs without this peer[/yellow]", highlight=False,
-                                  soft_wrap=True)
+                m = wait_peer(run, logs, console, keep)
+                if isinstance(m, str):
                     continue
                 formed, curve = read_curve((run.out / "train.log").read_text(errors="replace"))
                 row = convergence_row(setup, "none", target, m, curve, round(formed - launched, 3), "torchrun", peer)

@@ -812,14 +812,11 @@ def run_scaling_benchmark(args) -> int:
             for j, peer in enumerate(peers):
                 run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
                                [DEFAULTS, peer_user, data, timing])
-                try:
-                    m = peer_runs[peer] = _wait([run], logs, console)[0]
-                except MacFleetError as exc:  # a reference: the fleet's runs go on without it
-                    peers_failed[peer] = str(exc)
-                    keep["why"] = "a peer failed: its log is there"
-                    console.print(f"  [yellow]{exc}; the fleet runs without this peer[/yellow]", highlight=False,
-                                  soft_wrap=True)
+                m = wait_peer(run, logs, console, keep)
+                if isinstance(m, str):
+                    peers_failed[peer] = m
                     continue
+                peer_runs[peer] = m
                 console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
                               f"efficiency {m['samples_per_s'] / ideal:.2f}")
             fleets, after = {}, {}
@@ -984,18 +981,26 @@ def peer_run(out: Path, nodes: list[Node], peer: str, j: int, netns: bool, layer
     return run
 
 
+def wait_peer(run: Run, logs: Path, console, keep: dict) -> dict | str:
+    """A peer's run: its metrics, or, when it failed, its error line (printed; `keep` of
+    removed_unless_failed keeps the folder for its log). A peer is a reference: the fleet's
+    runs go on without it."""
+    try:
+        return _wait([run], logs, console)[0]
+    except MacFleetError as exc:
+        keep["why"] = "a peer failed: its log is there"
+        console.print(f"  [yellow]{exc}; the fleet runs without this peer[/yellow]", highlight=False, soft_wrap=True)
+        return str(exc)
+
+
 def _namespaces(nodes: list[Node], args):
     """The namespaces of comm/launch.py, one per node: node i at 10.0.0.i+1."""
     from macfleet.comm.launch import Netns
 
-    class Placed(Netns):  # each node learns its namespace and link once they exist
-        def __enter__(self):
-            super().__enter__()
-            for node, name, dev in zip(nodes, self.names, self.devs):
-                node.netns, node.dev = name, dev
-            return self
-
-    return Placed(len(nodes), rate=args.rate, prefix="mf-scale")
+    ns = Netns(len(nodes), rate=args.rate, prefix="mf-scale")
+    for node, name, dev in zip(nodes, ns.names, ns.devs):
+        node.netns, node.dev = name, dev
+    return ns
 
 
 STALL_FACTOR = 3.0

@@ -232,7 +232,9 @@ class Netns:
         self.names = [f"{prefix}-{tag}-{i + 1}" for i in range(n)]
         self.bridge_ns = f"{prefix}-{tag}-br" if n > 2 else None
         self._short = f"{os.getpid() % 100000}{int(time.time()) % 100}"
-        self.devs: list[str | None] = [None] * n  # namespace i's link to the others (for GLOO_SOCKET_IFNAME)
+        # Namespace i's link to the others (GLOO_SOCKET_IFNAME): a veth pair, or a veth to the bridge.
+        self.devs = [f"mfa{self._short}", f"mfb{self._short}"] if n == 2 else \
+            [f"mfi{self._short}{i}" for i in range(n)]
 
     def addrs(self, port: int) -> list[str]:
         return [f"10.0.0.{i + 1}:{port}" for i in range(self.n)]
@@ -253,7 +255,7 @@ class Netns:
             _ip("netns", "add", name)
             _ip("-n", name, "link", "set", "lo", "up")
         if self.bridge_ns is None:
-            a, b = f"mfa{self._short}", f"mfb{self._short}"
+            a, b = self.devs
             _ip("link", "add", a, "netns", self.names[0], "type", "veth", "peer", "name", b, "netns", self.names[1])
             self._up(0, a)
             self._up(1, b)
@@ -261,7 +263,7 @@ class Netns:
         _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
         for i, name in enumerate(self.names):
-            inner, outer = f"mfi{self._short}{i}", f"mfo{self._short}{i}"
+            inner, outer = self.devs[i], f"mfo{self._short}{i}"
             _ip("link", "add", inner, "netns", name, "type", "veth", "peer", "name", outer, "netns", self.bridge_ns)
             _ip("-n", self.bridge_ns, "link", "set", outer, "master", "br0")
             _ip("-n", self.bridge_ns, "link", "set", outer, "up")
@@ -269,7 +271,6 @@ class Netns:
 
     def _up(self, i: int, dev: str) -> None:
         ns = self.names[i]
-        self.devs[i] = dev
         _ip("-n", ns, "addr", "add", f"10.0.0.{i + 1}/24", "dev", dev)
         _ip("-n", ns, "link", "set", dev, "up")
         if self.rate:
