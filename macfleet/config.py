@@ -18,6 +18,7 @@ PROTOCOL_VERSION = 1
 """Bumped on any incompatible change to the wire or control protocol."""
 
 COMPRESSION_NAMES = ("none", "fp16", "int8", "topk", "topk_fp16", "auto")
+ENCODERS = ("auto", "thread", "inline")
 """Codec names; "auto" is not a codec: the trainer measures the link and backward at start and
 picks none, fp16, int8 or topk_fp16 for the run (macfleet/compression/auto.py)."""
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
@@ -97,6 +98,10 @@ class CompressionConfig:
     against a codec that sends every value (top-k's extra steps to the same accuracy; sparser
     ratios count more, x sqrt(10% / ratio)). 2 was measured on digits; set 1 where top-k is known
     to cost your model no accuracy, and auto weighs samples/s alone at 10%."""
+    encoder: str = "auto"
+    """Where a codec's encoding runs (fp16, int8, topk, topk_fp16): thread (a thread of its own,
+    so backward's hooks only hand each bucket over), inline (in the hook, on backward's thread),
+    or auto (thread on an accelerator in a fleet, inline otherwise). Results are the same bits."""
 
     def __post_init__(self) -> None:
         if self.name not in COMPRESSION_NAMES:
@@ -121,6 +126,9 @@ class CompressionConfig:
             )
         if self.warmup_steps < 0:
             raise ConfigError("compression.warmup_steps must be >= 0")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"compression.encoder={self.encoder!r}: choose one of {', '.join(ENCODERS)} (auto: a "
+                              "thread of its own on an accelerator, in backward's hook on CPU)")
 
     @property
     def lossy(self) -> bool:

@@ -216,6 +216,9 @@ class MacFleetDDP(torch.nn.Module):
         so a MacFleetDDP for the next generation can wrap the same module."""
         if self._buckets is not None:
             self._buckets.retire()
+        close = getattr(self.reducer, "close", None)
+        if close is not None:  # a compressor's encoder thread
+            close()
         if self.ddp is not None:
             import torch.distributed as dist
 

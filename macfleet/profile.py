@@ -187,7 +187,8 @@ def _all_threads() -> dict:
 
 def _comm_figures(events) -> dict[str, float]:
     """Seconds the comm threads spent in each of their spans (`comm.<collective>`, with
-    `comm.staging_wait` inside it, and `comm.landing`) over `events`, largest first."""
+    `comm.staging_wait` inside it, `comm.landing`, and `comm.encode` on the encoder thread)
+    over `events`, largest first."""
     total: dict[str, float] = {}
     for e in events:
         if e.name.startswith("comm."):

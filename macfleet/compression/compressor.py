@@ -24,6 +24,11 @@ Per codec:
   error is carried by error feedback into the next step (exactly fp16 with error_feedback=false).
 With world_size 1 (group None) the same encode/decode runs locally, so one process computes
 exactly what a node contributes.
+
+Where the encoding runs (compression.encoder): on an accelerator in a fleet, `reduce` hands the
+bucket to an encoder thread (encoder.py) and returns a future at once, so backward's thread only
+launches backward's kernels; on CPU, or with encoder=inline, the hook encodes. The kernels and
+their order are the same either way, so are the bits.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class GradientCompressor:
         self.feedback: Optional[ErrorFeedback] = (
             ErrorFeedback(cfg, redoable=redoable) if cfg.lossy and cfg.error_feedback else None
         )
+        self._encoder = None  # an Encoder, or False: encode in the caller (decided at the first bucket)
         self._stats_lock = threading.Lock()
         self.stats = {"calls": 0, "bytes_sent": 0, "dense_bytes": 0, "compress_s": 0.0, "decompress_s": 0.0}
         """Totals since construction: payload bytes this node sent, the dense fp32 bytes they
@@ -79,7 +85,41 @@ class GradientCompressor:
 
     def reduce(self, flat: torch.Tensor, segments: list[tuple[str, int, int]], step: int) -> torch.futures.Future:
         """Compress, exchange and sum one bucket; see the module docstring. On a device this
-        queues kernels only: no host sync (sizes come from the layout, see codecs.py)."""
+        queues kernels only: no host sync (sizes come from the layout, see codecs.py). With an
+        encoder thread (compression.encoder) the caller only hands the bucket over."""
+        encoder = self._encoder_for(flat.device)
+        if encoder is None:
+            return self.reduce_now(flat, segments, step)
+        return encoder.submit(lambda: self.reduce_now(flat, segments, step))
+
+    def _encoder_for(self, device: torch.device):
+        if self._encoder is False:
+            return None
+        if self._encoder is None:
+            mode = getattr(self.cfg, "encoder", "auto")
+            threaded = self.world_size > 1 and (mode == "thread" or (mode == "auto" and device.type != "cpu"))
+            if not threaded:
+                self._encoder = False
+                return None
+            from macfleet.compression.encoder import Encoder
+
+            # On CPU the encoding is compute: it keeps torch's thread pool; elsewhere it is launches.
+            self._encoder = Encoder(solo=device.type != "cpu")
+        return self._encoder
+
+    def drain(self) -> None:
+        """Every bucket handed over so far has been encoded and its exchange issued."""
+        if self._encoder:
+            self._encoder.drain()
+
+    def close(self) -> None:
+        """Stop the encoder thread (a generation's end); what was handed over still runs."""
+        if self._encoder:
+            self._encoder.close()
+        self._encoder = False
+
+    def reduce_now(self, flat: torch.Tensor, segments: list[tuple[str, int, int]], step: int) -> torch.futures.Future:
+        """`reduce` on the calling thread."""
         start = time.perf_counter()
         flat = flat.view(-1)
         views = _segment_views(flat, segments)
@@ -197,22 +237,26 @@ class GradientCompressor:
 
     def settle(self) -> None:
         """The step in flight completed on every rank: its residual updates take effect."""
+        self.drain()
         if self.feedback is not None:
             self.feedback.settle()
 
     def rollback(self) -> None:
         """This step's exchange did not complete on every rank: its residual updates never
         happened (a redoable compressor; see ErrorFeedback)."""
+        self.drain()  # a bucket still queued would update the residuals after they were undone
         if self.feedback is not None:
             self.feedback.rollback()
 
     def state_dict(self) -> dict:
         """Residuals (and DGC velocities) per parameter name, as tensor copies, and the byte
         counters behind wire_ratio (so a resumed run reports the whole run's ratio)."""
+        self.drain()
         return {"codec": self.codec.name, "feedback": self.feedback.state_dict() if self.feedback else None,
                 "counters": counters_state(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
+        self.drain()
         if self.feedback is not None and state.get("feedback"):
             self.feedback.load_state_dict(state["feedback"])
         load_counters(self.stats, state)

@@ -21,13 +21,13 @@ def _model() -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(512, 10))
 
 
-def _train(group, device: str, path: str, codec: str, rank: int, sync_debug: bool) -> dict:
+def _train(group, device: str, path: str, codec: str, rank: int, sync_debug: bool, encoder: str = "auto") -> dict:
     from macfleet.config import CompressionConfig
     from macfleet.ddp import MacFleetDDP
 
     dev = torch.device(device)
     model = _model().to(dev)
-    ddp = MacFleetDDP(model, group, share=0.5, compression=CompressionConfig(name=codec, ratio=0.25),
+    ddp = MacFleetDDP(model, group, share=0.5, compression=CompressionConfig(name=codec, ratio=0.25, encoder=encoder),
                       device=dev, use_torch_ddp=path == "torch", bucket_cap_mb=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(11 + rank)
@@ -45,6 +45,10 @@ def _train(group, device: str, path: str, codec: str, rank: int, sync_debug: boo
             torch.cuda.set_sync_debug_mode("default")
         ddp.finish_gradients()
         opt.step()
+    if path == "torch":  # on a device a codec encodes on its own thread unless told otherwise
+        assert bool(getattr(ddp.reducer, "_encoder", False)) == (device != "cpu" and codec != "none"
+                                                                   and encoder == "auto"), (device, codec, encoder)
+    ddp.retire()
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -77,7 +81,9 @@ def _ranks(rank, world_size, addrs):
         out[("cpu", "torch", codec)] = _train(group, "cpu", "torch", codec, rank, False)
         out[(device, "torch", codec)] = _train(group, device, "torch", codec, rank, True)
         out[(device, "flat", codec)] = _train(group, device, "flat", codec, rank, False)
-    dist.destroy_process_group()
+        out[(device, "torch-inline", codec)] = _train(group, device, "torch", codec, rank, True, encoder="inline")
+    if dist.is_initialized():
+        dist.destroy_process_group()
     group.close()
     return {"device": device, "states": out, "chained": chained, "chained_lanes": chained_lanes,
             "gathered": gathered}
@@ -93,7 +99,7 @@ def test_cuda_equals_cpu_for_every_codec_without_host_sync_in_the_hook():
         assert results[rank]["gathered"] == [("cuda", [0, 1, 2, 3]), ("cuda", [10, 11, 12, 13])]
         for codec in CODECS:
             ref = states[("cpu", "torch", codec)]
-            for path in ("torch", "flat"):
+            for path in ("torch", "flat", "torch-inline"):
                 got = states[(device, path, codec)]
                 for key, value in ref.items():
                     torch.testing.assert_close(got[key], value, rtol=1e-4, atol=1e-5,
