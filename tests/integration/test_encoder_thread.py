@@ -123,3 +123,50 @@ def test_the_encoder_thread_gives_the_hooks_bits_in_bucket_order():
                 for key, value in inline["weights"].items():
                     assert (thread["weights"][key] == value).all(), (codec, flat_path, key, rank)
                     assert (thread["weights"][key] == got[0][("train", codec, "thread", flat_path)]["weights"][key]).all()
+
+
+def _redo_rank(rank, world_size, addrs):
+    from macfleet.comm.group import Group
+    from macfleet.compression import GradientCompressor
+    from macfleet.config import CompressionConfig
+
+    def residuals(comp):
+        return {k: v.numpy().copy() for k, v in comp.feedback.residuals.items()}
+
+    def step(comp, group, s, wait=True):
+        group.set_step(s)
+        flats = [_grad(rank, s, b, segs[-1][1] + segs[-1][2]) * 0.5 for b, segs in enumerate(BUCKETS)]
+        futures = [comp.reduce(f, segs, s) for f, segs in zip(flats, BUCKETS)]
+        return [f.wait().numpy().copy() for f in futures] if wait else futures
+
+    out = {}
+    with Group(rank, world_size, addrs, timeout=60.0) as group:
+        for encoder in ("inline", "thread"):
+            comp = GradientCompressor(CompressionConfig(name="topk", ratio=0.05, encoder=encoder), group, redoable=True)
+            step(comp, group, 0)
+            comp.settle()
+            before = residuals(comp)
+            futures = step(comp, group, 1, wait=False)
+            comp.rollback()  # at once: the buckets may still be queued on the encoder thread
+            for f in futures:
+                f.wait()
+            after_rollback = residuals(comp)
+            redone = step(comp, group, 1)  # the step again, from the same residuals
+            comp.settle()
+            out[encoder] = {"before": before, "after_rollback": after_rollback, "redone": redone,
+                            "final": residuals(comp)}
+            comp.close()
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_a_rollback_waits_for_buckets_still_queued_on_the_encoder():
+    got = spawn_local(_redo_rank, 2, timeout=100.0)
+    for rank in range(2):
+        inline, thread = got[rank]["inline"], got[rank]["thread"]
+        for name, value in thread["before"].items():
+            # Step 1's residual updates were undone, even those of buckets encoded after rollback() was called.
+            assert (thread["after_rollback"][name] == value).all(), name
+            assert (thread["final"][name] == inline["final"][name]).all(), name
+        for b in range(len(BUCKETS)):
+            assert (thread["redone"][b] == inline["redone"][b]).all(), b
