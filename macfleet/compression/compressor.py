@@ -90,7 +90,16 @@ class GradientCompressor:
         encoder = self._encoder_for(flat.device)
         if encoder is None:
             return self.reduce_now(flat, segments, step)
-        return encoder.submit(lambda: self.reduce_now(flat, segments, step))
+        if flat.device.type == "cuda":
+            # The kernels go where the hook's would have: the caller's current stream (and device).
+            stream = torch.cuda.current_stream(flat.device)
+
+            def job():
+                with torch.cuda.stream(stream):
+                    return self.reduce_now(flat, segments, step)
+
+            return encoder.submit(job)
+        return encoder.submit(lambda: self.reduce_now(flat, segments, step))  # MPS: one queue
 
     def _encoder_for(self, device: torch.device):
         if self._encoder is False:

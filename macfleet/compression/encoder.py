@@ -11,10 +11,11 @@ own thread the same launches overlap backward's.
     enc.drain()                                     # every job handed over so far has run
 
 Jobs run one at a time, in the order they were submitted, so every rank still issues its
-collectives in bucket order. A job's kernels go to the thread's current stream, which is the
-device's default stream as on the autograd thread: the device runs them after the kernels that
-produced the bucket, which were queued before the hook handed it over (MPS has one queue). The
-future returned completes with the job's own future's value, or its error.
+collectives in bucket order. On CUDA the compressor runs each job on the stream that was current
+where the hook ran (the autograd thread's, the forward's stream), so the device runs a bucket's
+encoding after the kernels that produced it, as it would have inline; MPS has one queue, in the
+order kernels are queued. The future returned completes with the job's own future's value, or
+its error.
 """
 
 from __future__ import annotations
