@@ -101,7 +101,8 @@ class CompressionConfig:
     encoder: str = "auto"
     """Where a codec's encoding runs (fp16, int8, topk, topk_fp16): thread (a thread of its own,
     so backward's hooks only hand each bucket over), inline (in the hook, on backward's thread),
-    or auto (thread on an accelerator in a fleet, inline otherwise). Results are the same bits."""
+    or auto (thread on CUDA in a fleet, inline otherwise: on MPS two threads running tensor ops
+    at once can crash inside Metal, pytorch/pytorch#197805). Results are the same bits."""
 
     def __post_init__(self) -> None:
         if self.name not in COMPRESSION_NAMES:
@@ -128,7 +129,7 @@ class CompressionConfig:
             raise ConfigError("compression.warmup_steps must be >= 0")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"compression.encoder={self.encoder!r}: choose one of {', '.join(ENCODERS)} (auto: a "
-                              "thread of its own on an accelerator, in backward's hook on CPU)")
+                              "thread of its own on CUDA, in backward's hook on CPU and MPS)")
 
     @property
     def lossy(self) -> bool:

@@ -25,9 +25,9 @@ Per codec:
 With world_size 1 (group None) the same encode/decode runs locally, so one process computes
 exactly what a node contributes.
 
-Where the encoding runs (compression.encoder): on an accelerator in a fleet, `reduce` hands the
-bucket to an encoder thread (encoder.py) and returns a future at once, so backward's thread only
-launches backward's kernels; on CPU, or with encoder=inline, the hook encodes. The kernels and
+Where the encoding runs (compression.encoder): on CUDA in a fleet, `reduce` hands the bucket to
+an encoder thread (encoder.py) and returns a future at once, so backward's thread only launches
+backward's kernels; on CPU and MPS, or with encoder=inline, the hook encodes. The kernels and
 their order are the same either way, so are the bits.
 """
 
@@ -106,7 +106,10 @@ class GradientCompressor:
             return None
         if self._encoder is None:
             mode = getattr(self.cfg, "encoder", "auto")
-            threaded = self.world_size > 1 and (mode == "thread" or (mode == "auto" and device.type != "cpu"))
+            # auto: CUDA only. On MPS, PyTorch reports crashes inside Metal when two Python threads
+            # run tensor ops at once (pytorch/pytorch#197805, torch 2.8 to 2.15.dev): the hook's
+            # thread is also backward's, so inline keeps the codec's kernels off a second thread.
+            threaded = self.world_size > 1 and (mode == "thread" or (mode == "auto" and device.type == "cuda"))
             if not threaded:
                 self._encoder = False
                 return None
