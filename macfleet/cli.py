@@ -144,6 +144,10 @@ def _add_benchmark(sub) -> None:
                    help="compression: device for codec timing; scaling, convergence, ddp and loader: the device every run trains on: cpu, "
                         "cuda or mps")
     p.add_argument("--steps", type=int, default=30, help="scaling, ddp, loader: timed training steps per run")
+    p.add_argument("--runs", default=None, metavar="N",
+                   help="scaling: rounds of every peer and codec run, interleaved (default 1); the table gives each "
+                        "row's median run and the range, the JSON every run's samples/s. Runs on one host can move "
+                        "by 10%% or more from one to the next")
     p.add_argument("--reference-steps", type=int, default=None,
                    help="scaling: timed steps of each node's single-node reference runs (default: --steps); fewer "
                         "than --steps where the fleet run must be long, e.g. to watch a --throttle")

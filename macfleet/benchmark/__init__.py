@@ -62,6 +62,9 @@ def _benchmark(args) -> int:
         raise ConfigError(f"--repeats {args.repeats}: give at least 1 timed run per figure (default 7)")
     if getattr(args, "throttle", None) and args.type != "scaling":
         raise ConfigError("--throttle is for --type scaling only: drop it or use --type scaling")
+    if getattr(args, "runs", None) is not None and args.type != "scaling":
+        raise ConfigError(f"--runs is for --type scaling only (rounds of its runs); --type {args.type} repeats its "
+                          f"figures with --repeats")
     if args.type == "elastic":
         from macfleet.benchmark.elastic import run_elastic_benchmark
 

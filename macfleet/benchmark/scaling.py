@@ -217,6 +217,40 @@ def parse_cores(text: str | None, nodes: int) -> list[int] | None:
     return counts
 
 
+MAX_RUNS = 10
+"""--runs: at most this many rounds (each run of a round gets its own ports in namespaces)."""
+
+
+def parse_runs(text, throttle: bool, profiled: int) -> int:
+    """--runs N: how many rounds of every peer and codec (1 by default)."""
+    if text is None:
+        return 1
+    try:
+        n = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--runs {text!r}: give a whole number of rounds, e.g. --runs 3") from None
+    if not 1 <= n <= MAX_RUNS:
+        raise ConfigError(f"--runs {n}: give 1 to {MAX_RUNS} rounds")
+    if n > 1 and throttle:
+        raise ConfigError("--runs with --throttle: a throttled run is read step by step, not as one figure; "
+                          "run the benchmark again for another")
+    if n > 1 and profiled:
+        raise ConfigError("--runs with --profile: profile one round (--runs 1); the profiler slows the steps it records")
+    return n
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run whose samples/s is the median (the lower of the two middle ones for an even count):
+    a real run, so every figure of its row comes from the same run."""
+    ranked = sorted(runs, key=lambda m: m["samples_per_s"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
+def runs_of(runs: list[dict]) -> dict:
+    """A row's figures of every round (--runs): each run's samples/s, in the order they ran."""
+    return {"runs": len(runs), "runs_samples_per_s": [m["samples_per_s"] for m in runs]}
+
+
 def parse_peers(text: str | None, device: str, throttle: bool) -> list[str]:
     """--backends for --type scaling: the torch backends whose `train.py cluster=torchrun` run
     stands beside the fleet. Default: gloo, and nccl first on cuda; none with --throttle (a stock
@@ -717,6 +751,7 @@ def run_scaling_benchmark(args) -> int:
     profiled = int(getattr(args, "profile", 0) or 0)
     if profiled < 0:
         raise ConfigError("--profile N: give how many steps to record (0: none)")
+    rounds = parse_runs(getattr(args, "runs", None), throttle is not None, profiled)
     # Profiled steps come after the warm-up and before the timed steps (the profiler slows them).
     n, total = len(nodes), steps + warmup + profiled
     # epochs = total: every epoch has at least one step, so max_steps is what stops each run.
@@ -808,56 +843,71 @@ def run_scaling_benchmark(args) -> int:
                 console.print(f"  {r.label}: {throttled['samples_per_s']:.1f} samples/s at {throttle.quota:g} of its "
                               f"cores; ideal after the throttle {ideal_after:.1f} samples/s")
             peer_user = peer_overrides(user)
-            peer_runs, peers_failed = {}, {}
-            for j, peer in enumerate(peers):
-                run = peer_run(bench / f"torchrun-{run_label(peer)}", nodes, peer, j, args.netns,
-                               [DEFAULTS, peer_user, data, timing])
-                m = wait_peer(run, logs, console, keep)
-                if isinstance(m, str):
-                    peers_failed[peer] = m
-                    continue
-                peer_runs[peer] = m
-                console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
-                              f"efficiency {m['samples_per_s'] / ideal:.2f}")
+            peer_all, peers_failed = {p: [] for p in peers}, {}
+            fleet_all: dict[str, list[dict]] = {c: [] for c in codecs}
             fleets, after = {}, {}
-            for k, codec in enumerate(codecs):
-                run = fleet_run(bench / f"fleet-{run_label(codec)}", nodes, codec, k, args.netns,
-                                [DEFAULTS, user, data, fleet_timing])
-                if not throttle:
-                    m = fleets[codec] = _wait([run], logs, console)[0]
-                else:
-                    watch = Throttler(throttle, nodes, quotas, run, str(cfg.cluster.name), logs / f"{run.label}-watch.log")
-                    try:
-                        m = fleets[codec] = _wait([run], logs, console, tick=watch.tick)[0]
-                    finally:
-                        watch.close()
-                    watch.check()
-                    history = json.loads((run.out / "history.json").read_text())
-                    after[codec] = {"throttle_step": watch.at_step, "throttle_s": round(watch.at_t - watch.first_t, 3),
-                                    **throttle_figures(history, watch.at_step, warmup, ideal_after)}
-                console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
-                              f"efficiency {m['samples_per_s'] / ideal:.2f}")
-                stall = stalled(m)
-                if stall:
-                    console.print(f"    [yellow]{stall}[/yellow]", highlight=False)
-                if m.get("compression_auto_reason"):  # why auto ran what it ran, as its train.log says
-                    console.print(f"    {m['compression_auto_reason']}", highlight=False, soft_wrap=True)
-                if throttle:
-                    console.print(f"    throttled at step {watch.at_step} ({after[codec]['throttle_s']:.1f} s): "
-                                  f"{_recovery(after[codec])}")
-                    for e in after[codec]["codec_events"]:  # compression=auto deciding again
-                        console.print(f"    step {e['step']}: {e['event']}")
+            # --runs: every peer and codec once a round, in the same order each round, so a host
+            # that drifts during the benchmark weighs on all of them alike.
+            for rnd in range(rounds):
+                tag = f"-run{rnd + 1}" if rounds > 1 else ""
+                for j, peer in enumerate(peers):
+                    if peer in peers_failed:
+                        continue
+                    run = peer_run(bench / f"torchrun-{run_label(peer)}{tag}", nodes, peer, rnd * len(peers) + j,
+                                   args.netns, [DEFAULTS, peer_user, data, timing])
+                    m = wait_peer(run, logs, console, keep)
+                    if isinstance(m, str):
+                        peers_failed[peer] = m
+                        continue
+                    peer_all[peer].append(m)
+                    console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, "
+                                  f"step {1e3 * m['step_s']:.2f} ms, efficiency {m['samples_per_s'] / ideal:.2f}")
+                for k, codec in enumerate(codecs):
+                    run = fleet_run(bench / f"fleet-{run_label(codec)}{tag}", nodes, codec, rnd * len(codecs) + k,
+                                    args.netns, [DEFAULTS, user, data, fleet_timing])
+                    if not throttle:
+                        m = _wait([run], logs, console)[0]
+                        fleet_all[codec].append(m)
+                    else:
+                        watch = Throttler(throttle, nodes, quotas, run, str(cfg.cluster.name),
+                                          logs / f"{run.label}-watch.log")
+                        try:
+                            m = fleets[codec] = _wait([run], logs, console, tick=watch.tick)[0]
+                        finally:
+                            watch.close()
+                        watch.check()
+                        history = json.loads((run.out / "history.json").read_text())
+                        after[codec] = {"throttle_step": watch.at_step,
+                                        "throttle_s": round(watch.at_t - watch.first_t, 3),
+                                        **throttle_figures(history, watch.at_step, warmup, ideal_after)}
+                    console.print(f"  {run.label}: {m['samples_per_s']:.1f} samples/s, step {1e3 * m['step_s']:.2f} ms, "
+                                  f"efficiency {m['samples_per_s'] / ideal:.2f}")
+                    stall = stalled(m)
+                    if stall:
+                        console.print(f"    [yellow]{stall}[/yellow]", highlight=False)
+                    if m.get("compression_auto_reason"):  # why auto ran what it ran, as its train.log says
+                        console.print(f"    {m['compression_auto_reason']}", highlight=False, soft_wrap=True)
+                    if throttle:
+                        console.print(f"    throttled at step {watch.at_step} ({after[codec]['throttle_s']:.1f} s): "
+                                      f"{_recovery(after[codec])}")
+                        for e in after[codec]["codec_events"]:  # compression=auto deciding again
+                            console.print(f"    step {e['step']}: {e['event']}")
 
             if profiled:
                 kept = keep_profiles(bench, Path("outputs") / f"benchmark-profile-{time.strftime('%Y-%m-%d_%H-%M-%S')}")
                 console.print(f"  profiles (a trace and an op table per rank and run): {kept}")
 
-    rows = [scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0])]
+    # A peer that failed in any round is left out: its line says why (see wait_peer).
+    peer_runs = {p: median_run(ms) for p, ms in peer_all.items() if ms and p not in peers_failed}
+    if not throttle:
+        fleets = {c: median_run(ms) for c, ms in fleet_all.items()}
+    rows = [{**scaling_row(setup, "1 node", "none", nodes[:1], [batch], alone[0], alone[:1], alone[:1], alone[0]),
+             **runs_of(alone[:1])}]
     rows += [{**scaling_row(setup, "torchrun", "none", nodes, local, m, alone, compute, alone[0]),
-              "backend": p} for p, m in peer_runs.items()]
+              "backend": p, **runs_of(peer_all[p])} for p, m in peer_runs.items()]
     rows += [{**scaling_row(setup, "fleet", c, nodes, local, fleets[c], alone, compute, alone[0]), "backend": "macfleet",
               "vs_peers": {p: fleets[c]["samples_per_s"] / m["samples_per_s"] for p, m in peer_runs.items()},
-              "peers_failed": peers_failed} for c in codecs]
+              "peers_failed": peers_failed, **runs_of(fleet_all[c] or [fleets[c]])} for c in codecs]
     if profiled:  # rank 0's profile of each run, the compute references included
         for r, m in zip(rows, [alone[0], *peer_runs.values(), *(fleets[c] for c in codecs)]):
             r["profile"] = m.get("profile")
@@ -1099,7 +1149,9 @@ def scaling_table(rows: list[dict]):
                         f"{first['global_batch']}, {first['device']}, {first['link']}{loading}",
                   caption="ideal: the sum of each node's own samples/s at the global batch; compute: each node "
                           "alone at its local batch; comm wait: the run's step - compute (node 0 / node 1 / ...)")
-    cols = ["run", "codec", "samples/s", "vs 1 node", "ideal", "efficiency", "step ms", "compute ms", "comm wait ms"]
+    rounds = max(r.get("runs") or 1 for r in rows)
+    cols = ["run", "codec", "samples/s"] + (["runs (min-max)"] if rounds > 1 else []) + \
+        ["vs 1 node", "ideal", "efficiency", "step ms", "compute ms", "comm wait ms"]
     for col in cols + (["staging ms"] if staging else []) + ["wire"]:
         table.add_column(col, justify="left" if col in ("run", "codec") else "right")
 
@@ -1107,9 +1159,12 @@ def scaling_table(rows: list[dict]):
         return " / ".join(f"{1e3 * v:.1f}" for v in values)
 
     for r in rows:
-        cells = [run_name(r), r["codec"], _rate(r["samples_per_s"]), f"{r['speedup']:.2f}x",
-                 _rate(r["ideal_samples_per_s"]), f"{r['efficiency']:.2f}", ms([r["step_s"]]), ms(r["compute_s"]),
-                 ms(r["comm_wait_s"]) if r["run"] != "1 node" else "-"]
+        cells = [run_name(r), r["codec"], _rate(r["samples_per_s"])]
+        if rounds > 1:
+            each = r.get("runs_samples_per_s") or []
+            cells.append(f"{len(each)}: {_rate(min(each))}-{_rate(max(each))}" if len(each) > 1 else "-")
+        cells += [f"{r['speedup']:.2f}x", _rate(r["ideal_samples_per_s"]), f"{r['efficiency']:.2f}", ms([r["step_s"]]),
+                  ms(r["compute_s"]), ms(r["comm_wait_s"]) if r["run"] != "1 node" else "-"]
         if staging:
             cells.append(ms([r["staging_s"]]) if r["staging_s"] is not None else "-")
         cells.append(f"{100 * r['wire_ratio']:.1f}%" if r["wire_ratio"] is not None else "-")
@@ -1186,18 +1241,30 @@ def plot_scaling(rows: list[dict], path: str) -> None:
         stock = ax.bar([run_name(r) for r in peers], [r["samples_per_s"] for r in peers], color="tab:gray",
                        hatch="//", label="the same job under torchrun")
         for bar, r in zip(stock, peers):
-            ax.annotate(f"{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ax.annotate(f"{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, _top(r)),
                         ha="center", va="bottom", fontsize=9)
     bars = ax.bar([r["codec"] for r in fleet], [r["samples_per_s"] for r in fleet], color="tab:blue",
                   label="the fleet, per codec")
     ax.axhline(rows[0]["samples_per_s"], color="tab:gray", linestyle="--", label="1 node (node 0 alone)")
     ax.axhline(fleet[0]["ideal_samples_per_s"], color="tab:green", linestyle=":", label="ideal (sum of nodes alone)")
     for bar, r in zip(bars, fleet):
-        ax.annotate(f"{r['efficiency']:.0%} eff.\n{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+        ax.annotate(f"{r['efficiency']:.0%} eff.\n{r['speedup']:.2f}x", (bar.get_x() + bar.get_width() / 2, _top(r)),
                     ha="center", va="bottom", fontsize=9)
+    ranged = [(bar, r) for bar, r in zip(list(stock if peers else []) + list(bars), peers + fleet)
+              if len(r.get("runs_samples_per_s") or []) > 1]
+    for k, (bar, r) in enumerate(ranged):  # --runs: each bar's range of runs, capped
+        each, mid = r["runs_samples_per_s"], r["samples_per_s"]
+        ax.errorbar(bar.get_x() + bar.get_width() / 2, mid, yerr=[[mid - min(each)], [max(each) - mid]], fmt="none",
+                    ecolor="black", capsize=5, label=f"range of {len(each)} runs (bar: the median run)" if k == 0 else None)
     ax.set_ylabel("samples/s")
-    ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet + peers]))
+    ax.set_ylim(0, 1.25 * max([fleet[0]["ideal_samples_per_s"]] + [r["samples_per_s"] for r in fleet + peers]
+                              + [v for r in fleet + peers for v in r.get("runs_samples_per_s") or []]))
     _save_plot(fig, ax, path, f"{fleet[0]['nodes']} nodes vs 1", rows[0], "upper right")
+
+
+def _top(r: dict) -> float:
+    """Where a bar's label goes: above its bar and above its range of runs."""
+    return max([r["samples_per_s"]] + list(r.get("runs_samples_per_s") or []))
 
 
 def _save_plot(fig, ax, path: str, what: str, first: dict, legend: str) -> None:

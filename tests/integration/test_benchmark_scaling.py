@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from macfleet.benchmark.scaling import _rate
+
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
-        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers", "peers_failed"}
+        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers", "peers_failed", "runs", "runs_samples_per_s"}
 
 
 def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
@@ -50,6 +52,7 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0, peers: t
         assert (r["type"], r["model"], r["dataset"], r["global_batch"]) == ("scaling", "digits_cnn", "digits", 64)
         assert (r["steps"], r["reference_steps"], r["warmup_steps"], r["device"]) == (4, 4, 2, "cpu")
         assert r["samples_per_s"] > 0 and r["step_max_s"] >= r["step_s"] > 0
+        assert (r["runs"], r["runs_samples_per_s"]) == (1, [r["samples_per_s"]])  # one round (no --runs)
         assert all(v > 0 for v in r["single_samples_per_s"] + r["compute_s"])
         # Every figure derives from its references, measured in the same benchmark.
         assert r["one_node_samples_per_s"] == one["samples_per_s"]
@@ -166,6 +169,31 @@ def test_a_failed_peer_leaves_the_fleet_measured_and_its_log_kept(tmp_path):
     assert "MACFLEET_LANES='x'" in log.read_text()
 
 
+def test_runs_interleave_rounds_and_give_the_median_run_and_the_range(tmp_path):
+    """--runs 3: every peer and codec runs once a round, in the same order each round; a row
+    holds its median run's figures (a real run) and every run's samples/s; the table and the plot
+    show the range."""
+    out, png = tmp_path / "scaling.json", tmp_path / "scaling.png"
+    proc = _scaling(tmp_path, "--nodes", "2", "--cores", "1,1", "--steps", "2", "--warmup-steps", "1", "--runs", "3",
+                    "--codecs", "none", "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["run"], r["backend"], r["runs"]) for r in rows] == [("1 node", None, 1), ("torchrun", "gloo", 3),
+                                                                    ("fleet", "macfleet", 3)]
+    order = [line.split(":")[0].strip() for line in proc.stdout.splitlines()
+             if line.startswith(("  torchrun-", "  fleet-"))]
+    assert order == ["torchrun-gloo-run1", "fleet-none-run1", "torchrun-gloo-run2", "fleet-none-run2",
+                     "torchrun-gloo-run3", "fleet-none-run3"]
+    for r in rows[1:]:
+        each = r["runs_samples_per_s"]
+        assert len(each) == 3 and r["samples_per_s"] == sorted(each)[1]  # the median run's own figures
+        assert r["speedup"] == pytest.approx(r["samples_per_s"] / rows[0]["samples_per_s"])
+        assert f"3: {_rate(min(each))}-{_rate(max(each))}" in proc.stdout
+    assert rows[2]["vs_peers"]["gloo"] == pytest.approx(rows[2]["samples_per_s"] / rows[1]["samples_per_s"])
+    assert "runs (min-max)" in proc.stdout and png.stat().st_size > 0
+    assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))  # its folder removed (torchrun keeps its own)
+
+
 @pytest.mark.parametrize("args, said", [
     (["--cpu-quota", "1.5,1.0"], "--cpu-quota '1.5,1.0': each value is a fraction of the node's cores"),
     (["--cpu-quota", "1.0"], "--cpu-quota '1.0' has 1 value(s) for --nodes 2: give one per node"),
@@ -189,6 +217,8 @@ def test_a_failed_peer_leaves_the_fleet_measured_and_its_log_kept(tmp_path):
     (["--backends", "gloo,gloo"], "--backends 'gloo,gloo': a backend is listed twice"),
     (["--backends", "macfleet:speed=2"], "--backends item 'macfleet:speed=2': engine settings go as"),
     (["--backends", "gloo", "--throttle", "1:0.5@10"], "--throttle watches the fleet adapt; a stock backend's run"),
+    (["--runs", "0"], "--runs 0: give 1 to 10 rounds"),
+    (["--runs", "2", "--profile", "2"], "--runs with --profile: profile one round (--runs 1)"),
 ])
 def test_bad_option_is_one_clear_line(tmp_path, args, said):
     assert_one_clear_line(_scaling(tmp_path, *args, timeout=120), said)
