@@ -919,7 +919,7 @@ def run_scaling_benchmark(args) -> int:
             console.print(line, highlight=False, soft_wrap=True)
     if not throttle:
         report(console, args, rows, scaling_table, plot_scaling)
-        for line in verdict(rows):
+        for line in verdict(rows) + spread_lines(rows):
             console.print(line, highlight=False, soft_wrap=True)
         return 0
     from rich.console import Group
@@ -1115,6 +1115,38 @@ def verdict(rows: list[dict]) -> list[str]:
                      "gives every step more compute to overlap it; compression=auto picks a codec from the link "
                      "and the model.")
     return lines
+
+
+CLOSE = 0.05
+"""Fleet codecs within this fraction of the fastest, one run each, cannot be told apart (see --runs)."""
+
+
+def spread_lines(rows: list[dict]) -> list[str]:
+    """Whether the fleet's codecs can be told apart: one run each within CLOSE of the fastest
+    (then --runs gives each a range), or with --runs, whether the fastest's runs overlap others'."""
+    fleets = [r for r in rows if r["run"] == "fleet"]
+    if len(fleets) < 2:
+        return []
+    best = max(fleets, key=lambda r: r["samples_per_s"])
+    others = [r for r in fleets if r is not best]
+
+    def each(r: dict) -> list[float]:
+        return list(r.get("runs_samples_per_s") or [r["samples_per_s"]])
+
+    if len(each(best)) < 2:
+        close = [r["codec"] for r in others if r["samples_per_s"] >= (1 - CLOSE) * best["samples_per_s"]]
+        if not close:
+            return []
+        return [f"fleet {best['codec']} and {', '.join(close)} are within {CLOSE:.0%} of each other in one run each: "
+                "runs on one host can move by 10% or more from one to the next, so --runs 3 gives each a range "
+                "before you choose."]
+    lo, hi = min(each(best)), max(each(best))
+    overlap = [r["codec"] for r in others if max(each(r)) >= lo]
+    if not overlap:
+        return [f"fleet {best['codec']} was the fastest codec in each of its {len(each(best))} runs: its slowest "
+                f"({_rate(lo)} samples/s) beat every other codec's fastest."]
+    return [f"fleet {best['codec']} has the best median, but its runs ({_rate(lo)}-{_rate(hi)} samples/s) overlap "
+            f"those of {', '.join(overlap)}: these runs do not tell them apart."]
 
 
 def peer_lines(rows: list[dict]) -> list[str]:

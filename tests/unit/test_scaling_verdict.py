@@ -55,3 +55,34 @@ def test_peers_are_named_beside_every_fleet_run():
         "The same job under torchrun on the same nodes (compression none): torchrun nccl 1.05x, torchrun gloo 0.55x "
         "one node.",
         "fleet none: 0.97x torchrun nccl's samples/s, 1.84x torchrun gloo's samples/s."]
+
+
+def _fleet(codec: str, runs: list[float]) -> dict:
+    ranked = sorted(runs)
+    return {"run": "fleet", "codec": codec, "samples_per_s": ranked[(len(ranked) - 1) // 2],
+            "runs_samples_per_s": runs}
+
+
+def test_codecs_within_five_percent_in_one_run_each_ask_for_rounds():
+    from macfleet.benchmark.scaling import spread_lines
+
+    one = {"run": "1 node", "codec": "none", "samples_per_s": 6860.0, "runs_samples_per_s": [6860.0]}
+    rows = [one, _fleet("none", [5416.0]), _fleet("fp16", [5832.0]), _fleet("topk_fp16", [5601.0])]
+    assert spread_lines(rows) == [
+        "fleet fp16 and topk_fp16 are within 5% of each other in one run each: runs on one host can move by 10% or "
+        "more from one to the next, so --runs 3 gives each a range before you choose."]
+    rows[3] = _fleet("topk_fp16", [5287.0])  # 9% behind: told apart, nothing to say
+    assert spread_lines(rows) == []
+    assert spread_lines([one, _fleet("none", [5416.0])]) == []  # one codec: nothing to compare
+
+
+def test_rounds_say_whether_the_fastest_codec_is_told_apart():
+    from macfleet.benchmark.scaling import spread_lines
+
+    # The encoder thread's 60-step runs at batch 256 (README, Accelerators): topk_fp16 against none.
+    rows = [_fleet("none", [5209.0, 5548.0, 5618.0]), _fleet("topk_fp16", [5734.0, 5797.0, 5721.0])]
+    assert spread_lines(rows) == ["fleet topk_fp16 was the fastest codec in each of its 3 runs: its slowest "
+                                  "(5721 samples/s) beat every other codec's fastest."]
+    rows = [_fleet("none", [5136.0, 6127.0, 5642.0]), _fleet("topk_fp16", [5750.0, 6137.0, 5721.0])]
+    assert spread_lines(rows) == ["fleet topk_fp16 has the best median, but its runs (5721-6137 samples/s) overlap "
+                                  "those of none: these runs do not tell them apart."]
