@@ -125,8 +125,10 @@ class GradientCompressor:
             self._encoder.drain()
 
     def close(self) -> None:
-        """Stop the encoder thread (a generation's end); what was handed over still runs."""
+        """Stop the encoder thread (a generation's end), once what was handed over has run: a
+        bucket still queued must not touch the residuals while the next generation takes them."""
         if self._encoder:
+            self._encoder.drain()
             self._encoder.close()
         self._encoder = False
 
