@@ -186,9 +186,19 @@ class Layout:
         self.checksum = zlib.crc32(np.asarray(numels, dtype="<i8").tobytes())
         seg = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64),
                                       torch.tensor(self.units, dtype=torch.int64))
-        self.segment_key = _upload(seg << 32, device)
-        """Per unit: its segment number << 32 (the high half of the second sort key)."""
+        self.unit_bits = max(1, (self.total_units - 1).bit_length())
+        segment_bits = max(1, (len(numels) - 1).bit_length())
+        self.one_key: Optional[torch.Tensor] = None
+        """Per unit: segment << (31 + unit_bits) | unit, where a (segment, score, unit) sort key
+        fits 63 bits (every bucket DDP makes of a real model); None: select with two sorts."""
+        self.segment_key: Optional[torch.Tensor] = None
+        """Two sorts only: per unit, its segment number << 32 (the high half of the second key)."""
         self.arange = torch.arange(self.total_units, dtype=torch.int64, device=device)
+        if segment_bits + 31 + self.unit_bits <= 63:
+            self.one_key = _upload((seg << (31 + self.unit_bits)) | torch.arange(self.total_units, dtype=torch.int64),
+                                   device)
+        else:
+            self.segment_key = _upload(seg << 32, device)
         self.aligned = not self.pads
         """Every segment fills whole units: the workspace is the bucket itself, element for element."""
         self._to_work: Optional[torch.Tensor] = None
@@ -301,6 +311,12 @@ class TopKCodec(Codec):
         score = rows.abs().view(-1) if self.unit == 1 else _sum_squares(rows)
         # non-negative float32 order == their bits' integer order; the mask drops a NaN's sign.
         bits = score.view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
+        if lay.one_key is not None:
+            # One sort by (segment, score descending, unit): each segment's units in a row, best
+            # first, ties to the lower unit number. The key is unique, so no stable sort is needed.
+            by_segment = torch.argsort(lay.one_key | ((0x7FFFFFFF - bits) << lay.unit_bits))
+            return torch.sort(by_segment.index_select(0, plan.slots)).values
+        # Too many units and segments for one 63-bit key: two sorts, the same order.
         by_score = torch.argsort(((0x7FFFFFFF - bits) << 32) | lay.arange)
         rank = torch.empty_like(by_score).index_copy_(0, by_score, lay.arange)
         by_segment = torch.argsort(rank | lay.segment_key)

@@ -128,8 +128,17 @@ def reference_ids(codec: TopKCodec, x: torch.Tensor, ratio: float) -> list[int]:
     return out
 
 
-def encode_bucket(codec: TopKCodec, x: torch.Tensor, ratio: float):
+def two_sorts(lay) -> None:
+    """Make `lay` select as a bucket too large for one 63-bit sort key does (two sorts)."""
+    if lay.one_key is not None:
+        seg = torch.repeat_interleave(torch.arange(len(lay.numels)), torch.tensor(lay.units))
+        lay.segment_key, lay.one_key = (seg << 32).to(lay.device), None
+
+
+def encode_bucket(codec: TopKCodec, x: torch.Tensor, ratio: float, sorts: int = 1):
     plan = codec.plan(NUMELS, ratio, x.device, codec.wire_dtype(x.dtype))
+    if sorts == 2:
+        two_sorts(plan.layout)
     work = codec.workspace(plan, x.dtype)
     for at, start, n in zip(plan.layout.offsets, plan.layout.starts, NUMELS):
         work[start : start + n].copy_(x[at : at + n])
@@ -139,10 +148,12 @@ def encode_bucket(codec: TopKCodec, x: torch.Tensor, ratio: float):
 @pytest.mark.parametrize("name,gran", SPARSE)
 @pytest.mark.parametrize("kind", ["random", "ties", "zeros"])
 @pytest.mark.parametrize("ratio", [0.02, 0.3, 1.0])
-def test_selection_equals_brute_force_and_payload_size_is_fixed(name, gran, kind, ratio):
+@pytest.mark.parametrize("sorts", [1, 2])
+def test_selection_equals_brute_force_and_payload_size_is_fixed(name, gran, kind, ratio, sorts):
     codec = build_codec(name, ratio=ratio, granularity=gran, block_size=8)
     x = bucket_data(kind)
-    plan, sent = encode_bucket(codec, x, ratio)
+    plan, sent = encode_bucket(codec, x, ratio, sorts)
+    assert (plan.layout.one_key is None) == (sorts == 2)
     assert sent.ids.tolist() == reference_ids(codec, x, ratio)
     # the payload's size is a formula of the layout and ratio alone, whatever the data
     units = [-(-n // codec.unit) for n in NUMELS]
@@ -394,3 +405,13 @@ def test_int8_row_of_the_compression_benchmark():
     assert (int8["codec"], int8["ratio"], int8["kept"]) == ("int8", 1.0, 1.0), "int8 sends every value"
     assert int8["wire_ratio"] == pytest.approx((64 + 64 * 4 + 4096) / (4 * 4096))
     assert topk["ratio"] == 0.1 and topk["kept"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_one_sort_key_is_used_while_it_fits_63_bits():
+    from macfleet.compression.codecs import Layout
+
+    lay = Layout((64 * 1000,) * 161, 64, torch.device("cpu"))  # ResNet-50's parameter count per bucket, as blocks
+    assert lay.one_key is not None and lay.segment_key is None
+    # 2^20 units need 20 bits, 31 for the score: 2^12 segments fit, 2^13 do not.
+    assert Layout((256,) * 4096, 1, torch.device("cpu")).one_key is not None
+    assert Layout((128,) * 8192, 1, torch.device("cpu")).one_key is None
