@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_benchmark_scaling import assert_one_clear_line, run_benchmark
+from tests.integration.test_benchmark_scaling import assert_one_clear_line, left_behind, run_benchmark
 
 KEYS = {"type", "run", "backend", "model", "dataset", "global_batch", "epochs", "device", "link", "nodes", "target", "codec", "ran",
         "auto_reason", "reached", "time_to_target_s", "epochs_to_target", "final_accuracy", "best_accuracy",
@@ -63,8 +63,7 @@ def test_convergence_rows_table_plot_and_cleanup(tmp_path):
     assert f"    {auto['auto_reason']}\n" in proc.stdout  # auto's reasoning, under its progress line
     assert not list((tmp_path / "scratch").glob("macfleet-convergence-*"))  # run dirs and logs removed
     if root:
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "mf-scale" not in left, "namespaces were not removed"
+        assert not left_behind(proc.pid), "namespaces were not removed"
 
 
 @pytest.mark.parametrize("args, said", [

@@ -67,7 +67,7 @@ def test_an_interrupted_run_reports_its_complete_rounds_and_leaves_no_rank(tmp_p
     args = ["--type", "ddp", "--backends", "macfleet", "--model", "resnet18", "--batch", "2", "--steps", "1",
             "--warmup-steps", "1", "--repeats", "20", "--json", str(out)]
     # Round 1 is complete; round 2's 2-rank run is up once torchrun and its 2 ranks are.
-    text, ranks = sigterm_mid_run(args, "round 2/20: gloo x1", lambda kids: len(kids) >= 3)
+    text, ranks, _ = sigterm_mid_run(args, "round 2/20: gloo x1", lambda kids: len(kids) >= 3)
     assert "interrupted in round 2 of 20: the table has the 1 complete round(s)" in text
     assert "median of 1" in text  # the table, titled with the rounds it holds
     rows = json.loads(out.read_text())

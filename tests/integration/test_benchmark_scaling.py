@@ -27,8 +27,26 @@ def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
     scratch = tmp_path / "scratch"  # checked empty after
     scratch.mkdir(exist_ok=True)
     env = dict(os.environ, TMPDIR=str(scratch))
-    return subprocess.run([sys.executable, "-m", "macfleet.cli", "benchmark", "--type", kind, *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+    argv = [sys.executable, "-m", "macfleet.cli", "benchmark", "--type", kind, *args]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    done = subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    done.pid = proc.pid  # its namespaces and cgroups carry it (left_behind)
+    return done
+
+
+def left_behind(pid: int) -> list[str]:
+    """The network namespaces and cgroups that the benchmark process `pid` made and did not remove
+    (their names carry its pid: other tests' benchmarks may run beside it)."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
+    return [n for n in names if n.startswith(f"mf-scale-{pid}-")] + \
+        [p.name for p in cgroups.glob(f"macfleet-bench-{pid}-*")]
 
 
 def assert_one_clear_line(proc: subprocess.CompletedProcess, said: str) -> None:
@@ -141,10 +159,7 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
         return
     assert rows[1]["link"] == "veth" and rows[1]["cpu_quota"] == [1.0, 0.7]
     assert "core 1, 0.7 of them" in proc.stdout
-    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "mf-scale" not in left, "namespaces were not removed"
-    cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
-    assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
+    assert not left_behind(proc.pid), "namespaces or cgroups were not removed"
 
 
 def test_a_failed_peer_leaves_the_fleet_measured_and_its_log_kept(tmp_path):
@@ -275,15 +290,14 @@ def test_throttle_rows_are_consistent(tmp_path):
     assert ("no dip to recover from" in proc.stdout) is (fleet["slowed"] is False)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "scratch").glob("macfleet-scaling-*"))
-    cgroups = Path("/sys/fs/cgroup") if Path("/sys/fs/cgroup/cgroup.controllers").exists() else Path("/sys/fs/cgroup/cpu")
-    assert not list(cgroups.glob("macfleet-bench-*")), "cgroups were not removed"
+    assert not left_behind(proc.pid), "cgroups were not removed"
 
 
 
-def sigterm_mid_run(args: list[str], after: str, ready, cwd: Path | None = None) -> tuple[str, list]:
+def sigterm_mid_run(args: list[str], after: str, ready, cwd: Path | None = None) -> tuple[str, list, int]:
     """Start `macfleet benchmark ARGS`, wait for an output line containing `after`, then until
     `ready(descendants)` holds for its child processes; SIGTERM it and check it exits 130.
-    Returns its output and those descendants."""
+    Returns its output, those descendants and its pid."""
     import signal
 
     import psutil
@@ -304,9 +318,13 @@ def sigterm_mid_run(args: list[str], after: str, ready, cwd: Path | None = None)
         text = "".join(seen) + proc.stdout.read()
         assert proc.wait(timeout=60) == 130, text
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    return text, kids
+        if proc.poll() is None:  # the test failed first: still let it clean up (killed, it leaves namespaces)
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return text, kids, proc.pid
 
 
 @pytest.mark.parametrize("peer", ["none", "gloo"])
@@ -322,13 +340,17 @@ def test_sigterm_mid_run_cleans_up_as_ctrl_c_does(tmp_path, peer):
     # The references are done once node 1's is printed; then both nodes of the next run start
     # (the peer runs before the fleet).
     def trainers(kids) -> int:  # train.py processes, not torchrun's agents (whose command names it too)
-        lines = [" ".join(k.cmdline()) for k in kids]
+        lines = []
+        for k in kids:
+            try:
+                lines.append(" ".join(k.cmdline()))
+            except psutil.Error:  # gone, or a zombie, since it was listed (short-lived helpers)
+                continue
         return sum("train.py" in c and "torch.distributed.run" not in c for c in lines)
 
-    _, fleet = sigterm_mid_run(args, "node1-local-b32", lambda kids: trainers(kids) >= 2, cwd=tmp_path)
+    _, fleet, pid = sigterm_mid_run(args, "node1-local-b32", lambda kids: trainers(kids) >= 2, cwd=tmp_path)
     assert len(fleet) == (2 if peer == "none" else 4)  # with torchrun: 2 agents and their 2 ranks
     _, alive = psutil.wait_procs(fleet, timeout=30)
     assert not alive, [p.cmdline() for p in alive]
     if root:
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert "mf-scale" not in left, left
+        assert not left_behind(pid)
