@@ -193,7 +193,7 @@ class Layout:
         fits 63 bits (every bucket DDP makes of a real model); None: select with two sorts."""
         self.segment_key: Optional[torch.Tensor] = None
         """Two sorts only: per unit, its segment number << 32 (the high half of the second key)."""
-        self.arange = torch.arange(self.total_units, dtype=torch.int64, device=device)
+        self._arange: Optional[torch.Tensor] = None
         if segment_bits + 31 + self.unit_bits <= 63:
             self.one_key = _upload((seg << (31 + self.unit_bits)) | torch.arange(self.total_units, dtype=torch.int64),
                                    device)
@@ -202,6 +202,13 @@ class Layout:
         self.aligned = not self.pads
         """Every segment fills whole units: the workspace is the bucket itself, element for element."""
         self._to_work: Optional[torch.Tensor] = None
+
+    @property
+    def arange(self) -> torch.Tensor:
+        """Unit numbers 0..total_units-1 on the device: two sorts only, built at their first use."""
+        if self._arange is None:
+            self._arange = torch.arange(self.total_units, dtype=torch.int64, device=self.device)
+        return self._arange
 
     @property
     def to_work(self) -> torch.Tensor:
