@@ -751,16 +751,19 @@ def _all_of(futs: list[torch.futures.Future], value) -> torch.futures.Future:
     return out
 
 
+def pass_outcome(done: torch.futures.Future, out: torch.futures.Future) -> None:
+    """Complete `out` as the completed `done` did: its value, or its error as raised."""
+    try:
+        value = done.value()
+    except BaseException as exc:  # noqa: BLE001 - the collective's own error
+        out.set_exception(exc)
+        return
+    out.set_result(value)
+
+
 def _after(prev: torch.futures.Future, fut: torch.futures.Future) -> torch.futures.Future:
     """A future with `fut`'s outcome that completes only once `prev` has too (issue order)."""
     out: torch.futures.Future = torch.futures.Future()
-
-    def fire(_):
-        try:
-            out.set_result(fut.value())
-        except BaseException as exc:  # noqa: BLE001 - the collective's own error
-            out.set_exception(exc)
-
-    prev.add_done_callback(lambda _p: fut.add_done_callback(fire))
+    prev.add_done_callback(lambda _p: fut.add_done_callback(lambda f: pass_outcome(f, out)))
     return out
 

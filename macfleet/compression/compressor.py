@@ -33,6 +33,7 @@ their order are the same either way, so are the bits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -90,16 +91,16 @@ class GradientCompressor:
         encoder = self._encoder_for(flat.device)
         if encoder is None:
             return self.reduce_now(flat, segments, step)
-        if flat.device.type == "cuda":
-            # The kernels go where the hook's would have: the caller's current stream (and device).
-            stream = torch.cuda.current_stream(flat.device)
+        # The kernels go where the hook's would have: on CUDA the caller's current stream (and
+        # device); MPS has one queue, CPU none.
+        where = torch.cuda.stream(torch.cuda.current_stream(flat.device)) if flat.device.type == "cuda" \
+            else contextlib.nullcontext()
 
-            def job():
-                with torch.cuda.stream(stream):
-                    return self.reduce_now(flat, segments, step)
+        def job():
+            with where:
+                return self.reduce_now(flat, segments, step)
 
-            return encoder.submit(job)
-        return encoder.submit(lambda: self.reduce_now(flat, segments, step))  # MPS: one queue
+        return encoder.submit(job)
 
     def _encoder_for(self, device: torch.device):
         if self._encoder is False:

@@ -26,6 +26,7 @@ import weakref
 
 import torch
 
+from macfleet.comm.group import pass_outcome
 from macfleet.comm.threads import solo as _solo
 from macfleet.comm.threads import span
 
@@ -92,16 +93,8 @@ def _run(q: _Queue, solo: bool) -> None:
         except BaseException as exc:  # noqa: BLE001 - the hook's caller sees it through the future
             out.set_exception(exc)
         else:
-            inner.add_done_callback(lambda f, out=out: _pass_on(f, out))
+            inner.add_done_callback(lambda f, out=out: pass_outcome(f, out))
         finally:
             del job
             q.ran()
 
-
-def _pass_on(done: torch.futures.Future, out: torch.futures.Future) -> None:
-    try:
-        value = done.value()
-    except BaseException as exc:  # noqa: BLE001 - handed to the waiter as it was raised
-        out.set_exception(exc)
-        return
-    out.set_result(value)
