@@ -30,11 +30,14 @@ codec ("run": "fleet"): {"type", "run", "backend", "codec", "nodes",
 "global_batch", "local_batches", "steps", "reference_steps", "warmup_steps", "device", "link", "cores", "cpu_quota",
 "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s", "single_samples_per_s",
 "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s", "staging_s",
-"wire_ratio", "data_workers", "vs_peers", "peers_failed"}; backend: None for the 1-node row, "macfleet" for the
+"wire_ratio", "data_workers", "vs_peers", "peers_failed", "ceiling_samples_per_s"}; backend: None for the 1-node row, "macfleet" for the
 fleet's; vs_peers, peers_failed (a peer whose run failed: its error line; the fleet ran without
 it, and the benchmark's folder is kept for its log): None but in fleet rows; per-node figures are lists indexed by node; data_workers: the
 DataLoader workers of rank 0 (trainer.num_workers as resolved); step_max_s: the slowest timed
-step (a run whose slowest step took over STALL_FACTOR x its mean also gets a line saying so).
+step (a run whose slowest step took over STALL_FACTOR x its mean also gets a line saying so);
+ceiling_samples_per_s (fleet and peer rows): global batch / the slowest node's own step at its
+share, what the nodes would give with the exchange free (a line under the table compares the
+fastest codec with it).
 --throttle NODE:QUOTA@WHEN (as root) plays a throttling Mac: in each fleet run, NODE's cgroup limit
 drops to QUOTA of its cores WHEN s after the first step (or at step N), the master's step watched
 through its status requests; NODE is also measured alone at QUOTA, the fleet logs every step, and
@@ -919,7 +922,7 @@ def run_scaling_benchmark(args) -> int:
             console.print(line, highlight=False, soft_wrap=True)
     if not throttle:
         report(console, args, rows, scaling_table, plot_scaling)
-        for line in verdict(rows) + spread_lines(rows):
+        for line in verdict(rows) + ceiling_lines(rows) + spread_lines(rows):
             console.print(line, highlight=False, soft_wrap=True)
         return 0
     from rich.console import Group
@@ -1084,7 +1087,10 @@ def scaling_row(setup: dict, run: str, codec: str, used: list[Node], batches: li
             # The engine reports a total over the run's steps, as it does bytes_sent.
             "staging_s": staging / m["steps"] if staging is not None else None,
             "wire_ratio": m.get("wire_ratio"), "data_workers": m.get("data_workers"), "backend": None, "vs_peers": None,
-            "peers_failed": None}
+            "peers_failed": None,
+            # The most these nodes can give with the exchange free: every step as long as the
+            # slowest node's own step at its share (the references ran side by side).
+            "ceiling_samples_per_s": setup["global_batch"] / max(compute_s) if len(used) > 1 else None}
 
 
 def verdict(rows: list[dict]) -> list[str]:
@@ -1115,6 +1121,20 @@ def verdict(rows: list[dict]) -> list[str]:
                      "gives every step more compute to overlap it; compression=auto picks a codec from the link "
                      "and the model.")
     return lines
+
+
+def ceiling_lines(rows: list[dict]) -> list[str]:
+    """How far the fleet is from what its nodes allow: the samples/s with the exchange free (the
+    slowest node's own step at its share sets the pace), and the fastest codec's share of it."""
+    fleets = [r for r in rows if r["run"] == "fleet" and r.get("ceiling_samples_per_s")]
+    if not fleets:
+        return []
+    best = max(fleets, key=lambda r: r["samples_per_s"])
+    ceiling = best["ceiling_samples_per_s"]
+    return [f"With the exchange free, these nodes would reach {ceiling:.0f} samples/s "
+            f"({ceiling / best['one_node_samples_per_s']:.2f}x one node): the slowest alone at its share takes "
+            f"{1e3 * max(best['compute_s']):.1f} ms a step. The fastest codec here, {best['codec']}, "
+            f"reached {best['samples_per_s'] / ceiling:.0%} of that."]
 
 
 CLOSE = 0.05

@@ -18,7 +18,8 @@ from macfleet.benchmark.scaling import _rate
 KEYS = {"type", "model", "dataset", "global_batch", "steps", "reference_steps", "warmup_steps", "device", "link", "run", "codec",
         "nodes", "local_batches", "cores", "cpu_quota", "samples_per_s", "step_s", "step_max_s", "one_node_samples_per_s",
         "single_samples_per_s", "ideal_samples_per_s", "speedup", "efficiency", "compute_s", "comm_wait_s",
-        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers", "peers_failed", "runs", "runs_samples_per_s"}
+        "staging_s", "wire_ratio", "data_workers", "backend", "vs_peers", "peers_failed", "runs", "runs_samples_per_s",
+        "ceiling_samples_per_s"}
 
 
 def run_benchmark(kind: str, tmp_path: Path, *args: str, timeout: float = 240,
@@ -82,6 +83,7 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0, peers: t
         assert r["data_workers"] == 0  # trainer.num_workers=auto: digits are tensors sliced whole
     assert (one["nodes"], one["local_batches"], one["efficiency"], one["speedup"]) == (1, [64], 1.0, 1.0)
     assert one["single_samples_per_s"] == [one["samples_per_s"]] and one["wire_ratio"] is None
+    assert one["ceiling_samples_per_s"] is None
     # The peers: the same job under torchrun on the same nodes; every fleet row beside each of them.
     by_peer = {r["backend"]: r for r in rows if r["run"] == "torchrun"}
     for r in rows:
@@ -95,6 +97,8 @@ def _check_rows(rows: list[dict], codecs: list[str], profiled: int = 0, peers: t
         assert (r["nodes"], r["local_batches"], r["cores"]) == (2, [32, 32], [1, 1])
         assert r["single_samples_per_s"][0] == one["samples_per_s"]  # node 0 alone is the 1-node row
         assert len(r["compute_s"]) == len(r["comm_wait_s"]) == 2
+        # with the exchange free: the global batch in the slowest node's own step at its share
+        assert r["ceiling_samples_per_s"] == pytest.approx(64 / max(r["compute_s"]))
         if r["run"] == "fleet":
             assert r["wire_ratio"] > 0
         else:  # torch's own all_reduce: every byte, if the trainer counts them at all
@@ -126,7 +130,8 @@ def test_scaling_rows_table_plot_and_cleanup(tmp_path):
     for label in ("node0-alone-b64", "node1-local-b32", "fleet-topk_fp16-granularity-element", "comm wait",
                   "in-process", "where a step goes", "node 1 alone", "comm threads, ms a step",
                   "fleet topk_fp16:granularity=element: all_", "torchrun-gloo: ", "peers: gloo",
-                  "The same job under torchrun on the same nodes (compression none): torchrun gloo ", "x torchrun gloo's samples/s"):
+                  "The same job under torchrun on the same nodes (compression none): torchrun gloo ", "x torchrun gloo's samples/s",
+                  "With the exchange free, these nodes would reach "):
         assert label in proc.stdout  # a progress line per run, then the tables
     for r in rows:  # rank 0's profile of each run: its own steps, timed apart from the 4 timed steps
         p = r["profile"]

@@ -3,7 +3,7 @@ than one node: where the step went and what to try, from the rows' own figures."
 
 from __future__ import annotations
 
-from macfleet.benchmark.scaling import verdict
+from macfleet.benchmark.scaling import ceiling_lines, verdict
 
 
 def _row(run: str, codec: str, speedup: float, step_ms: float, compute_ms: list[float]) -> dict:
@@ -86,3 +86,17 @@ def test_rounds_say_whether_the_fastest_codec_is_told_apart():
     rows = [_fleet("none", [5136.0, 6127.0, 5642.0]), _fleet("topk_fp16", [5750.0, 6137.0, 5721.0])]
     assert spread_lines(rows) == ["fleet topk_fp16 has the best median, but its runs (5721-6137 samples/s) overlap "
                                   "those of none: these runs do not tell them apart."]
+
+
+def test_the_ceiling_line_compares_the_fastest_codec_with_the_exchange_free():
+    # The figures of a batch-256 run on 2 H200s: nodes alone at 128 took 21.8 and 22.2 ms.
+    def fleet(codec, samples):
+        return {"run": "fleet", "codec": codec, "samples_per_s": samples, "one_node_samples_per_s": 6899.0,
+                "compute_s": [0.0218, 0.0222], "ceiling_samples_per_s": 256 / 0.0222}
+
+    rows = [{"run": "1 node", "codec": "none", "ceiling_samples_per_s": None},
+            fleet("none", 6774.0), fleet("topk_fp16", 7710.0)]
+    assert ceiling_lines(rows) == [
+        "With the exchange free, these nodes would reach 11532 samples/s (1.67x one node): the slowest alone at its "
+        "share takes 22.2 ms a step. The fastest codec here, topk_fp16, reached 67% of that."]
+    assert ceiling_lines(rows[:1]) == []  # no fleet run (a peer that failed alone, say): nothing to compare
