@@ -227,7 +227,7 @@ class Trainer:
             with _CtrlC(on_second=abort) as ctrl_c:
                 try:
                     return self._fit(world, device, t_start, ctrl_c, state)
-                except RuntimeError as exc:
+                except (RuntimeError, WorkerDied) as exc:
                     died = _worker_death(exc)
                     if died is None:
                         raise
@@ -774,7 +774,7 @@ def _worker_death(exc: BaseException) -> BaseException | None:
     inside torch.save, whose cleanup then fails with an error of its own."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker"):
+        if isinstance(exc, (RuntimeError, WorkerDied)) and str(exc).startswith("DataLoader worker"):
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
@@ -890,7 +890,10 @@ class _Parallel:
         warning instead of failing the run."""
         try:
             with _sigint_ignored_by_children(self.workers > 0):
-                return iter(self.loader)
+                it = iter(self.loader)
+            if self.workers > 0:
+                worker_deaths_pass_through()  # PyTorch set its SIGCHLD handler in iter()
+            return it
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             if self.trainer.tc.num_workers != "auto" or not self.workers or "pickle" not in str(exc).lower():
                 raise
@@ -1210,6 +1213,37 @@ class _StopVote:
         self.votes += 1
         self.next_step = step + max(1, int(total[1]))
         return self.stop
+
+
+class WorkerDied(BaseException):
+    """A DataLoader worker process died, as PyTorch's SIGCHLD handler reported it (its message).
+    A BaseException, like KeyboardInterrupt: the handler raises wherever the main thread is, and
+    code that catches Exception on the way would swallow a RuntimeError there. logging's emit does
+    (it prints "--- Logging error ---" with a traceback and goes on, so the run failed later,
+    at the next batch, with that traceback on the terminal); `fit` turns this into the error that
+    says what to do."""
+
+
+def worker_deaths_pass_through() -> None:
+    """Wrap PyTorch's DataLoader SIGCHLD handler (set by the first iterator with workers) so that
+    a dead worker raises WorkerDied instead of its RuntimeError. Main thread only; once."""
+    sigchld = getattr(signal, "SIGCHLD", None)
+    if sigchld is None or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(sigchld)
+    if not callable(previous) or getattr(previous, "macfleet_wrapped", False):
+        return
+
+    def handler(signum, frame):
+        try:
+            previous(signum, frame)
+        except RuntimeError as exc:
+            if not str(exc).startswith("DataLoader worker"):
+                raise
+            raise WorkerDied(str(exc)) from None
+
+    handler.macfleet_wrapped = True
+    signal.signal(sigchld, handler)
 
 
 class _sigint_ignored_by_children:

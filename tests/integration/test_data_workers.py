@@ -157,3 +157,55 @@ def test_a_killed_worker_stops_the_run_with_what_to_do(cifar_root, tmp_path):
     assert f"{workers[-1]})" in last and "trainer.resume=auto" in last
     assert re.search(r"(is killed by signal: Killed|exited unexpectedly)\. A worker killed by SIGKILL", last), last
     assert "trainer.num_workers=0" in last
+
+
+WORKER_DIES_WHILE_LOGGING = r"""
+import logging, os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from macfleet.trainer import WorkerDied, worker_deaths_pass_through
+
+loader = DataLoader(TensorDataset(torch.zeros(64, 2)), batch_size=2, num_workers=1)
+it = iter(loader)  # starts the worker and sets PyTorch's SIGCHLD handler
+next(it)
+if sys.argv[1] == "wrapped":
+    worker_deaths_pass_through()
+worker = it._workers[0].pid
+
+class Terminal:
+    # A stream as slow as a terminal can be: the worker dies while a log line is being written.
+    def write(self, text):
+        os.kill(worker, signal.SIGKILL)
+        time.sleep(60)  # the SIGCHLD that follows ends this wait
+    def flush(self):
+        pass
+
+log = logging.getLogger("probe")
+log.addHandler(logging.StreamHandler(Terminal()))
+try:
+    log.warning("a line")
+except WorkerDied as exc:
+    print("passed through:", exc)
+else:
+    print("swallowed")
+"""
+
+
+@pytest.mark.parametrize("mode", ["wrapped", "plain"])
+def test_a_worker_death_is_not_swallowed_by_a_log_line(tmp_path, mode):
+    """PyTorch's SIGCHLD handler raises wherever the main thread is; inside a log line logging
+    used to swallow it (a "--- Logging error ---" traceback, the run failing a batch later).
+    Wrapped, it passes through as WorkerDied; plain is PyTorch's own behaviour, kept here so the
+    test shows it still needs the wrapper."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(WORKER_DIES_WHILE_LOGGING)
+    out = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    if mode == "wrapped":
+        assert out.stdout.startswith("passed through: DataLoader worker (pid "), out.stdout + out.stderr
+        assert "Logging error" not in out.stderr, out.stderr
+    else:
+        assert out.stdout.strip() == "swallowed" and "--- Logging error ---" in out.stderr, out.stdout + out.stderr
