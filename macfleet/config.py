@@ -18,9 +18,10 @@ PROTOCOL_VERSION = 1
 """Bumped on any incompatible change to the wire or control protocol."""
 
 COMPRESSION_NAMES = ("none", "fp16", "int8", "topk", "topk_fp16", "auto")
-ENCODERS = ("auto", "thread", "inline")
 """Codec names; "auto" is not a codec: the trainer measures the link and backward at start and
 picks none, fp16, int8 or topk_fp16 for the run (macfleet/compression/auto.py)."""
+ENCODERS = ("auto", "thread", "inline")
+"""Where a codec's encoding runs (CompressionConfig.encoder)."""
 DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -768,13 +768,18 @@ class TrainState:
         self.shares = state.get("shares")
 
 
+def _names_a_worker_death(exc: BaseException) -> bool:
+    """PyTorch's own error for a DataLoader worker that died or was killed."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith("DataLoader worker")
+
+
 def _worker_death(exc: BaseException) -> BaseException | None:
     """PyTorch's "DataLoader worker ... killed / exited" error in `exc` or the errors it was
     raised while handling: its SIGCHLD handler raises it wherever the main thread is, e.g.
     inside torch.save, whose cleanup then fails with an error of its own."""
     seen = 0
     while exc is not None and seen < 8:
-        if isinstance(exc, (RuntimeError, WorkerDied)) and str(exc).startswith("DataLoader worker"):
+        if isinstance(exc, WorkerDied) or _names_a_worker_death(exc):
             return exc
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
@@ -1238,7 +1243,7 @@ def worker_deaths_pass_through() -> None:
         try:
             previous(signum, frame)
         except RuntimeError as exc:
-            if not str(exc).startswith("DataLoader worker"):
+            if not _names_a_worker_death(exc):
                 raise
             raise WorkerDied(str(exc)) from None
 

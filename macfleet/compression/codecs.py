@@ -322,11 +322,11 @@ class TopKCodec(Codec):
             # One sort by (segment, score descending, unit): each segment's units in a row, best
             # first, ties to the lower unit number. The key is unique, so no stable sort is needed.
             by_segment = torch.argsort(lay.one_key | ((0x7FFFFFFF - bits) << lay.unit_bits))
-            return _ascending(by_segment.index_select(0, plan.slots), lay.total_units)
-        # Too many units and segments for one 63-bit key: two sorts, the same order.
-        by_score = torch.argsort(((0x7FFFFFFF - bits) << 32) | lay.arange)
-        rank = torch.empty_like(by_score).index_copy_(0, by_score, lay.arange)
-        by_segment = torch.argsort(rank | lay.segment_key)
+        else:
+            # Too many units and segments for one 63-bit key: two sorts, the same order.
+            by_score = torch.argsort(((0x7FFFFFFF - bits) << 32) | lay.arange)
+            rank = torch.empty_like(by_score).index_copy_(0, by_score, lay.arange)
+            by_segment = torch.argsort(rank | lay.segment_key)
         return _ascending(by_segment.index_select(0, plan.slots), lay.total_units)
 
     def compress(self, work: torch.Tensor, plan: Plan) -> Sent:

@@ -14,8 +14,8 @@ Jobs run one at a time, in the order they were submitted, so every rank still is
 collectives in bucket order. On CUDA the compressor runs each job on the stream that was current
 where the hook ran (the autograd thread's, the forward's stream), so the device runs a bucket's
 encoding after the kernels that produced it, as it would have inline; MPS has one queue, in the
-order kernels are queued (`auto` does not pick the thread on MPS: see GradientCompressor). The future returned completes with the job's own future's value, or
-its error.
+order kernels are queued (`auto` does not pick the thread on MPS: see GradientCompressor). The
+future returned completes with the job's own future's value, or its error.
 """
 
 from __future__ import annotations
